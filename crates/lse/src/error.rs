@@ -1,0 +1,133 @@
+//! The one error type of the library.
+
+/// Everything that can be wrong with the input of an `lse` call.
+///
+/// Every variant names what is wrong and where (row, column, value), so that a training loop can
+/// log it and a user can find the offending entry. A call that returns an error has left every
+/// input buffer as it was (see the in-place cross-entropy for its own, documented guarantee).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LseError {
+    /// The class dimension is 0: there is no row to normalise.
+    #[error("the class dimension is empty: classes must be at least 1")]
+    EmptyClasses,
+
+    /// A row-major buffer whose length is not a whole number of rows.
+    #[error("{what} has {len} elements, which is not a multiple of {classes} classes")]
+    RaggedRows {
+        /// Which argument (`"logits"`, `"probability targets"`, …).
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The class count it was split by.
+        classes: usize,
+    },
+
+    /// A buffer whose length does not match the one it goes with.
+    #[error("{what} has {actual} elements, expected {expected}")]
+    LengthMismatch {
+        /// Which argument (`"output"`, `"targets"`, `"weights"`, …).
+        what: &'static str,
+        /// The length it must have.
+        expected: usize,
+        /// The length it has.
+        actual: usize,
+    },
+
+    /// Two arrays whose 2-D shapes differ (the `ndarray` entry points).
+    #[error("{what} has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// The shape it must have (rows, classes).
+        expected: [usize; 2],
+        /// The shape it has.
+        actual: [usize; 2],
+    },
+
+    /// A NaN or `+inf` input under [`NonFinite::Error`](crate::NonFinite::Error).
+    /// (`-inf` is never an error: it is how masks are written.)
+    #[error("non-finite {what} {value} at row {row}, column {column}")]
+    NonFinite {
+        /// Which argument (`"logit"`, `"output gradient"`, …).
+        what: &'static str,
+        /// Row of the first offending entry.
+        row: usize,
+        /// Column (class) of the first offending entry in that row.
+        column: usize,
+        /// The value found there (NaN or `+inf`), widened to `f64`.
+        value: f64,
+    },
+
+    /// A class-index target that is neither a class nor the ignore index.
+    #[error("target {value} at row {row} is out of range for {classes} classes")]
+    TargetOutOfRange {
+        /// The row of the target.
+        row: usize,
+        /// The target value.
+        value: i64,
+        /// The number of classes.
+        classes: usize,
+    },
+
+    /// Target mass on a class whose logit is `-inf`: the loss is `+inf` (an error under
+    /// [`NonFinite::Error`](crate::NonFinite::Error)).
+    #[error("row {row} puts target mass on class {class}, whose logit is -inf (masked): the loss is +inf")]
+    MaskedTarget {
+        /// The row.
+        row: usize,
+        /// The masked class that carries target mass.
+        class: usize,
+    },
+
+    /// A probability target that is NaN, infinite or negative.
+    #[error("probability target {value} at row {row}, column {column} is not finite and >= 0")]
+    BadProbability {
+        /// The row.
+        row: usize,
+        /// The class.
+        column: usize,
+        /// The value found.
+        value: f64,
+    },
+
+    /// A class weight that is NaN, infinite or negative.
+    #[error("class weight {value} for class {class} is not finite and >= 0")]
+    BadWeight {
+        /// The class.
+        class: usize,
+        /// The value found.
+        value: f64,
+    },
+
+    /// An option outside its domain (label smoothing outside `[0, 1]`, a negative z-loss, …).
+    #[error("option {name} = {value} is invalid: {expected}")]
+    BadOption {
+        /// The option's field name.
+        name: &'static str,
+        /// The value given.
+        value: f64,
+        /// What it must be.
+        expected: &'static str,
+    },
+
+    /// [`GradOutput::PerRow`](crate::GradOutput::PerRow) with a reduction that yields one scalar.
+    #[error("a per-row output gradient needs Reduction::None, but the reduction is {reduction:?}")]
+    PerRowGradient {
+        /// The reduction in the options.
+        reduction: crate::Reduction,
+    },
+
+    /// A mean reduction with nothing to average (every row ignored, or a zero total weight),
+    /// under [`EmptyMean::Error`](crate::EmptyMean::Error).
+    #[error(
+        "mean reduction over {rows} rows with zero total weight (every row ignored or weighted 0)"
+    )]
+    EmptyMean {
+        /// The number of rows in the batch.
+        rows: usize,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = LseError> = core::result::Result<T, E>;

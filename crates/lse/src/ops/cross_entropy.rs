@@ -1,0 +1,524 @@
+//! Softmax cross-entropy from raw logits, fused with its gradient.
+
+use core::cell::Cell;
+
+use super::{expect_len, non_finite_logit, row_count, NonFinite};
+use crate::element::{Element, Stat};
+use crate::error::{LseError, Result};
+use crate::kernels::scalar::{CeConfig, CeRow, LogitMap, RowFault, RowTarget, RowValues};
+use crate::state::{saturate, CompensatedSum};
+
+/// How per-row losses are combined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    /// Keep one loss per row ([`CrossEntropyOutput::row_loss`]); `loss` holds their sum.
+    None,
+    /// The sum of the row losses.
+    Sum,
+    /// The weighted mean: the sum of the row losses divided by the sum of `w[target]` over
+    /// non-ignored rows (their count when unweighted; the row count for probability targets),
+    /// as in PyTorch.
+    #[default]
+    Mean,
+}
+
+/// What a mean over nothing (every row ignored, or a zero total weight) returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EmptyMean {
+    /// Loss 0 and gradient 0: an all-padding batch is a no-op step.
+    #[default]
+    Zero,
+    /// Loss NaN (PyTorch's 0/0) and gradient 0.
+    Nan,
+    /// [`LseError::EmptyMean`].
+    Error,
+}
+
+/// Targets of a cross-entropy call.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a, E> {
+    /// One class index per row, in `0..classes`, or the ignore index.
+    Classes(&'a [i64]),
+    /// A `rows × classes` row-major buffer of target probabilities (finite and ≥ 0; rows need
+    /// not sum to 1). Has no ignore index.
+    Probabilities(&'a [E]),
+}
+
+/// The incoming gradient `∂L/∂loss` that the logit gradient is scaled by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GradOutput<'a, S> {
+    /// One value for the (reduced) loss; with [`Reduction::None`], the same value for every row.
+    Scalar(S),
+    /// One value per row; only with [`Reduction::None`].
+    PerRow(&'a [S]),
+}
+
+impl<S: Stat> Default for GradOutput<'_, S> {
+    fn default() -> Self {
+        GradOutput::Scalar(S::from_f64(1.0))
+    }
+}
+
+/// Options of the cross-entropy: everything `torch.nn.CrossEntropyLoss` has, plus z-loss and
+/// soft-capping (as in Liger's kernel) and the policies of the `lse` contract.
+///
+/// With `q` the target distribution (one-hot or the given probabilities), smoothed as
+/// `q_c ← (1 − ε)·q_c + ε/K` over the `K` classes whose logit is not `-inf`, `w` the class weights
+/// and `x` the (capped) logits, the loss of a non-ignored row is
+///
+/// ```text
+/// ℓ = Σ_c w_c q_c (lse(x) − x_c) + z · lse(x)²
+/// ```
+///
+/// which is PyTorch's definition when `z = 0` and nothing is masked.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropyOptions<'a> {
+    /// Rows whose class target equals this value contribute 0 to the loss, nothing to the mean's
+    /// denominator, and a zero gradient, whatever their logits hold (NaN too). Default `-100`.
+    pub ignore_index: Option<i64>,
+    /// Per-class weights (`classes` values, finite and ≥ 0).
+    pub weights: Option<&'a [f64]>,
+    /// Label smoothing `ε` in `[0, 1]`.
+    pub label_smoothing: f64,
+    /// z-loss coefficient `z ≥ 0` (PaLM uses 1e-4): adds `z · lse²` per non-ignored row,
+    /// unweighted.
+    pub z_loss: f64,
+    /// Soft-capping: logits become `cap · tanh(x / cap)` before anything else (`cap > 0`);
+    /// `-inf` stays `-inf`.
+    pub softcap: Option<f64>,
+    /// How row losses are combined.
+    pub reduction: Reduction,
+    /// What NaN and `+inf` logits (and target mass on `-inf` logits) do.
+    pub non_finite: NonFinite,
+    /// What a mean over zero non-ignored rows returns.
+    pub empty_mean: EmptyMean,
+    /// Also return the per-row losses (always returned with [`Reduction::None`]).
+    pub keep_row_loss: bool,
+    /// Also return the per-row logsumexp (NaN for ignored rows).
+    pub keep_row_lse: bool,
+}
+
+impl Default for CrossEntropyOptions<'_> {
+    fn default() -> Self {
+        Self {
+            ignore_index: Some(-100),
+            weights: None,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            softcap: None,
+            reduction: Reduction::Mean,
+            non_finite: NonFinite::Error,
+            empty_mean: EmptyMean::Zero,
+            keep_row_loss: false,
+            keep_row_lse: false,
+        }
+    }
+}
+
+/// What a cross-entropy call returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrossEntropyOutput<S> {
+    /// The reduced loss (with [`Reduction::None`]: the sum of `row_loss`).
+    pub loss: S,
+    /// Per-row losses (0 for ignored rows), when asked for or with [`Reduction::None`].
+    pub row_loss: Option<Vec<S>>,
+    /// Per-row logsumexp of the (capped) logits (NaN for ignored rows), when asked for.
+    pub row_lse: Option<Vec<S>>,
+    /// Number of rows that were not ignored.
+    pub counted_rows: usize,
+    /// What the mean divides by: the summed target weight of non-ignored rows (their count when
+    /// unweighted, the row count for probability targets). Useful to re-weight micro-batches.
+    pub denominator: f64,
+}
+
+/// The checked, per-call state of a cross-entropy call.
+struct Batch<'a, E: Element> {
+    classes: usize,
+    rows: usize,
+    targets: Targets<'a, E>,
+    ignore_index: Option<i64>,
+    config: CeConfig<'a>,
+    options: &'a CrossEntropyOptions<'a>,
+    /// `Σ w[target]` of non-ignored rows (see [`CrossEntropyOutput::denominator`]).
+    denominator: f64,
+    counted_rows: usize,
+    grad_output: GradOutput<'a, E::Stat>,
+    total: CompensatedSum,
+    any_non_finite_row: bool,
+    row_loss: Option<Vec<E::Stat>>,
+    row_lse: Option<Vec<E::Stat>>,
+}
+
+fn check_option(name: &'static str, value: f64, ok: bool, expected: &'static str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(LseError::BadOption {
+            name,
+            value,
+            expected,
+        })
+    }
+}
+
+impl<'a, E: Element> Batch<'a, E> {
+    /// Validates everything that does not need the logits: shapes, options, weights, class
+    /// targets and the incoming gradient. Nothing has been written when this fails.
+    fn new(
+        len: usize,
+        classes: usize,
+        targets: Targets<'a, E>,
+        options: &'a CrossEntropyOptions<'a>,
+        grad_output: GradOutput<'a, E::Stat>,
+    ) -> Result<Self> {
+        let rows = row_count("logits", len, classes)?;
+        let o = options;
+        let eps = o.label_smoothing;
+        check_option(
+            "label_smoothing",
+            eps,
+            (0.0..=1.0).contains(&eps),
+            "in [0, 1]",
+        )?;
+        check_option(
+            "z_loss",
+            o.z_loss,
+            o.z_loss.is_finite() && o.z_loss >= 0.0,
+            "finite and >= 0",
+        )?;
+        if let Some(cap) = o.softcap {
+            check_option(
+                "softcap",
+                cap,
+                cap.is_finite() && cap > 0.0,
+                "finite and > 0",
+            )?;
+        }
+        let mut weight_total = CompensatedSum::ZERO;
+        if let Some(w) = o.weights {
+            expect_len("weights", classes, w.len())?;
+            for (class, &value) in w.iter().enumerate() {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(LseError::BadWeight { class, value });
+                }
+                weight_total.add(value);
+            }
+        } else {
+            weight_total.add(classes as f64);
+        }
+        let (denominator, counted_rows) = match targets {
+            Targets::Classes(t) => {
+                expect_len("targets", rows, t.len())?;
+                let mut denominator = CompensatedSum::ZERO;
+                let mut counted = 0;
+                for (row, &value) in t.iter().enumerate() {
+                    if Some(value) == o.ignore_index {
+                        continue;
+                    }
+                    let class = usize::try_from(value).ok().filter(|&c| c < classes).ok_or(
+                        LseError::TargetOutOfRange {
+                            row,
+                            value,
+                            classes,
+                        },
+                    )?;
+                    denominator.add(o.weights.map_or(1.0, |w| w[class]));
+                    counted += 1;
+                }
+                (denominator.value(), counted)
+            }
+            Targets::Probabilities(p) => {
+                expect_len("probability targets", len, p.len())?;
+                (rows as f64, rows)
+            }
+        };
+        if o.reduction == Reduction::Mean && denominator == 0.0 && o.empty_mean == EmptyMean::Error
+        {
+            return Err(LseError::EmptyMean { rows });
+        }
+        let check_grad = |row: usize, g: E::Stat| {
+            let value: f64 = g.into();
+            if o.non_finite == NonFinite::Error && !value.is_finite() {
+                return Err(LseError::NonFinite {
+                    what: "output gradient",
+                    row,
+                    column: 0,
+                    value,
+                });
+            }
+            Ok(())
+        };
+        match grad_output {
+            GradOutput::Scalar(g) => check_grad(0, g)?,
+            GradOutput::PerRow(gs) => {
+                if o.reduction != Reduction::None {
+                    return Err(LseError::PerRowGradient {
+                        reduction: o.reduction,
+                    });
+                }
+                expect_len("per-row output gradient", rows, gs.len())?;
+                for (row, &g) in gs.iter().enumerate() {
+                    check_grad(row, g)?;
+                }
+            }
+        }
+        let keep_rows = |keep: bool| keep.then(|| vec![E::Stat::zero(); rows]);
+        Ok(Self {
+            classes,
+            rows,
+            targets,
+            ignore_index: o.ignore_index,
+            config: CeConfig {
+                weights: o.weights,
+                weight_total: weight_total.value(),
+                smoothing: eps,
+                z_loss: o.z_loss,
+                map: o.softcap.map_or(LogitMap::Identity, LogitMap::Softcap),
+                propagate_non_finite: o.non_finite == NonFinite::Propagate,
+            },
+            options,
+            denominator,
+            counted_rows,
+            grad_output,
+            total: CompensatedSum::ZERO,
+            any_non_finite_row: false,
+            row_loss: keep_rows(o.keep_row_loss || o.reduction == Reduction::None),
+            row_lse: keep_rows(o.keep_row_lse),
+        })
+    }
+
+    /// True when the mean has nothing to divide by: loss per [`EmptyMean`], gradient 0.
+    fn empty_mean(&self) -> bool {
+        self.options.reduction == Reduction::Mean && self.denominator == 0.0
+    }
+
+    /// The factor the gradient of row `r`'s loss is multiplied by.
+    fn grad_scale(&self, r: usize) -> f64 {
+        let g: f64 = match self.grad_output {
+            GradOutput::Scalar(g) => g.into(),
+            GradOutput::PerRow(gs) => gs[r].into(),
+        };
+        match self.options.reduction {
+            Reduction::Mean if self.empty_mean() => 0.0,
+            Reduction::Mean => g / self.denominator,
+            Reduction::Sum | Reduction::None => g,
+        }
+    }
+
+    /// The read pass of row `r`; `None` for an ignored row.
+    fn plan_row(&self, r: usize, row: &[E]) -> Result<Option<CeRow<'a, 'a, E>>> {
+        let target = match self.targets {
+            Targets::Classes(t) if Some(t[r]) == self.ignore_index => return Ok(None),
+            // In range: checked by `new`.
+            Targets::Classes(t) => RowTarget::Class(t[r] as usize),
+            Targets::Probabilities(p) => {
+                RowTarget::Probabilities(&p[r * self.classes..(r + 1) * self.classes])
+            }
+        };
+        CeRow::new(row, target, self.config)
+            .map(Some)
+            .map_err(|fault| match fault {
+                RowFault::NonFinite { column, .. } => non_finite_logit(r, column, row[column]),
+                RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
+                RowFault::BadProbability { column, value } => LseError::BadProbability {
+                    row: r,
+                    column,
+                    value,
+                },
+            })
+    }
+
+    /// Records the loss and lse of row `r` (`None`: ignored).
+    fn record(&mut self, r: usize, values: Option<RowValues>) {
+        let values = values.unwrap_or(RowValues {
+            loss: 0.0,
+            lse: f64::NAN,
+        });
+        self.any_non_finite_row |= !values.loss.is_finite();
+        self.total.add(values.loss);
+        if let Some(v) = self.row_loss.as_mut() {
+            v[r] = E::Stat::from_f64_saturating(values.loss);
+        }
+        if let Some(v) = self.row_lse.as_mut() {
+            v[r] = E::Stat::from_f64_saturating(values.lse);
+        }
+    }
+
+    fn finish(self) -> CrossEntropyOutput<E::Stat> {
+        let mut sum = self.total.value();
+        if !self.any_non_finite_row {
+            sum = saturate(sum); // finite row losses: keep the total finite
+        }
+        let loss = match self.options.reduction {
+            Reduction::Mean if self.empty_mean() => match self.options.empty_mean {
+                EmptyMean::Nan => f64::NAN,
+                _ => 0.0,
+            },
+            Reduction::Mean => sum / self.denominator,
+            Reduction::Sum | Reduction::None => sum,
+        };
+        CrossEntropyOutput {
+            loss: E::Stat::from_f64_saturating(loss),
+            row_loss: self.row_loss,
+            row_lse: self.row_lse,
+            counted_rows: self.counted_rows,
+            denominator: self.denominator,
+        }
+    }
+}
+
+/// The cross-entropy loss of `logits` (`rows × classes`, row-major) against `targets`.
+///
+/// Computed as `(m − x_y) + log1p(Σ_{j≠k} exp(x_j − m))`, never as `lse − x_y`, so finite logits
+/// give a finite loss and tiny losses keep their digits (`CE([30, 0], 0) = 9.3576e-14` in `f32`).
+///
+/// ```
+/// use lse::{cross_entropy, CrossEntropyOptions, Targets};
+/// let logits = [1000.0f32, 1.0, -1000.0, /* row 2 */ 3.0, 2.0, 1.0];
+/// let out = cross_entropy(&logits, 3, Targets::Classes(&[1, 0]), &CrossEntropyOptions::default())?;
+/// assert!((out.loss - (999.0 + 0.40761) / 2.0).abs() < 1e-3);
+/// # Ok::<(), lse::LseError>(())
+/// ```
+///
+/// # Errors
+/// Shapes: [`LseError::EmptyClasses`], [`LseError::RaggedRows`], [`LseError::LengthMismatch`].
+/// Options: [`LseError::BadOption`], [`LseError::BadWeight`]. Targets:
+/// [`LseError::TargetOutOfRange`], [`LseError::BadProbability`]. Logits under
+/// [`NonFinite::Error`]: [`LseError::NonFinite`] (NaN or `+inf` in a non-ignored row) and
+/// [`LseError::MaskedTarget`] (target mass on a `-inf` logit). [`LseError::EmptyMean`] under
+/// [`EmptyMean::Error`]. No input is modified.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy<E: Element>(
+    logits: &[E],
+    classes: usize,
+    targets: Targets<'_, E>,
+    options: &CrossEntropyOptions<'_>,
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    fused(
+        logits,
+        classes,
+        targets,
+        options,
+        GradOutput::default(),
+        None,
+    )
+}
+
+/// [`cross_entropy`] fused with its gradient: returns the loss and writes
+/// `∂(grad_output · loss)/∂logits` into `grad` (same shape and dtype as `logits`), from one read
+/// pass and one write pass per row.
+///
+/// Ignored rows get a zero gradient; `-inf` logits get 0; with [`Reduction::Mean`] the gradient
+/// carries the `1/denominator` factor. The gradient is computed in `f64` as
+/// `(A + 2z·lse)·softmax_i − w_i q_i` (times the soft-cap slope) and rounded once.
+///
+/// ```
+/// use lse::{cross_entropy_with_grad, CrossEntropyOptions, GradOutput, Targets};
+/// let logits = [2.0f32, 1.0, 0.1];
+/// let mut grad = [0.0f32; 3];
+/// let opts = CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() };
+/// let out = cross_entropy_with_grad(&logits, 3, Targets::Classes(&[0]), &opts,
+///                                   GradOutput::Scalar(1.0), &mut grad)?;
+/// assert!(out.loss > 0.0 && grad[0] < 0.0 && grad[1] > 0.0);
+/// assert!(grad.iter().sum::<f32>().abs() < 1e-6); // a gradient row of p − q sums to 0
+/// # Ok::<(), lse::LseError>(())
+/// ```
+///
+/// # Errors
+/// As [`cross_entropy`], and [`LseError::LengthMismatch`] when `grad` is not `logits.len()`
+/// long, [`LseError::PerRowGradient`] for [`GradOutput::PerRow`] without [`Reduction::None`],
+/// [`LseError::NonFinite`] for a non-finite `grad_output` under [`NonFinite::Error`]. On error
+/// no input is modified and `grad` is unspecified.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_with_grad<E: Element>(
+    logits: &[E],
+    classes: usize,
+    targets: Targets<'_, E>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, E::Stat>,
+    grad: &mut [E],
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    expect_len("gradient", logits.len(), grad.len())?;
+    fused(logits, classes, targets, options, grad_output, Some(grad))
+}
+
+fn fused<E: Element>(
+    logits: &[E],
+    classes: usize,
+    targets: Targets<'_, E>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, E::Stat>,
+    mut grad: Option<&mut [E]>,
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    let mut batch = Batch::new(logits.len(), classes, targets, options, grad_output)?;
+    for r in 0..batch.rows {
+        let row = &logits[r * classes..(r + 1) * classes];
+        let grad_row = grad
+            .as_deref_mut()
+            .map(|g| &mut g[r * classes..(r + 1) * classes]);
+        let values = match (batch.plan_row(r, row)?, grad_row) {
+            (None, Some(g)) => {
+                g.fill(E::zero());
+                None
+            }
+            (None, None) => None,
+            (Some(plan), Some(g)) => {
+                let scale = batch.grad_scale(r);
+                Some(plan.finish(row.iter().copied(), scale, true, |c, v| g[c] = v))
+            }
+            (Some(plan), None) => Some(plan.finish(row.iter().copied(), 0.0, false, |_, _| {})),
+        };
+        batch.record(r, values);
+    }
+    Ok(batch.finish())
+}
+
+/// [`cross_entropy_with_grad`] writing the gradient over the logits, with no gradient buffer
+/// (for memory-bound training steps, as in Liger's kernel).
+///
+/// Bit for bit the same loss and gradient as the out-of-place call.
+///
+/// # Errors
+/// As [`cross_entropy_with_grad`]. Errors that need no logits (shapes, options, weights, class
+/// targets, `grad_output`) are found before anything is written. An error found in the logits
+/// themselves ([`LseError::NonFinite`], [`LseError::MaskedTarget`], [`LseError::BadProbability`])
+/// is found in the read pass of its row, before that row is written: then every row of `logits`
+/// holds either its original logits or its final gradient, and the row named by the error and
+/// all rows after it hold their original logits. Use [`NonFinite::Propagate`] (or the
+/// out-of-place call) when that is not acceptable.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_in_place<E: Element>(
+    logits: &mut [E],
+    classes: usize,
+    targets: Targets<'_, E>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, E::Stat>,
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    let mut batch = Batch::new(logits.len(), classes, targets, options, grad_output)?;
+    for (r, row) in logits.chunks_exact_mut(classes).enumerate() {
+        let values = match batch.plan_row(r, row)? {
+            None => {
+                row.fill(E::zero());
+                None
+            }
+            Some(plan) => {
+                // Each element is read before it is overwritten: the row is its own gradient buffer.
+                let cells = Cell::from_mut(row).as_slice_of_cells();
+                let scale = batch.grad_scale(r);
+                Some(
+                    plan.finish(cells.iter().map(Cell::get), scale, true, |c, v| {
+                        cells[c].set(v);
+                    }),
+                )
+            }
+        };
+        batch.record(r, values);
+    }
+    Ok(batch.finish())
+}
