@@ -53,3 +53,8 @@ pub use ops::NonFinite;
 pub use state::{CompensatedSum, RowState};
 
 pub use half::{bf16, f16};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

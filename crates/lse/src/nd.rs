@@ -18,12 +18,12 @@ fn row_major<'a, E: Element>(x: &'a ArrayView2<'_, E>) -> Cow<'a, [E]> {
     }
 }
 
-/// Runs `f(input, output)` on row-major buffers and writes the result into `out`.
-fn map_rows<E: Element>(
+/// Runs `f(input, classes, output)` on row-major buffers and writes the output into `out`.
+fn map_rows<E: Element, R>(
     x: ArrayView2<'_, E>,
     mut out: ArrayViewMut2<'_, E>,
-    f: impl FnOnce(&[E], usize, &mut [E]) -> Result<()>,
-) -> Result<()> {
+    f: impl FnOnce(&[E], usize, &mut [E]) -> Result<R>,
+) -> Result<R> {
     let (rows, classes) = x.dim();
     if out.dim() != x.dim() {
         let (r, c) = out.dim();
@@ -38,9 +38,9 @@ fn map_rows<E: Element>(
         return f(&input, classes, o);
     }
     let mut buffer = vec![E::zero(); rows * classes];
-    f(&input, classes, &mut buffer)?;
+    let result = f(&input, classes, &mut buffer)?;
     out.iter_mut().zip(buffer).for_each(|(o, v)| *o = v);
-    Ok(())
+    Ok(result)
 }
 
 /// [`crate::logsumexp`] of every row.
@@ -108,11 +108,7 @@ pub fn cross_entropy_with_grad<E: Element>(
     grad_output: GradOutput<'_, E::Stat>,
     grad: ArrayViewMut2<'_, E>,
 ) -> Result<CrossEntropyOutput<E::Stat>> {
-    let mut result = None;
     map_rows(x, grad, |input, classes, g| {
-        let out = crate::cross_entropy_with_grad(input, classes, targets, options, grad_output, g)?;
-        result = Some(out);
-        Ok(())
-    })?;
-    result.ok_or(LseError::EmptyClasses)
+        crate::cross_entropy_with_grad(input, classes, targets, options, grad_output, g)
+    })
 }
