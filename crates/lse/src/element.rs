@@ -142,7 +142,10 @@ fn f32_round_to_odd(value: f64) -> f32 {
 }
 
 /// Runtime tag for the four supported dtypes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     /// IEEE binary64.
     F64,

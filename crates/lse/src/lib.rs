@@ -32,6 +32,7 @@
 
 mod element;
 mod error;
+pub mod guard;
 mod kernels;
 pub mod naive;
 #[cfg(feature = "ndarray")]

@@ -46,14 +46,36 @@ pub(crate) struct RowScan {
     pub(crate) masked: usize,
 }
 
+/// Sees every raw element of a row during the read pass (statistics for the logit monitor).
+/// `()` observes nothing and compiles away.
+pub(crate) trait RowObserver {
+    fn element(&mut self, x: f64);
+}
+
+impl RowObserver for () {
+    #[inline(always)]
+    fn element(&mut self, _: f64) {}
+}
+
 /// The online read pass: one sweep over the row.
 #[inline]
 pub(crate) fn scan_row<E: Element>(row: &[E], map: LogitMap) -> RowScan {
+    scan_row_observed(row, map, &mut ())
+}
+
+/// [`scan_row`], showing every raw element to `observer` in the same sweep.
+#[inline]
+pub(crate) fn scan_row_observed<E: Element, O: RowObserver>(
+    row: &[E],
+    map: LogitMap,
+    observer: &mut O,
+) -> RowScan {
     let mut state = RowState::EMPTY;
     let mut first_non_finite = None;
     let mut masked = 0;
     for (column, &x) in row.iter().enumerate() {
         let x = x.to_f64();
+        observer.element(x);
         if x == f64::NEG_INFINITY {
             masked += 1;
         } else if x < f64::INFINITY {
@@ -200,8 +222,9 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         row: &[E],
         target: RowTarget<'t, E>,
         config: CeConfig<'w>,
+        observer: &mut impl RowObserver,
     ) -> Result<Self, RowFault> {
-        let scan = scan_row(row, config.map);
+        let scan = scan_row_observed(row, config.map, observer);
         let mut plan = CeRow {
             config,
             target,

@@ -5,6 +5,7 @@ use core::cell::Cell;
 use super::{expect_len, non_finite_logit, row_count, NonFinite};
 use crate::element::{Element, Stat};
 use crate::error::{LseError, Result};
+use crate::guard::{LogitStats, StatsBuilder};
 use crate::kernels::scalar::{CeConfig, CeRow, LogitMap, RowFault, RowTarget, RowValues};
 use crate::state::{saturate, CompensatedSum};
 
@@ -96,6 +97,9 @@ pub struct CrossEntropyOptions<'a> {
     pub keep_row_loss: bool,
     /// Also return the per-row logsumexp (NaN for ignored rows).
     pub keep_row_lse: bool,
+    /// Also gather [`LogitStats`] of the logits in the same read pass (rows that are read: ignored
+    /// rows are skipped), for a [`LogitMonitor`](crate::guard::LogitMonitor).
+    pub keep_logit_stats: bool,
 }
 
 impl Default for CrossEntropyOptions<'_> {
@@ -111,6 +115,7 @@ impl Default for CrossEntropyOptions<'_> {
             empty_mean: EmptyMean::Zero,
             keep_row_loss: false,
             keep_row_lse: false,
+            keep_logit_stats: false,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct CrossEntropyOutput<S> {
     /// What the mean divides by: the summed target weight of non-ignored rows (their count when
     /// unweighted, the row count for probability targets). Useful to re-weight micro-batches.
     pub denominator: f64,
+    /// Statistics of the logits, gathered in the loss's own read pass, when asked for.
+    pub logit_stats: Option<LogitStats>,
 }
 
 /// The checked, per-call state of a cross-entropy call.
@@ -147,6 +154,7 @@ struct Batch<'a, E: Element> {
     any_non_finite_row: bool,
     row_loss: Option<Vec<E::Stat>>,
     row_lse: Option<Vec<E::Stat>>,
+    stats: Option<StatsBuilder>,
 }
 
 fn check_option(name: &'static str, value: f64, ok: bool, expected: &'static str) -> Result<()> {
@@ -284,6 +292,7 @@ impl<'a, E: Element> Batch<'a, E> {
             any_non_finite_row: false,
             row_loss: keep_rows(o.keep_row_loss || o.reduction == Reduction::None),
             row_lse: keep_rows(o.keep_row_lse),
+            stats: o.keep_logit_stats.then(StatsBuilder::default),
         })
     }
 
@@ -306,7 +315,7 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// The read pass of row `r`; `None` for an ignored row.
-    fn plan_row(&self, r: usize, row: &[E]) -> Result<Option<CeRow<'a, 'a, E>>> {
+    fn plan_row(&mut self, r: usize, row: &[E]) -> Result<Option<CeRow<'a, 'a, E>>> {
         let target = match self.targets {
             Targets::Classes(t) if Some(t[r]) == self.ignore_index => return Ok(None),
             // In range: checked by `new`.
@@ -315,21 +324,26 @@ impl<'a, E: Element> Batch<'a, E> {
                 RowTarget::Probabilities(&p[r * self.classes..(r + 1) * self.classes])
             }
         };
-        CeRow::new(row, target, self.config)
-            .map(Some)
-            .map_err(|fault| match fault {
-                RowFault::NonFinite { column, .. } => non_finite_logit(r, column, row[column]),
-                RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
-                RowFault::BadProbability { column, value } => LseError::BadProbability {
-                    row: r,
-                    column,
-                    value,
-                },
-            })
+        let plan = match &mut self.stats {
+            Some(stats) => CeRow::new(row, target, self.config, stats.tally()),
+            None => CeRow::new(row, target, self.config, &mut ()),
+        };
+        plan.map(Some).map_err(|fault| match fault {
+            RowFault::NonFinite { column, .. } => non_finite_logit(r, column, row[column]),
+            RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
+            RowFault::BadProbability { column, value } => LseError::BadProbability {
+                row: r,
+                column,
+                value,
+            },
+        })
     }
 
     /// Records the loss and lse of row `r` (`None`: ignored).
     fn record(&mut self, r: usize, values: Option<RowValues>) {
+        if let (Some(stats), Some(v)) = (self.stats.as_mut(), values) {
+            stats.row(v.lse);
+        }
         let values = values.unwrap_or(RowValues {
             loss: 0.0,
             lse: f64::NAN,
@@ -363,6 +377,7 @@ impl<'a, E: Element> Batch<'a, E> {
             row_lse: self.row_lse,
             counted_rows: self.counted_rows,
             denominator: self.denominator,
+            logit_stats: self.stats.map(|s| s.finish(E::DTYPE, self.classes)),
         }
     }
 }

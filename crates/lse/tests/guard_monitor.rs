@@ -1,0 +1,178 @@
+//! The logit monitor: statistics against direct computation, the same figures from inside the
+//! fused cross-entropy, and the story it exists for — an f16 run drifting toward overflow.
+
+use lse::guard::{LogitMonitor, LogitStats, MonitorConfig, MonitorWarning};
+use lse::{cross_entropy, f16, CrossEntropyOptions, DType, NonFinite, Reduction, Targets};
+
+/// Deterministic pseudo-random values in [-1, 1) (splitmix64).
+fn uniform(seed: u64, n: usize) -> Vec<f64> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+/// logsumexp of a row in plain f64 (max-shifted; fine for these moderate rows).
+fn reference_lse(row: &[f64]) -> f64 {
+    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+#[test]
+fn stats_match_a_direct_computation() {
+    let classes = 7;
+    let mut values: Vec<f64> = uniform(1, 5 * classes).iter().map(|v| v * 20.0).collect();
+    values[3] = f64::NAN;
+    values[9] = f64::INFINITY;
+    values[10] = f64::NEG_INFINITY;
+    let logits: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    let stats = LogitStats::of(&logits, classes).unwrap();
+
+    let widened: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
+    let finite: Vec<f64> = widened.iter().copied().filter(|v| v.is_finite()).collect();
+    let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!((stats.max, stats.min), (max, min));
+    assert_eq!(stats.max_abs, max.abs().max(min.abs()));
+    assert_eq!((stats.nan, stats.pos_inf, stats.neg_inf), (1, 1, 1));
+    assert_eq!(
+        (stats.rows, stats.classes, stats.dtype),
+        (5, classes, DType::F32)
+    );
+
+    // Rows 0 and 1 hold NaN / +inf: their lse is left out; row 1 also holds the -inf.
+    let clean: Vec<f64> = widened.chunks(classes).skip(2).map(reference_lse).collect();
+    let mean = clean.iter().sum::<f64>() / 3.0;
+    let z = clean.iter().map(|l| l * l).sum::<f64>() / 3.0;
+    assert!((stats.lse_mean - mean).abs() <= 1e-12 * mean.abs());
+    assert!((stats.z_mean - z).abs() <= 1e-12 * z);
+    assert_eq!(
+        stats.lse_max,
+        clean.iter().copied().fold(f64::MIN, f64::max)
+    );
+    assert!((stats.headroom.f16 - (65504f64.ln() - max)).abs() < 1e-12);
+    assert!((stats.headroom_against(DType::F32) - (f64::from(f32::MAX).ln() - max)).abs() < 1e-9);
+    assert!(stats.has_non_finite());
+
+    let json = stats.to_json_line();
+    assert!(!json.contains('\n'));
+    assert!(json.contains("\"dtype\":\"f32\"") && json.contains("\"nan\":1"));
+}
+
+#[test]
+fn stats_from_the_fused_loss_equal_the_stand_alone_pass() {
+    let classes = 33;
+    let logits: Vec<f16> = uniform(2, 8 * classes)
+        .iter()
+        .map(|v| f16::from_f64(v * 14.0))
+        .collect();
+    let targets: Vec<i64> = (0..8).map(|r| (r * 5) % classes as i64).collect();
+    let options = CrossEntropyOptions {
+        keep_logit_stats: true,
+        ..Default::default()
+    };
+    let out = cross_entropy(&logits, classes, Targets::Classes(&targets), &options).unwrap();
+    assert_eq!(
+        out.logit_stats,
+        Some(LogitStats::of(&logits, classes).unwrap())
+    );
+
+    // Ignored rows are not read, so they are not in the statistics.
+    let mut ignored = targets.clone();
+    ignored[0] = -100;
+    let out = cross_entropy(&logits, classes, Targets::Classes(&ignored), &options).unwrap();
+    let rest = LogitStats::of(&logits[classes..], classes).unwrap();
+    assert_eq!(out.logit_stats, Some(rest));
+}
+
+/// The story the monitor exists for: f16 logits grow a little every step (a learning rate a bit
+/// too high). A naive f16 cross-entropy dies (inf/NaN) once the largest logit passes 11.09; the
+/// monitor must have warned before that step, and `lse`'s fused loss stays finite throughout.
+#[test]
+fn monitor_warns_before_a_growing_f16_run_overflows_naive_softmax() {
+    let (rows, classes) = (16, 50);
+    let pattern = uniform(3, rows * classes);
+    let targets: Vec<i64> = (0..rows as i64).map(|r| (r * 7) % classes as i64).collect();
+    let mut monitor = LogitMonitor::new(MonitorConfig::default()).unwrap();
+    let options = CrossEntropyOptions {
+        keep_logit_stats: true,
+        non_finite: NonFinite::Propagate,
+        ..Default::default()
+    };
+    let mut first_warning = None;
+    let mut naive_death = None;
+    for step in 0..60u64 {
+        let scale = 0.5 + 0.25 * step as f64;
+        let logits: Vec<f16> = pattern.iter().map(|p| f16::from_f64(p * scale)).collect();
+
+        let out = cross_entropy(&logits, classes, Targets::Classes(&targets), &options).unwrap();
+        assert!(out.loss.is_finite(), "step {step}: fused loss {}", out.loss);
+
+        let mut naive_loss = vec![f16::ZERO; rows];
+        let mut naive_grad = vec![f16::ZERO; rows * classes];
+        lse::naive::cross_entropy(&logits, classes, &targets, &mut naive_loss, &mut naive_grad)
+            .unwrap();
+        if naive_death.is_none() && naive_loss.iter().any(|l| !l.is_finite()) {
+            naive_death = Some(step);
+        }
+
+        let warnings = monitor.record(step, out.logit_stats.unwrap());
+        if first_warning.is_none() && !warnings.is_empty() {
+            first_warning = Some((step, warnings[0].clone()));
+        }
+    }
+    let death = naive_death.expect("the naive f16 loss must overflow in this run");
+    let (warned, warning) = first_warning.expect("the monitor must warn");
+    assert!(
+        warned + 3 <= death,
+        "warned at step {warned} ({warning}), naive loss died at step {death}"
+    );
+    assert!(matches!(
+        warning,
+        MonitorWarning::Trend { .. } | MonitorWarning::NearOverflow { .. }
+    ));
+
+    let mut lines = Vec::new();
+    monitor.write_json_lines(&mut lines).unwrap();
+    let text = String::from_utf8(lines).unwrap();
+    assert_eq!(text.lines().count(), 60);
+    assert!(text.lines().all(|l| l.starts_with("{\"step\":")));
+}
+
+#[test]
+fn monitor_rejects_a_meaningless_config() {
+    let bad = MonitorConfig {
+        warn_fraction: f64::NAN,
+        ..Default::default()
+    };
+    assert!(LogitMonitor::new(bad).is_err());
+}
+
+#[test]
+fn reduction_and_stats_are_independent() {
+    // Asking for statistics changes nothing else in the output.
+    let logits = [3.0f64, -1.0, 0.5, 2.0, 2.0, -7.0];
+    let targets = [2i64, 0];
+    for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+        let plain = CrossEntropyOptions {
+            reduction,
+            ..Default::default()
+        };
+        let watched = CrossEntropyOptions {
+            keep_logit_stats: true,
+            ..plain
+        };
+        let a = cross_entropy(&logits, 3, Targets::Classes(&targets), &plain).unwrap();
+        let b = cross_entropy(&logits, 3, Targets::Classes(&targets), &watched).unwrap();
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+        assert_eq!(a.row_loss, b.row_loss);
+        assert!(a.logit_stats.is_none() && b.logit_stats.is_some());
+    }
+}
