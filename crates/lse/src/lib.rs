@@ -28,7 +28,7 @@
 //! panic, and an input buffer is never modified by a call that fails. The semantics for every kind
 //! of input (masks, NaN, ignored rows, empty means) are in the README's contract table.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 mod element;
 mod error;
