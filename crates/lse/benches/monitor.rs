@@ -4,7 +4,7 @@
 //! `cargo bench -p lse --bench monitor`
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lse::{cross_entropy_with_grad, bf16, CrossEntropyOptions, Element, GradOutput, Targets};
+use lse::{bf16, cross_entropy_with_grad, CrossEntropyOptions, Element, GradOutput, Targets};
 
 fn logits<E: Element>(rows: usize, classes: usize) -> Vec<E> {
     (0..rows * classes)

@@ -5,7 +5,9 @@ use lse::{nd, CrossEntropyOptions, GradOutput, LseError, Targets};
 use ndarray::{Array2, ShapeBuilder};
 
 fn sample() -> Array2<f32> {
-    Array2::from_shape_fn((3, 4), |(r, c)| (r as f32 * 7.5 - c as f32 * 3.25).sin() * 40.0)
+    Array2::from_shape_fn((3, 4), |(r, c)| {
+        (r as f32 * 7.5 - c as f32 * 3.25).sin() * 40.0
+    })
 }
 
 #[test]
@@ -38,7 +40,10 @@ fn standard_and_transposed_layouts_match_the_slice_api() {
 
     let mut expected_lse = vec![0f32; 3];
     lse::logsumexp(&flat, 4, &mut expected_lse).unwrap();
-    assert_eq!(nd::logsumexp(fortran.view()).unwrap().to_vec(), expected_lse);
+    assert_eq!(
+        nd::logsumexp(fortran.view()).unwrap().to_vec(),
+        expected_lse
+    );
 }
 
 #[test]

@@ -196,6 +196,11 @@ pub(crate) struct RowValues {
 /// distribution) and `A = Σ_c a_c`, the row loss is
 /// `Σ_c a_c · (m − x_c) + A · log1p(s') + z · lse²` and its gradient
 /// `slope(x_i) · ((A + 2 z lse) · p_i − a_i)`.
+///
+/// The gradient is evaluated as `((A − a_i)·e_i − a_i·(S − e_i)) / S + 2 z lse · e_i / S` with
+/// `e_i = exp(x_i − m)` and `S = 1 + s'`: `A − a_i` (the target mass on the other classes) and
+/// `S − e_i` (the softmax mass of the other classes, `s'` itself at the max) are formed without
+/// subtracting nearly equal numbers, so `p_y − 1` keeps its digits when `p_y` rounds to 1.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CeRow<'t, 'w, E> {
     config: CeConfig<'w>,
@@ -208,6 +213,12 @@ pub(crate) struct CeRow<'t, 'w, E> {
     smoothing_share: f64,
     /// `A`.
     target_total: f64,
+    /// `Σ_c w_c q_c` before smoothing (`w_y` for a class target).
+    kept_mass: f64,
+    /// `Σ_c w_c` over live classes.
+    live_weight: f64,
+    /// `s'`.
+    rest: f64,
     /// `a_y · (m − x_y)` for a class target without smoothing (the whole distance term).
     target_distance: CompensatedSum,
     /// The row's logits hold NaN or `+inf` and the policy propagates: every output is NaN.
@@ -234,18 +245,13 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             lse: scan.state.logsumexp(),
             smoothing_share: 0.0,
             target_total: 0.0,
+            kept_mass: 0.0,
+            live_weight: 0.0,
+            rest: scan.state.sum_excluding_max(),
             target_distance: CompensatedSum::ZERO,
             poisoned: false,
             infinite_loss: false,
         };
-        if let Some(column) = scan.first_non_finite {
-            if !config.propagate_non_finite {
-                let value = row[column].to_f64();
-                return Err(RowFault::NonFinite { column, value });
-            }
-            plan.poisoned = true;
-            return Ok(plan);
-        }
         let live = row.len() - scan.masked;
         let keep = 1.0 - config.smoothing;
         if live > 0 {
@@ -297,7 +303,18 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
                 sum.value()
             }
         };
+        plan.kept_mass = kept_mass;
+        plan.live_weight = live_weight;
         plan.target_total = keep * kept_mass + plan.smoothing_share * live_weight;
+        // Targets are checked first: a bad target is an error whatever the row's logits hold.
+        if let Some(column) = scan.first_non_finite {
+            if !config.propagate_non_finite {
+                let value = row[column].to_f64();
+                return Err(RowFault::NonFinite { column, value });
+            }
+            plan.poisoned = true;
+            return Ok(plan);
+        }
         if let Some(class) = masked_mass_at {
             if !config.propagate_non_finite {
                 return Err(RowFault::MaskedTarget { class });
@@ -325,6 +342,20 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         };
         let w = self.config.weights.map_or(1.0, |w| w[c]);
         w * ((1.0 - self.config.smoothing) * q + self.smoothing_share)
+    }
+
+    /// `A − a_c`: the weighted target mass on every class but `c` (live `c`), formed as a sum of
+    /// its parts rather than by subtracting `a_c` from `A`.
+    #[inline]
+    fn other_mass(&self, c: usize) -> f64 {
+        let w = self.config.weights.map_or(1.0, |w| w[c]);
+        let kept_elsewhere = match self.target {
+            RowTarget::Class(y) if c == y => 0.0,
+            RowTarget::Class(_) => self.kept_mass,
+            RowTarget::Probabilities(q) => self.kept_mass - w * q[c].to_f64(),
+        };
+        (1.0 - self.config.smoothing) * kept_elsewhere
+            + self.smoothing_share * (self.live_weight - w)
     }
 
     /// The write pass: calls `write(c, dloss/dx_c · scale)` for every class when `want_grad`,
@@ -369,10 +400,18 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
                     let g = if fully_masked || mapped == f64::NEG_INFINITY {
                         0.0
                     } else {
-                        let p = exp_difference(mapped, self.max) / self.denominator;
-                        // (A + 2 z lse)·p − a, with lse·p formed first so no inf·0 can occur.
-                        let inner = self.target_total * p + z_twice_lse * (self.lse * p) - mass;
-                        saturate(scale * saturate(self.config.map.slope(raw) * inner))
+                        let e = exp_difference(mapped, self.max);
+                        // S − e_i: s' at the max (e_i = 1), else 1 + (s' − e_i) ≥ 1.
+                        let others = if e == 1.0 {
+                            self.rest
+                        } else {
+                            1.0 + (self.rest - e)
+                        };
+                        let s = self.denominator;
+                        let ce = (self.other_mass(c) * e - mass * others) / s;
+                        // lse·p is formed first so that no inf·0 can occur.
+                        let z = saturate(z_twice_lse * (self.lse * (e / s)));
+                        saturate(scale * saturate(self.config.map.slope(raw) * (ce + z)))
                     };
                     write(c, E::from_f64_saturating(g));
                 }

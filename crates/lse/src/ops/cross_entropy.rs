@@ -359,17 +359,22 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     fn finish(self) -> CrossEntropyOutput<E::Stat> {
-        let mut sum = self.total.value();
-        if !self.any_non_finite_row {
-            sum = saturate(sum); // finite row losses: keep the total finite
-        }
+        let sum = self.total.value();
         let loss = match self.options.reduction {
+            // A propagated NaN row still poisons the loss, even with nothing to average.
             Reduction::Mean if self.empty_mean() => match self.options.empty_mean {
                 EmptyMean::Nan => f64::NAN,
+                _ if sum.is_nan() => f64::NAN,
                 _ => 0.0,
             },
             Reduction::Mean => sum / self.denominator,
             Reduction::Sum | Reduction::None => sum,
+        };
+        // Finite row losses give a finite total: the sum or the division may overflow f64.
+        let loss = if self.any_non_finite_row {
+            loss
+        } else {
+            saturate(loss)
         };
         CrossEntropyOutput {
             loss: E::Stat::from_f64_saturating(loss),

@@ -1,0 +1,340 @@
+//! Accuracy against an arbitrary-precision oracle (DESIGN §3).
+//!
+//! Every op runs through the public API on deterministic rows (normal logits with spreads 1e-3 …
+//! 1e30, ties at the max, one class far above the rest, gaps at the f32 and f64 exp underflow
+//! thresholds, -inf masks, negative maxima; C from 1 to 262144) in f64, f32, f16 and bf16, and
+//! each output is compared with a 192-bit astro-float oracle (`support/oracle.rs`) in ulps of the
+//! output dtype. The whole measurement runs once (`report()`) and each test asserts its op's
+//! targets; a failure names the dtype, op, distribution, the exact generator call and row, the
+//! expected and computed values and the error, so the library can be fixed from the message.
+//!
+//! `cargo run --release -p lse --example accuracy_table` prints the same measurement as a table.
+
+#[path = "support/measure.rs"]
+mod measure;
+#[path = "support/oracle.rs"]
+mod oracle;
+
+use std::sync::OnceLock;
+
+use lse::{bf16, f16, CrossEntropyOptions, DType, Element, Reduction, Targets};
+use measure::{Op, Plan, Report};
+use oracle::{big, exp_neg, exp_reference, to_f64, ulp_error, CeSpec, ExactRow};
+
+/// The measurement, shared by every test of this file (the first test to ask computes it, on all
+/// cores; the others wait for it instead of repeating the oracle's work).
+fn report() -> &'static Report {
+    static REPORT: OnceLock<Report> = OnceLock::new();
+    REPORT.get_or_init(|| measure::run(&Plan::test()))
+}
+
+/// Asserts the DESIGN §3 target of every (dtype, distribution) cell of `ops`, listing all
+/// failing cells with their worst input at once.
+fn assert_targets(ops: &[Op]) {
+    let report = report();
+    let failures = report.failures(ops);
+    assert!(
+        failures.is_empty(),
+        "{} cell(s) above the DESIGN §3 target:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_logsumexp() {
+    // f32/f16/bf16 input: f32 output ≤ 2 ulp. f64: ≤ 2κ ulp, κ the condition number of
+    // m + log1p(s') (κ = 1 when the row max is ≥ 0).
+    assert_targets(&[Op::LogSumExp]);
+}
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_log_softmax() {
+    // Every entry, the max entry (−log1p(s'), tiny for confident rows) included.
+    assert_targets(&[Op::LogSoftmax]);
+}
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_softmax() {
+    assert_targets(&[Op::Softmax]);
+}
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_loss() {
+    // Per-row losses, tiny ones (even rows target the argmax) included.
+    assert_targets(&[Op::CeLoss]);
+}
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_grad() {
+    assert_targets(&[Op::CeGrad]);
+}
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_options() {
+    // Label smoothing, class weights, z-loss, soft-capping and all of them together; failures
+    // are listed per option variant (worst over all distributions) to pin them on one option.
+    let failures = report().variant_failures();
+    assert!(
+        failures.is_empty(),
+        "{} option variant(s) above the DESIGN §3 target:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// `log1p(e^-30) = e^-30 − e^-60/2 + …` rounded to f64: CE([30, 0], target 0) and
+/// −log_softmax([30, 0])[0]. (`e^-30` alone, 9.357622968840175e-14, is 4.7e-14 too large
+/// relative: invisible in f32, 200 ulp in f64.)
+const TINY_LOSS_30: f64 = 9.357_622_968_839_737e-14;
+
+#[test]
+fn accuracy_matches_arbitrary_precision_oracle_tiny_losses() {
+    // DESIGN §1: with log(1 + s') instead of log1p(s') these come out 0 (PyTorch's answer).
+    fn check<E: Element>(gap: f64) {
+        let logits = [E::from_f64(gap), E::from_f64(0.0)];
+        let x = [logits[0].to_f64(), logits[1].to_f64()];
+        let exact = ExactRow::new(&x);
+        let ce = exact.ce(&CeSpec {
+            target: Some(0),
+            ..CeSpec::default()
+        });
+        let opts = CrossEntropyOptions {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let out = lse::cross_entropy(&logits, 2, Targets::Classes(&[0]), &opts).unwrap();
+        let loss: f64 = out.row_loss.unwrap()[0].into();
+        let stat = <E::Stat as Element>::DTYPE;
+        let err = ulp_error(loss, &ce.loss, stat);
+        assert!(
+            err <= 2.0,
+            "{} CE([{gap}, 0], 0): expected {:e}, got {loss:e} ({err} ulp of {stat})",
+            E::DTYPE,
+            to_f64(&ce.loss)
+        );
+        let mut ls = [E::zero(); 2];
+        lse::log_softmax(&logits, 2, &mut ls).unwrap();
+        let bound = if E::DTYPE == DType::F16 || E::DTYPE == DType::BF16 {
+            1.0
+        } else {
+            2.0
+        };
+        let err = ulp_error(ls[0].to_f64(), &exact.log_softmax(0), E::DTYPE);
+        assert!(
+            err <= bound,
+            "{} log_softmax([{gap}, 0])[0]: expected {:e}, got {:e} ({err} ulp)",
+            E::DTYPE,
+            to_f64(&exact.log_softmax(0)),
+            ls[0].to_f64()
+        );
+    }
+    // The example of DESIGN §1, by value.
+    let opts = CrossEntropyOptions {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let out = lse::cross_entropy(&[30.0f32, 0.0], 2, Targets::Classes(&[0]), &opts).unwrap();
+    let loss = out.row_loss.unwrap()[0];
+    let err = ulp_error(f64::from(loss), &big(TINY_LOSS_30), DType::F32);
+    assert!(
+        err <= 2.0,
+        "f32 CE([30, 0], 0) = {loss:e}, want 9.3576e-14 ({err} ulp)"
+    );
+    for gap in [30.0, 60.0, 100.0] {
+        check::<f32>(gap);
+        check::<bf16>(gap);
+        check::<f64>(gap);
+    }
+    // f16 logits: the loss is an f32 output, so even tiny f16 losses are measured in f32 ulps.
+    for gap in [8.0, 11.0, 16.0] {
+        check::<f16>(gap);
+    }
+    check::<f64>(700.0);
+}
+
+#[test]
+fn oracle_fast_exp_agrees_with_astro_float_exp() {
+    // The oracle's table + Taylor exp(−d) against astro-float's own exp, at reduction-step
+    // boundaries (multiples of ln 2 and of 1/4096), the f32/f64 underflow thresholds and beyond.
+    let ln2 = std::f64::consts::LN_2;
+    let mut ds = vec![
+        1e-300,
+        1e-20,
+        2f64.powi(-13),
+        0.5,
+        ln2,
+        ln2 * (1.0 - 1e-16),
+        ln2 * (1.0 + 1e-16),
+        1.0,
+        30.0,
+        87.33654,
+        103.97208,
+        708.3964,
+        745.1332,
+        1e4,
+        123_456.789,
+        9.9e5,
+    ];
+    for k in [1.0, 2.0, 57.0, 1000.0] {
+        ds.push(k * ln2);
+        ds.push(k * ln2 + 0.5 / 4096.0);
+        ds.push(k * ln2 - 0.5 / 4096.0);
+    }
+    let mut rng = measure::Rng::new(7);
+    ds.extend((0..200).map(|_| 10f64.powf(rng.range(-5.0, 5.0))));
+    for d in ds {
+        let fast = exp_neg(&big(d));
+        let slow = exp_reference(&big(-d));
+        let rel = to_f64(&oracle::div(&oracle::sub(&fast, &slow), &slow)).abs();
+        assert!(
+            rel < 2f64.powi(-170),
+            "exp(-{d:e}): relative difference {rel:e}"
+        );
+    }
+    assert!(exp_neg(&big(2e6)).is_zero(), "beyond e^-1e6 terms are 0");
+}
+
+#[test]
+fn oracle_reproduces_known_values() {
+    let ln2 = std::f64::consts::LN_2;
+    let close = |b: &astro_float::BigFloat, want: f64| {
+        let got = to_f64(b);
+        assert!(
+            (got - want).abs() <= 1e-15 * want.abs(),
+            "got {got:e}, want {want:e}"
+        );
+    };
+    let row = ExactRow::new(&[0.0, 0.0]);
+    close(&row.logsumexp(), ln2);
+    close(&row.log_softmax(1), -ln2);
+    close(&row.softmax(0), 0.5);
+
+    // lse([1e30, 0]) must not overflow the oracle: it is 1e30 exactly to within e^-1e30.
+    let row = ExactRow::new(&[1e30, 0.0, f64::NEG_INFINITY]);
+    close(&row.logsumexp(), 1e30);
+    close(&row.log_softmax(1), -1e30);
+    assert!(row.log_softmax(2).is_inf_neg());
+    assert!(row.softmax(2).is_zero());
+
+    let row = ExactRow::new(&[30.0, 0.0]);
+    let ce = row.ce(&CeSpec {
+        target: Some(0),
+        ..CeSpec::default()
+    });
+    close(&ce.loss, TINY_LOSS_30);
+    let p1 = (-30f64).exp() / (1.0 + (-30f64).exp());
+    close(&ce.grad[0], -p1);
+    close(&ce.grad[1], p1);
+
+    // Smoothing, weights and z-loss against the definition evaluated in f64 (well conditioned).
+    let x = [1.5, -0.25, 0.75];
+    let w = [0.5, 2.0, 1.25];
+    let (eps, z, y) = (0.1, 1e-2, 1);
+    let lse = x.iter().map(|v: &f64| v.exp()).sum::<f64>().ln();
+    let q = |c: usize| (1.0 - eps) * f64::from(u8::from(c == y)) + eps / 3.0;
+    let a: Vec<f64> = (0..3).map(|c| w[c] * q(c)).collect();
+    let total: f64 = a.iter().sum();
+    let loss = (0..3).map(|c| a[c] * (lse - x[c])).sum::<f64>() + z * lse * lse;
+    let ce = ExactRow::new(&x).ce(&CeSpec {
+        target: Some(y),
+        label_smoothing: eps,
+        weights: Some(&w),
+        z_loss: z,
+    });
+    close(&ce.loss, loss);
+    for i in 0..3 {
+        let p = (x[i] - lse).exp();
+        let g = (total + 2.0 * z * lse) * p - a[i];
+        assert!((to_f64(&ce.grad[i]) - g).abs() < 1e-14, "grad {i}");
+    }
+
+    // Soft-capping: mapped logits and slopes against f64 tanh/cosh.
+    let cap = 5.0f64;
+    let x = [3.0f64, -7.0, 12.0];
+    let mapped: Vec<f64> = x.iter().map(|v| cap * (v / cap).tanh()).collect();
+    let lse = mapped.iter().map(|v| v.exp()).sum::<f64>().ln();
+    let ce = ExactRow::with_softcap(&x, cap).ce(&CeSpec {
+        target: Some(0),
+        ..CeSpec::default()
+    });
+    close(&ce.loss, lse - mapped[0]);
+    for i in 0..3 {
+        let p = (mapped[i] - lse).exp();
+        let g = (p - f64::from(u8::from(i == 0))) / (x[i] / cap).cosh().powi(2);
+        assert!((to_f64(&ce.grad[i]) - g).abs() < 1e-15, "capped grad {i}");
+    }
+}
+
+#[test]
+fn oracle_ulp_helpers_follow_design_rules() {
+    use oracle::{normwise_error, ulp};
+    for dtype in DType::ALL {
+        assert_eq!(
+            2f64.powi(oracle::min_normal_exponent(dtype) as i32),
+            dtype.min_positive_normal()
+        );
+        assert_eq!(
+            2f64.powi(-oracle::precision_bits(dtype) as i32),
+            dtype.unit_roundoff()
+        );
+    }
+    assert_eq!(ulp(&big(1.0), DType::F32), 2f64.powi(-23));
+    assert_eq!(ulp(&big(1.99), DType::F32), 2f64.powi(-23));
+    assert_eq!(ulp(&big(0.75), DType::F32), 2f64.powi(-24));
+    assert_eq!(ulp(&big(1.0), DType::F64), f64::EPSILON);
+    assert_eq!(ulp(&big(1.0), DType::BF16), 2f64.powi(-7));
+    // Subnormal spacing below the smallest normal, zero included.
+    assert_eq!(ulp(&big(1e-40), DType::F32), 2f64.powi(-149));
+    assert_eq!(ulp(&big(0.0), DType::F16), 2f64.powi(-24));
+    assert_eq!(ulp(&big(f64::MAX), DType::F64), 2f64.powi(971));
+
+    let one_up = 1.0 + 2f64.powi(-23);
+    assert_eq!(ulp_error(one_up, &big(1.0), DType::F32), 1.0);
+    assert_eq!(ulp_error(1.0, &big(one_up), DType::F32), 1.0);
+    assert_eq!(ulp_error(1.5, &big(1.0), DType::F16), 512.0);
+    // DESIGN §3: an absolute error below the smallest normal passes (flushed exp terms).
+    assert_eq!(ulp_error(0.0, &big(1e-39), DType::F32), 0.0);
+    assert!(ulp_error(0.0, &big(1e-37), DType::F32) > 1e6);
+    // Saturation: a finite exact value beyond the range is expected as ±MAX.
+    assert_eq!(
+        ulp_error(-f64::from(f32::MAX), &big(-1e39), DType::F32),
+        0.0
+    );
+    assert_eq!(
+        ulp_error(f64::NEG_INFINITY, &big(f64::NEG_INFINITY), DType::F32),
+        0.0
+    );
+    assert!(ulp_error(f64::NEG_INFINITY, &big(-1.0), DType::F32).is_infinite());
+    assert!(ulp_error(f64::NAN, &big(1.0), DType::F32).is_infinite());
+
+    // Normwise: the error of the small entry is measured against the largest entry.
+    let exact = [big(0.5), big(-(2f64.powi(-30)))];
+    let got = [0.5, 2f64.powi(-24) - 2f64.powi(-30)];
+    let (err, at) = normwise_error(&got, &exact, DType::F32);
+    assert_eq!((err, at), (1.0, 1));
+}
+
+/// The generators are deterministic and what the failure messages say they are.
+#[test]
+fn generators_are_deterministic() {
+    use measure::{block_data, block_seed, Dist};
+    for dist in Dist::ALL {
+        let seed = block_seed(DType::F32, dist, 17);
+        let (a, ta) = block_data::<f32>(dist, 17, 16, seed);
+        let (b, tb) = block_data::<f32>(dist, 17, 16, seed);
+        assert_eq!(a, b);
+        assert_eq!(ta, tb);
+        for (r, t) in ta.iter().enumerate() {
+            if let Some(t) = t {
+                assert!(
+                    a[r * 17 + t] > f32::NEG_INFINITY,
+                    "{dist:?}: target on a mask"
+                );
+            }
+        }
+    }
+    // Saturating conversion: σ = 1e30 in f16 lands on ±65504, never ±inf.
+    let (h, _) = block_data::<f16>(Dist::Normal(30), 17, 4, 1);
+    assert!(h.iter().all(|v| v.is_finite()));
+}
