@@ -19,30 +19,9 @@ const NAN: f64 = f64::NAN;
 
 type Stat<E> = <E as Element>::Stat;
 
-/// Instantiates each generic test `fn name<E: Element>()` for the four dtypes, as
-/// `name::f64`, `name::f32`, `name::f16` and `name::bf16`.
-macro_rules! all_dtypes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn f64() {
-                super::$name::<f64>()
-            }
-            #[test]
-            fn f32() {
-                super::$name::<f32>()
-            }
-            #[test]
-            fn f16() {
-                super::$name::<lse::f16>()
-            }
-            #[test]
-            fn bf16() {
-                super::$name::<lse::bf16>()
-            }
-        }
-    )*};
-}
+#[macro_use]
+#[path = "support/dtypes.rs"]
+mod dtypes;
 
 all_dtypes!(
     all_finite,

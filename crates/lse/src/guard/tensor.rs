@@ -269,13 +269,7 @@ impl<'a> TensorView<'a> {
         data: &'a [E],
         columns: usize,
     ) -> Result<Self, TensorShapeError> {
-        check_shape(name, data.len(), columns)?;
-        Ok(TensorView {
-            name,
-            role,
-            data: Box::new(data),
-            columns,
-        })
+        Self::boxed(name, role, Box::new(data), columns)
     }
 
     /// A view of a type-erased slice (see [`TensorView::new`]).
@@ -291,11 +285,21 @@ impl<'a> TensorView<'a> {
         data: &'a dyn ElementSlice,
         columns: usize,
     ) -> Result<Self, TensorShapeError> {
+        Self::boxed(name, role, Box::new(data), columns)
+    }
+
+    /// Checks the shape, then wraps `data`: the one constructor both public ones go through.
+    fn boxed(
+        name: &'a str,
+        role: Role,
+        data: Box<dyn ElementSlice + 'a>,
+        columns: usize,
+    ) -> Result<Self, TensorShapeError> {
         check_shape(name, data.len(), columns)?;
         Ok(TensorView {
             name,
             role,
-            data: Box::new(data),
+            data,
             columns,
         })
     }

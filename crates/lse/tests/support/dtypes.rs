@@ -1,0 +1,26 @@
+//! Shared by the generic test files: run one generic test for every dtype.
+
+/// Instantiates each generic test `fn name<E: Element>()` for the four dtypes, as
+/// `name::f64`, `name::f32`, `name::f16` and `name::bf16`, so a failure names its dtype.
+macro_rules! all_dtypes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn f64() {
+                super::$name::<f64>()
+            }
+            #[test]
+            fn f32() {
+                super::$name::<f32>()
+            }
+            #[test]
+            fn f16() {
+                super::$name::<lse::f16>()
+            }
+            #[test]
+            fn bf16() {
+                super::$name::<lse::bf16>()
+            }
+        }
+    )*};
+}
