@@ -514,7 +514,7 @@ fn argmax(logits: &[f64]) -> Option<usize> {
             !x.is_nan() && x != f64::INFINITY,
             "the oracle takes finite logits and -inf masks, got {x}"
         );
-        if x != f64::NEG_INFINITY && best.map_or(true, |b| x > logits[b]) {
+        if x != f64::NEG_INFINITY && best.is_none_or(|b| x > logits[b]) {
             best = Some(i);
         }
     }
