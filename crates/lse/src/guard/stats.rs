@@ -137,16 +137,24 @@ impl Default for ElementTally {
 
 impl RowObserver for ElementTally {
     #[inline]
-    fn element(&mut self, x: f64) {
-        if x.is_finite() {
-            self.max = self.max.max(x);
-            self.min = self.min.min(x);
-        } else if x.is_nan() {
+    fn finite(&mut self, x: f64) {
+        // Plain compare-and-select (minsd/maxsd): `x` is finite, so f64::max's NaN handling
+        // would only cost time in the loss's hot loop.
+        self.max = if x > self.max { x } else { self.max };
+        self.min = if x < self.min { x } else { self.min };
+    }
+
+    #[inline]
+    fn masked(&mut self) {
+        self.neg_inf += 1;
+    }
+
+    #[inline]
+    fn non_finite(&mut self, x: f64) {
+        if x.is_nan() {
             self.nan += 1;
-        } else if x > 0.0 {
-            self.pos_inf += 1;
         } else {
-            self.neg_inf += 1;
+            self.pos_inf += 1;
         }
     }
 }

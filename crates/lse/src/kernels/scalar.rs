@@ -46,15 +46,25 @@ pub(crate) struct RowScan {
     pub(crate) masked: usize,
 }
 
-/// Sees every raw element of a row during the read pass (statistics for the logit monitor).
+/// Sees every raw element of a row during the read pass (statistics for the logit monitor),
+/// told by the pass which kind each is, so it adds no classification of its own.
 /// `()` observes nothing and compiles away.
 pub(crate) trait RowObserver {
-    fn element(&mut self, x: f64);
+    /// A finite element.
+    fn finite(&mut self, x: f64);
+    /// A `-inf` element.
+    fn masked(&mut self);
+    /// A NaN or `+inf` element.
+    fn non_finite(&mut self, x: f64);
 }
 
 impl RowObserver for () {
     #[inline(always)]
-    fn element(&mut self, _: f64) {}
+    fn finite(&mut self, _: f64) {}
+    #[inline(always)]
+    fn masked(&mut self) {}
+    #[inline(always)]
+    fn non_finite(&mut self, _: f64) {}
 }
 
 /// The online read pass: one sweep over the row.
@@ -75,14 +85,16 @@ pub(crate) fn scan_row_observed<E: Element, O: RowObserver>(
     let mut masked = 0;
     for (column, &x) in row.iter().enumerate() {
         let x = x.to_f64();
-        observer.element(x);
         if x == f64::NEG_INFINITY {
             masked += 1;
+            observer.masked();
         } else if x < f64::INFINITY {
+            observer.finite(x);
             state.push(map.apply(x));
-        } else if first_non_finite.is_none() {
+        } else {
             // `x < inf` is false for NaN and +inf alike.
-            first_non_finite = Some(column);
+            observer.non_finite(x);
+            first_non_finite.get_or_insert(column);
         }
     }
     RowScan {
