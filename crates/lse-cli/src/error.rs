@@ -13,6 +13,15 @@ pub enum CliError {
     Lse(lse::LseError),
     /// Writing the output failed.
     Io(io::Error),
+    /// A file could not be read, parsed or written.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Anything else a command reports as failed (a plot that cannot be drawn, …).
+    Other(String),
 }
 
 /// The result of a subcommand.
@@ -31,6 +40,8 @@ impl fmt::Display for CliError {
             CliError::Usage(message) => f.write_str(message),
             CliError::Lse(e) => write!(f, "{e}"),
             CliError::Io(e) => write!(f, "cannot write the output: {e}"),
+            CliError::File { path, message } => write!(f, "{}: {message}", path.display()),
+            CliError::Other(message) => f.write_str(message),
         }
     }
 }

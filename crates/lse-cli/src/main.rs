@@ -3,8 +3,11 @@
 //! One module per subcommand; each returns its report as text or a [`CliError`], which `main`
 //! prints as one line on stderr with exit status 2.
 
+mod audit;
+mod demo;
 mod dtype;
 mod error;
+mod eval;
 mod explain;
 mod format;
 mod rows;
@@ -32,13 +35,23 @@ enum Command {
     /// Show, number by number, where naive softmax breaks and the stable one does not
     #[command(long_about = explain::LONG_ABOUT, after_help = explain::AFTER_HELP)]
     Explain(explain::Args),
+    /// Train a small classifier twice, naive softmax vs lse, and watch the naive run die
+    Demo(demo::Args),
+    /// Check a logits dump (.npy, .safetensors) for values that break a naive softmax
+    Audit(audit::Args),
+    /// Apply a stable op to a dumped tensor and write the result as .npy
+    Eval(eval::Args),
 }
 
 impl Command {
-    /// Runs the command, appending its report to `out`.
-    fn run(&self, out: &mut String) -> Result<()> {
+    /// Runs the command, appending its report to `out`; returns the exit status (0, or 1 when
+    /// a command reports findings, such as `audit` finding non-finite values).
+    fn run(&self, out: &mut String) -> Result<u8> {
         match self {
-            Command::Explain(args) => explain::run(args, out),
+            Command::Explain(args) => explain::run(args, out).map(|()| 0),
+            Command::Demo(args) => demo::run(args, out),
+            Command::Audit(args) => audit::run(args, out),
+            Command::Eval(args) => eval::run(args, out),
         }
     }
 }
@@ -70,8 +83,12 @@ fn main() -> ExitCode {
         }
     };
     let mut out = String::new();
-    match cli.command.run(&mut out).and_then(|()| write_stdout(&out)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match cli
+        .command
+        .run(&mut out)
+        .and_then(|status| write_stdout(&out).map(|()| status))
+    {
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(FAILURE)
@@ -201,7 +218,9 @@ mod tests {
             &["lse", "explain", "-1000,1", "-df16", "-inf,nan"],
             &["lse", "explain", "-1000,1", "--dtype=f16"],
         ] {
-            let Command::Explain(args) = parse(argv).command;
+            let Command::Explain(args) = parse(argv).command else {
+                panic!("{argv:?} is not `explain`");
+            };
             assert_eq!(args.logits[0], "-1000,1", "{argv:?}");
             assert_eq!(
                 args.dtype,
@@ -210,7 +229,10 @@ mod tests {
             );
         }
         // After `--` nothing is an option.
-        let Command::Explain(args) = parse(&["lse", "explain", "--", "-1,2", "--dtype"]).command;
+        let Command::Explain(args) = parse(&["lse", "explain", "--", "-1,2", "--dtype"]).command
+        else {
+            panic!("not `explain`");
+        };
         assert_eq!(args.logits, ["-1,2", "--dtype"]);
         assert_eq!(args.dtype, dtype::DTypeSelection::All);
     }

@@ -1,0 +1,1 @@
+//! candle integration (being written).
