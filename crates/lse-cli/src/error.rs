@@ -20,6 +20,14 @@ pub enum CliError {
         /// What is wrong with it.
         message: String,
     },
+    /// A tensor file (`.npy`, `.safetensors`) that is malformed or holds something the command
+    /// cannot use.
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        error: lse_cli::tensor_file::FormatError,
+    },
     /// Anything else a command reports as failed (a plot that cannot be drawn, …).
     Other(String),
 }
@@ -41,6 +49,7 @@ impl fmt::Display for CliError {
             CliError::Lse(e) => write!(f, "{e}"),
             CliError::Io(e) => write!(f, "cannot write the output: {e}"),
             CliError::File { path, message } => write!(f, "{}: {message}", path.display()),
+            CliError::Format { path, error } => write!(f, "{}: {error}", path.display()),
             CliError::Other(message) => f.write_str(message),
         }
     }

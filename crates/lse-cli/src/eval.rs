@@ -1,12 +1,474 @@
-//! `lse eval` (being written).
+//! `lse eval`: apply one stable op of the library to a dumped tensor and write the result as
+//! `.npy` — bit for bit what the library returns.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use lse::{CrossEntropyOptions, Element, GradOutput, NonFinite, Reduction, Targets};
+use lse_cli::tensor_file::layout::without_axis;
+use lse_cli::tensor_file::npy::{self, Bf16Descr};
+use lse_cli::tensor_file::{shape_string, FloatElement, Format, NpyElement, TensorData};
 
 use crate::error::{CliError, Result};
+use crate::format::shortest;
+use crate::input::{self, parse_ignore_index, ClassLayout, IgnoreIndex, Pick};
+
+/// The description of `lse eval`, shown by `--help` after the options.
+macro_rules! description {
+    () => {
+        "\
+Apply one stable op of the lse library to a dumped tensor and write the result as .npy: bit for
+bit what the library returns.
+
+INPUT is a .npy or .safetensors file of logits (f64, f32, f16 or bf16); in a .safetensors file
+the tensor is the one named by --tensor, or the only float tensor. The classes are on the last
+axis unless --axis says otherwise (a non-last class axis is moved last by a copy, and moved back
+in the outputs).
+
+Outputs (--out, and --grad for cross_entropy), little-endian .npy version 1.0:
+  logsumexp       one value per row: the input's shape without the class axis; f32 (f64 for
+                  f64 input)
+  softmax,        the input's shape and dtype ('<f8', '<f4', '<f2'; bf16 as described below)
+  log_softmax
+  cross_entropy   --reduction none: the per-row losses, the input's shape without the class
+                  axis; sum or mean (default): a 0-d array (shape ()), as np.save(loss.item())
+                  would write it; f32 (f64 for f64 input). Ignored rows have loss 0.
+  --grad          the gradient of the reduced loss with respect to the logits, with incoming
+                  gradient 1 (for --reduction none: of the sum of the row losses); the input's
+                  shape and dtype. Ignored rows get 0.
+
+bf16 is not a NumPy type. A bf16 output is written the way the input described bf16: descr
+'bfloat16' for a .npy input with that descr (loads in NumPy once ml_dtypes is imported), and
+the 2-byte void descr '<V2' otherwise (a .npy read with --void-as-bf16, a .safetensors BF16
+tensor): what np.save writes for ml_dtypes.bfloat16; np.load(f).view(ml_dtypes.bfloat16) gives
+the numbers back.
+
+NaN and +inf logits are an error (naming row and column) unless --non-finite propagate, which
+turns the outputs of the affected rows to NaN; -inf is a mask. Targets (.npy of integer class
+indices, one per row in the order of the rows once the class axis is last) must be classes or the
+ignore index. Any error prints one line on stderr and exits with status 2, writing nothing."
+    };
+}
+
+/// The examples of `lse eval`.
+macro_rules! examples {
+    () => {
+        "\
+Examples:
+  lse eval --op softmax logits.npy --out probs.npy
+  lse eval --op logsumexp dump.safetensors --tensor logits --out lse.npy
+  lse eval --op cross_entropy logits.npy --targets labels.npy --out loss.npy --grad dlogits.npy
+  lse eval --op cross_entropy logits.npy --targets labels.npy --reduction none \\
+           --label-smoothing 0.1 --z-loss 1e-4 --softcap 30 --weights w.npy --out losses.npy"
+    };
+}
+
+/// What `lse eval -h` shows after the options: the examples.
+pub const AFTER_HELP: &str = examples!();
+
+/// What `lse eval --help` shows after the options: the description, then the examples.
+pub const AFTER_LONG_HELP: &str = concat!("Description:\n", description!(), "\n\n", examples!());
+
+/// The op to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    /// One logsumexp per row
+    #[value(name = "logsumexp")]
+    Logsumexp,
+    /// Softmax over the classes
+    #[value(name = "softmax")]
+    Softmax,
+    /// log_softmax over the classes
+    #[value(name = "log_softmax", alias = "log-softmax")]
+    LogSoftmax,
+    /// Softmax cross-entropy against class targets (needs --targets)
+    #[value(name = "cross_entropy", alias = "cross-entropy")]
+    CrossEntropy,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Logsumexp => "logsumexp",
+            Op::Softmax => "softmax",
+            Op::LogSoftmax => "log_softmax",
+            Op::CrossEntropy => "cross_entropy",
+        }
+    }
+}
+
+/// The value of `--reduction`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReductionArg {
+    /// One loss per row
+    None,
+    /// The sum of the row losses
+    Sum,
+    /// The (weighted) mean over the rows that are not ignored
+    #[default]
+    Mean,
+}
+
+impl From<ReductionArg> for Reduction {
+    fn from(r: ReductionArg) -> Self {
+        match r {
+            ReductionArg::None => Reduction::None,
+            ReductionArg::Sum => Reduction::Sum,
+            ReductionArg::Mean => Reduction::Mean,
+        }
+    }
+}
+
+/// The value of `--non-finite`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// A NaN or +inf logit is an error
+    #[default]
+    Error,
+    /// The outputs of a row holding NaN or +inf become NaN
+    Propagate,
+}
+
+const CE_HEADING: &str = "Cross-entropy options (--op cross_entropy)";
 
 /// Arguments of `lse eval`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(after_help = AFTER_HELP, after_long_help = AFTER_LONG_HELP)]
+pub struct Args {
+    /// The op to apply
+    #[arg(long, value_enum, value_name = "OP")]
+    pub op: Op,
 
-/// Runs `lse eval`, appending its report to `out`; returns the exit status.
-pub fn run(_args: &Args, _out: &mut String) -> Result<u8> {
-    Err(CliError::usage("lse eval is not available yet"))
+    /// The logits: a .npy or .safetensors file
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
+
+    /// Where to write the result (.npy)
+    #[arg(long, value_name = "OUT.npy")]
+    pub out: PathBuf,
+
+    /// The tensor of a .safetensors file (default: its only float tensor)
+    #[arg(long, value_name = "NAME")]
+    pub tensor: Option<String>,
+
+    /// The class axis; negative counts from the end
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = -1,
+        allow_negative_numbers = true
+    )]
+    pub axis: i64,
+
+    /// Read a .npy with the 2-byte void descr '<V2' (np.save of ml_dtypes.bfloat16) as bf16
+    #[arg(long)]
+    pub void_as_bf16: bool,
+
+    /// What NaN and +inf logits do: an error, or NaN outputs for their rows
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "error")]
+    pub non_finite: Policy,
+
+    /// Class indices (.npy of integers), one per row
+    #[arg(long, value_name = "FILE", help_heading = CE_HEADING)]
+    pub targets: Option<PathBuf>,
+
+    /// The target value of rows that are ignored, or 'none' [default: -100]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = parse_ignore_index,
+        help_heading = CE_HEADING
+    )]
+    pub ignore_index: Option<IgnoreIndex>,
+
+    /// Label smoothing in [0, 1] [default: 0]
+    #[arg(
+        long,
+        value_name = "EPS",
+        allow_negative_numbers = true,
+        help_heading = CE_HEADING
+    )]
+    pub label_smoothing: Option<f64>,
+
+    /// z-loss coefficient >= 0: adds z * lse^2 per row [default: 0]
+    #[arg(
+        long,
+        value_name = "Z",
+        allow_negative_numbers = true,
+        help_heading = CE_HEADING
+    )]
+    pub z_loss: Option<f64>,
+
+    /// Soft-cap the logits to cap * tanh(x / cap) first (cap > 0) [default: none]
+    #[arg(
+        long,
+        value_name = "CAP",
+        allow_negative_numbers = true,
+        help_heading = CE_HEADING
+    )]
+    pub softcap: Option<f64>,
+
+    /// How the row losses are combined [default: mean]
+    #[arg(long, value_enum, value_name = "HOW", help_heading = CE_HEADING)]
+    pub reduction: Option<ReductionArg>,
+
+    /// Class weights (.npy of floats, one per class)
+    #[arg(long, value_name = "FILE", help_heading = CE_HEADING)]
+    pub weights: Option<PathBuf>,
+
+    /// Also write the gradient of the reduced loss with respect to the logits (.npy)
+    #[arg(long, value_name = "OUT.npy", help_heading = CE_HEADING)]
+    pub grad: Option<PathBuf>,
+}
+
+impl Args {
+    /// The cross-entropy options given, by flag name.
+    fn ce_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--targets", self.targets.is_some()),
+            ("--ignore-index", self.ignore_index.is_some()),
+            ("--label-smoothing", self.label_smoothing.is_some()),
+            ("--z-loss", self.z_loss.is_some()),
+            ("--softcap", self.softcap.is_some()),
+            ("--reduction", self.reduction.is_some()),
+            ("--weights", self.weights.is_some()),
+            ("--grad", self.grad.is_some()),
+        ];
+        given
+            .into_iter()
+            .filter(|&(_, g)| g)
+            .map(|(f, _)| f)
+            .collect()
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.op != Op::CrossEntropy {
+            if let Some(flag) = self.ce_flags().first() {
+                return Err(CliError::usage(format!(
+                    "{flag} applies to --op cross_entropy only, not to --op {}",
+                    self.op.name()
+                )));
+            }
+        } else if self.targets.is_none() {
+            return Err(CliError::usage(
+                "--op cross_entropy needs --targets FILE (a .npy of class indices, one per row)",
+            ));
+        }
+        if self.grad.as_ref() == Some(&self.out) {
+            return Err(CliError::usage(
+                "--grad and --out name the same file; give two paths",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `lse eval`: reads the input, applies the op, writes the outputs and appends a summary to
+/// `out`; returns the exit status 0.
+///
+/// # Errors
+/// Unreadable or malformed files, targets or weights that do not fit the logits, bad arguments,
+/// and the library's errors (NaN or +inf logits under `--non-finite error`, bad options).
+/// Nothing is written when any error occurs before the outputs are complete.
+pub fn run(args: &Args, out: &mut String) -> Result<u8> {
+    args.check()?;
+    let bytes = input::read(&args.input)?;
+    let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
+    let loaded = input::logits(&args.input, &bytes, pick, args.void_as_bf16)?;
+    drop(bytes);
+    let Some((name, tensor)) = loaded.tensors.into_iter().next() else {
+        return Err(CliError::Other("no tensor was read".to_owned()));
+    };
+    let layout = ClassLayout::new(&args.input, &tensor.shape, args.axis)?;
+    let bf16 = match tensor.format {
+        Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
+        Format::Safetensors => Bf16Descr::Void,
+    };
+    let ignore = args.ignore_index.unwrap_or(IgnoreIndex(Some(-100)));
+    let targets = match &args.targets {
+        Some(path) => Some(input::targets(path, &layout, ignore)?),
+        None => None,
+    };
+    let weights = match &args.weights {
+        Some(path) => Some(input::weights(path, layout.classes, args.void_as_bf16)?),
+        None => None,
+    };
+    let job = Job {
+        args,
+        shape: &tensor.shape,
+        layout: &layout,
+        targets: targets.as_deref(),
+        weights: weights.as_deref(),
+        ignore: ignore.0,
+        bf16,
+    };
+    let dtype = tensor.data.dtype().map_or("?", |d| d.name());
+    let outputs = match tensor.data {
+        TensorData::F64(v) => job.run(&v)?,
+        TensorData::F32(v) => job.run(&v)?,
+        TensorData::F16(v) => job.run(&v)?,
+        TensorData::BF16(v) => job.run(&v)?,
+        TensorData::Int(_) => {
+            return Err(CliError::Other(
+                "integer tensors are not logits (rejected when read)".to_owned(),
+            ))
+        }
+    };
+
+    let source = match &name {
+        Some(n) => format!("{}, tensor {n:?}", args.input.display()),
+        None => args.input.display().to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{} of {source} ({dtype}, {})",
+        args.op.name(),
+        layout.describe()
+    );
+    if let Some(loss) = &outputs.loss_line {
+        let _ = writeln!(out, "  {loss}");
+    }
+    input::write(&args.out, &outputs.out.bytes)?;
+    let _ = writeln!(out, "  wrote {}: {}", args.out.display(), outputs.out.what);
+    if let (Some(path), Some(grad)) = (&args.grad, &outputs.grad) {
+        input::write(path, &grad.bytes)?;
+        let _ = writeln!(out, "  wrote {}: {}", path.display(), grad.what);
+    }
+    Ok(0)
+}
+
+/// An encoded `.npy` file and a description of it.
+struct Encoded {
+    bytes: Vec<u8>,
+    what: String,
+}
+
+/// What a job produces.
+struct Outputs {
+    out: Encoded,
+    grad: Option<Encoded>,
+    loss_line: Option<String>,
+}
+
+/// One evaluation: everything but the logits' element type.
+struct Job<'a> {
+    args: &'a Args,
+    /// The input's shape as read (empty for a 0-d array).
+    shape: &'a [usize],
+    layout: &'a ClassLayout,
+    targets: Option<&'a [i64]>,
+    weights: Option<&'a [f64]>,
+    ignore: Option<i64>,
+    bf16: Bf16Descr,
+}
+
+impl Job<'_> {
+    fn encode<T: NpyElement>(&self, shape: &[usize], data: &[T], role: &str) -> Result<Encoded> {
+        let bytes = npy::encode(shape, data, self.bf16)
+            .map_err(|e| CliError::Other(format!("cannot encode the {role}: {e}")))?;
+        Ok(Encoded {
+            bytes,
+            what: format!("{role}, '{}' {}", T::descr(self.bf16), shape_string(shape)),
+        })
+    }
+
+    /// The shape of one value per row.
+    fn row_shape(&self) -> Vec<usize> {
+        without_axis(&self.layout.shape, self.layout.axis)
+    }
+
+    /// `rows × classes` data back in the input's layout, encoded.
+    fn encode_like_input<E: FloatElement>(&self, rows: Vec<E>, role: &str) -> Result<Encoded> {
+        let data = self.layout.to_input_layout(rows)?;
+        self.encode(self.shape, &data, role)
+    }
+
+    fn run<E: FloatElement>(&self, data: &[E]) -> Result<Outputs>
+    where
+        E::Stat: NpyElement,
+    {
+        let rows = self.layout.rows_of(data)?;
+        let classes = self.layout.classes;
+        let policy = match self.args.non_finite {
+            Policy::Error => NonFinite::Error,
+            Policy::Propagate => NonFinite::Propagate,
+        };
+        let mut loss_line = None;
+        let (out, grad) = match self.args.op {
+            Op::Logsumexp => {
+                let mut lse = vec![E::Stat::zero(); self.layout.rows];
+                lse::logsumexp_with(&rows, classes, &mut lse, policy)?;
+                (
+                    self.encode(&self.row_shape(), &lse, "logsumexp per row")?,
+                    None,
+                )
+            }
+            Op::Softmax => {
+                let mut p = vec![E::zero(); rows.len()];
+                lse::softmax_with(&rows, classes, &mut p, policy)?;
+                (self.encode_like_input(p, "softmax")?, None)
+            }
+            Op::LogSoftmax => {
+                let mut p = vec![E::zero(); rows.len()];
+                lse::log_softmax_with(&rows, classes, &mut p, policy)?;
+                (self.encode_like_input(p, "log_softmax")?, None)
+            }
+            Op::CrossEntropy => {
+                let targets = self
+                    .targets
+                    .ok_or_else(|| CliError::usage("--op cross_entropy needs --targets FILE"))?;
+                let reduction = self.args.reduction.unwrap_or_default();
+                let options = CrossEntropyOptions {
+                    ignore_index: self.ignore,
+                    weights: self.weights,
+                    label_smoothing: self.args.label_smoothing.unwrap_or(0.0),
+                    z_loss: self.args.z_loss.unwrap_or(0.0),
+                    softcap: self.args.softcap,
+                    reduction: reduction.into(),
+                    non_finite: policy,
+                    ..CrossEntropyOptions::default()
+                };
+                let targets = Targets::Classes(targets);
+                let (result, grad) = if self.args.grad.is_some() {
+                    let mut g = vec![E::zero(); rows.len()];
+                    let result = lse::cross_entropy_with_grad(
+                        &rows,
+                        classes,
+                        targets,
+                        &options,
+                        GradOutput::Scalar(E::Stat::from_f64(1.0)),
+                        &mut g,
+                    )?;
+                    (result, Some(self.encode_like_input(g, "gradient")?))
+                } else {
+                    (lse::cross_entropy(&rows, classes, targets, &options)?, None)
+                };
+                let ignored = self.layout.rows - result.counted_rows;
+                let how = match reduction {
+                    ReductionArg::None => "sum of the row losses",
+                    ReductionArg::Sum => "sum",
+                    ReductionArg::Mean => "mean",
+                };
+                loss_line = Some(format!(
+                    "loss ({how} over {} counted of {} rows, {ignored} ignored): {}",
+                    result.counted_rows,
+                    self.layout.rows,
+                    shortest(result.loss)
+                ));
+                let out = match (reduction, &result.row_loss) {
+                    (ReductionArg::None, Some(losses)) => {
+                        self.encode(&self.row_shape(), losses, "loss per row")?
+                    }
+                    _ => self.encode(&[], &[result.loss], "loss")?,
+                };
+                (out, grad)
+            }
+        };
+        Ok(Outputs {
+            out,
+            grad,
+            loss_line,
+        })
+    }
 }

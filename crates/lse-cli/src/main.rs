@@ -10,6 +10,7 @@ mod error;
 mod eval;
 mod explain;
 mod format;
+mod input;
 mod rows;
 
 use std::ffi::OsString;

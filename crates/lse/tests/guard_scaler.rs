@@ -452,3 +452,54 @@ fn invalid_configurations_are_typed_errors() {
     ));
     assert_eq!(LossScalerConfig::default().validate(), Ok(()));
 }
+
+/// The fused cross-entropy and the scaler work together: with the loss scale as the incoming
+/// gradient, an f16 logits gradient that the scale pushes past 65504 comes out ±inf (not
+/// clipped to 65504), so the scaler skips that step and backs off; at the lower scale the same
+/// batch passes.
+#[test]
+fn fused_cross_entropy_overflow_under_a_loss_scale_is_seen_by_the_scaler() {
+    use lse::{cross_entropy_with_grad, CrossEntropyOptions, GradOutput, Reduction, Targets};
+    // Row 0 is confidently wrong: its gradient is about -1 at the target and +1 at the argmax.
+    let logits: Vec<f16> = [9.0, -9.0, 0.0, 1.0, 2.0, 3.0]
+        .iter()
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    let targets = [1i64, 2];
+    let options = CrossEntropyOptions {
+        reduction: Reduction::Sum,
+        ..Default::default()
+    };
+    let mut scaler = LossScaler::new(LossScalerConfig {
+        init_scale: 65536.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut reports = Vec::new();
+    for _ in 0..2 {
+        let mut grad = vec![f16::ZERO; logits.len()];
+        let scale = GradOutput::Scalar(scaler.scale() as f32);
+        cross_entropy_with_grad(
+            &logits,
+            3,
+            Targets::Classes(&targets),
+            &options,
+            scale,
+            &mut grad,
+        )
+        .unwrap();
+        let mut unscale = scaler.unscaler();
+        unscale.apply("logits.grad", &mut grad, 3).unwrap();
+        reports.push(unscale.finish());
+    }
+    // |p_0 − q_0| ≈ 1, and 65536 is past f16's largest value 65504.
+    assert!(
+        reports[0].skipped,
+        "65536 · (p − q) overflows f16: {}",
+        reports[0]
+    );
+    assert_eq!(reports[0].next_scale, 32768.0);
+    let overflow = reports[0].overflow.as_ref().expect("the overflow is named");
+    assert_eq!((overflow.row, overflow.column), (0, 0));
+    assert!(!reports[1].skipped, "32768 · (p − q) fits: {}", reports[1]);
+}

@@ -195,6 +195,20 @@ pub(crate) enum RowFault {
     BadProbability { column: usize, value: f64 },
 }
 
+/// The two factors a gradient row is multiplied by.
+///
+/// They are kept apart because they are treated differently at the dtype's edge: the gradient of
+/// the loss itself (with the reduction's `1/denominator`) is a finite quantity and saturates at
+/// the dtype's `MAX`, while an overflow caused by the caller's incoming gradient (a loss scale) is
+/// kept as `±inf` — that overflow is exactly what a dynamic loss scaler looks for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct GradScale {
+    /// `1/denominator` for a mean, 1 otherwise (0 for an empty mean).
+    pub(crate) reduction: f64,
+    /// The caller's incoming gradient for this row.
+    pub(crate) caller: f64,
+}
+
 /// Loss and logsumexp of one row, in `f64`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct RowValues {
@@ -376,7 +390,7 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     pub(crate) fn finish(
         &self,
         logits: impl Iterator<Item = E>,
-        scale: f64,
+        scale: GradScale,
         want_grad: bool,
         mut write: impl FnMut(usize, E),
     ) -> RowValues {
@@ -393,6 +407,7 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         }
         let fully_masked = self.denominator == 0.0;
         let z_twice_lse = 2.0 * self.config.z_loss;
+        let dtype_max = E::MAX.to_f64();
         // Σ_c a_c (m − x_c): from the sweep below, or from the target class alone.
         let sweep_loss = self.loss_needs_every_class();
         let mut distance = if sweep_loss {
@@ -423,9 +438,13 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
                         let ce = (self.other_mass(c) * e - mass * others) / s;
                         // lse·p is formed first so that no inf·0 can occur.
                         let z = saturate(z_twice_lse * (self.lse * (e / s)));
-                        saturate(scale * saturate(self.config.map.slope(raw) * (ce + z)))
+                        let of_loss = saturate(
+                            scale.reduction * saturate(self.config.map.slope(raw) * (ce + z)),
+                        );
+                        scale.caller * of_loss.clamp(-dtype_max, dtype_max)
                     };
-                    write(c, E::from_f64_saturating(g));
+                    // No saturation here: only the caller's factor can overflow now.
+                    write(c, E::from_f64(g));
                 }
             }
         }

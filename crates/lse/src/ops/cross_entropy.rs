@@ -6,7 +6,9 @@ use super::{expect_len, non_finite_logit, row_count, NonFinite};
 use crate::element::{Element, Stat};
 use crate::error::{LseError, Result};
 use crate::guard::{LogitStats, StatsBuilder};
-use crate::kernels::scalar::{CeConfig, CeRow, LogitMap, RowFault, RowTarget, RowValues};
+use crate::kernels::scalar::{
+    CeConfig, CeRow, GradScale, LogitMap, RowFault, RowTarget, RowValues,
+};
 use crate::state::{saturate, CompensatedSum};
 
 /// How per-row losses are combined.
@@ -301,17 +303,18 @@ impl<'a, E: Element> Batch<'a, E> {
         self.options.reduction == Reduction::Mean && self.denominator == 0.0
     }
 
-    /// The factor the gradient of row `r`'s loss is multiplied by.
-    fn grad_scale(&self, r: usize) -> f64 {
-        let g: f64 = match self.grad_output {
+    /// The factors the gradient of row `r`'s loss is multiplied by.
+    fn grad_scale(&self, r: usize) -> GradScale {
+        let caller: f64 = match self.grad_output {
             GradOutput::Scalar(g) => g.into(),
             GradOutput::PerRow(gs) => gs[r].into(),
         };
-        match self.options.reduction {
+        let reduction = match self.options.reduction {
             Reduction::Mean if self.empty_mean() => 0.0,
-            Reduction::Mean => g / self.denominator,
-            Reduction::Sum | Reduction::None => g,
-        }
+            Reduction::Mean => saturate(1.0 / self.denominator),
+            Reduction::Sum | Reduction::None => 1.0,
+        };
+        GradScale { reduction, caller }
     }
 
     /// The read pass of row `r`; `None` for an ignored row.
@@ -431,7 +434,10 @@ pub fn cross_entropy<E: Element>(
 /// pass and one write pass per row.
 ///
 /// Ignored rows get a zero gradient; `-inf` logits get 0; with [`Reduction::Mean`] the gradient
-/// carries the `1/denominator` factor. The gradient is computed in `f64` as
+/// carries the `1/denominator` factor. The gradient of the loss itself is finite for finite
+/// logits (it saturates at the dtype's `MAX` if it must); multiplied by `grad_output` it may
+/// overflow the dtype to `±inf`, and is left so: with a loss scale as `grad_output` that overflow
+/// is the signal a [`LossScaler`](crate::guard::LossScaler) needs to skip the step. The gradient is computed in `f64` as
 /// `(A + 2z·lse)·softmax_i − w_i q_i` (times the soft-cap slope) and rounded once.
 ///
 /// ```
@@ -490,7 +496,13 @@ fn fused<E: Element>(
                 let scale = batch.grad_scale(r);
                 Some(plan.finish(row.iter().copied(), scale, true, |c, v| g[c] = v))
             }
-            (Some(plan), None) => Some(plan.finish(row.iter().copied(), 0.0, false, |_, _| {})),
+            (Some(plan), None) => {
+                let unused = GradScale {
+                    reduction: 0.0,
+                    caller: 0.0,
+                };
+                Some(plan.finish(row.iter().copied(), unused, false, |_, _| {}))
+            }
         };
         batch.record(r, values);
     }

@@ -1,0 +1,473 @@
+//! Hugging Face's `.safetensors` format: reading.
+//!
+//! A file is an 8-byte little-endian header length `n`, `n` bytes of JSON — an object mapping
+//! each tensor name to `{"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}`, plus an
+//! optional `"__metadata__"` object of strings — and the data section. Offsets are relative to the
+//! data section; the tensors, sorted by offset, must tile it exactly, and each must take
+//! `shape`'s product × the dtype's size bytes. [`parse`] checks all of it (the same rules as the
+//! reference implementation) before any tensor is decoded, and [`Safetensors::tensor`] decodes
+//! one tensor at a time.
+
+use serde_json::Value;
+
+use super::layout::element_count;
+use super::{array, shape_string, Format, FormatError, Tensor, TensorData};
+use lse::{bf16, f16};
+
+/// The largest header the reference implementation accepts (100 MB).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// The dtypes of the safetensors format: name and size in bits.
+const DTYPES: [(&str, usize); 22] = [
+    ("BOOL", 8),
+    ("F4", 4),
+    ("F6_E2M3", 6),
+    ("F6_E3M2", 6),
+    ("U8", 8),
+    ("I8", 8),
+    ("F8_E5M2", 8),
+    ("F8_E4M3", 8),
+    ("F8_E8M0", 8),
+    ("F8_E4M3FNUZ", 8),
+    ("F8_E5M2FNUZ", 8),
+    ("I16", 16),
+    ("U16", 16),
+    ("F16", 16),
+    ("BF16", 16),
+    ("I32", 32),
+    ("U32", 32),
+    ("F32", 32),
+    ("C64", 64),
+    ("F64", 64),
+    ("I64", 64),
+    ("U64", 64),
+];
+
+/// One tensor's entry in the header, validated against the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The tensor's name.
+    pub name: String,
+    /// Its dtype as the file writes it (`F32`, `BF16`, `I64`, …).
+    pub dtype: String,
+    /// Its dimensions.
+    pub shape: Vec<usize>,
+    /// Its bytes: `begin..end` of the data section.
+    pub data_offsets: (usize, usize),
+}
+
+impl Entry {
+    /// True for the float dtypes `lse` works on: `F64`, `F32`, `F16`, `BF16`.
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype.as_str(), "F64" | "F32" | "F16" | "BF16")
+    }
+}
+
+/// A parsed safetensors file: its entries, in the order of their data, and the data section.
+#[derive(Clone, Debug)]
+pub struct Safetensors<'a> {
+    /// The tensors, sorted by their data offsets.
+    pub entries: Vec<Entry>,
+    /// The `__metadata__` object, if any.
+    pub metadata: Vec<(String, String)>,
+    data: &'a [u8],
+}
+
+fn bad(message: impl Into<String>) -> FormatError {
+    FormatError::BadHeader {
+        format: Format::Safetensors,
+        message: message.into(),
+    }
+}
+
+/// Parses and validates the header of a whole safetensors file; decodes no tensor.
+///
+/// # Errors
+/// [`FormatError::Truncated`] (shorter than the 8-byte length), [`FormatError::HeaderTooLong`]
+/// (a header length beyond the end of the file), [`FormatError::BadHeader`] (not UTF-8, not JSON,
+/// a malformed entry, an unknown dtype, a header over [`MAX_HEADER_LEN`]),
+/// [`FormatError::SizeOverflow`], [`FormatError::BadOffsets`] (offsets out of the data section,
+/// overlapping, leaving gaps, or not the tensor's size) and [`FormatError::SizeMismatch`] (data
+/// after the last tensor).
+pub fn parse(bytes: &[u8]) -> Result<Safetensors<'_>, FormatError> {
+    if bytes.len() < 8 {
+        return Err(FormatError::Truncated {
+            what: "the 8-byte header length",
+            needed: 8,
+            available: bytes.len() as u64,
+        });
+    }
+    let declared = u64::from_le_bytes(array(&bytes[..8]));
+    let available = (bytes.len() - 8) as u64;
+    if declared > available {
+        return Err(FormatError::HeaderTooLong {
+            declared,
+            available,
+        });
+    }
+    if declared > MAX_HEADER_LEN {
+        return Err(bad(format!(
+            "the header is {declared} bytes, more than the format's limit of {MAX_HEADER_LEN}"
+        )));
+    }
+    // `declared <= available`, so it fits a usize.
+    let end = 8 + declared as usize;
+    let text = std::str::from_utf8(&bytes[8..end]).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+    let json: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let Value::Object(map) = json else {
+        return Err(bad("the header is not a JSON object"));
+    };
+    let data = &bytes[end..];
+    let mut entries = Vec::with_capacity(map.len());
+    let mut metadata = Vec::new();
+    for (name, value) in map {
+        if name == "__metadata__" {
+            // `null` is no metadata, as in the reference implementation.
+            if value.is_null() {
+                continue;
+            }
+            let Value::Object(m) = value else {
+                return Err(bad("\"__metadata__\" is not an object"));
+            };
+            for (k, v) in m {
+                let Value::String(v) = v else {
+                    return Err(bad(format!("metadata {k:?} is not a string")));
+                };
+                metadata.push((k, v));
+            }
+            continue;
+        }
+        entries.push(entry(name, &value)?);
+    }
+    entries.sort_by_key(|e| e.data_offsets);
+    let mut start = 0usize;
+    for e in &entries {
+        let (begin, end) = e.data_offsets;
+        let offsets_error = |message: String| FormatError::BadOffsets {
+            tensor: e.name.clone(),
+            start: begin as u64,
+            end: end as u64,
+            message,
+        };
+        if end > data.len() {
+            return Err(offsets_error(format!(
+                "lie outside the data section ({} bytes)",
+                data.len()
+            )));
+        }
+        if end < begin {
+            return Err(offsets_error("end before they begin".to_owned()));
+        }
+        if begin != start {
+            return Err(offsets_error(format!(
+                "should begin at {start}, where the previous tensor ends (tensors must tile the \
+                 data section without gaps or overlaps)"
+            )));
+        }
+        let bits = size_in_bits(&e.dtype);
+        let overflow = || FormatError::SizeOverflow {
+            shape: e.shape.iter().map(|&d| d as u64).collect(),
+            element_size: (bits / 8) as u64,
+        };
+        let count = element_count(&e.shape).ok_or_else(overflow)?;
+        let size_bits = count.checked_mul(bits).ok_or_else(overflow)?;
+        if size_bits % 8 != 0 {
+            return Err(offsets_error(format!(
+                "hold {} elements of {} bits: not a whole number of bytes",
+                count, bits
+            )));
+        }
+        if end - begin != size_bits / 8 {
+            return Err(offsets_error(format!(
+                "hold {} bytes, but shape {} of {} takes {}",
+                end - begin,
+                shape_string(&e.shape),
+                e.dtype,
+                size_bits / 8
+            )));
+        }
+        start = end;
+    }
+    if start != data.len() {
+        return Err(FormatError::SizeMismatch {
+            what: "data section".to_owned(),
+            expected: start as u64,
+            actual: data.len() as u64,
+        });
+    }
+    Ok(Safetensors {
+        entries,
+        metadata,
+        data,
+    })
+}
+
+fn size_in_bits(dtype: &str) -> usize {
+    DTYPES
+        .iter()
+        .find(|(name, _)| *name == dtype)
+        .map_or(0, |&(_, bits)| bits)
+}
+
+/// One header entry, checked for form (not yet against the data section).
+fn entry(name: String, value: &Value) -> Result<Entry, FormatError> {
+    let field = |key: &str| {
+        value
+            .get(key)
+            .ok_or_else(|| bad(format!("tensor {name:?} has no {key:?}")))
+    };
+    if !value.is_object() {
+        return Err(bad(format!("tensor {name:?} is not an object")));
+    }
+    let dtype = field("dtype")?
+        .as_str()
+        .ok_or_else(|| bad(format!("the dtype of tensor {name:?} is not a string")))?
+        .to_owned();
+    if size_in_bits(&dtype) == 0 {
+        return Err(bad(format!("tensor {name:?} has unknown dtype {dtype:?}")));
+    }
+    let integers = |key: &str| -> Result<Vec<usize>, FormatError> {
+        let not_ints = || {
+            bad(format!(
+                "{key:?} of tensor {name:?} is not a list of non-negative integers"
+            ))
+        };
+        field(key)?
+            .as_array()
+            .ok_or_else(not_ints)?
+            .iter()
+            .map(|v| {
+                let n = v.as_u64().ok_or_else(not_ints)?;
+                usize::try_from(n).map_err(|_| not_ints())
+            })
+            .collect()
+    };
+    let shape = integers("shape")?;
+    let offsets = integers("data_offsets")?;
+    let &[begin, end] = offsets.as_slice() else {
+        return Err(bad(format!(
+            "\"data_offsets\" of tensor {name:?} is not [begin, end]"
+        )));
+    };
+    Ok(Entry {
+        name,
+        dtype,
+        shape,
+        data_offsets: (begin, end),
+    })
+}
+
+impl Safetensors<'_> {
+    /// The names of the tensors, in the order of their data.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// The entry of the tensor called `name`.
+    ///
+    /// # Errors
+    /// [`FormatError::NoSuchTensor`], listing the names the file holds.
+    pub fn entry(&self, name: &str) -> Result<&Entry, FormatError> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| FormatError::NoSuchTensor {
+                name: name.to_owned(),
+                available: self.names(),
+            })
+    }
+
+    /// The raw little-endian bytes of the tensor called `name`.
+    ///
+    /// # Errors
+    /// [`FormatError::NoSuchTensor`].
+    pub fn bytes(&self, name: &str) -> Result<&[u8], FormatError> {
+        let (begin, end) = self.entry(name)?.data_offsets;
+        // Checked against the data section by `parse`.
+        Ok(&self.data[begin..end])
+    }
+
+    /// Decodes the tensor called `name`: floats as they are, integers widened to `i64`.
+    ///
+    /// # Errors
+    /// [`FormatError::NoSuchTensor`]; [`FormatError::UnsupportedDtype`] for `BOOL`, complex and
+    /// the 4-, 6- and 8-bit floats; [`FormatError::IntegerOutOfRange`] for a `U64` above
+    /// `i64::MAX`.
+    pub fn tensor(&self, name: &str) -> Result<Tensor, FormatError> {
+        let e = self.entry(name)?;
+        let bytes = self.bytes(name)?;
+        macro_rules! each {
+            ($n:literal, |$a:ident| $value:expr) => {
+                bytes
+                    .chunks_exact($n)
+                    .map(|c| {
+                        let $a: [u8; $n] = array(c);
+                        $value
+                    })
+                    .collect()
+            };
+        }
+        let data = match e.dtype.as_str() {
+            "F64" => TensorData::F64(each!(8, |a| f64::from_le_bytes(a))),
+            "F32" => TensorData::F32(each!(4, |a| f32::from_le_bytes(a))),
+            "F16" => TensorData::F16(each!(2, |a| f16::from_le_bytes(a))),
+            "BF16" => TensorData::BF16(each!(2, |a| bf16::from_le_bytes(a))),
+            "I8" => TensorData::Int(each!(1, |a| i64::from(i8::from_le_bytes(a)))),
+            "U8" => TensorData::Int(each!(1, |a| i64::from(a[0]))),
+            "I16" => TensorData::Int(each!(2, |a| i64::from(i16::from_le_bytes(a)))),
+            "U16" => TensorData::Int(each!(2, |a| i64::from(u16::from_le_bytes(a)))),
+            "I32" => TensorData::Int(each!(4, |a| i64::from(i32::from_le_bytes(a)))),
+            "U32" => TensorData::Int(each!(4, |a| i64::from(u32::from_le_bytes(a)))),
+            "I64" => TensorData::Int(each!(8, |a| i64::from_le_bytes(a))),
+            "U64" => {
+                let wide: Vec<u64> = each!(8, |a| u64::from_le_bytes(a));
+                TensorData::Int(
+                    wide.iter()
+                        .enumerate()
+                        .map(|(index, &value)| {
+                            i64::try_from(value)
+                                .map_err(|_| FormatError::IntegerOutOfRange { index, value })
+                        })
+                        .collect::<Result<Vec<i64>, _>>()?,
+                )
+            }
+            other => {
+                return Err(FormatError::UnsupportedDtype {
+                    dtype: other.to_owned(),
+                    reason: "supported: F64, F32, F16, BF16 and the integer types".to_owned(),
+                })
+            }
+        };
+        Ok(Tensor {
+            shape: e.shape.clone(),
+            data,
+            stored_as: e.dtype.clone(),
+            format: Format::Safetensors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn reads_tensors_in_offset_order() {
+        let data: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .chain(7i64.to_le_bytes())
+            .collect();
+        let h = r#"{"t":{"dtype":"I64","shape":[1],"data_offsets":[8,16]},
+                    "x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
+                    "__metadata__":{"format":"pt"}}"#;
+        let bytes = file(h, &data);
+        let f = parse(&bytes).unwrap();
+        assert_eq!(f.names(), ["x", "t"]);
+        assert_eq!(f.metadata, [("format".to_owned(), "pt".to_owned())]);
+        assert_eq!(
+            f.tensor("x").unwrap().data,
+            TensorData::F32(vec![1.5, -2.0])
+        );
+        assert_eq!(f.tensor("t").unwrap().data, TensorData::Int(vec![7]));
+        let e = f.tensor("y").unwrap_err().to_string();
+        assert!(e.contains("\"x\", \"t\""), "{e}");
+    }
+
+    #[test]
+    fn rejects_malformed_files() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![1, 0, 0], "truncated"),
+            (
+                file("{}", &[]).into_iter().take(9).collect(),
+                "larger than the rest",
+            ),
+            (file("{not json", &[]), "invalid JSON"),
+            (file("[1]", &[]), "not a JSON object"),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                    &[0; 4],
+                ),
+                "outside",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
+                "takes 8",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    &[0; 8],
+                ),
+                "begin at 0",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                    &[0; 8],
+                ),
+                "the file holds 8",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"Q8","shape":[1],"data_offsets":[0,1]}}"#,
+                    &[0; 1],
+                ),
+                "unknown dtype",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
+                "non-negative",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+                    &[0; 4],
+                ),
+                "[begin, end]",
+            ),
+            (
+                file(r#"{"x":{"dtype":"F32","data_offsets":[0,4]}}"#, &[0; 4]),
+                "no \"shape\"",
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
+                "larger than this machine",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let e = parse(&bytes).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} does not contain {want:?}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let huge = u64::MAX.to_le_bytes();
+        assert!(matches!(
+            parse(&huge),
+            Err(FormatError::HeaderTooLong { .. })
+        ));
+        let f8 = file(
+            r#"{"x":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}"#,
+            &[0; 2],
+        );
+        let parsed = parse(&f8).unwrap();
+        let e = parsed.tensor("x").unwrap_err();
+        assert!(matches!(e, FormatError::UnsupportedDtype { .. }));
+    }
+}
