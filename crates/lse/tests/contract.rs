@@ -13,15 +13,10 @@ use lse::{
     EmptyMean, GradOutput, LseError, NonFinite, Reduction, Targets,
 };
 
-const NEG: f64 = f64::NEG_INFINITY;
-const INF: f64 = f64::INFINITY;
-const NAN: f64 = f64::NAN;
-
-type Stat<E> = <E as Element>::Stat;
-
 #[macro_use]
 #[path = "support/dtypes.rs"]
 mod dtypes;
+use dtypes::{Stat, INF, NAN, NEG};
 
 all_dtypes!(
     all_finite,

@@ -24,3 +24,13 @@ macro_rules! all_dtypes {
         }
     )*};
 }
+
+/// Short names for the special values the contract is about.
+pub const NEG: f64 = f64::NEG_INFINITY;
+/// `+inf`.
+pub const INF: f64 = f64::INFINITY;
+/// NaN.
+pub const NAN: f64 = f64::NAN;
+
+/// The statistics dtype (loss, logsumexp) of `E`.
+pub type Stat<E> = <E as lse::Element>::Stat;
