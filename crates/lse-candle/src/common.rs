@@ -26,6 +26,41 @@ pub(crate) fn unsupported_device_message(op: &str, device: &str) -> String {
     )
 }
 
+/// The error of an op run on a device it has no kernel for (the message of
+/// [`unsupported_device_message`]).
+pub(crate) fn no_kernel<T>(op: &str, device: &str) -> Result<T> {
+    Err(Error::Msg(unsupported_device_message(op, device)))
+}
+
+/// The `cuda_fwd` and `metal_fwd` of a CPU-only custom op, both failing with [`no_kernel`].
+///
+/// `|this| op` names the op for the message (`this` is `self`); one identifier per input of the
+/// op (`CustomOp1`: one, `CustomOp2`: two) names its unused storage argument.
+macro_rules! cpu_only {
+    (|$this:pat_param| $op:expr, $($input:ident),+) => {
+        $crate::common::cpu_only!(@fwd cuda_fwd, CudaStorage, "CUDA", |$this| $op, $($input),+);
+        $crate::common::cpu_only!(@fwd metal_fwd, MetalStorage, "Metal", |$this| $op, $($input),+);
+    };
+    (@fwd $fwd:ident, $storage:ident, $device:literal, |$this:pat_param| $op:expr, $($input:ident),+) => {
+        fn $fwd(
+            &self,
+            $($input: &candle_core::$storage, _: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::$storage, candle_core::Shape)> {
+            let $this = self;
+            $crate::common::no_kernel($op, $device)
+        }
+    };
+}
+pub(crate) use cpu_only;
+
+/// The internal error of a backward kernel handed `got` incoming gradients for `rows` rows.
+pub(crate) fn grad_count_error(op: &str, got: usize, rows: usize) -> Error {
+    op_error(
+        op,
+        format!("internal error: {got} output gradients for {rows} rows"),
+    )
+}
+
 /// The readable name of a device location.
 pub(crate) fn device_name(location: DeviceLocation) -> String {
     match location {

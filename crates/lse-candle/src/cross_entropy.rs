@@ -4,14 +4,13 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, MetalStorage, Result,
-    Shape, Tensor, WithDType,
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
 use lse::{Element, GradOutput, LseError, NonFinite, Reduction, Targets};
 
 use crate::common::{
-    class_targets, contiguous_slice, dispatch_float, ensure_cpu, lse_error, op_error, rows_classes,
-    to_rows, unsupported_device_message, unsupported_dtype,
+    class_targets, contiguous_slice, cpu_only, dispatch_float, ensure_cpu, grad_count_error,
+    lse_error, op_error, rows_classes, to_rows, unsupported_dtype,
 };
 use crate::options::CrossEntropyOptions;
 use crate::softmax::LogSoftmaxNoGrad;
@@ -278,29 +277,7 @@ impl CustomOp2 for CrossEntropyOp {
         dispatch_float!(OP, "logits", s1.dtype(), forward(self, s1, l1, s2, l2))
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Err(candle_core::Error::Msg(unsupported_device_message(
-            OP, "CUDA",
-        )))
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        Err(candle_core::Error::Msg(unsupported_device_message(
-            OP, "Metal",
-        )))
-    }
+    cpu_only!(|_| OP, _logits, _targets);
 
     fn bwd(
         &self,
@@ -339,13 +316,7 @@ fn scale_rows<E: Element + WithDType>(
     let grad = contiguous_slice::<E>(OP, "cached gradient", s1, l1)?;
     let scale = contiguous_slice::<f64>(OP, "output gradient", s2, l2)?;
     if scale.len() != 1 && scale.len() != rows {
-        return Err(op_error(
-            OP,
-            format!(
-                "internal error: {} output gradients for {rows} rows",
-                scale.len()
-            ),
-        ));
+        return Err(grad_count_error(OP, scale.len(), rows));
     }
     let mut out = Vec::with_capacity(grad.len());
     for r in 0..rows {

@@ -3,26 +3,20 @@
 use candle_core::backend::BackendStorage;
 use candle_core::shape::Dim;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, MetalStorage, Result, Shape,
-    Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use lse::{Element, NonFinite};
 
 use crate::common::{
-    contiguous_slice, dispatch_float, ensure_cpu, from_rows, lse_error, op_error, rows_classes,
-    to_rows, unsupported_device_message,
+    contiguous_slice, cpu_only, dispatch_float, ensure_cpu, from_rows, grad_count_error, lse_error,
+    op_error, rows_classes, to_rows,
 };
 
-/// Moves `dim` of `xs` last, flattens the rest into rows, applies `f` to the `rows × classes`
-/// tensor and restores the layout: the same shape as `xs` when `keep_classes`, else the shape of
-/// `xs` without `dim`.
-fn over_dim<D: Dim>(
-    op: &'static str,
-    xs: &Tensor,
-    dim: D,
-    keep_classes: bool,
-    f: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+/// Moves `dim` of `xs` last, flattens the rest into rows, applies the recorded op `kind` to the
+/// `rows × classes` tensor and restores the layout: the same shape as `xs` for softmax and
+/// log-softmax, the shape of `xs` without `dim` for logsumexp.
+fn over_dim<D: Dim>(kind: Kind, xs: &Tensor, dim: D, policy: NonFinite) -> Result<Tensor> {
+    let op = kind.op();
     ensure_cpu(op, xs)?;
     if xs.rank() == 0 {
         return Err(op_error(
@@ -32,8 +26,8 @@ fn over_dim<D: Dim>(
     }
     let dim = dim.to_index(xs.shape(), op)?;
     let (x, outer) = to_rows(xs, dim)?;
-    let y = f(&x)?;
-    if keep_classes {
+    let y = x.apply_op1(RowOp { kind, policy })?;
+    if kind != Kind::Logsumexp {
         from_rows(&y, dim, &outer)
     } else if y.dims() == outer.as_slice() {
         Ok(y)
@@ -77,12 +71,7 @@ pub fn softmax<D: Dim>(xs: &Tensor, dim: D) -> Result<Tensor> {
 /// # Panics
 /// Never.
 pub fn softmax_with<D: Dim>(xs: &Tensor, dim: D, policy: NonFinite) -> Result<Tensor> {
-    over_dim("softmax", xs, dim, true, |x| {
-        x.apply_op1(SoftmaxOp {
-            kind: Kind::Softmax,
-            policy,
-        })
-    })
+    over_dim(Kind::Softmax, xs, dim, policy)
 }
 
 /// `log_softmax(x)_i = (x_i − m) − log1p(Σ_{j≠k} exp(x_j − m))` over dimension `dim`, recorded
@@ -109,12 +98,7 @@ pub fn log_softmax<D: Dim>(xs: &Tensor, dim: D) -> Result<Tensor> {
 /// # Panics
 /// Never.
 pub fn log_softmax_with<D: Dim>(xs: &Tensor, dim: D, policy: NonFinite) -> Result<Tensor> {
-    over_dim("log_softmax", xs, dim, true, |x| {
-        x.apply_op1(SoftmaxOp {
-            kind: Kind::LogSoftmax,
-            policy,
-        })
-    })
+    over_dim(Kind::LogSoftmax, xs, dim, policy)
 }
 
 /// `log Σ_j exp(x_j)` over dimension `dim` (removed from the shape), as
@@ -141,111 +125,163 @@ pub fn logsumexp<D: Dim>(xs: &Tensor, dim: D) -> Result<Tensor> {
 /// # Panics
 /// Never.
 pub fn logsumexp_with<D: Dim>(xs: &Tensor, dim: D, policy: NonFinite) -> Result<Tensor> {
-    over_dim("logsumexp", xs, dim, false, |x| {
-        x.apply_op1(LogsumexpOp { policy })
-    })
+    over_dim(Kind::Logsumexp, xs, dim, policy)
 }
 
+/// The member of the family an op computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Softmax,
     LogSoftmax,
+    Logsumexp,
 }
 
 impl Kind {
+    /// The name in error messages.
     fn op(self) -> &'static str {
         match self {
             Kind::Softmax => "softmax",
             Kind::LogSoftmax => "log_softmax",
+            Kind::Logsumexp => "logsumexp",
         }
     }
 }
 
-/// The recorded softmax / log-softmax op on `rows × classes`.
-struct SoftmaxOp {
+/// The recorded op on `rows × classes`: softmax and log-softmax keep the shape and dtype,
+/// logsumexp gives one statistic per row (`rows × classes → rows`).
+struct RowOp {
     kind: Kind,
     policy: NonFinite,
 }
 
-fn softmax_forward<E: Element + WithDType>(
+fn row_forward<E>(
+    kind: Kind,
+    policy: NonFinite,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)>
+where
+    E: Element + WithDType,
+    E::Stat: WithDType,
+{
+    let op = kind.op();
+    let (rows, classes) = rows_classes(op, l)?;
+    let x = contiguous_slice::<E>(op, "input", s, l)?;
+    if kind == Kind::Logsumexp {
+        let mut out = vec![<E::Stat as Element>::zero(); rows];
+        lse::logsumexp_with(x, classes, &mut out, policy).map_err(|e| lse_error(op, e))?;
+        return Ok((E::Stat::to_cpu_storage_owned(out), Shape::from(rows)));
+    }
+    let mut out = vec![<E as Element>::zero(); x.len()];
+    if kind == Kind::Softmax {
+        lse::softmax_with(x, classes, &mut out, policy)
+    } else {
+        lse::log_softmax_with(x, classes, &mut out, policy)
+    }
+    .map_err(|e| lse_error(op, e))?;
+    Ok((E::to_cpu_storage_owned(out), l.shape().clone()))
+}
+
+/// [`row_forward`] for the dtype of `s`; an unsupported dtype is reported for `op`.
+fn forward_cpu(
+    op: &str,
     kind: Kind,
     policy: NonFinite,
     s: &CpuStorage,
     l: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (_, classes) = rows_classes(kind.op(), l)?;
-    let x = contiguous_slice::<E>(kind.op(), "input", s, l)?;
-    let mut out = vec![<E as Element>::zero(); x.len()];
-    match kind {
-        Kind::Softmax => lse::softmax_with(x, classes, &mut out, policy),
-        Kind::LogSoftmax => lse::log_softmax_with(x, classes, &mut out, policy),
-    }
-    .map_err(|e| lse_error(kind.op(), e))?;
-    Ok((E::to_cpu_storage_owned(out), l.shape().clone()))
+    dispatch_float!(op, "inputs", s.dtype(), row_forward(kind, policy, s, l))
 }
 
-impl CustomOp1 for SoftmaxOp {
+impl CustomOp1 for RowOp {
     fn name(&self) -> &'static str {
         match self.kind {
             Kind::Softmax => "lse-softmax",
             Kind::LogSoftmax => "lse-log-softmax",
+            Kind::Logsumexp => "lse-logsumexp",
         }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch_float!(
-            self.kind.op(),
-            "inputs",
-            s.dtype(),
-            softmax_forward(self.kind, self.policy, s, l)
-        )
+        forward_cpu(self.kind.op(), self.kind, self.policy, s, l)
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        Err(candle_core::Error::Msg(unsupported_device_message(
-            self.kind.op(),
-            "CUDA",
-        )))
-    }
+    cpu_only!(|this| this.kind.op(), _x);
 
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        Err(candle_core::Error::Msg(unsupported_device_message(
-            self.kind.op(),
-            "Metal",
-        )))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dy = dy.to_dtype(y.dtype())?.contiguous()?;
-        Ok(Some(y.apply_op2_no_bwd(&dy, &SoftmaxBackward(self.kind))?))
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        // Softmax and log-softmax differentiate from their output, with the incoming gradient in
+        // its dtype; logsumexp from its input, with the incoming gradient in f64.
+        let (from, grad_dtype) = match self.kind {
+            Kind::Softmax | Kind::LogSoftmax => (y, y.dtype()),
+            Kind::Logsumexp => (x, DType::F64),
+        };
+        let dy = dy.to_dtype(grad_dtype)?.contiguous()?;
+        Ok(Some(from.apply_op2_no_bwd(&dy, &RowBackward(self.kind))?))
     }
 }
 
-/// `(y, dy) → dx` for [`SoftmaxOp`].
-struct SoftmaxBackward(Kind);
+/// The backward of [`RowOp`]: `(y, dy) → dx` for softmax and log-softmax, `(x, g) →
+/// softmax(x) · g` per row for logsumexp.
+struct RowBackward(Kind);
 
-fn softmax_backward<E: Element + WithDType>(
+fn row_backward<E: Element + WithDType>(
     kind: Kind,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
-    let (_, classes) = rows_classes(kind.op(), l1)?;
-    let y = contiguous_slice::<E>(kind.op(), "forward output", s1, l1)?;
-    let dy = contiguous_slice::<E>(kind.op(), "output gradient", s2, l2)?;
-    let mut dx = vec![<E as Element>::zero(); y.len()];
-    match kind {
-        Kind::Softmax => lse::softmax_backward(y, dy, classes, &mut dx),
-        Kind::LogSoftmax => lse::log_softmax_backward(y, dy, classes, &mut dx),
-    }
-    .map_err(|e| lse_error(kind.op(), e))?;
+    let op = kind.op();
+    let (rows, classes) = rows_classes(op, l1)?;
+    let dx = if kind == Kind::Logsumexp {
+        let x = contiguous_slice::<E>(op, "input", s1, l1)?;
+        let g = contiguous_slice::<f64>(op, "output gradient", s2, l2)?;
+        logsumexp_backward(x, g, rows, classes)?
+    } else {
+        let y = contiguous_slice::<E>(op, "forward output", s1, l1)?;
+        let dy = contiguous_slice::<E>(op, "output gradient", s2, l2)?;
+        let mut dx = vec![<E as Element>::zero(); y.len()];
+        if kind == Kind::Softmax {
+            lse::softmax_backward(y, dy, classes, &mut dx)
+        } else {
+            lse::log_softmax_backward(y, dy, classes, &mut dx)
+        }
+        .map_err(|e| lse_error(op, e))?;
+        dx
+    };
     Ok((E::to_cpu_storage_owned(dx), l1.shape().clone()))
 }
 
-impl CustomOp2 for SoftmaxBackward {
+/// `softmax(x) · g` per row, in `f64` and rounded once.
+fn logsumexp_backward<E: Element>(
+    x: &[E],
+    g: &[f64],
+    rows: usize,
+    classes: usize,
+) -> Result<Vec<E>> {
+    let op = Kind::Logsumexp.op();
+    if g.len() != rows {
+        return Err(grad_count_error(op, g.len(), rows));
+    }
+    let mut dx = Vec::with_capacity(x.len());
+    let mut wide = vec![0.0f64; classes];
+    let mut p = vec![0.0f64; classes];
+    for (r, &gr) in g.iter().enumerate() {
+        for (w, v) in wide.iter_mut().zip(&x[r * classes..(r + 1) * classes]) {
+            *w = Element::to_f64(*v);
+        }
+        // The forward pass applied the NaN policy; here NaN only propagates.
+        lse::softmax_with(&wide, classes, &mut p, NonFinite::Propagate)
+            .map_err(|e| lse_error(op, e))?;
+        dx.extend(p.iter().map(|&pi| <E as Element>::from_f64(pi * gr)));
+    }
+    Ok(dx)
+}
+
+impl CustomOp2 for RowBackward {
     fn name(&self) -> &'static str {
         match self.0 {
             Kind::Softmax => "lse-softmax-backward",
             Kind::LogSoftmax => "lse-log-softmax-backward",
+            Kind::Logsumexp => "lse-logsumexp-backward",
         }
     }
 
@@ -256,11 +292,16 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let what = if self.0 == Kind::Logsumexp {
+            "inputs"
+        } else {
+            "gradients"
+        };
         dispatch_float!(
             self.0.op(),
-            "gradients",
+            what,
             s1.dtype(),
-            softmax_backward(self.0, (s1, l1), (s2, l2))
+            row_backward(self.0, (s1, l1), (s2, l2))
         )
     }
 }
@@ -277,121 +318,6 @@ impl CustomOp1 for LogSoftmaxNoGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch_float!(
-            self.op,
-            "inputs",
-            s.dtype(),
-            softmax_forward(Kind::LogSoftmax, self.policy, s, l)
-        )
-    }
-}
-
-/// The recorded logsumexp op: `rows × classes → rows`.
-struct LogsumexpOp {
-    policy: NonFinite,
-}
-
-const LSE_OP: &str = "logsumexp";
-
-fn logsumexp_forward<E>(
-    policy: NonFinite,
-    s: &CpuStorage,
-    l: &Layout,
-) -> Result<(CpuStorage, Shape)>
-where
-    E: Element + WithDType,
-    E::Stat: WithDType,
-{
-    let (rows, classes) = rows_classes(LSE_OP, l)?;
-    let x = contiguous_slice::<E>(LSE_OP, "input", s, l)?;
-    let mut out = vec![<E::Stat as Element>::zero(); rows];
-    lse::logsumexp_with(x, classes, &mut out, policy).map_err(|e| lse_error(LSE_OP, e))?;
-    Ok((E::Stat::to_cpu_storage_owned(out), Shape::from(rows)))
-}
-
-impl CustomOp1 for LogsumexpOp {
-    fn name(&self) -> &'static str {
-        "lse-logsumexp"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch_float!(
-            LSE_OP,
-            "inputs",
-            s.dtype(),
-            logsumexp_forward(self.policy, s, l)
-        )
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        Err(candle_core::Error::Msg(unsupported_device_message(
-            LSE_OP, "CUDA",
-        )))
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        Err(candle_core::Error::Msg(unsupported_device_message(
-            LSE_OP, "Metal",
-        )))
-    }
-
-    fn bwd(&self, x: &Tensor, _lse: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let g = g.to_dtype(DType::F64)?.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(&g, &LogsumexpBackward)?))
-    }
-}
-
-/// `(x, g) → softmax(x) · g` per row, in `f64` and rounded once.
-struct LogsumexpBackward;
-
-fn logsumexp_backward<E: Element + WithDType>(
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-) -> Result<(CpuStorage, Shape)> {
-    let (rows, classes) = rows_classes(LSE_OP, l1)?;
-    let x = contiguous_slice::<E>(LSE_OP, "input", s1, l1)?;
-    let g = contiguous_slice::<f64>(LSE_OP, "output gradient", s2, l2)?;
-    if g.len() != rows {
-        return Err(op_error(
-            LSE_OP,
-            format!(
-                "internal error: {} output gradients for {rows} rows",
-                g.len()
-            ),
-        ));
-    }
-    let mut dx = Vec::with_capacity(x.len());
-    let mut wide = vec![0.0f64; classes];
-    let mut p = vec![0.0f64; classes];
-    for (r, &gr) in g.iter().enumerate() {
-        for (w, v) in wide.iter_mut().zip(&x[r * classes..(r + 1) * classes]) {
-            *w = Element::to_f64(*v);
-        }
-        // The forward pass applied the NaN policy; here NaN only propagates.
-        lse::softmax_with(&wide, classes, &mut p, NonFinite::Propagate)
-            .map_err(|e| lse_error(LSE_OP, e))?;
-        dx.extend(p.iter().map(|&pi| <E as Element>::from_f64(pi * gr)));
-    }
-    Ok((E::to_cpu_storage_owned(dx), l1.shape().clone()))
-}
-
-impl CustomOp2 for LogsumexpBackward {
-    fn name(&self) -> &'static str {
-        "lse-logsumexp-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch_float!(
-            LSE_OP,
-            "inputs",
-            s1.dtype(),
-            logsumexp_backward((s1, l1), (s2, l2))
-        )
+        forward_cpu(self.op, Kind::LogSoftmax, self.policy, s, l)
     }
 }

@@ -237,48 +237,35 @@ fn errors_carry_the_core_librarys_message() {
     let rows = f64s(&cross_entropy(&nan, &t(&[0, 1]), &propagated).expect("propagate"));
     assert!(rows[0].is_nan() && rows[1].is_finite());
 
-    let e = err_text(cross_entropy(
-        &x,
-        &t(&[0, 1]),
-        &CrossEntropyOptions {
-            label_smoothing: 1.5,
-            ..opts()
-        },
-    ));
+    // The error of `x` against targets [0, 1] under `options`.
+    let options_error =
+        |options: CrossEntropyOptions| err_text(cross_entropy(&x, &t(&[0, 1]), &options));
+    let e = options_error(CrossEntropyOptions {
+        label_smoothing: 1.5,
+        ..opts()
+    });
     assert!(
         e.contains("option label_smoothing = 1.5 is invalid: in [0, 1]"),
         "{e}"
     );
-    let e = err_text(cross_entropy(
-        &x,
-        &t(&[0, 1]),
-        &CrossEntropyOptions {
-            weights: Some(vec![1.0, 2.0]),
-            ..opts()
-        },
-    ));
+    let e = options_error(CrossEntropyOptions {
+        weights: Some(vec![1.0, 2.0]),
+        ..opts()
+    });
     assert!(e.contains("weights has 2 elements, expected 3"), "{e}");
-    let e = err_text(cross_entropy(
-        &x,
-        &t(&[0, 1]),
-        &CrossEntropyOptions {
-            weights: Some(vec![1.0, -2.0, 1.0]),
-            ..opts()
-        },
-    ));
+    let e = options_error(CrossEntropyOptions {
+        weights: Some(vec![1.0, -2.0, 1.0]),
+        ..opts()
+    });
     assert!(
         e.contains("class weight -2 for class 1 is not finite and >= 0"),
         "{e}"
     );
 
-    let e = err_text(cross_entropy(
-        &x,
-        &t(&[0, 1]),
-        &CrossEntropyOptions {
-            class_dim: 2,
-            ..opts()
-        },
-    ));
+    let e = options_error(CrossEntropyOptions {
+        class_dim: 2,
+        ..opts()
+    });
     assert!(
         e.contains("class_dim 2 is out of range for logits of rank 2"),
         "{e}"
