@@ -145,7 +145,6 @@ struct Batch<'a, E: Element> {
     classes: usize,
     rows: usize,
     targets: Targets<'a, E>,
-    ignore_index: Option<i64>,
     config: CeConfig<'a>,
     options: &'a CrossEntropyOptions<'a>,
     /// `Σ w[target]` of non-ignored rows (see [`CrossEntropyOutput::denominator`]).
@@ -277,7 +276,6 @@ impl<'a, E: Element> Batch<'a, E> {
             classes,
             rows,
             targets,
-            ignore_index: o.ignore_index,
             config: CeConfig {
                 weights: o.weights,
                 weight_total: weight_total.value(),
@@ -320,7 +318,7 @@ impl<'a, E: Element> Batch<'a, E> {
     /// The read pass of row `r`; `None` for an ignored row.
     fn plan_row(&mut self, r: usize, row: &[E]) -> Result<Option<CeRow<'a, 'a, E>>> {
         let target = match self.targets {
-            Targets::Classes(t) if Some(t[r]) == self.ignore_index => return Ok(None),
+            Targets::Classes(t) if Some(t[r]) == self.options.ignore_index => return Ok(None),
             // In range: checked by `new`.
             Targets::Classes(t) => RowTarget::Class(t[r] as usize),
             Targets::Probabilities(p) => {
