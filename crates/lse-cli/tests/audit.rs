@@ -5,34 +5,23 @@
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use lse::{bf16, f16, CrossEntropyOptions, Element, NonFinite, Reduction, Targets};
-use lse_cli::tensor_file::npy::{encode, Bf16Descr};
+use lse_cli::tensor_file::npy::Bf16Descr;
 use lse_cli::tensor_file::NpyElement;
 use predicates::prelude::*;
 use serde_json::Value;
 
-fn lse() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lse"))
-}
+mod common;
+
+use common::{dir as scratch, lse, s, safetensors_file, write_npy as npy_bf16};
 
 /// A fresh, empty directory for one test.
 fn dir(test: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("audit")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch("audit", test)
 }
 
 fn npy<E: NpyElement>(path: &Path, shape: &[usize], data: &[E]) -> PathBuf {
     npy_bf16(path, shape, data, Bf16Descr::Named)
-}
-
-fn npy_bf16<E: NpyElement>(path: &Path, shape: &[usize], data: &[E], style: Bf16Descr) -> PathBuf {
-    std::fs::write(path, encode(shape, data, style).unwrap()).unwrap();
-    path.to_path_buf()
 }
 
 fn halfs(values: &[f64]) -> Vec<f16> {
@@ -55,11 +44,7 @@ fn safetensors(tensors: &[(&str, &str, &[usize], Vec<u8>)]) -> Vec<u8> {
         offset += bytes.len();
         data.extend_from_slice(bytes);
     }
-    let header = format!("{{{}}}", entries.join(","));
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&data);
-    out
+    safetensors_file(&format!("{{{}}}", entries.join(",")), &data)
 }
 
 fn le<E: NpyElement>(values: &[E]) -> Vec<u8> {
@@ -102,22 +87,7 @@ fn text(args: &[&str], status: i32) -> String {
 
 /// Runs `lse audit ARGS`, expects exit status 2 and one line on stderr; returns it.
 fn error(args: &[&str]) -> String {
-    let out = lse()
-        .arg("audit")
-        .args(args)
-        .assert()
-        .code(2)
-        .stdout("")
-        .get_output()
-        .clone();
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error"), "{err}");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::run_err(&[&["audit"], args].concat())
 }
 
 fn naive<'a>(t: &'a Value, dtype: &str) -> &'a Value {
@@ -598,13 +568,7 @@ fn fortran_order_and_0d_arrays() {
 
 #[test]
 fn help_documents_every_flag() {
-    let out = lse()
-        .args(["audit", "--help"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let help = String::from_utf8(out.stdout).unwrap();
+    let help = common::help("audit");
     for flag in [
         "--tensor",
         "--axis",

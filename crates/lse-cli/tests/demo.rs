@@ -7,18 +7,11 @@
 use std::fs;
 use std::path::PathBuf;
 
-use assert_cmd::Command;
-
-fn lse() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lse"))
-}
+mod common;
 
 /// A fresh, empty directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{name}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("scratch directory");
-    dir
+    common::dir("demo", name)
 }
 
 /// A small f16 run whose naive half dies within the first hundred steps.
@@ -27,19 +20,7 @@ const SMALL: [&str; 6] = ["--classes", "20", "--steps", "300", "--lr", "0.005"];
 /// Runs `lse demo ARGS`, asserts success with nothing on stderr (the progress bar is hidden
 /// when stderr is not a terminal) and returns stdout.
 fn demo(args: &[&str]) -> String {
-    let output = lse()
-        .arg("demo")
-        .args(args)
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    assert!(
-        output.stderr.is_empty(),
-        "{args:?}: stderr {:?}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
+    common::run_ok(&[&["demo"], args].concat())
 }
 
 /// `text` with every run of whitespace (line breaks of wrapped paragraphs too) as one space.
@@ -241,30 +222,16 @@ fn bad_arguments_fail_with_one_line_and_status_2() {
         ),
     ];
     for (args, message) in cases {
-        let output = lse()
-            .arg("demo")
-            .args(args)
-            .assert()
-            .code(2)
-            .get_output()
-            .clone();
-        let stderr = String::from_utf8(output.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr:?}");
+        // One line on stderr and nothing on stdout.
+        let stderr = common::run_err(&[&["demo"], args].concat());
         assert!(stderr.starts_with("error: "), "{args:?}: {stderr:?}");
         assert!(stderr.contains(message), "{args:?}: {stderr:?}");
-        assert!(output.stdout.is_empty(), "{args:?}");
     }
 }
 
 #[test]
 fn help_says_what_the_demo_trains() {
-    let output = lse()
-        .args(["demo", "--help"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let help = flat(&String::from_utf8(output.stdout).unwrap());
+    let help = flat(&common::help("demo"));
     for needle in [
         "Gaussian clusters",
         "32 inputs -> 128 hidden (ReLU)",

@@ -5,65 +5,27 @@
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use lse::{bf16, f16, CrossEntropyOptions, Element, GradOutput, NonFinite, Reduction, Targets};
-use lse_cli::tensor_file::npy::{encode, parse, Bf16Descr, ReadOptions};
+use lse_cli::tensor_file::npy::{parse, Bf16Descr, ReadOptions};
 use lse_cli::tensor_file::{FloatElement, NpyElement};
 
-fn lse() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lse"))
-}
+mod common;
+
+use common::{s, safetensors_file, write_npy as write};
 
 /// A fresh, empty directory for one test.
 fn dir(test: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("eval")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn write<E: NpyElement>(path: &Path, shape: &[usize], data: &[E], style: Bf16Descr) -> PathBuf {
-    std::fs::write(path, encode(shape, data, style).unwrap()).unwrap();
-    path.to_path_buf()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::dir("eval", test)
 }
 
 /// Runs `lse eval ARGS`, expecting success; returns stdout.
 fn eval_ok(args: &[&str]) -> String {
-    let out = lse()
-        .arg("eval")
-        .args(args)
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::run_ok(&[&["eval"], args].concat())
 }
 
 /// Runs `lse eval ARGS`, expecting exit status 2 with one line on stderr; returns it.
 fn eval_err(args: &[&str]) -> String {
-    let out = lse()
-        .arg("eval")
-        .args(args)
-        .assert()
-        .code(2)
-        .stdout("")
-        .get_output()
-        .clone();
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error"), "{err}");
-    err
+    common::run_err(&[&["eval"], args].concat())
 }
 
 /// Checks the bytes of a `.npy` file as NumPy's format specification lays them out, and returns
@@ -323,29 +285,23 @@ where
     assert_eq!(got.bits(), [want.loss].bits(), "{test} ce without grad");
 }
 
-#[test]
-fn f64_bit_exact() {
-    run_all_ops::<f64>("f64", "<f8", Bf16Descr::Named);
+/// One test per dtype (and bf16 descr): `run_all_ops` with the test's directory name, the descr
+/// the outputs are written with and the bf16 style of the inputs.
+macro_rules! bit_exact {
+    ($($test:ident: $e:ty, $dir:literal, $descr:literal, $style:ident;)*) => {$(
+        #[test]
+        fn $test() {
+            run_all_ops::<$e>($dir, $descr, Bf16Descr::$style);
+        }
+    )*};
 }
 
-#[test]
-fn f32_bit_exact() {
-    run_all_ops::<f32>("f32", "<f4", Bf16Descr::Named);
-}
-
-#[test]
-fn f16_bit_exact() {
-    run_all_ops::<f16>("f16", "<f2", Bf16Descr::Named);
-}
-
-#[test]
-fn bf16_bit_exact_with_the_named_descr() {
-    run_all_ops::<bf16>("bf16_named", "bfloat16", Bf16Descr::Named);
-}
-
-#[test]
-fn bf16_bit_exact_with_the_void_descr() {
-    run_all_ops::<bf16>("bf16_void", "<V2", Bf16Descr::Void);
+bit_exact! {
+    f64_bit_exact: f64, "f64", "<f8", Named;
+    f32_bit_exact: f32, "f32", "<f4", Named;
+    f16_bit_exact: f16, "f16", "<f2", Named;
+    bf16_bit_exact_with_the_named_descr: bf16, "bf16_named", "bfloat16", Named;
+    bf16_bit_exact_with_the_void_descr: bf16, "bf16_void", "<V2", Void;
 }
 
 #[test]
@@ -449,12 +405,27 @@ fn every_cross_entropy_option() {
         "{e}"
     );
 
-    // Options the library rejects are errors, and nothing is written.
+    // Options and class weights the library rejects are errors, and nothing is written.
     let fresh = d.join("fresh.npy");
+    let bad_w = write(
+        &d.join("bw.npy"),
+        &[5],
+        &[1.0f32, -1.0, 1.0, 1.0, 1.0],
+        Bf16Descr::Void,
+    );
+    let short_w = write(&d.join("sw.npy"), &[4], &[1.0f32; 4], Bf16Descr::Void);
+    let int_w = write(&d.join("iw.npy"), &[5], &[1i64; 5], Bf16Descr::Void);
     for (flag, value, want) in [
         ("--label-smoothing", "1.5", "label_smoothing"),
         ("--z-loss", "-1", "z_loss"),
         ("--softcap", "0", "softcap"),
+        ("--weights", s(&bad_w), "class weight -1 for class 1"),
+        (
+            "--weights",
+            s(&short_w),
+            "4 class weights (shape (4,)) for 5 classes",
+        ),
+        ("--weights", s(&int_w), "class weights must be floats"),
     ] {
         let e = eval_err(&[
             "--op",
@@ -470,54 +441,34 @@ fn every_cross_entropy_option() {
         assert!(e.contains(want), "{e}");
         assert!(!fresh.exists());
     }
-    let bad_w = write(
-        &d.join("bw.npy"),
-        &[5],
-        &[1.0f32, -1.0, 1.0, 1.0, 1.0],
-        Bf16Descr::Void,
-    );
-    let e = eval_err(&[
-        "--op",
-        "cross_entropy",
-        s(&input),
-        "--targets",
-        s(&t2),
-        "--weights",
-        s(&bad_w),
-        "--out",
-        s(&fresh),
-    ]);
-    assert!(e.contains("class weight -1 for class 1"), "{e}");
-    let short_w = write(&d.join("sw.npy"), &[4], &[1.0f32; 4], Bf16Descr::Void);
-    let e = eval_err(&[
-        "--op",
-        "cross_entropy",
-        s(&input),
-        "--targets",
-        s(&t2),
-        "--weights",
-        s(&short_w),
-        "--out",
-        s(&fresh),
-    ]);
-    assert!(
-        e.contains("4 class weights (shape (4,)) for 5 classes"),
-        "{e}"
-    );
-    let int_w = write(&d.join("iw.npy"), &[5], &[1i64; 5], Bf16Descr::Void);
-    let e = eval_err(&[
-        "--op",
-        "cross_entropy",
-        s(&input),
-        "--targets",
-        s(&t2),
-        "--weights",
-        s(&int_w),
-        "--out",
-        s(&fresh),
-    ]);
-    assert!(e.contains("class weights must be floats"), "{e}");
-    assert!(!fresh.exists());
+}
+
+/// Logits or gradients of shape (2, 3, 4) with the classes on axis 1, as rows of 3 classes in
+/// the order (n, t).
+fn classes_last(x: &[f32]) -> Vec<f32> {
+    let mut rows = Vec::new();
+    for n in 0..2 {
+        for t in 0..4 {
+            for c in 0..3 {
+                rows.push(x[n * 12 + c * 4 + t]);
+            }
+        }
+    }
+    rows
+}
+
+/// The inverse of [`classes_last`]: rows of 3 classes in the order (n, t) laid out as shape
+/// (2, 3, 4) with the classes on axis 1.
+fn classes_on_axis_1(rows: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; 24];
+    for n in 0..2 {
+        for t in 0..4 {
+            for c in 0..3 {
+                out[n * 12 + c * 4 + t] = rows[(n * 4 + t) * 3 + c];
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -528,24 +479,10 @@ fn class_axis_is_moved_and_moved_back() {
         .map(|i| ((i * 5) % 13) as f32 * 0.75 - 4.0)
         .collect();
     let input = write(&d.join("x.npy"), &[2, 3, 4], &x, Bf16Descr::Void);
-    let mut rows = Vec::new();
-    for n in 0..2 {
-        for t in 0..4 {
-            for c in 0..3 {
-                rows.push(x[n * 12 + c * 4 + t]);
-            }
-        }
-    }
+    let rows = classes_last(&x);
     let mut p = vec![0.0f32; 24];
     lse::softmax(&rows, 3, &mut p).unwrap();
-    let mut want = [0.0f32; 24];
-    for n in 0..2 {
-        for t in 0..4 {
-            for c in 0..3 {
-                want[n * 12 + c * 4 + t] = p[(n * 4 + t) * 3 + c];
-            }
-        }
-    }
+    let want = classes_on_axis_1(&p);
     let out = d.join("p.npy");
     let report = eval_ok(&[
         "--op",
@@ -613,17 +550,9 @@ fn class_axis_is_moved_and_moved_back() {
         read_back::<f32>(&loss, "<f4", &[2, 4], "(2, 4)").bits(),
         r.row_loss.unwrap().bits()
     );
-    let mut want = [0.0f32; 24];
-    for n in 0..2 {
-        for t in 0..4 {
-            for c in 0..3 {
-                want[n * 12 + c * 4 + t] = g[(n * 4 + t) * 3 + c];
-            }
-        }
-    }
     assert_eq!(
         read_back::<f32>(&grad, "<f4", &[2, 3, 4], "(2, 3, 4)").bits(),
-        want.bits()
+        classes_on_axis_1(&g).bits()
     );
 }
 
@@ -637,10 +566,7 @@ fn safetensors_input_and_bf16_output_as_void() {
     }
     let other = 1.5f32.to_le_bytes();
     let header = r#"{"logits":{"dtype":"BF16","shape":[4,5],"data_offsets":[0,40]},"scale":{"dtype":"F32","shape":[],"data_offsets":[40,44]}}"#;
-    let mut file = (header.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(header.as_bytes());
-    file.extend_from_slice(&bytes);
-    file.extend_from_slice(&other);
+    let file = safetensors_file(header, &[bytes, other.to_vec()].concat());
     let input = d.join("dump.safetensors");
     std::fs::write(&input, file).unwrap();
     let out = d.join("p.npy");
@@ -762,16 +688,7 @@ fn argument_errors() {
         "--out",
         s(&out),
     ]);
-    let help = String::from_utf8(
-        lse()
-            .args(["eval", "--help"])
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone(),
-    )
-    .unwrap();
+    let help = common::help("eval");
     for flag in [
         "--op",
         "--out",

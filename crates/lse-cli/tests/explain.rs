@@ -1,18 +1,10 @@
 //! `lse explain` end to end: the binary's output, exit statuses and help.
 
-use assert_cmd::Command;
 use predicates::prelude::*;
 
-fn lse() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lse"))
-}
+mod common;
 
-/// Runs `lse ARGS`, asserts success and returns stdout.
-fn run_ok(args: &[&str]) -> String {
-    let output = lse().args(args).assert().success().get_output().clone();
-    assert!(output.stderr.is_empty(), "{args:?}: stderr not empty");
-    String::from_utf8(output.stdout).expect("utf-8 output")
-}
+use common::{lse, run_ok};
 
 /// The part of the report about one dtype: from its `== dtype ==` header to the next header or the
 /// summary.

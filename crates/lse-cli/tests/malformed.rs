@@ -4,25 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use lse_cli::tensor_file::npy::{encode, Bf16Descr};
 
-fn lse() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lse"))
-}
+mod common;
+
+use common::{lse, s, safetensors_file as st};
 
 /// A fresh, empty directory for one test.
 fn dir(test: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("malformed")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::dir("malformed", test)
 }
 
 /// A `.npy` file (version 1.0) with the header dict `dict` and the bytes `data`.
@@ -43,26 +33,10 @@ fn f4(shape: &str) -> String {
     format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}")
 }
 
-/// A safetensors file from a header text and data bytes.
-fn st(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
 /// Runs `lse ARGS`: exit status 2, nothing on stdout, one line on stderr that contains `want`
 /// and no panic.
 fn fails(args: &[&str], want: &str) {
-    let out = lse()
-        .args(args)
-        .assert()
-        .code(2)
-        .stdout("")
-        .get_output()
-        .clone();
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    let err = common::run_err(args);
     assert!(err.starts_with("error: "), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     assert!(

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use lse::DType;
 use plotters::backend::DrawingBackend;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -149,11 +150,54 @@ fn label(run: &RunOutcome, dtype: DType, naive: bool) -> String {
     }
 }
 
+/// A legend entry: a short horizontal line in `style`.
+fn legend_line(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 30, y)], style)
+}
+
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 type DrawResult = std::result::Result<
     (),
     DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>,
 >;
+
+/// The grid and axis labels of both panels: steps across, `y_desc` up.
+fn draw_mesh<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
+    y_desc: impl Into<String>,
+) -> DrawResult
+where
+    X: Ranged<ValueType = u64> + ValueFormatter<u64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .y_label_formatter(&|v| format!("{}", (v * 1e6).round() / 1e6))
+        .axis_desc_style(("sans-serif", 20))
+        .label_style(("sans-serif", 16))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+}
+
+/// The legend box of both panels, at `position`.
+fn draw_legend<'a, X, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+) -> DrawResult
+where
+    X: Ranged,
+    Y: Ranged,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", 18))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+}
 
 fn loss_panel(
     area: &Area<'_>,
@@ -190,15 +234,10 @@ fn loss_panel(
             0..config.steps,
             (lo..hi).log_scale().with_key_points(one_two_five(lo, hi)),
         )?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc(format!("loss (mean of {SMOOTHING} steps, log scale)"))
-        .y_label_formatter(&|v| format!("{}", (v * 1e6).round() / 1e6))
-        .axis_desc_style(("sans-serif", 20))
-        .label_style(("sans-serif", 16))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
+    draw_mesh(
+        &mut chart,
+        format!("loss (mean of {SMOOTHING} steps, log scale)"),
+    )?;
     // The lse curve first, the naive one dashed over it: until the naive run fails they are
     // the same curve.
     for (i, segment) in stable.into_iter().enumerate() {
@@ -206,7 +245,7 @@ fn loss_panel(
         if i == 0 {
             series
                 .label(label(&o.stable, dtype, false))
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 30, y)], STABLE.stroke_width(3)));
+                .legend(legend_line(STABLE.stroke_width(3)));
         }
     }
     // The last finite point of the naive curve before its first non-finite step.
@@ -222,7 +261,7 @@ fn loss_panel(
         if i == 0 {
             series
                 .label(label(&o.naive, dtype, true))
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 30, y)], NAIVE.stroke_width(3)));
+                .legend(legend_line(NAIVE.stroke_width(3)));
         }
     }
     if let (Some(f), Some((_, y))) = (&o.naive.first_non_finite, before_failure) {
@@ -246,13 +285,7 @@ fn loss_panel(
             font,
         )])?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 18))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -275,29 +308,19 @@ fn logit_panel(
         .x_label_area_size(50)
         .y_label_area_size(80)
         .build_cartesian_2d(0..config.steps, range)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("largest logit of the batch")
-        .y_label_formatter(&|v| format!("{}", (v * 1e6).round() / 1e6))
-        .axis_desc_style(("sans-serif", 20))
-        .label_style(("sans-serif", 16))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
-    chart
-        .draw_series(LineSeries::new(
-            thinned(&o.stable.max_logits, every),
-            STABLE.stroke_width(1),
-        ))?
-        .label("lse run")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 30, y)], STABLE.stroke_width(3)));
-    chart
-        .draw_series(LineSeries::new(
-            thinned(&o.naive.max_logits, every),
-            NAIVE.stroke_width(1),
-        ))?
-        .label("naive run")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 30, y)], NAIVE.stroke_width(3)));
+    draw_mesh(&mut chart, "largest logit of the batch")?;
+    for (run, color, name) in [
+        (&o.stable, STABLE, "lse run"),
+        (&o.naive, NAIVE, "naive run"),
+    ] {
+        chart
+            .draw_series(LineSeries::new(
+                thinned(&run.max_logits, every),
+                color.stroke_width(1),
+            ))?
+            .label(name)
+            .legend(legend_line(color.stroke_width(3)));
+    }
     chart
         .draw_series(DashedLineSeries::new(
             [(0, threshold), (config.steps, threshold)],
@@ -308,17 +331,11 @@ fn logit_panel(
         .label(format!(
             "{threshold:.2} = ln(max {dtype}): a naive {dtype} exp overflows above it"
         ))
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 30, y)], BLACK.stroke_width(2)));
+        .legend(legend_line(BLACK.stroke_width(2)));
     if let Some(f) = &o.naive.first_non_finite {
         chart.draw_series([Cross::new((f.step, f.max_logit), 10, NAIVE.stroke_width(4))])?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 18))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }
 

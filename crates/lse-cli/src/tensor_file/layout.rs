@@ -52,23 +52,7 @@ pub fn move_axis_to_last<T: Copy>(
     shape: &[usize],
     axis: usize,
 ) -> Result<Vec<T>, FormatError> {
-    check(data, shape)?;
-    let (outer, classes, inner) = split(shape, axis).ok_or_else(|| FormatError::ShapeMismatch {
-        shape: shape.to_vec(),
-        len: data.len(),
-    })?;
-    // Empty data may declare huge dimensions beside a zero: loop over nothing.
-    if inner == 1 || data.is_empty() {
-        return Ok(data.to_vec());
-    }
-    let mut out = Vec::with_capacity(data.len());
-    for o in 0..outer {
-        let block = &data[o * classes * inner..(o + 1) * classes * inner];
-        for i in 0..inner {
-            out.extend((0..classes).map(|c| block[c * inner + i]));
-        }
-    }
-    Ok(out)
+    swap_class_axis(data, shape, axis, Direction::ToLast)
 }
 
 /// The inverse of [`move_axis_to_last`]: `data` holds rows of `shape[axis]` elements in the order
@@ -81,6 +65,27 @@ pub fn move_last_to_axis<T: Copy>(
     shape: &[usize],
     axis: usize,
 ) -> Result<Vec<T>, FormatError> {
+    swap_class_axis(data, shape, axis, Direction::FromLast)
+}
+
+/// Which way [`swap_class_axis`] moves the class axis.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// From `axis` to the last axis ([`move_axis_to_last`]).
+    ToLast,
+    /// From the last axis back to `axis` ([`move_last_to_axis`]).
+    FromLast,
+}
+
+/// The shared body of [`move_axis_to_last`] and [`move_last_to_axis`]. Around `axis` the tensor
+/// is `outer` blocks of `classes × inner` elements (`inner × classes` with the classes last);
+/// moving the class axis either way transposes each block.
+fn swap_class_axis<T: Copy>(
+    data: &[T],
+    shape: &[usize],
+    axis: usize,
+    direction: Direction,
+) -> Result<Vec<T>, FormatError> {
     check(data, shape)?;
     let (outer, classes, inner) = split(shape, axis).ok_or_else(|| FormatError::ShapeMismatch {
         shape: shape.to_vec(),
@@ -90,11 +95,16 @@ pub fn move_last_to_axis<T: Copy>(
     if inner == 1 || data.is_empty() {
         return Ok(data.to_vec());
     }
+    // Each block is `rows × cols` in `data` and `cols × rows` in the result.
+    let (rows, cols) = match direction {
+        Direction::ToLast => (classes, inner),
+        Direction::FromLast => (inner, classes),
+    };
     let mut out = Vec::with_capacity(data.len());
     for o in 0..outer {
-        let block = &data[o * classes * inner..(o + 1) * classes * inner];
-        for c in 0..classes {
-            out.extend((0..inner).map(|i| block[i * classes + c]));
+        let block = &data[o * rows * cols..(o + 1) * rows * cols];
+        for j in 0..cols {
+            out.extend((0..rows).map(|i| block[i * cols + j]));
         }
     }
     Ok(out)

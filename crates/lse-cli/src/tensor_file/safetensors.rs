@@ -381,6 +381,15 @@ mod tests {
         assert!(e.contains("\"x\", \"t\""), "{e}");
     }
 
+    /// A file with one tensor "x" of `dtype`, `shape` and `data_offsets` (JSON texts) and
+    /// `len` zero bytes of data.
+    fn one_tensor(dtype: &str, shape: &str, data_offsets: &str, len: usize) -> Vec<u8> {
+        let header = format!(
+            r#"{{"x":{{"dtype":"{dtype}","shape":{shape},"data_offsets":{data_offsets}}}}}"#
+        );
+        file(&header, &vec![0; len])
+    }
+
     #[test]
     fn rejects_malformed_files() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -391,64 +400,19 @@ mod tests {
             ),
             (file("{not json", &[]), "invalid JSON"),
             (file("[1]", &[]), "not a JSON object"),
-            (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-                    &[0; 4],
-                ),
-                "outside",
-            ),
-            (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
-                    &[0; 4],
-                ),
-                "takes 8",
-            ),
-            (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
-                    &[0; 8],
-                ),
-                "begin at 0",
-            ),
-            (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
-                    &[0; 8],
-                ),
-                "the file holds 8",
-            ),
-            (
-                file(
-                    r#"{"x":{"dtype":"Q8","shape":[1],"data_offsets":[0,1]}}"#,
-                    &[0; 1],
-                ),
-                "unknown dtype",
-            ),
-            (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
-                    &[0; 4],
-                ),
-                "non-negative",
-            ),
-            (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
-                    &[0; 4],
-                ),
-                "[begin, end]",
-            ),
+            (one_tensor("F32", "[2]", "[0,8]", 4), "outside"),
+            (one_tensor("F32", "[2]", "[0,4]", 4), "takes 8"),
+            (one_tensor("F32", "[1]", "[4,8]", 8), "begin at 0"),
+            (one_tensor("F32", "[1]", "[0,4]", 8), "the file holds 8"),
+            (one_tensor("Q8", "[1]", "[0,1]", 1), "unknown dtype"),
+            (one_tensor("F32", "[-1]", "[0,4]", 4), "non-negative"),
+            (one_tensor("F32", "[1]", "[0]", 4), "[begin, end]"),
             (
                 file(r#"{"x":{"dtype":"F32","data_offsets":[0,4]}}"#, &[0; 4]),
                 "no \"shape\"",
             ),
             (
-                file(
-                    r#"{"x":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}}"#,
-                    &[0; 4],
-                ),
+                one_tensor("F32", "[1099511627776,1099511627776]", "[0,4]", 4),
                 "larger than this machine",
             ),
         ];
@@ -462,10 +426,7 @@ mod tests {
             parse(&huge),
             Err(FormatError::HeaderTooLong { .. })
         ));
-        let f8 = file(
-            r#"{"x":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}"#,
-            &[0; 2],
-        );
+        let f8 = one_tensor("F8_E4M3", "[2]", "[0,2]", 2);
         let parsed = parse(&f8).unwrap();
         let e = parsed.tensor("x").unwrap_err();
         assert!(matches!(e, FormatError::UnsupportedDtype { .. }));
