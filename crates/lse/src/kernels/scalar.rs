@@ -237,8 +237,6 @@ pub(crate) struct CeRow<'t, 'w, E> {
     lse: f64,
     /// `ε / K`, the smoothing mass of each live (finite-logit) class; 0 for a fully masked row.
     smoothing_share: f64,
-    /// `A`.
-    target_total: f64,
     /// `Σ_c w_c q_c` before smoothing (`w_y` for a class target).
     kept_mass: f64,
     /// `Σ_c w_c` over live classes.
@@ -270,7 +268,6 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             log1p_sum: scan.state.log1p_sum(),
             lse: scan.state.logsumexp(),
             smoothing_share: 0.0,
-            target_total: 0.0,
             kept_mass: 0.0,
             live_weight: 0.0,
             rest: scan.state.sum_excluding_max(),
@@ -331,7 +328,6 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         };
         plan.kept_mass = kept_mass;
         plan.live_weight = live_weight;
-        plan.target_total = keep * kept_mass + plan.smoothing_share * live_weight;
         // Targets are checked first: a bad target is an error whatever the row's logits hold.
         if let Some(column) = scan.first_non_finite {
             if !config.propagate_non_finite {
@@ -368,6 +364,12 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         };
         let w = self.config.weights.map_or(1.0, |w| w[c]);
         w * ((1.0 - self.config.smoothing) * q + self.smoothing_share)
+    }
+
+    /// `A = Σ_c a_c`, the row's whole weighted, smoothed target mass.
+    #[inline]
+    fn target_total(&self) -> f64 {
+        (1.0 - self.config.smoothing) * self.kept_mass + self.smoothing_share * self.live_weight
     }
 
     /// `A − a_c`: the weighted target mass on every class but `c` (live `c`), formed as a sum of
@@ -454,7 +456,7 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             0.0
         } else {
             let z_term = saturate(self.config.z_loss * saturate(self.lse * self.lse));
-            saturate(distance.value() + self.target_total * self.log1p_sum + z_term)
+            saturate(distance.value() + self.target_total() * self.log1p_sum + z_term)
         };
         RowValues {
             loss,
