@@ -33,7 +33,7 @@
 mod element;
 mod error;
 pub mod guard;
-mod kernels;
+pub(crate) mod kernels;
 pub mod naive;
 #[cfg(feature = "ndarray")]
 pub mod nd;
@@ -42,6 +42,7 @@ mod state;
 
 pub use element::{DType, Element, ParseDTypeError, Stat};
 pub use error::{LseError, Result};
+pub use kernels::{active_kernel, set_kernel, Kernel};
 pub use ops::cross_entropy::{
     cross_entropy, cross_entropy_in_place, cross_entropy_with_grad, CrossEntropyOptions,
     CrossEntropyOutput, EmptyMean, GradOutput, Reduction, Targets,
