@@ -137,6 +137,18 @@ impl RowState {
         rest: CompensatedSum::ZERO,
     };
 
+    /// A state from its parts: `max` (finite) and `rest = s'`.
+    #[inline]
+    pub(crate) fn from_parts(max: f64, rest: f64) -> Self {
+        Self {
+            max,
+            rest: CompensatedSum {
+                sum: rest,
+                carry: 0.0,
+            },
+        }
+    }
+
     /// Folds one element. `x` must not be NaN or `+inf`; `-inf` is ignored.
     #[inline]
     pub fn push(&mut self, x: f64) {

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::element::{DType, Element};
 use crate::error::Result;
-use crate::kernels::scalar::{scan_row_observed, LogitMap, RowObserver};
+use crate::kernels::{self, scalar::RowScan};
 use crate::ops::row_count;
 use crate::state::CompensatedSum;
 
@@ -86,9 +86,10 @@ impl LogitStats {
         row_count("logits", logits.len(), classes)?;
         let mut builder = StatsBuilder::default();
         for row in logits.chunks_exact(classes) {
-            let scan = scan_row_observed(row, LogitMap::Identity, builder.tally());
+            let scan = kernels::scan(row);
+            builder.tally(&scan);
             let lse = match scan.first_non_finite {
-                None => scan.state.logsumexp(),
+                None => kernels::logsumexp(row, &scan),
                 Some(_) => f64::NAN,
             };
             builder.row(lse);
@@ -135,27 +136,24 @@ impl Default for ElementTally {
     }
 }
 
-impl RowObserver for ElementTally {
+impl ElementTally {
+    /// Adds the elements of one scanned row.
     #[inline]
-    fn finite(&mut self, x: f64) {
-        // Plain compare-and-select (minsd/maxsd): `x` is finite, so f64::max's NaN handling
-        // would only cost time in the loss's hot loop.
-        self.max = if x > self.max { x } else { self.max };
-        self.min = if x < self.min { x } else { self.min };
+    pub(crate) fn add(&mut self, scan: &RowScan) {
+        self.max = self.max.max(scan.finite_max);
+        self.min = self.min.min(scan.finite_min);
+        self.nan += scan.nan as u64;
+        self.pos_inf += scan.pos_inf as u64;
+        self.neg_inf += scan.masked as u64;
     }
 
-    #[inline]
-    fn masked(&mut self) {
-        self.neg_inf += 1;
-    }
-
-    #[inline]
-    fn non_finite(&mut self, x: f64) {
-        if x.is_nan() {
-            self.nan += 1;
-        } else {
-            self.pos_inf += 1;
-        }
+    /// Combines the tallies of two disjoint sets of rows.
+    pub(crate) fn merge(&mut self, other: &ElementTally) {
+        self.max = self.max.max(other.max);
+        self.min = self.min.min(other.min);
+        self.nan += other.nan;
+        self.pos_inf += other.pos_inf;
+        self.neg_inf += other.neg_inf;
     }
 }
 
@@ -171,9 +169,14 @@ pub(crate) struct StatsBuilder {
 }
 
 impl StatsBuilder {
-    /// The observer to hand to the read pass.
-    pub(crate) fn tally(&mut self) -> &mut ElementTally {
-        &mut self.tally
+    /// Adds the elements of one row, from its read pass.
+    pub(crate) fn tally(&mut self, scan: &RowScan) {
+        self.tally.add(scan);
+    }
+
+    /// Adds a tally gathered elsewhere (another thread's rows).
+    pub(crate) fn merge_tally(&mut self, tally: &ElementTally) {
+        self.tally.merge(tally);
     }
 
     /// Records one row's logsumexp (after its elements went through [`Self::tally`]).

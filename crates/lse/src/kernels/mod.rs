@@ -11,6 +11,14 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use rayon::prelude::*;
+
+use crate::element::Element;
+use crate::state::RowState;
+use scalar::{LogitMap, RowScan};
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
 pub(crate) mod scalar;
 
 /// A family of row kernels.
@@ -82,3 +90,210 @@ fn avx2_available() -> bool {
         false
     }
 }
+
+/// Elements per piece of a long row. A row longer than this is read as a sequence of such
+/// pieces whose states are folded in order, and written piece by piece; the pieces run on
+/// rayon's threads. The split depends only on the row's length, so results are bitwise the same
+/// for any number of threads. A multiple of the vector kernels' block.
+pub(crate) const CHUNK: usize = 32 * 1024;
+
+fn fast() -> bool {
+    active_kernel() == Kernel::Avx2
+}
+
+/// The read pass over one row with the active kernel (`map` other than the identity: scalar).
+pub(crate) fn scan<E: Element>(row: &[E]) -> RowScan {
+    scan_by(row, LogitMap::Identity, fast())
+}
+
+/// [`scan`] with a logit map.
+pub(crate) fn scan_mapped<E: Element>(row: &[E], map: LogitMap) -> RowScan {
+    scan_by(row, map, fast() && map == LogitMap::Identity)
+}
+
+fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool) -> RowScan {
+    let piece = |part: &[E]| {
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            if let Some(scan) = avx2::scan(part) {
+                return scan;
+            }
+        }
+        let _ = vector;
+        scalar::scan_row(part, map)
+    };
+    if row.len() <= CHUNK {
+        return piece(row);
+    }
+    let parts: Vec<RowScan> = row.par_chunks(CHUNK).map(piece).collect();
+    parts
+        .into_iter()
+        .enumerate()
+        .fold(RowScan::EMPTY, |acc, (i, p)| acc.then(p, i * CHUNK))
+}
+
+/// True when `m + log1p(s')` does not amplify the error of `s'`: `log1p(s') ≤ 2·|lse|`. The
+/// vector kernel's `s'` is good to a fraction of an `f32` ulp, which is enough for every output
+/// except a logsumexp that cancels (a negative max near `−log1p(s')`).
+pub(crate) fn lse_well_conditioned(state: &RowState) -> bool {
+    let lse = state.logsumexp();
+    state.log1p_sum() <= 2.0 * lse.abs() || state.is_fully_masked()
+}
+
+/// The row's logsumexp from its scan (no NaN/`+inf`), rescanned with the scalar kernel when the
+/// vector kernel's state would lose digits to cancellation.
+pub(crate) fn logsumexp<E: Element>(row: &[E], scan: &RowScan) -> f64 {
+    if !fast() || E::DTYPE == crate::DType::F64 || lse_well_conditioned(&scan.state) {
+        scan.state.logsumexp()
+    } else {
+        scan_by(row, LogitMap::Identity, false).state.logsumexp()
+    }
+}
+
+/// True when [`scan_mapped`] with `map` runs the vector kernel on rows of `E` — and then the
+/// vector write passes serve `E` too.
+pub(crate) fn vector_scan<E: Element>(map: LogitMap) -> bool {
+    fast() && map == LogitMap::Identity && E::DTYPE != crate::DType::F64
+}
+
+/// The scalar rescan used when a vector scan's logsumexp is ill-conditioned.
+pub(crate) fn scan_exact<E: Element>(row: &[E], map: LogitMap) -> RowScan {
+    scan_by(row, map, false)
+}
+
+/// Runs `f` on matching pieces of `x` and `out` (in parallel for a long row).
+fn by_pieces<E: Element>(x: &[E], out: &mut [E], f: impl Fn(&[E], &mut [E]) + Sync) {
+    if x.len() <= CHUNK {
+        f(x, out);
+    } else {
+        x.par_chunks(CHUNK)
+            .zip(out.par_chunks_mut(CHUNK))
+            .for_each(|(x, o)| f(x, o));
+    }
+}
+
+/// Softmax write pass for one row with its state.
+pub(crate) fn softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]) {
+    if state.is_fully_masked() {
+        out.fill(E::zero());
+        return;
+    }
+    let vector = fast();
+    by_pieces(row, out, |x, o| {
+        #[cfg(target_arch = "x86_64")]
+        if vector && avx2::softmax(x, state.max(), state.denominator(), o) {
+            return;
+        }
+        let _ = vector;
+        scalar::softmax_row(x, state, o);
+    });
+}
+
+/// Log-softmax write pass for one row with its state.
+pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]) {
+    if state.is_fully_masked() {
+        out.fill(E::from_f64(f64::NEG_INFINITY));
+        return;
+    }
+    let vector = fast();
+    by_pieces(row, out, |x, o| {
+        #[cfg(target_arch = "x86_64")]
+        if vector && avx2::log_softmax(x, state.max(), state.log1p_sum(), o) {
+            return;
+        }
+        let _ = vector;
+        scalar::log_softmax_row(x, state, o);
+    });
+}
+
+/// Softmax backward for one row.
+pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
+    #[cfg(target_arch = "x86_64")]
+    if fast() && avx2::softmax_backward(y, dy, dx) {
+        return;
+    }
+    scalar::softmax_backward_row(y, dy, dx);
+}
+
+/// Log-softmax backward for one row.
+pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
+    #[cfg(target_arch = "x86_64")]
+    if fast() && avx2::log_softmax_backward(y, dy, dx) {
+        return;
+    }
+    scalar::log_softmax_backward_row(y, dy, dx);
+}
+
+/// The vectorised cross-entropy write pass (see [`scalar::FastWrite`]) from `x` into `g`;
+/// returns `Σ_live (m − x_c)` (0 unless asked for).
+///
+/// # Panics
+/// Unless [`vector_scan`] holds for `E`.
+pub(crate) fn ce_grad<E: Element>(x: &[E], g: &mut [E], w: &scalar::FastWrite) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let one = |x: &[E], g: &mut [E]| {
+            avx2::ce_grad(x, w.max, w.c, w.b, w.sweep_distance, g).expect(NO_VECTOR_KERNEL)
+        };
+        if x.len() <= CHUNK {
+            return one(x, g);
+        }
+        let parts: Vec<f64> = x
+            .par_chunks(CHUNK)
+            .zip(g.par_chunks_mut(CHUNK))
+            .map(|(x, g)| one(x, g))
+            .collect();
+        parts.into_iter().sum()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, g, w);
+        unreachable!("{NO_VECTOR_KERNEL}")
+    }
+}
+
+/// `Σ_live (m − x_c)` by the same sweep as [`ce_grad`]'s (same bits), without writing.
+///
+/// # Panics
+/// Unless [`vector_scan`] holds for `E`.
+pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let one = |x: &[E]| avx2::live_distance(x, max).expect(NO_VECTOR_KERNEL);
+        if x.len() <= CHUNK {
+            return one(x);
+        }
+        let parts: Vec<f64> = x.par_chunks(CHUNK).map(one).collect();
+        parts.into_iter().sum()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, max);
+        unreachable!("{NO_VECTOR_KERNEL}")
+    }
+}
+
+/// [`ce_grad`] written over the logits.
+///
+/// # Panics
+/// Unless [`vector_scan`] holds for `E`.
+pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &scalar::FastWrite) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let one = |x: &mut [E]| {
+            avx2::ce_grad_in_place(x, w.max, w.c, w.b, w.sweep_distance).expect(NO_VECTOR_KERNEL)
+        };
+        if x.len() <= CHUNK {
+            return one(x);
+        }
+        let parts: Vec<f64> = x.par_chunks_mut(CHUNK).map(one).collect();
+        parts.into_iter().sum()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w);
+        unreachable!("{NO_VECTOR_KERNEL}")
+    }
+}
+
+const NO_VECTOR_KERNEL: &str = "vector CE write pass called where `vector_scan` is false";

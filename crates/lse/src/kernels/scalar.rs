@@ -35,7 +35,7 @@ impl LogitMap {
     }
 }
 
-/// What the read pass learns about one row.
+/// What the read pass learns about one row (or a run of whole blocks of it).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowScan {
     /// Max and sum-excluding-max of the mapped finite elements.
@@ -44,64 +44,78 @@ pub(crate) struct RowScan {
     pub(crate) first_non_finite: Option<usize>,
     /// Number of `-inf` elements (masked classes).
     pub(crate) masked: usize,
+    /// Smallest finite raw element (`+inf` when there is none).
+    pub(crate) finite_min: f64,
+    /// Largest finite raw element (`-inf` when there is none).
+    pub(crate) finite_max: f64,
+    /// NaN elements.
+    pub(crate) nan: usize,
+    /// `+inf` elements.
+    pub(crate) pos_inf: usize,
 }
 
-/// Sees every raw element of a row during the read pass (statistics for the logit monitor),
-/// told by the pass which kind each is, so it adds no classification of its own.
-/// `()` observes nothing and compiles away.
-pub(crate) trait RowObserver {
-    /// A finite element.
-    fn finite(&mut self, x: f64);
-    /// A `-inf` element.
-    fn masked(&mut self);
-    /// A NaN or `+inf` element.
-    fn non_finite(&mut self, x: f64);
+impl RowScan {
+    /// The scan of nothing.
+    pub(crate) const EMPTY: Self = Self {
+        state: RowState::EMPTY,
+        first_non_finite: None,
+        masked: 0,
+        finite_min: f64::INFINITY,
+        finite_max: f64::NEG_INFINITY,
+        nan: 0,
+        pos_inf: 0,
+    };
+
+    /// Appends the scan of the next part of the row, which starts at column `offset`.
+    #[must_use]
+    pub(crate) fn then(self, next: RowScan, offset: usize) -> RowScan {
+        RowScan {
+            state: self.state.merge(next.state),
+            first_non_finite: self
+                .first_non_finite
+                .or(next.first_non_finite.map(|c| c + offset)),
+            masked: self.masked + next.masked,
+            finite_min: self.finite_min.min(next.finite_min),
+            finite_max: self.finite_max.max(next.finite_max),
+            nan: self.nan + next.nan,
+            pos_inf: self.pos_inf + next.pos_inf,
+        }
+    }
 }
 
-impl RowObserver for () {
-    #[inline(always)]
-    fn finite(&mut self, _: f64) {}
-    #[inline(always)]
-    fn masked(&mut self) {}
-    #[inline(always)]
-    fn non_finite(&mut self, _: f64) {}
-}
-
-/// The online read pass: one sweep over the row.
+/// The online read pass: one sweep over the row, with `map` applied to the finite elements
+/// (the extremes and counts are of the raw elements).
 #[inline]
 pub(crate) fn scan_row<E: Element>(row: &[E], map: LogitMap) -> RowScan {
-    scan_row_observed(row, map, &mut ())
-}
-
-/// [`scan_row`], showing every raw element to `observer` in the same sweep.
-#[inline]
-pub(crate) fn scan_row_observed<E: Element, O: RowObserver>(
-    row: &[E],
-    map: LogitMap,
-    observer: &mut O,
-) -> RowScan {
-    let mut state = RowState::EMPTY;
-    let mut first_non_finite = None;
-    let mut masked = 0;
+    let mut scan = RowScan::EMPTY;
     for (column, &x) in row.iter().enumerate() {
         let x = x.to_f64();
         if x == f64::NEG_INFINITY {
-            masked += 1;
-            observer.masked();
+            scan.masked += 1;
         } else if x < f64::INFINITY {
-            observer.finite(x);
-            state.push(map.apply(x));
+            // Plain compare-and-select: `x` is finite, f64::min's NaN handling only costs time.
+            scan.finite_min = if x < scan.finite_min {
+                x
+            } else {
+                scan.finite_min
+            };
+            scan.finite_max = if x > scan.finite_max {
+                x
+            } else {
+                scan.finite_max
+            };
+            scan.state.push(map.apply(x));
         } else {
             // `x < inf` is false for NaN and +inf alike.
-            observer.non_finite(x);
-            first_non_finite.get_or_insert(column);
+            if x.is_nan() {
+                scan.nan += 1;
+            } else {
+                scan.pos_inf += 1;
+            }
+            scan.first_non_finite.get_or_insert(column);
         }
     }
-    RowScan {
-        state,
-        first_non_finite,
-        masked,
-    }
+    scan
 }
 
 /// `x − m − log1p(s')` without cancellation; a finite result below `−f64::MAX` saturates.
@@ -252,14 +266,13 @@ pub(crate) struct CeRow<'t, 'w, E> {
 }
 
 impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
-    /// The read pass over `row` (and over its probability targets).
+    /// Completes the read pass over `row` (its `scan`, from either kernel) with its targets.
     pub(crate) fn new(
         row: &[E],
+        scan: &RowScan,
         target: RowTarget<'t, E>,
         config: CeConfig<'w>,
-        observer: &mut impl RowObserver,
     ) -> Result<Self, RowFault> {
-        let scan = scan_row_observed(row, config.map, observer);
         let mut plan = CeRow {
             config,
             target,
@@ -386,6 +399,140 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             + self.smoothing_share * (self.live_weight - w)
     }
 
+    /// `∂(scale · loss)/∂x_c` for class `c` with raw logit `raw` (row not poisoned).
+    ///
+    /// The gradient of the loss itself (with the reduction's factor) saturates at the dtype's
+    /// `MAX`; the caller's factor is applied last and may overflow to `±inf`.
+    #[inline]
+    fn gradient(&self, c: usize, raw: f64, scale: GradScale, dtype_max: f64) -> f64 {
+        let mapped = self.config.map.apply(raw);
+        if self.denominator == 0.0 || mapped == f64::NEG_INFINITY {
+            return 0.0;
+        }
+        let mass = self.target_mass(c, mapped);
+        let e = exp_difference(mapped, self.max);
+        // S − e_i: s' at the max (e_i = 1), else 1 + (s' − e_i) ≥ 1.
+        let others = if e == 1.0 {
+            self.rest
+        } else {
+            1.0 + (self.rest - e)
+        };
+        let s = self.denominator;
+        let ce = (self.other_mass(c) * e - mass * others) / s;
+        // lse·p is formed first so that no inf·0 can occur.
+        let z = saturate(2.0 * self.config.z_loss * (self.lse * (e / s)));
+        let of_loss = saturate(scale.reduction * saturate(self.config.map.slope(raw) * (ce + z)));
+        scale.caller * of_loss.clamp(-dtype_max, dtype_max)
+    }
+
+    /// The row loss from `distance = Σ_c a_c (m − x_c)`.
+    fn loss(&self, distance: f64) -> f64 {
+        if self.infinite_loss {
+            f64::INFINITY
+        } else if self.denominator == 0.0 {
+            0.0
+        } else {
+            let z_term = saturate(self.config.z_loss * saturate(self.lse * self.lse));
+            saturate(distance + self.target_total() * self.log1p_sum + z_term)
+        }
+    }
+
+    /// The row's maximum (of the mapped logits).
+    pub(crate) fn max(&self) -> f64 {
+        self.max
+    }
+
+    /// True when the vectorised passes serve this row: a class target, no soft-cap, no class
+    /// weights together with smoothing, nothing non-finite, not fully masked.
+    fn vector_eligible(&self) -> bool {
+        matches!(self.target, RowTarget::Class(_))
+            && !self.poisoned
+            && !self.infinite_loss
+            && self.denominator != 0.0
+            && self.config.map == LogitMap::Identity
+            && !(self.smoothing_share > 0.0 && self.config.weights.is_some())
+    }
+
+    /// True when a loss-only call takes its smoothing distance from the vector kernel (the
+    /// same sweep as the fused write pass, so both give the same bits).
+    pub(crate) fn fast_loss_applies(&self) -> bool {
+        self.vector_eligible() && self.smoothing_share > 0.0
+    }
+
+    /// True when this row's gradient cancels so that it needs the scalar kernel's `s'` (and
+    /// the scalar write pass): probability targets, smoothing with class weights, or smoothing
+    /// whose share is larger than every gradient the row is known to have — the max class
+    /// (`e = 1`) and the target — where `c·e_i − share` loses the vector exp's digits.
+    pub(crate) fn needs_exact_state(&self, row: &[E]) -> bool {
+        let RowTarget::Class(target) = self.target else {
+            return true;
+        };
+        let share = self.smoothing_share;
+        if share == 0.0 || !self.vector_eligible() {
+            return share > 0.0 && self.config.weights.is_some();
+        }
+        let unit = GradScale {
+            reduction: 1.0,
+            caller: 1.0,
+        };
+        let raw = row[target].to_f64();
+        let target_grad = self.gradient(target, raw, unit, f64::MAX).abs();
+        let off_target_at_max = (self.per_probability() - share).abs();
+        let largest = if raw < self.max {
+            target_grad.max(off_target_at_max)
+        } else {
+            target_grad
+        };
+        largest < share
+    }
+
+    /// `(A + 2z·lse) / S`: off the target, `g_i = per_probability · e_i − share`.
+    fn per_probability(&self) -> f64 {
+        (self.target_total() + 2.0 * self.config.z_loss * self.lse) / self.denominator
+    }
+
+    /// The constants of the vectorised write pass, when it applies to this row (see
+    /// [`Self::vector_eligible`]) and its gradient cannot reach the dtype's edge.
+    pub(crate) fn fast_write(&self, row: &[E], scale: GradScale) -> Option<FastWrite> {
+        let RowTarget::Class(target) = self.target else {
+            return None;
+        };
+        if !self.vector_eligible() {
+            return None;
+        }
+        let (raw_target, dtype_max) = (row[target].to_f64(), E::MAX.to_f64());
+        let (per_probability, share) = (self.per_probability(), self.smoothing_share);
+        let reduction = scale.reduction;
+        if !(reduction * (per_probability.abs() + share) <= 0.5 * dtype_max) {
+            return None;
+        }
+        let c = scale.caller * (reduction * per_probability);
+        let b = scale.caller * (reduction * share);
+        if !(c.is_finite() && b.is_finite()) {
+            return None;
+        }
+        Some(FastWrite {
+            c,
+            b,
+            max: self.max,
+            target,
+            target_grad: self.gradient(target, raw_target, scale, dtype_max),
+            sweep_distance: self.loss_needs_every_class(),
+        })
+    }
+
+    /// The loss after a vectorised write pass that returned `Σ_live (m − x_c)` when asked.
+    pub(crate) fn fast_loss(&self, live_distance: f64) -> RowValues {
+        let mut distance = self.target_distance;
+        if self.smoothing_share > 0.0 {
+            distance.add(self.smoothing_share * live_distance);
+        }
+        RowValues {
+            loss: self.loss(distance.value()),
+            lse: self.lse,
+        }
+    }
+
     /// The write pass: calls `write(c, dloss/dx_c · scale)` for every class when `want_grad`,
     /// and returns the row's loss and logsumexp. `logits` yields the row's raw logits in order
     /// (read once, so the gradient may be written over them).
@@ -407,8 +554,6 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
                 lse: f64::NAN,
             };
         }
-        let fully_masked = self.denominator == 0.0;
-        let z_twice_lse = 2.0 * self.config.z_loss;
         let dtype_max = E::MAX.to_f64();
         // Σ_c a_c (m − x_c): from the sweep below, or from the target class alone.
         let sweep_loss = self.loss_needs_every_class();
@@ -420,47 +565,32 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         if want_grad || sweep_loss {
             for (c, x) in logits.enumerate() {
                 let raw = x.to_f64();
-                let mapped = self.config.map.apply(raw);
-                let mass = self.target_mass(c, mapped);
                 if sweep_loss {
-                    add_distance(&mut distance, mass, self.max, mapped);
+                    let mapped = self.config.map.apply(raw);
+                    add_distance(&mut distance, self.target_mass(c, mapped), self.max, mapped);
                 }
                 if want_grad {
-                    let g = if fully_masked || mapped == f64::NEG_INFINITY {
-                        0.0
-                    } else {
-                        let e = exp_difference(mapped, self.max);
-                        // S − e_i: s' at the max (e_i = 1), else 1 + (s' − e_i) ≥ 1.
-                        let others = if e == 1.0 {
-                            self.rest
-                        } else {
-                            1.0 + (self.rest - e)
-                        };
-                        let s = self.denominator;
-                        let ce = (self.other_mass(c) * e - mass * others) / s;
-                        // lse·p is formed first so that no inf·0 can occur.
-                        let z = saturate(z_twice_lse * (self.lse * (e / s)));
-                        let of_loss = saturate(
-                            scale.reduction * saturate(self.config.map.slope(raw) * (ce + z)),
-                        );
-                        scale.caller * of_loss.clamp(-dtype_max, dtype_max)
-                    };
-                    // No saturation here: only the caller's factor can overflow now.
-                    write(c, E::from_f64(g));
+                    // No saturation of the product: only the caller's factor can overflow.
+                    write(c, E::from_f64(self.gradient(c, raw, scale, dtype_max)));
                 }
             }
         }
-        let loss = if self.infinite_loss {
-            f64::INFINITY
-        } else if fully_masked {
-            0.0
-        } else {
-            let z_term = saturate(self.config.z_loss * saturate(self.lse * self.lse));
-            saturate(distance.value() + self.target_total() * self.log1p_sum + z_term)
-        };
         RowValues {
-            loss,
+            loss: self.loss(distance.value()),
             lse: self.lse,
         }
     }
+}
+
+/// The vectorised cross-entropy write pass of one row: `g_i = c · exp(x_i − max) − b` on live
+/// classes, 0 on masked ones, then `target_grad` at `target`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FastWrite {
+    pub(crate) c: f64,
+    pub(crate) b: f64,
+    pub(crate) max: f64,
+    pub(crate) target: usize,
+    pub(crate) target_grad: f64,
+    /// The loss needs `Σ_live (m − x_c)` from the pass (label smoothing).
+    pub(crate) sweep_distance: bool,
 }

@@ -2,12 +2,15 @@
 
 use core::cell::Cell;
 
-use super::{expect_len, non_finite_logit, row_count, NonFinite};
+use super::{expect_len, non_finite_logit, row_count, rows_per_task, NonFinite};
 use crate::element::{Element, Stat};
 use crate::error::{LseError, Result};
-use crate::guard::{LogitStats, StatsBuilder};
-use crate::kernels::scalar::{
-    CeConfig, CeRow, GradScale, LogitMap, RowFault, RowTarget, RowValues,
+use rayon::prelude::*;
+
+use crate::guard::{ElementTally, LogitStats, StatsBuilder};
+use crate::kernels::{
+    self,
+    scalar::{CeConfig, CeRow, GradScale, LogitMap, RowFault, RowScan, RowTarget, RowValues},
 };
 use crate::state::{saturate, CompensatedSum};
 
@@ -143,7 +146,6 @@ pub struct CrossEntropyOutput<S> {
 /// The checked, per-call state of a cross-entropy call.
 struct Batch<'a, E: Element> {
     classes: usize,
-    rows: usize,
     targets: Targets<'a, E>,
     config: CeConfig<'a>,
     options: &'a CrossEntropyOptions<'a>,
@@ -274,7 +276,6 @@ impl<'a, E: Element> Batch<'a, E> {
         let keep_rows = |keep: bool| keep.then(|| vec![E::Stat::zero(); rows]);
         Ok(Self {
             classes,
-            rows,
             targets,
             config: CeConfig {
                 weights: o.weights,
@@ -315,29 +316,163 @@ impl<'a, E: Element> Batch<'a, E> {
         GradScale { reduction, caller }
     }
 
-    /// The read pass of row `r`; `None` for an ignored row.
-    fn plan_row(&mut self, r: usize, row: &[E]) -> Result<Option<CeRow<'a, 'a, E>>> {
+    /// Row `r` from its read pass to its loss, writing its gradient as `io` asks; `None` for
+    /// an ignored row.
+    fn row(
+        &self,
+        r: usize,
+        io: RowIo<'_, E>,
+        tally: Option<&mut ElementTally>,
+    ) -> Result<Option<RowValues>> {
         let target = match self.targets {
-            Targets::Classes(t) if Some(t[r]) == self.options.ignore_index => return Ok(None),
+            Targets::Classes(t) if Some(t[r]) == self.options.ignore_index => {
+                io.zero_grad();
+                return Ok(None);
+            }
             // In range: checked by `new`.
             Targets::Classes(t) => RowTarget::Class(t[r] as usize),
             Targets::Probabilities(p) => {
                 RowTarget::Probabilities(&p[r * self.classes..(r + 1) * self.classes])
             }
         };
-        let plan = match &mut self.stats {
-            Some(stats) => CeRow::new(row, target, self.config, stats.tally()),
-            None => CeRow::new(row, target, self.config, &mut ()),
+        let map = self.config.map;
+        let logits = io.logits();
+        // The vector scan's s' is good to a fraction of an f32 ulp: enough for the vector
+        // write pass and for a loss, whose terms never cancel. Rows whose gradient subtracts
+        // nearly equal numbers (p_i − q_i with probability targets, smoothing that matches the
+        // prediction) or whose z-loss needs a cancelling lse are read again by the scalar
+        // kernel and written by the scalar pass. The choice depends on the row alone, never on
+        // whether a gradient is asked for, so the loss is the same bits either way.
+        let exact = |row: &[E]| kernels::scan_exact(row, map);
+        let probabilities = matches!(target, RowTarget::Probabilities(_));
+        let vector = kernels::vector_scan::<E>(map) && !probabilities;
+        let scan = if vector {
+            kernels::scan_mapped(logits, map)
+        } else {
+            exact(logits)
         };
-        plan.map(Some).map_err(|fault| match fault {
-            RowFault::NonFinite { column, .. } => non_finite_logit(r, column, row[column]),
-            RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
-            RowFault::BadProbability { column, value } => LseError::BadProbability {
-                row: r,
-                column,
-                value,
-            },
-        })
+        if let Some(tally) = tally {
+            tally.add(&scan);
+        }
+        let plan_of = |scan: &RowScan| {
+            CeRow::new(logits, scan, target, self.config).map_err(|fault| match fault {
+                RowFault::NonFinite { column, .. } => non_finite_logit(r, column, logits[column]),
+                RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
+                RowFault::BadProbability { column, value } => LseError::BadProbability {
+                    row: r,
+                    column,
+                    value,
+                },
+            })
+        };
+        let mut plan = plan_of(&scan)?;
+        let lse_cancels = self.config.z_loss > 0.0
+            && scan.first_non_finite.is_none()
+            && !kernels::lse_well_conditioned(&scan.state);
+        let vector = if vector && (lse_cancels || plan.needs_exact_state(logits)) {
+            plan = plan_of(&exact(logits))?;
+            false
+        } else {
+            vector
+        };
+        let scale = self.grad_scale(r);
+        let fast = if vector && !matches!(io, RowIo::Loss(_)) {
+            plan.fast_write(logits, scale)
+        } else {
+            None
+        };
+        let values = match (io, fast) {
+            (RowIo::Loss(x), _) if vector && plan.fast_loss_applies() => {
+                plan.fast_loss(kernels::live_distance(x, plan.max()))
+            }
+            (RowIo::Loss(x), _) => plan.finish(x.iter().copied(), scale, false, |_, _| {}),
+            (RowIo::Grad(x, g), Some(w)) => {
+                let distance = kernels::ce_grad(x, g, &w);
+                g[w.target] = E::from_f64(w.target_grad);
+                plan.fast_loss(distance)
+            }
+            (RowIo::Grad(x, g), None) => {
+                plan.finish(x.iter().copied(), scale, true, |c, v| g[c] = v)
+            }
+            (RowIo::InPlace(x), Some(w)) => {
+                let distance = kernels::ce_grad_in_place(x, &w);
+                x[w.target] = E::from_f64(w.target_grad);
+                plan.fast_loss(distance)
+            }
+            (RowIo::InPlace(x), None) => {
+                // Each element is read before it is overwritten: the row is its own gradient
+                // buffer.
+                let cells = Cell::from_mut(x).as_slice_of_cells();
+                plan.finish(cells.iter().map(Cell::get), scale, true, |c, v| {
+                    cells[c].set(v);
+                })
+            }
+        };
+        Ok(Some(values))
+    }
+
+    /// A task's rows, in order; stops at the first row with an error.
+    fn task<'r>(
+        &self,
+        first_row: usize,
+        rows: impl Iterator<Item = RowIo<'r, E>>,
+    ) -> Result<TaskOutcome> {
+        let mut outcome = TaskOutcome {
+            values: Vec::new(),
+            tally: self.stats.as_ref().map(|_| ElementTally::default()),
+        };
+        for (i, io) in rows.enumerate() {
+            let values = self.row(first_row + i, io, outcome.tally.as_mut())?;
+            outcome.values.push(values);
+        }
+        Ok(outcome)
+    }
+
+    /// Runs the rows of `logits` on rayon's pool in tasks of whole rows, the gradient going
+    /// where `grad` says, then reduces the tasks' outcomes in row order (so the loss is bitwise
+    /// the same for any number of threads). The error is that of the smallest failing row.
+    fn run(mut self, logits: Logits<'_, E>) -> Result<CrossEntropyOutput<E::Stat>> {
+        let rows_per = rows_per_task(self.classes);
+        let (per, classes) = (rows_per * self.classes, self.classes);
+        let this = &self;
+        let outcomes: Vec<Result<TaskOutcome>> = match logits {
+            Logits::Loss(x) => x
+                .par_chunks(per)
+                .enumerate()
+                .map(|(t, x)| this.task(t * rows_per, x.chunks_exact(classes).map(RowIo::Loss)))
+                .collect(),
+            Logits::Grad(x, g) => x
+                .par_chunks(per)
+                .zip(g.par_chunks_mut(per))
+                .enumerate()
+                .map(|(t, (x, g))| {
+                    let rows = x.chunks_exact(classes).zip(g.chunks_exact_mut(classes));
+                    this.task(t * rows_per, rows.map(|(x, g)| RowIo::Grad(x, g)))
+                })
+                .collect(),
+            Logits::InPlace(x) => x
+                .par_chunks_mut(per)
+                .enumerate()
+                .map(|(t, x)| {
+                    this.task(
+                        t * rows_per,
+                        x.chunks_exact_mut(classes).map(RowIo::InPlace),
+                    )
+                })
+                .collect(),
+        };
+        let mut r = 0;
+        for outcome in outcomes {
+            let outcome = outcome?;
+            if let (Some(stats), Some(tally)) = (self.stats.as_mut(), outcome.tally.as_ref()) {
+                stats.merge_tally(tally);
+            }
+            for values in outcome.values {
+                self.record(r, values);
+                r += 1;
+            }
+        }
+        Ok(self.finish())
     }
 
     /// Records the loss and lse of row `r` (`None`: ignored).
@@ -476,35 +611,50 @@ fn fused<E: Element>(
     targets: Targets<'_, E>,
     options: &CrossEntropyOptions<'_>,
     grad_output: GradOutput<'_, E::Stat>,
-    mut grad: Option<&mut [E]>,
+    grad: Option<&mut [E]>,
 ) -> Result<CrossEntropyOutput<E::Stat>> {
-    let mut batch = Batch::new(logits.len(), classes, targets, options, grad_output)?;
-    for r in 0..batch.rows {
-        let row = &logits[r * classes..(r + 1) * classes];
-        let grad_row = grad
-            .as_deref_mut()
-            .map(|g| &mut g[r * classes..(r + 1) * classes]);
-        let values = match (batch.plan_row(r, row)?, grad_row) {
-            (None, Some(g)) => {
-                g.fill(E::zero());
-                None
-            }
-            (None, None) => None,
-            (Some(plan), Some(g)) => {
-                let scale = batch.grad_scale(r);
-                Some(plan.finish(row.iter().copied(), scale, true, |c, v| g[c] = v))
-            }
-            (Some(plan), None) => {
-                let unused = GradScale {
-                    reduction: 0.0,
-                    caller: 0.0,
-                };
-                Some(plan.finish(row.iter().copied(), unused, false, |_, _| {}))
-            }
-        };
-        batch.record(r, values);
+    let batch = Batch::new(logits.len(), classes, targets, options, grad_output)?;
+    batch.run(match grad {
+        Some(g) => Logits::Grad(logits, g),
+        None => Logits::Loss(logits),
+    })
+}
+
+/// The logits of a call and where their gradient goes.
+enum Logits<'x, E> {
+    Loss(&'x [E]),
+    Grad(&'x [E], &'x mut [E]),
+    InPlace(&'x mut [E]),
+}
+
+/// One row's logits and where its gradient goes.
+enum RowIo<'r, E> {
+    Loss(&'r [E]),
+    Grad(&'r [E], &'r mut [E]),
+    InPlace(&'r mut [E]),
+}
+
+impl<E: Element> RowIo<'_, E> {
+    fn logits(&self) -> &[E] {
+        match self {
+            RowIo::Loss(x) | RowIo::Grad(x, _) => x,
+            RowIo::InPlace(x) => x,
+        }
     }
-    Ok(batch.finish())
+
+    /// An ignored row: its gradient is 0.
+    fn zero_grad(self) {
+        match self {
+            RowIo::Loss(_) => {}
+            RowIo::Grad(_, g) | RowIo::InPlace(g) => g.fill(E::zero()),
+        }
+    }
+}
+
+/// What one task of rows hands to the in-order reduction.
+struct TaskOutcome {
+    values: Vec<Option<RowValues>>,
+    tally: Option<ElementTally>,
 }
 
 /// [`cross_entropy_with_grad`] writing the gradient over the logits, with no gradient buffer
@@ -530,25 +680,6 @@ pub fn cross_entropy_in_place<E: Element>(
     options: &CrossEntropyOptions<'_>,
     grad_output: GradOutput<'_, E::Stat>,
 ) -> Result<CrossEntropyOutput<E::Stat>> {
-    let mut batch = Batch::new(logits.len(), classes, targets, options, grad_output)?;
-    for (r, row) in logits.chunks_exact_mut(classes).enumerate() {
-        let values = match batch.plan_row(r, row)? {
-            None => {
-                row.fill(E::zero());
-                None
-            }
-            Some(plan) => {
-                // Each element is read before it is overwritten: the row is its own gradient buffer.
-                let cells = Cell::from_mut(row).as_slice_of_cells();
-                let scale = batch.grad_scale(r);
-                Some(
-                    plan.finish(cells.iter().map(Cell::get), scale, true, |c, v| {
-                        cells[c].set(v);
-                    }),
-                )
-            }
-        };
-        batch.record(r, values);
-    }
-    Ok(batch.finish())
+    let batch = Batch::new(logits.len(), classes, targets, options, grad_output)?;
+    batch.run(Logits::InPlace(logits))
 }

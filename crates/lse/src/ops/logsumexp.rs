@@ -1,9 +1,9 @@
 //! `logsumexp` per row.
 
-use super::{expect_len, non_finite_logit, row_count, NonFinite};
+use super::{expect_len, non_finite_logit, par_rows, row_count, NonFinite};
 use crate::element::Element;
 use crate::error::Result;
-use crate::kernels::scalar::{scan_row, LogitMap};
+use crate::kernels;
 
 /// Writes `log Σ_j exp(x_rj)` of every row of `logits` (`rows × classes`, row-major) into `out`,
 /// as `m + log1p(Σ_{j≠k} exp(x_rj − m))` with `m` the row max: finite for every finite row.
@@ -50,13 +50,13 @@ pub fn logsumexp_with<E: Element>(
 ) -> Result<()> {
     let rows = row_count("logits", logits.len(), classes)?;
     expect_len("logsumexp output", rows, out.len())?;
-    for (r, (row, o)) in logits.chunks_exact(classes).zip(out).enumerate() {
-        let scan = scan_row(row, LogitMap::Identity);
-        *o = match (scan.first_non_finite, policy) {
-            (None, _) => E::Stat::from_f64(scan.state.logsumexp()),
+    par_rows(logits, classes, out, 1, |r, row, o| {
+        let scan = kernels::scan(row);
+        o[0] = match (scan.first_non_finite, policy) {
+            (None, _) => E::Stat::from_f64(kernels::logsumexp(row, &scan)),
             (Some(_), NonFinite::Propagate) => E::Stat::from_f64(f64::NAN),
             (Some(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
         };
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -1,12 +1,11 @@
 //! `softmax` and `log_softmax`, forward and backward.
 
-use super::{expect_len, non_finite_logit, row_count, NonFinite};
+use rayon::prelude::*;
+
+use super::{expect_len, non_finite_logit, par_rows, row_count, rows_per_task, NonFinite};
 use crate::element::Element;
 use crate::error::Result;
-use crate::kernels::scalar::{
-    log_softmax_backward_row, log_softmax_row, scan_row, softmax_backward_row, softmax_row,
-    LogitMap,
-};
+use crate::kernels;
 use crate::state::RowState;
 
 /// Read pass then write pass over every row; `write_row` turns a row and its state into outputs.
@@ -19,18 +18,15 @@ fn forward<E: Element>(
 ) -> Result<()> {
     row_count("logits", logits.len(), classes)?;
     expect_len("output", logits.len(), out.len())?;
-    let rows = logits
-        .chunks_exact(classes)
-        .zip(out.chunks_exact_mut(classes));
-    for (r, (row, out_row)) in rows.enumerate() {
-        let scan = scan_row(row, LogitMap::Identity);
+    par_rows(logits, classes, out, classes, |r, row, out_row| {
+        let scan = kernels::scan(row);
         match (scan.first_non_finite, policy) {
             (None, _) => write_row(row, &scan.state, out_row),
             (Some(_), NonFinite::Propagate) => out_row.fill(E::from_f64(f64::NAN)),
             (Some(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Writes `softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m)` of every row of `logits`
@@ -73,7 +69,7 @@ pub fn softmax_with<E: Element>(
     out: &mut [E],
     policy: NonFinite,
 ) -> Result<()> {
-    forward(logits, classes, out, policy, softmax_row)
+    forward(logits, classes, out, policy, kernels::softmax)
 }
 
 /// Writes `log_softmax(x)_i = (x_i − m) − log1p(Σ_{j≠k} exp(x_j − m))` of every row into `out`.
@@ -104,7 +100,7 @@ pub fn log_softmax_with<E: Element>(
     out: &mut [E],
     policy: NonFinite,
 ) -> Result<()> {
-    forward(logits, classes, out, policy, log_softmax_row)
+    forward(logits, classes, out, policy, kernels::log_softmax)
 }
 
 /// Checks the shapes of a backward call and runs `row_fn` on every row.
@@ -118,13 +114,20 @@ fn backward<E: Element>(
     row_count("forward output", output.len(), classes)?;
     expect_len("output gradient", output.len(), grad_output.len())?;
     expect_len("input gradient", output.len(), grad_input.len())?;
-    let rows = output
-        .chunks_exact(classes)
-        .zip(grad_output.chunks_exact(classes))
-        .zip(grad_input.chunks_exact_mut(classes));
-    for ((y, dy), dx) in rows {
-        row_fn(y, dy, dx);
-    }
+    let task = rows_per_task(classes) * classes;
+    output
+        .par_chunks(task)
+        .zip(grad_output.par_chunks(task))
+        .zip(grad_input.par_chunks_mut(task))
+        .for_each(|((y, dy), dx)| {
+            let rows = y
+                .chunks_exact(classes)
+                .zip(dy.chunks_exact(classes))
+                .zip(dx.chunks_exact_mut(classes));
+            for ((y, dy), dx) in rows {
+                row_fn(y, dy, dx);
+            }
+        });
     Ok(())
 }
 
@@ -143,7 +146,7 @@ fn backward<E: Element>(
 /// # Panics
 /// Never.
 pub fn softmax_backward<E: Element>(y: &[E], dy: &[E], classes: usize, dx: &mut [E]) -> Result<()> {
-    backward(y, dy, classes, dx, softmax_backward_row)
+    backward(y, dy, classes, dx, kernels::softmax_backward)
 }
 
 /// The gradient of [`log_softmax`]: given its output `y` and `dy`, writes
@@ -160,5 +163,5 @@ pub fn log_softmax_backward<E: Element>(
     classes: usize,
     dx: &mut [E],
 ) -> Result<()> {
-    backward(y, dy, classes, dx, log_softmax_backward_row)
+    backward(y, dy, classes, dx, kernels::log_softmax_backward)
 }
