@@ -129,22 +129,22 @@ unsafe fn exp_shifted<const ZERO_TIES: bool>(
     // 1 + q = 0 in the zeroed lanes (their r may be NaN: x = −inf gives inf − inf).
     let q = _mm256_blendv_ps(q, _mm256_set1_ps(-1.0), zero);
     let k = _mm256_cvtps_epi32(k);
-    let bias = _mm256_set1_epi64x(1023);
-    let scale = |k: __m128i| {
-        _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(
-            _mm256_cvtepi32_epi64(k),
-            bias,
-        )))
-    };
     let (scale_lo, scale_hi) = (
-        scale(_mm256_castsi256_si128(k)),
-        scale(_mm256_extracti128_si256::<1>(k)),
+        power_of_two(_mm256_castsi256_si128(k)),
+        power_of_two(_mm256_extracti128_si256::<1>(k)),
     );
     let (q_lo, q_hi) = widen(q);
     (
         _mm256_fmadd_pd(q_lo, scale_lo, scale_lo),
         _mm256_fmadd_pd(q_hi, scale_hi, scale_hi),
     )
+}
+
+/// `2^k` as `f64` for four `i32` exponents in the normal range.
+#[inline(always)]
+unsafe fn power_of_two(k: __m128i) -> __m256d {
+    let biased = _mm256_add_epi64(_mm256_cvtepi32_epi64(k), _mm256_set1_epi64x(1023));
+    _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased))
 }
 
 /// `f32x8` → two `f64x4` (exact).
@@ -197,17 +197,49 @@ fn neg_inf<E: Element>() -> E {
     E::from_f64(f64::NEG_INFINITY)
 }
 
-/// Calls `f` on each full vector of `row` and on the padded tail (padding `fill`).
-#[inline(always)]
-unsafe fn for_each_vector<E: Lanes>(row: &[E], fill: E, mut f: impl FnMut(__m256)) {
-    let (body, tail) = row.split_at(row.len() / 8 * 8);
-    for v in body.chunks_exact(8) {
-        f(E::load8(v.as_ptr()));
-    }
-    if !tail.is_empty() {
-        let buf = padded(tail, fill);
-        f(E::load8(buf.as_ptr()));
-    }
+/// Runs `$body` with `$x` bound to each vector of `$row` (`&[$e]`), the last one padded with
+/// `−inf`. A macro, not a closure: closures do not inherit `#[target_feature]`, and their
+/// intrinsics would become calls.
+macro_rules! for_each_vector {
+    ($e:ty, $row:expr, |$x:ident| $body:block) => {{
+        let row: &[$e] = $row;
+        let (body, tail) = row.split_at(row.len() / 8 * 8);
+        for v in body.chunks_exact(8) {
+            let $x = <$e as Lanes>::load8(v.as_ptr());
+            $body
+        }
+        if !tail.is_empty() {
+            let buf = padded(tail, neg_inf::<$e>());
+            let $x = <$e as Lanes>::load8(buf.as_ptr());
+            $body
+        }
+    }};
+}
+
+/// Evaluates `$body` (two `f64x4`) for each vector `$v` read at `$x` and stores it at `$out`,
+/// `$len` elements (the tail padded with `−inf`). `$x` and `$out` may be the same memory: every
+/// vector is read before it is written.
+macro_rules! map_vectors {
+    ($e:ty, $x:expr, $out:expr, $len:expr, |$v:ident| $body:block) => {{
+        let (x, out, len): (*const $e, *mut $e, usize) = ($x, $out, $len);
+        let body = len / 8 * 8;
+        let mut i = 0;
+        while i < body {
+            let $v = <$e as Lanes>::load8(x.add(i));
+            let (lo, hi) = $body;
+            <$e as Lanes>::store8(out.add(i), lo, hi);
+            i += 8;
+        }
+        let tail = len - body;
+        if tail > 0 {
+            let buf = padded(core::slice::from_raw_parts(x.add(body), tail), neg_inf::<$e>());
+            let mut result = [<$e as Element>::zero(); 8];
+            let $v = <$e as Lanes>::load8(buf.as_ptr());
+            let (lo, hi) = $body;
+            <$e as Lanes>::store8(result.as_mut_ptr(), lo, hi);
+            core::ptr::copy_nonoverlapping(result.as_ptr(), out.add(body), tail);
+        }
+    }};
 }
 
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
@@ -223,7 +255,7 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
         // Sweep 1: max, min of finite elements, −inf count, NaN/+inf flag.
         let (mut hi, mut lo, mut bad) = (minus_inf, inf, _mm256_setzero_ps());
         let mut masked_lanes = _mm256_setzero_si256();
-        for_each_vector(block, neg_inf(), |x| {
+        for_each_vector!(E, block, |x| {
             hi = _mm256_max_ps(hi, x);
             let is_masked = _mm256_cmp_ps::<_CMP_EQ_OQ>(x, minus_inf);
             lo = _mm256_min_ps(lo, _mm256_blendv_ps(x, inf, is_masked));
@@ -245,7 +277,7 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
         let neg_m = _mm256_set1_ps(-block_max);
         let (mut sum_lo, mut sum_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         let mut ties = _mm256_setzero_si256();
-        for_each_vector(block, neg_inf(), |x| {
+        for_each_vector!(E, block, |x| {
             let (e_lo, e_hi) = exp_shifted::<true>(x, m, neg_m);
             sum_lo = _mm256_add_pd(sum_lo, e_lo);
             sum_hi = _mm256_add_pd(sum_hi, e_hi);
@@ -266,38 +298,12 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
     })
 }
 
-/// Applies `f` to each vector of `x`, storing its two `f64x4` results into `out` (same length;
-/// `x` and `out` may be the same memory: every vector is read before it is written).
-#[inline(always)]
-unsafe fn map_vectors<E: Lanes>(
-    x: *const E,
-    out: *mut E,
-    len: usize,
-    mut f: impl FnMut(__m256) -> (__m256d, __m256d),
-) {
-    let body = len / 8 * 8;
-    let mut i = 0;
-    while i < body {
-        let (lo, hi) = f(E::load8(x.add(i)));
-        E::store8(out.add(i), lo, hi);
-        i += 8;
-    }
-    let tail = len - body;
-    if tail > 0 {
-        let buf = padded(core::slice::from_raw_parts(x.add(body), tail), neg_inf());
-        let mut result = [E::zero(); 8];
-        let (lo, hi) = f(E::load8(buf.as_ptr()));
-        E::store8(result.as_mut_ptr(), lo, hi);
-        core::ptr::copy_nonoverlapping(result.as_ptr(), out.add(body), tail);
-    }
-}
-
 /// `softmax_i = exp(x_i − m) / S` (row not fully masked).
 #[inline(always)]
 unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f32, denominator: f64, out: &mut [E]) {
     let (m, neg_m) = (_mm256_set1_ps(max), _mm256_set1_ps(-max));
     let inv = _mm256_set1_pd(1.0 / denominator);
-    map_vectors(x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
+    map_vectors!(E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
         let (lo, hi) = exp_shifted::<false>(v, m, neg_m);
         (_mm256_mul_pd(lo, inv), _mm256_mul_pd(hi, inv))
     });
@@ -309,14 +315,20 @@ unsafe fn log_softmax_impl<E: Lanes>(x: &[E], max: f32, log1p_sum: f64, out: &mu
     let (m, l) = (_mm256_set1_pd(f64::from(max)), _mm256_set1_pd(log1p_sum));
     let floor = _mm256_set1_pd(-E::MAX.to_f64());
     let minus_inf = _mm256_set1_pd(f64::NEG_INFINITY);
-    let one = |x: __m256d| {
-        let v = _mm256_max_pd(_mm256_sub_pd(_mm256_sub_pd(x, m), l), floor);
-        _mm256_blendv_pd(v, minus_inf, _mm256_cmp_pd::<_CMP_EQ_OQ>(x, minus_inf))
-    };
-    map_vectors(x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
+    map_vectors!(E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
         let (lo, hi) = widen(v);
-        (one(lo), one(hi))
+        (
+            log_prob(lo, m, l, floor, minus_inf),
+            log_prob(hi, m, l, floor, minus_inf),
+        )
     });
+}
+
+/// `max((x − m) − l, floor)`, `−inf` where `x` is.
+#[inline(always)]
+unsafe fn log_prob(x: __m256d, m: __m256d, l: __m256d, floor: __m256d, minus_inf: __m256d) -> __m256d {
+    let v = _mm256_max_pd(_mm256_sub_pd(_mm256_sub_pd(x, m), l), floor);
+    _mm256_blendv_pd(v, minus_inf, _mm256_cmp_pd::<_CMP_EQ_OQ>(x, minus_inf))
 }
 
 /// The cross-entropy gradient `g_i = c · exp(x_i − m) − b_i`, with `b_i = b` on live classes
@@ -335,7 +347,7 @@ unsafe fn ce_grad_impl<E: Lanes, const SWEEP: bool>(
     let (c, b) = (_mm256_set1_pd(c), _mm256_set1_pd(b));
     let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut distance = Distance::new(max);
-    map_vectors(x, g, len, |v| {
+    map_vectors!(E, x, g, len, |v| {
         let (e_lo, e_hi) = exp_shifted::<false>(v, m, neg_m);
         let (live_lo, live_hi) = live_mask(v, minus_inf);
         if SWEEP {
@@ -395,7 +407,7 @@ impl Distance {
 unsafe fn live_distance_impl<E: Lanes>(x: &[E], max: f32) -> f64 {
     let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut distance = Distance::new(max);
-    for_each_vector(x, neg_inf(), |v| {
+    for_each_vector!(E, x, |v| {
         let (live_lo, live_hi) = live_mask(v, minus_inf);
         distance.add(v, live_lo, live_hi);
     });
@@ -434,16 +446,12 @@ unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
     let dot = _mm256_set1_pd(dot_impl(y, dy, true));
     let len = y.len();
     let body = len / 8 * 8;
-    let one = |y: __m256, d: __m256| {
-        let ((y_lo, y_hi), (d_lo, d_hi)) = (widen(y), widen(d));
-        (
-            _mm256_mul_pd(y_lo, _mm256_sub_pd(d_lo, dot)),
-            _mm256_mul_pd(y_hi, _mm256_sub_pd(d_hi, dot)),
-        )
-    };
     let mut i = 0;
     while i < body {
-        let (lo, hi) = one(E::load8(y.as_ptr().add(i)), E::load8(dy.as_ptr().add(i)));
+        let (y_lo, y_hi) = widen(E::load8(y.as_ptr().add(i)));
+        let (d_lo, d_hi) = widen(E::load8(dy.as_ptr().add(i)));
+        let lo = _mm256_mul_pd(y_lo, _mm256_sub_pd(d_lo, dot));
+        let hi = _mm256_mul_pd(y_hi, _mm256_sub_pd(d_hi, dot));
         E::store8(dx.as_mut_ptr().add(i), lo, hi);
         i += 8;
     }
@@ -459,7 +467,7 @@ unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
 unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -> bool {
     let mut out_of_range = _mm256_setzero_ps();
     let zero = _mm256_setzero_ps();
-    for_each_vector(y, neg_inf(), |v| {
+    for_each_vector!(E, y, |v| {
         out_of_range = _mm256_or_ps(out_of_range, _mm256_cmp_ps::<_CMP_NLE_UQ>(v, zero));
     });
     if _mm256_movemask_ps(out_of_range) != 0 {
