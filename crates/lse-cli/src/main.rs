@@ -4,6 +4,7 @@
 //! prints as one line on stderr with exit status 2.
 
 mod audit;
+mod bench;
 mod demo;
 mod dtype;
 mod error;
@@ -42,6 +43,8 @@ enum Command {
     Audit(audit::Args),
     /// Apply a stable op to a dumped tensor and write the result as .npy
     Eval(eval::Args),
+    /// Time the ops on chosen shapes, dtypes and threads against this machine's copy bandwidth
+    Bench(bench::Args),
 }
 
 impl Command {
@@ -53,6 +56,7 @@ impl Command {
             Command::Demo(args) => demo::run(args, out),
             Command::Audit(args) => audit::run(args, out),
             Command::Eval(args) => eval::run(args, out),
+            Command::Bench(args) => bench::run(args, out),
         }
     }
 }

@@ -9,149 +9,15 @@
 //! expected and computed values and the error, so the library can be fixed from the message.
 //!
 //! `cargo run --release -p lse --example accuracy_table` prints the same measurement as a table.
+//! This binary measures the kernel dispatched on this CPU; `accuracy_scalar.rs` runs the same
+//! tests on the scalar reference kernel.
 
-#[path = "support/measure.rs"]
-mod measure;
-#[path = "support/oracle.rs"]
-mod oracle;
+/// The kernel family measured here: whatever this CPU dispatches to.
+const KERNEL: lse::Kernel = lse::Kernel::Auto;
 
-use std::sync::OnceLock;
+include!("support/accuracy_tests.rs");
 
-use lse::{bf16, f16, CrossEntropyOptions, DType, Element, Reduction, Targets};
-use measure::{Op, Plan, Report};
-use oracle::{big, exp_neg, exp_reference, to_f64, ulp_error, CeSpec, ExactRow};
-
-/// The measurement, shared by every test of this file (the first test to ask computes it, on all
-/// cores; the others wait for it instead of repeating the oracle's work).
-fn report() -> &'static Report {
-    static REPORT: OnceLock<Report> = OnceLock::new();
-    REPORT.get_or_init(|| measure::run(&Plan::test()))
-}
-
-/// Asserts the DESIGN §3 target of every (dtype, distribution) cell of `ops`, listing all
-/// failing cells with their worst input at once.
-fn assert_targets(ops: &[Op]) {
-    let report = report();
-    let failures = report.failures(ops);
-    assert!(
-        failures.is_empty(),
-        "{} cell(s) above the DESIGN §3 target:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_logsumexp() {
-    // f32/f16/bf16 input: f32 output ≤ 2 ulp. f64: ≤ 2κ ulp, κ the condition number of
-    // m + log1p(s') (κ = 1 when the row max is ≥ 0).
-    assert_targets(&[Op::LogSumExp]);
-}
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_log_softmax() {
-    // Every entry, the max entry (−log1p(s'), tiny for confident rows) included.
-    assert_targets(&[Op::LogSoftmax]);
-}
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_softmax() {
-    assert_targets(&[Op::Softmax]);
-}
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_loss() {
-    // Per-row losses, tiny ones (even rows target the argmax) included.
-    assert_targets(&[Op::CeLoss]);
-}
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_grad() {
-    assert_targets(&[Op::CeGrad]);
-}
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_options() {
-    // Label smoothing, class weights, z-loss, soft-capping and all of them together; failures
-    // are listed per option variant (worst over all distributions) to pin them on one option.
-    let failures = report().variant_failures();
-    assert!(
-        failures.is_empty(),
-        "{} option variant(s) above the DESIGN §3 target:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
-
-/// `log1p(e^-30) = e^-30 − e^-60/2 + …` rounded to f64: CE([30, 0], target 0) and
-/// −log_softmax([30, 0])[0]. (`e^-30` alone, 9.357622968840175e-14, is 4.7e-14 too large
-/// relative: invisible in f32, 200 ulp in f64.)
-const TINY_LOSS_30: f64 = 9.357_622_968_839_737e-14;
-
-#[test]
-fn accuracy_matches_arbitrary_precision_oracle_tiny_losses() {
-    // DESIGN §1: with log(1 + s') instead of log1p(s') these come out 0 (PyTorch's answer).
-    fn check<E: Element>(gap: f64) {
-        let logits = [E::from_f64(gap), E::from_f64(0.0)];
-        let x = [logits[0].to_f64(), logits[1].to_f64()];
-        let exact = ExactRow::new(&x);
-        let ce = exact.ce(&CeSpec {
-            target: Some(0),
-            ..CeSpec::default()
-        });
-        let opts = CrossEntropyOptions {
-            reduction: Reduction::None,
-            ..Default::default()
-        };
-        let out = lse::cross_entropy(&logits, 2, Targets::Classes(&[0]), &opts).unwrap();
-        let loss: f64 = out.row_loss.unwrap()[0].into();
-        let stat = <E::Stat as Element>::DTYPE;
-        let err = ulp_error(loss, &ce.loss, stat);
-        assert!(
-            err <= 2.0,
-            "{} CE([{gap}, 0], 0): expected {:e}, got {loss:e} ({err} ulp of {stat})",
-            E::DTYPE,
-            to_f64(&ce.loss)
-        );
-        let mut ls = [E::zero(); 2];
-        lse::log_softmax(&logits, 2, &mut ls).unwrap();
-        let bound = if E::DTYPE == DType::F16 || E::DTYPE == DType::BF16 {
-            1.0
-        } else {
-            2.0
-        };
-        let err = ulp_error(ls[0].to_f64(), &exact.log_softmax(0), E::DTYPE);
-        assert!(
-            err <= bound,
-            "{} log_softmax([{gap}, 0])[0]: expected {:e}, got {:e} ({err} ulp)",
-            E::DTYPE,
-            to_f64(&exact.log_softmax(0)),
-            ls[0].to_f64()
-        );
-    }
-    // The example of DESIGN §1, by value.
-    let opts = CrossEntropyOptions {
-        reduction: Reduction::None,
-        ..Default::default()
-    };
-    let out = lse::cross_entropy(&[30.0f32, 0.0], 2, Targets::Classes(&[0]), &opts).unwrap();
-    let loss = out.row_loss.unwrap()[0];
-    let err = ulp_error(f64::from(loss), &big(TINY_LOSS_30), DType::F32);
-    assert!(
-        err <= 2.0,
-        "f32 CE([30, 0], 0) = {loss:e}, want 9.3576e-14 ({err} ulp)"
-    );
-    for gap in [30.0, 60.0, 100.0] {
-        check::<f32>(gap);
-        check::<bf16>(gap);
-        check::<f64>(gap);
-    }
-    // f16 logits: the loss is an f32 output, so even tiny f16 losses are measured in f32 ulps.
-    for gap in [8.0, 11.0, 16.0] {
-        check::<f16>(gap);
-    }
-    check::<f64>(700.0);
-}
+use oracle::{exp_neg, exp_reference};
 
 #[test]
 fn oracle_fast_exp_agrees_with_astro_float_exp() {

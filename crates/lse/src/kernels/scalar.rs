@@ -503,7 +503,9 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         let (raw_target, dtype_max) = (row[target].to_f64(), E::MAX.to_f64());
         let (per_probability, share) = (self.per_probability(), self.smoothing_share);
         let reduction = scale.reduction;
-        if !(reduction * (per_probability.abs() + share) <= 0.5 * dtype_max) {
+        // (Written so that NaN also fails.)
+        let bounded = reduction * (per_probability.abs() + share) <= 0.5 * dtype_max;
+        if !bounded {
             return None;
         }
         let c = scale.caller * (reduction * per_probability);

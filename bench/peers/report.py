@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Plans the `lse bench` calls of bench/peers/run.sh and merges their output with peers.py's
+into one table (markdown) and one JSON document. Standard library only.
+
+  report.py plan --cases CASES
+      One line per `lse bench` call that covers CASES ("op:ROWSxCLASSES:dtype,..."):
+      "OPS DTYPE SHAPE" (OPS comma-separated). `lse bench` times every op x dtype x shape it is
+      given, so cases are grouped by (dtype, shape): the calls time exactly the cases asked.
+
+  report.py merge --cases CASES --lse A.json [B.json ...] --peers PEERS.json
+                  [--meta KEY=VALUE ...] --json OUT.json --md OUT.md
+      Writes the merged document and the table, and prints the table.
+
+The lse side is `lse bench --json`: {"machine": {"cpu", "cores"}, "threads", "kernel",
+"copy_gbs", "results": [{"op", "dtype", "rows", "classes", "threads", "best_s", "median_s",
+"gelem_s", "gbs", "bandwidth_fraction"}]}. The peers side is peers.py's document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_cases(text: str) -> list[tuple[str, str, int, int]]:
+    cases = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        op, shape, dtype = item.split(":")
+        rows, classes = (int(v) for v in shape.lower().split("x"))
+        cases.append((op, dtype, rows, classes))
+    return cases
+
+
+def plan(args) -> int:
+    groups: dict[tuple[str, int, int], list[str]] = {}
+    for op, dtype, rows, classes in parse_cases(args.cases):
+        ops = groups.setdefault((dtype, rows, classes), [])
+        if op not in ops:
+            ops.append(op)
+    for (dtype, rows, classes), ops in groups.items():
+        print(f"{','.join(ops)} {dtype} {rows}x{classes}")
+    return 0
+
+
+def _float(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def fmt_rate(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def fmt_ratio(num, den) -> str:
+    if num is None or den is None or den == 0:
+        return "—"
+    return f"{num / den:.2f}×"
+
+
+def fmt_fraction(value) -> str:
+    return "—" if value is None else f"{value * 100:.0f} %"
+
+
+def merge(args) -> int:
+    cases = parse_cases(args.cases)
+    meta = dict(item.split("=", 1) for item in args.meta)
+
+    lse_docs = []
+    for path in args.lse:
+        with open(path) as f:
+            lse_docs.append(json.load(f))
+    lse_rows = {}
+    for doc in lse_docs:
+        for r in doc.get("results", []):
+            lse_rows[(r["op"], r["dtype"], r["rows"], r["classes"])] = dict(
+                r, copy_gbs=doc.get("copy_gbs"), kernel=doc.get("kernel"))
+
+    with open(args.peers) as f:
+        peers = json.load(f)
+    peer_rows = {}
+    for r in peers.get("results", []):
+        peer_rows[(r["framework"], r["op"], r["dtype"], r["rows"], r["classes"])] = r
+    frameworks = peers.get("frameworks", {})
+
+    first = lse_docs[0] if lse_docs else {}
+    machine = first.get("machine", {})
+    cpu = machine.get("cpu") or meta.get("cpu", "?")
+    kernels = sorted({d.get("kernel") for d in lse_docs if d.get("kernel")})
+    copy = [d["copy_gbs"] for d in lse_docs if d.get("copy_gbs") is not None]
+    threads = first.get("threads", peers.get("threads"))
+
+    def version(name):
+        fw = frameworks.get(name)
+        if not fw:
+            return "not run"
+        return fw.get("version") or f"unavailable ({fw.get('error')})"
+
+    rows_out = []
+    notes = []
+    for op, dtype, rows, classes in cases:
+        lse = lse_rows.get((op, dtype, rows, classes), {})
+        torch = peer_rows.get(("torch", op, dtype, rows, classes), {})
+        jax = peer_rows.get(("jax", op, dtype, rows, classes), {})
+        for name, key, row in (("PyTorch", "torch", torch), ("JAX", "jax", jax)):
+            if row.get("skipped") and frameworks.get(key, {}).get("available"):
+                notes.append(f"{name} {op} {rows}x{classes} {dtype}: {row['skipped']}")
+        rows_out.append({
+            "op": op, "shape": f"{rows}x{classes}", "dtype": dtype,
+            "rows": rows, "classes": classes,
+            "lse_gelem_s": lse.get("gelem_s"),
+            "torch_gelem_s": torch.get("gelem_s"),
+            "jax_gelem_s": jax.get("gelem_s"),
+            "lse_over_torch": (lse["gelem_s"] / torch["gelem_s"]
+                               if lse.get("gelem_s") and torch.get("gelem_s") else None),
+            "lse_over_jax": (lse["gelem_s"] / jax["gelem_s"]
+                             if lse.get("gelem_s") and jax.get("gelem_s") else None),
+            "lse_bandwidth_fraction": lse.get("bandwidth_fraction"),
+            "lse": lse or None, "torch": torch or None, "jax": jax or None,
+        })
+
+    header = {
+        "date": meta.get("date", "?"),
+        "cpu": cpu,
+        # run.sh's count of the cores it may use: lse's own is the pinned count under taskset.
+        "cores": int(meta["cores"]) if meta.get("cores") else machine.get("cores"),
+        "threads": threads,
+        "lse": meta.get("lse_version", "?"),
+        "lse_kernel": ", ".join(kernels) or "?",
+        "copy_gbs": max(copy) if copy else None,
+        "torch": version("torch"),
+        "jax": version("jax"),
+        "mode": meta.get("mode", ""),
+        "repeats": meta.get("repeats"),
+        "load_before": meta.get("load"),
+    }
+
+    lines = [
+        f"# lse vs PyTorch vs JAX on the CPU — {header['date']}",
+        "",
+        f"- CPU: {header['cpu']} ({header['cores']} cores); threads: {header['threads']}"
+        + (f" (each side pinned to {header['threads']} of them)"
+           if header["cores"] and header["threads"] and header["threads"] < header["cores"]
+           else ""),
+        f"- lse: {header['lse']}, kernel {header['lse_kernel']}; copy bandwidth "
+        + (f"{header['copy_gbs']:.1f} GB/s" if header["copy_gbs"] else "?"),
+        f"- PyTorch: {header['torch']}",
+        f"- JAX: {header['jax']}",
+    ]
+    if header["mode"]:
+        lines.append(f"- mode: {header['mode']}")
+    if header["repeats"]:
+        lines.append(f"- timing: best of {header['repeats']} calls after warm-up, per case")
+    if header["load_before"] is not None:
+        lines.append(f"- load average before the run: {header['load_before']}"
+                     + (" (not idle: numbers are skewed)"
+                        if _float(header["load_before"]) > 0.5 else ""))
+    lines += [
+        "",
+        "G elem/s = rows × classes / best time (higher is better); ratios > 1 mean lse is "
+        "faster. \"of copy\" is lse's bytes-moved rate over the machine's copy bandwidth.",
+        "",
+        "| op | shape | dtype | lse G elem/s | PyTorch G elem/s | JAX G elem/s "
+        "| lse/PyTorch | lse/JAX | lse of copy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows_out:
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['dtype']} | {fmt_rate(r['lse_gelem_s'])} "
+            f"| {fmt_rate(r['torch_gelem_s'])} | {fmt_rate(r['jax_gelem_s'])} "
+            f"| {fmt_ratio(r['lse_gelem_s'], r['torch_gelem_s'])} "
+            f"| {fmt_ratio(r['lse_gelem_s'], r['jax_gelem_s'])} "
+            f"| {fmt_fraction(r['lse_bandwidth_fraction'])} |")
+    for name, key in (("PyTorch", "torch"), ("JAX", "jax")):
+        fw = frameworks.get(key)
+        if fw and not fw.get("available"):
+            notes.append(f"{name} did not run: {fw.get('error')}")
+    missing = [f"{r['op']} {r['shape']} {r['dtype']}" for r in rows_out if not r["lse"]]
+    if missing:
+        notes.append("lse bench reported nothing for: " + "; ".join(missing))
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    table = "\n".join(lines) + "\n"
+
+    doc = {"header": header, "rows": rows_out, "notes": notes,
+           "lse_raw": lse_docs, "peers_raw": peers}
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    with open(args.md, "w") as f:
+        f.write(table)
+    sys.stdout.write(table)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("--cases", required=True)
+    m = sub.add_parser("merge")
+    m.add_argument("--cases", required=True)
+    m.add_argument("--lse", nargs="*", default=[])
+    m.add_argument("--peers", required=True)
+    m.add_argument("--meta", nargs="*", default=[])
+    m.add_argument("--json", required=True)
+    m.add_argument("--md", required=True)
+    args = parser.parse_args()
+    return plan(args) if args.command == "plan" else merge(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

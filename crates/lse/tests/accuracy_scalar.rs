@@ -1,0 +1,7 @@
+//! The accuracy tests of `accuracy.rs` (DESIGN §3, against the 192-bit oracle) on the scalar
+//! reference kernel, pinned with `lse::set_kernel`: both kernel families must meet the targets.
+
+/// The kernel family measured here.
+const KERNEL: lse::Kernel = lse::Kernel::Scalar;
+
+include!("support/accuracy_tests.rs");
