@@ -40,11 +40,6 @@ const EXPM1_POLY: [f32; 5] = [
 
 /// Storage types whose rows the kernels read and write through `f32` lanes.
 pub(crate) trait Lanes: Element {
-    /// Whether `x − m` of two widened elements can round in `f32` enough to matter for this
-    /// type's outputs (then TwoSum recovers the error). For `f16` and `bf16` a rounding needs
-    /// an exponent span of 13 or 16 binades, and its relative effect on `exp` (≤ 2^-24 · |x − m|
-    /// for terms that are not negligible) is far below their half ulp.
-    const ROUNDED_DIFFERENCE: bool;
     /// Loads 8 elements at `p`, widened to `f32`.
     unsafe fn load8(p: *const Self) -> __m256;
     /// Stores 8 results given as `f64` (`lo`: elements 0..4, `hi`: 4..8), rounded to `Self`.
@@ -58,7 +53,6 @@ unsafe fn narrow(lo: __m256d, hi: __m256d) -> __m256 {
 }
 
 impl Lanes for f32 {
-    const ROUNDED_DIFFERENCE: bool = true;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_loadu_ps(p)
@@ -70,7 +64,6 @@ impl Lanes for f32 {
 }
 
 impl Lanes for f16 {
-    const ROUNDED_DIFFERENCE: bool = false;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
@@ -83,7 +76,6 @@ impl Lanes for f16 {
 }
 
 impl Lanes for bf16 {
-    const ROUNDED_DIFFERENCE: bool = false;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
@@ -107,14 +99,13 @@ impl Lanes for bf16 {
 /// `exp(x − m)` for `x ≤ m` in 8 lanes, returned as two `f64x4`; exactly 0 where
 /// `x − m < EXP_FLOOR` (so `x = −inf` too) and, with `ZERO_TIES`, where `x = m`.
 ///
-/// `x − m = s + err` exactly (TwoSum, when `two_sum`: a constant at every call); `s = k·ln2 + r` with Cody–Waite's
+/// `x − m = s + err` exactly (TwoSum); `s = k·ln2 + r` with Cody–Waite's
 /// two-part `ln 2` (`k·LN2_HI` is exact for |k| < 2^15), `|r| ≤ ln2/2`; `q = e^r − 1 =
 /// r + r²·P(r)` with [`EXPM1_POLY`]; the result `(1 + q)·2^k` is formed in `f64`, where neither
 /// the `1 + q` nor a subnormal-range `2^k` rounds. Clamping `s` at the floor first keeps `k`
 /// in range (the lanes below it are zeroed anyway).
 #[inline(always)]
 unsafe fn exp_shifted<const ZERO_TIES: bool>(
-    two_sum: bool,
     x: __m256,
     m: __m256,
     neg_m: __m256,
@@ -135,16 +126,14 @@ unsafe fn exp_shifted<const ZERO_TIES: bool>(
     ));
     let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), s);
     let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_LO), r);
-    let r = if two_sum {
-        let s_virtual = _mm256_sub_ps(s, x);
-        let err = _mm256_add_ps(
-            _mm256_sub_ps(x, _mm256_sub_ps(s, s_virtual)),
-            _mm256_sub_ps(neg_m, s_virtual),
-        );
-        _mm256_add_ps(r, err)
-    } else {
-        r
-    };
+    // The subtraction's rounding error, which matters for f16 and bf16 too: their logsumexp
+    // and loss are f32, and `x − m` of a logit far below a large max rounds in f32.
+    let s_virtual = _mm256_sub_ps(s, x);
+    let err = _mm256_add_ps(
+        _mm256_sub_ps(x, _mm256_sub_ps(s, s_virtual)),
+        _mm256_sub_ps(neg_m, s_virtual),
+    );
+    let r = _mm256_add_ps(r, err);
     let mut p = _mm256_set1_ps(EXPM1_POLY[4]);
     for c in [EXPM1_POLY[3], EXPM1_POLY[2], EXPM1_POLY[1], EXPM1_POLY[0]] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
@@ -302,7 +291,7 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
         let (mut sum_lo, mut sum_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         let mut ties = _mm256_setzero_si256();
         for_each_vector!(E, block, |x| {
-            let (e_lo, e_hi) = exp_shifted::<true>(E::ROUNDED_DIFFERENCE, x, m, neg_m);
+            let (e_lo, e_hi) = exp_shifted::<true>(x, m, neg_m);
             sum_lo = _mm256_add_pd(sum_lo, e_lo);
             sum_hi = _mm256_add_pd(sum_hi, e_hi);
             ties = _mm256_sub_epi32(ties, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(x, m)));
@@ -328,7 +317,7 @@ unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f32, denominator: f64, out: &mut 
     let (m, neg_m) = (_mm256_set1_ps(max), _mm256_set1_ps(-max));
     let inv = _mm256_set1_pd(1.0 / denominator);
     map_vectors!(E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
-        let (lo, hi) = exp_shifted::<false>(E::ROUNDED_DIFFERENCE, v, m, neg_m);
+        let (lo, hi) = exp_shifted::<false>(v, m, neg_m);
         (_mm256_mul_pd(lo, inv), _mm256_mul_pd(hi, inv))
     });
 }
@@ -378,7 +367,7 @@ unsafe fn ce_grad_impl<E: Lanes, const SWEEP: bool>(
     let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut distance = Distance::new(max);
     map_vectors!(E, x, g, len, |v| {
-        let (e_lo, e_hi) = exp_shifted::<false>(E::ROUNDED_DIFFERENCE, v, m, neg_m);
+        let (e_lo, e_hi) = exp_shifted::<false>(v, m, neg_m);
         let (live_lo, live_hi) = live_mask(v, minus_inf);
         if SWEEP {
             distance.add(v, live_lo, live_hi);
@@ -508,12 +497,7 @@ unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -
     let body = len / 8 * 8;
     let mut i = 0;
     while i < body {
-        let (e_lo, e_hi) = exp_shifted::<false>(
-            E::ROUNDED_DIFFERENCE,
-            E::load8(y.as_ptr().add(i)),
-            zero,
-            zero,
-        );
+        let (e_lo, e_hi) = exp_shifted::<false>(E::load8(y.as_ptr().add(i)), zero, zero);
         let (d_lo, d_hi) = widen(E::load8(dy.as_ptr().add(i)));
         E::store8(
             dx.as_mut_ptr().add(i),
