@@ -462,7 +462,8 @@ unsafe fn dot_impl<E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
 /// `dx_i = y_i · (dy_i − dot)`.
 #[inline(always)]
 unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
-    let dot = _mm256_set1_pd(dot_impl(y, dy, true));
+    let dot_value = dot_impl(y, dy, true);
+    let dot = _mm256_set1_pd(dot_value);
     let len = y.len();
     let body = len / 8 * 8;
     let mut i = 0;
@@ -474,9 +475,8 @@ unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
         E::store8(dx.as_mut_ptr().add(i), lo, hi);
         i += 8;
     }
-    let dot = dot_scalar(dot);
     for j in body..len {
-        dx[j] = E::from_f64(y[j].to_f64() * (dy[j].to_f64() - dot));
+        dx[j] = E::from_f64(y[j].to_f64() * (dy[j].to_f64() - dot_value));
     }
 }
 
@@ -492,7 +492,8 @@ unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -
     if _mm256_movemask_ps(out_of_range) != 0 {
         return false;
     }
-    let total = _mm256_set1_pd(dot_impl(y, dy, false));
+    let total_value = dot_impl(y, dy, false);
+    let total = _mm256_set1_pd(total_value);
     let len = y.len();
     let body = len / 8 * 8;
     let mut i = 0;
@@ -506,16 +507,10 @@ unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -
         );
         i += 8;
     }
-    let total = dot_scalar(total);
     for j in body..len {
-        dx[j] = E::from_f64(dy[j].to_f64() - y[j].to_f64().exp() * total);
+        dx[j] = E::from_f64(dy[j].to_f64() - y[j].to_f64().exp() * total_value);
     }
     true
-}
-
-#[inline(always)]
-unsafe fn dot_scalar(v: __m256d) -> f64 {
-    _mm256_cvtsd_f64(v)
 }
 
 /// Reinterprets a slice of `E` as the concrete type `T` named by the same [`DType`].
@@ -597,16 +592,27 @@ pub(crate) fn ce_grad<E: Element>(
     sweep: bool,
     g: &mut [E],
 ) -> Option<f64> {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &[L], max: f32, c: f64, b: f64, sweep: bool, g: &mut [L]) -> f64 {
-        let (p, q, n) = (x.as_ptr(), g.as_mut_ptr(), x.len());
-        if sweep {
-            ce_grad_impl::<L, true>(p, q, n, max, c, b)
-        } else {
-            ce_grad_impl::<L, false>(p, q, n, max, c, b)
-        }
+    with_lanes!(E, L => unsafe {
+        ce_grad_raw::<L>(x.as_ptr().cast(), g.as_mut_ptr().cast(), x.len(), max as f32, c, b, sweep)
+    })
+}
+
+/// The target-feature entry of both [`ce_grad`] variants (`x` and `g` may be the same memory).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ce_grad_raw<L: Lanes>(
+    x: *const L,
+    g: *mut L,
+    len: usize,
+    max: f32,
+    c: f64,
+    b: f64,
+    sweep: bool,
+) -> f64 {
+    if sweep {
+        ce_grad_impl::<L, true>(x, g, len, max, c, b)
+    } else {
+        ce_grad_impl::<L, false>(x, g, len, max, c, b)
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(x), max as f32, c, b, sweep, cast_mut(g)) })
 }
 
 /// `Σ_live (m − x)` by the same sweep as [`ce_grad`]; `None` for `f64`.
@@ -626,16 +632,10 @@ pub(crate) fn ce_grad_in_place<E: Element>(
     b: f64,
     sweep: bool,
 ) -> Option<f64> {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &mut [L], max: f32, c: f64, b: f64, sweep: bool) -> f64 {
-        let (p, n) = (x.as_mut_ptr(), x.len());
-        if sweep {
-            ce_grad_impl::<L, true>(p, p, n, max, c, b)
-        } else {
-            ce_grad_impl::<L, false>(p, p, n, max, c, b)
-        }
-    }
-    with_lanes!(E, L => unsafe { run::<L>(cast_mut(x), max as f32, c, b, sweep) })
+    let p = x.as_mut_ptr();
+    with_lanes!(E, L => unsafe {
+        ce_grad_raw::<L>(p.cast_const().cast(), p.cast(), x.len(), max as f32, c, b, sweep)
+    })
 }
 
 /// Softmax backward; `false` (nothing written) for `f64`.

@@ -103,7 +103,7 @@ fn fast() -> bool {
 
 /// The read pass over one row with the active kernel (`map` other than the identity: scalar).
 pub(crate) fn scan<E: Element>(row: &[E]) -> RowScan {
-    scan_by(row, LogitMap::Identity, fast())
+    scan_mapped(row, LogitMap::Identity)
 }
 
 /// [`scan`] with a logit map.
@@ -238,12 +238,11 @@ pub(crate) fn ce_grad<E: Element>(x: &[E], g: &mut [E], w: &scalar::FastWrite) -
         if x.len() <= CHUNK {
             return one(x, g);
         }
-        let parts: Vec<f64> = x
-            .par_chunks(CHUNK)
-            .zip(g.par_chunks_mut(CHUNK))
-            .map(|(x, g)| one(x, g))
-            .collect();
-        parts.into_iter().sum()
+        in_order_sum(
+            x.par_chunks(CHUNK)
+                .zip(g.par_chunks_mut(CHUNK))
+                .map(|(x, g)| one(x, g)),
+        )
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -263,8 +262,7 @@ pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
         if x.len() <= CHUNK {
             return one(x);
         }
-        let parts: Vec<f64> = x.par_chunks(CHUNK).map(one).collect();
-        parts.into_iter().sum()
+        in_order_sum(x.par_chunks(CHUNK).map(one))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -286,14 +284,21 @@ pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &scalar::FastWrite) -
         if x.len() <= CHUNK {
             return one(x);
         }
-        let parts: Vec<f64> = x.par_chunks_mut(CHUNK).map(one).collect();
-        parts.into_iter().sum()
+        in_order_sum(x.par_chunks_mut(CHUNK).map(one))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (x, w);
         unreachable!("{NO_VECTOR_KERNEL}")
     }
+}
+
+/// The sum of per-piece values in piece order (rayon's own `sum` splits by thread count, which
+/// would change the bits).
+#[cfg(target_arch = "x86_64")]
+fn in_order_sum(parts: impl IndexedParallelIterator<Item = f64>) -> f64 {
+    let parts: Vec<f64> = parts.collect();
+    parts.into_iter().sum()
 }
 
 const NO_VECTOR_KERNEL: &str = "vector CE write pass called where `vector_scan` is false";
