@@ -8,6 +8,8 @@
 //!
 //! `lse_core` is `lse::cross_entropy_with_grad` on a plain slice into a reused buffer: the core
 //! kernel alone, without candle's tensor allocation and gradient accumulation.
+//! `candle_grad_store` is the zero tensor plus addition that candle's `backward` performs for
+//! every tracked input, whatever op produced the loss: a floor under any candle op's time.
 //! `copy` is a plain clone of the logits buffer: the machine's copy bandwidth, for scale
 //! (a fused forward + gradient reads the logits and writes the gradient, about one copy).
 
@@ -52,6 +54,14 @@ fn bench(c: &mut Criterion) {
                 })
             });
             bench_core(&mut g, &logits, &t);
+            // What candle's backward adds on its own for any op: its gradient store makes a zero
+            // tensor of the logits' shape and adds the returned gradient into it.
+            g.bench_function("candle_grad_store", |b| {
+                b.iter(|| {
+                    let zeros = logits.zeros_like().expect("zeros");
+                    black_box(zeros.add(&logits).expect("add"))
+                })
+            });
             g.bench_function("copy", |b| {
                 b.iter(|| black_box(logits.copy().expect("copy")))
             });

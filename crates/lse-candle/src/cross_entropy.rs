@@ -10,7 +10,7 @@ use lse::{Element, GradOutput, LseError, NonFinite, Reduction, Targets};
 
 use crate::common::{
     class_targets, contiguous_slice, cpu_only, dispatch_float, ensure_cpu, grad_count_error,
-    lse_error, op_error, rows_classes, to_rows, unsupported_dtype,
+    lse_error, op_error, rows_classes, to_rows, unsupported_dtype, zeroed_buffer,
 };
 use crate::options::CrossEntropyOptions;
 use crate::softmax::LogSoftmaxNoGrad;
@@ -168,9 +168,7 @@ where
     let (rows, classes) = rows_classes(OP, l1)?;
     let logits = contiguous_slice::<E>(OP, "logits", s1, l1)?;
     let options = op.options.to_lse();
-    let mut grad = op
-        .keep_grad
-        .then(|| vec![<E as Element>::zero(); logits.len()]);
+    let mut grad = op.keep_grad.then(|| zeroed_buffer::<E>(logits.len()));
     let out = with_targets::<E, _>(s2, l2, |targets| match grad.as_deref_mut() {
         Some(g) => lse::cross_entropy_with_grad(
             logits,
@@ -398,7 +396,7 @@ where
             ))
         }
     };
-    let mut grad = vec![<E as Element>::zero(); logits.len()];
+    let mut grad = zeroed_buffer::<E>(logits.len());
     let lse_options = options.to_lse();
     with_targets::<E, _>(s2, l2, |targets| {
         lse::cross_entropy_with_grad(

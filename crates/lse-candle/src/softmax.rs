@@ -9,7 +9,7 @@ use lse::{Element, NonFinite};
 
 use crate::common::{
     contiguous_slice, cpu_only, dispatch_float, ensure_cpu, from_rows, grad_count_error, lse_error,
-    op_error, rows_classes, to_rows,
+    op_error, rows_classes, to_rows, zeroed_buffer,
 };
 
 /// Moves `dim` of `xs` last, flattens the rest into rows, applies the recorded op `kind` to the
@@ -172,7 +172,7 @@ where
         lse::logsumexp_with(x, classes, &mut out, policy).map_err(|e| lse_error(op, e))?;
         return Ok((E::Stat::to_cpu_storage_owned(out), Shape::from(rows)));
     }
-    let mut out = vec![<E as Element>::zero(); x.len()];
+    let mut out = zeroed_buffer::<E>(x.len());
     if kind == Kind::Softmax {
         lse::softmax_with(x, classes, &mut out, policy)
     } else {
@@ -238,7 +238,7 @@ fn row_backward<E: Element + WithDType>(
     } else {
         let y = contiguous_slice::<E>(op, "forward output", s1, l1)?;
         let dy = contiguous_slice::<E>(op, "output gradient", s2, l2)?;
-        let mut dx = vec![<E as Element>::zero(); y.len()];
+        let mut dx = zeroed_buffer::<E>(y.len());
         if kind == Kind::Softmax {
             lse::softmax_backward(y, dy, classes, &mut dx)
         } else {

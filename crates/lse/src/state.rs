@@ -139,14 +139,8 @@ impl RowState {
 
     /// A state from its parts: `max` (finite) and `rest = s'`.
     #[inline]
-    pub(crate) fn from_parts(max: f64, rest: f64) -> Self {
-        Self {
-            max,
-            rest: CompensatedSum {
-                sum: rest,
-                carry: 0.0,
-            },
-        }
+    pub(crate) fn from_parts(max: f64, rest: CompensatedSum) -> Self {
+        Self { max, rest }
     }
 
     /// Folds one element. `x` must not be NaN or `+inf`; `-inf` is ignored.

@@ -1,17 +1,20 @@
-//! x86-64 AVX2 + FMA (+ F16C) kernels for `f32`, `f16` and `bf16` rows.
+//! x86-64 AVX2 + FMA (+ F16C) kernels for all four dtypes.
 //!
-//! Eight elements are widened to `f32` lanes per step (`bf16` by a 16-bit shift, `f16` by
-//! F16C), never a whole-row copy. The read pass works on blocks of [`BLOCK`] elements that stay
-//! in L1: a max sweep, then an exp sweep over the same block, folded into the row's
+//! Every kernel works on eight elements per step through the [`Vector`] trait: `f32`, `f16` and
+//! `bf16` are widened into one `f32x8` (`bf16` by a 16-bit shift, `f16` by F16C), `f64` is held
+//! as two `f64x4` — never a whole-row copy. The read pass works on blocks of [`BLOCK`] elements
+//! that stay in L1: a max sweep, then an exp sweep over the same block, folded into the row's
 //! [`RowState`] with the §1 merge — one pass over memory, no per-lane rescaling, and the same
 //! result for any split of the row into whole blocks.
 //!
 //! Accuracy comes from three choices. `x − m` is split exactly by TwoSum, so the exp's argument
-//! carries no rounding error of the subtraction; the exp returns `2^k · (1 + q)` with `q` in
-//! `f32` and `1 + q` formed in `f64`, so each term has a relative error of about 0.3 ulp of
-//! `f32`; and sums are accumulated in `f64`, excluding the block's maxima (counted apart) so
-//! that `s'` keeps its digits when it is tiny. Every output is formed in `f64` and rounded once
-//! to `f32` (then once more to `f16`/`bf16`, an error of at most 2^-13 ulp of those).
+//! carries no rounding error of the subtraction; the exp returns `2^k · (1 + q)` with the last
+//! step formed in `f64` (for `f32` lanes `q` is an `f32`, and `1 + q` does not round), so each
+//! term has a relative error of about 0.3 ulp of `f32`, or about 0.5 ulp of `f64` for `f64`
+//! rows; and sums are accumulated in `f64` (compensated for `f64` rows), excluding the block's
+//! maxima (counted apart) so that `s'` keeps its digits when it is tiny. Every output is formed
+//! in `f64` and rounded once to its dtype (for `f16`/`bf16` through `f32`, an error of at most
+//! 2^-13 ulp of those).
 
 use core::arch::x86_64::*;
 
@@ -19,14 +22,10 @@ use half::{bf16, f16};
 
 use super::scalar::RowScan;
 use crate::element::{DType, Element};
-use crate::state::RowState;
+use crate::state::{CompensatedSum, RowState};
 
 /// Elements per read-pass block: 4 KiB of `f32`, well inside L1 between its two sweeps.
 pub(crate) const BLOCK: usize = 1024;
-
-/// Below this, `exp(x − m)` is treated as exactly 0: even 2^31 such terms stay below half of
-/// `f32`'s smallest subnormal, so no `f32`/`f16`/`bf16` output can see them.
-const EXP_FLOOR: f32 = -128.0;
 
 /// `P(r) ≈ (e^r − 1 − r)/r²` on `|r| ≤ ln2/2`: a degree-4 Chebyshev fit, so that
 /// `q = r + r²·P(r)` is within 1.1e-8 of `e^r − 1` relative to `e^r` (0.17 ulp of `f32`).
@@ -38,10 +37,65 @@ const EXPM1_POLY: [f32; 5] = [
     0.001_393_366,
 ];
 
-/// Storage types whose rows the kernels read and write through `f32` lanes.
+/// `(e^r − 1 − r)/r² = Σ_j r^j/(j+2)!` to degree 11: the truncation error on `|r| ≤ ln2/2` is
+/// below 5e-18 relative to `e^r` (0.04 ulp of `f64`).
+const EXPM1_POLY_F64: [f64; 12] = [
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+    1.0 / 40320.0,
+    1.0 / 362_880.0,
+    1.0 / 3_628_800.0,
+    1.0 / 39_916_800.0,
+    1.0 / 479_001_600.0,
+    1.0 / 6_227_020_800.0,
+];
+
+/// Eight row elements in the registers the kernels compute on, with the operations they need.
+/// Masks are vectors of the same type whose lanes are all ones or all zeros.
+pub(crate) trait Vector: Copy {
+    /// Per-lane counters of mask lanes.
+    type Tally: Copy;
+    /// True when the exp sweep's sums carry a compensation term (`f64` rows: their terms have
+    /// no spare precision for a plain `f64` sum to hide its rounding in).
+    const COMPENSATED: bool;
+    /// Every lane `v` (an element value, so exact in the lanes' type).
+    unsafe fn splat(v: f64) -> Self;
+    unsafe fn max(self, other: Self) -> Self;
+    unsafe fn min(self, other: Self) -> Self;
+    /// `self == other` (false for NaN).
+    unsafe fn eq(self, other: Self) -> Self;
+    /// `!(self < bound)`: at least `bound`, or NaN.
+    unsafe fn nan_or_at_least(self, bound: Self) -> Self;
+    /// `!(self ≤ bound)`: above `bound`, or NaN.
+    unsafe fn nan_or_above(self, bound: Self) -> Self;
+    unsafe fn or(self, other: Self) -> Self;
+    /// `other` where `mask`, else `self`.
+    unsafe fn select(self, other: Self, mask: Self) -> Self;
+    /// True when some lane of the mask is set.
+    unsafe fn any(self) -> bool;
+    unsafe fn reduce_max(self) -> f64;
+    unsafe fn reduce_min(self) -> f64;
+    /// The lanes as `f64` (exact): elements 0..4, 4..8.
+    unsafe fn widen(self) -> (__m256d, __m256d);
+    /// Lanes that are not `−inf`, as `f64` masks.
+    unsafe fn live(self) -> (__m256d, __m256d);
+    /// `exp(x − m)` for `x ≤ m`, as `f64`; exactly 0 where it is far below anything the
+    /// lanes' dtype can show (so for `x = −inf`) and, with `ZERO_TIES`, where `x = m`.
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> (__m256d, __m256d);
+    unsafe fn tally_zero() -> Self::Tally;
+    unsafe fn tally(t: Self::Tally, mask: Self) -> Self::Tally;
+    unsafe fn tally_total(t: Self::Tally) -> usize;
+}
+
+/// Storage types whose rows the kernels read and write eight elements at a time.
 pub(crate) trait Lanes: Element {
-    /// Loads 8 elements at `p`, widened to `f32`.
-    unsafe fn load8(p: *const Self) -> __m256;
+    type V: Vector;
+    /// Loads 8 elements at `p`.
+    unsafe fn load8(p: *const Self) -> Self::V;
     /// Stores 8 results given as `f64` (`lo`: elements 0..4, `hi`: 4..8), rounded to `Self`.
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d);
 }
@@ -53,6 +107,7 @@ unsafe fn narrow(lo: __m256d, hi: __m256d) -> __m256 {
 }
 
 impl Lanes for f32 {
+    type V = __m256;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_loadu_ps(p)
@@ -64,6 +119,7 @@ impl Lanes for f32 {
 }
 
 impl Lanes for f16 {
+    type V = __m256;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
@@ -76,6 +132,7 @@ impl Lanes for f16 {
 }
 
 impl Lanes for bf16 {
+    type V = __m256;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
@@ -96,61 +153,336 @@ impl Lanes for bf16 {
     }
 }
 
-/// `exp(x − m)` for `x ≤ m` in 8 lanes, returned as two `f64x4`; exactly 0 where
-/// `x − m < EXP_FLOOR` (so `x = −inf` too) and, with `ZERO_TIES`, where `x = m`.
-///
-/// `x − m = s + err` exactly (TwoSum); `s = k·ln2 + r` with Cody–Waite's
-/// two-part `ln 2` (`k·LN2_HI` is exact for |k| < 2^15), `|r| ≤ ln2/2`; `q = e^r − 1 =
-/// r + r²·P(r)` with [`EXPM1_POLY`]; the result `(1 + q)·2^k` is formed in `f64`, where neither
-/// the `1 + q` nor a subnormal-range `2^k` rounds. Clamping `s` at the floor first keeps `k`
-/// in range (the lanes below it are zeroed anyway).
+impl Lanes for f64 {
+    type V = F64x8;
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> F64x8 {
+        F64x8 {
+            lo: _mm256_loadu_pd(p),
+            hi: _mm256_loadu_pd(p.add(4)),
+        }
+    }
+    #[inline(always)]
+    unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d) {
+        _mm256_storeu_pd(p, lo);
+        _mm256_storeu_pd(p.add(4), hi);
+    }
+}
+
+/// `f32x8` lanes: `f32` rows, and `f16`/`bf16` rows widened exactly.
+impl Vector for __m256 {
+    type Tally = __m256i;
+    const COMPENSATED: bool = false;
+
+    #[inline(always)]
+    unsafe fn splat(v: f64) -> Self {
+        _mm256_set1_ps(v as f32)
+    }
+    #[inline(always)]
+    unsafe fn max(self, other: Self) -> Self {
+        _mm256_max_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn min(self, other: Self) -> Self {
+        _mm256_min_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn eq(self, other: Self) -> Self {
+        _mm256_cmp_ps::<_CMP_EQ_OQ>(self, other)
+    }
+    #[inline(always)]
+    unsafe fn nan_or_at_least(self, bound: Self) -> Self {
+        _mm256_cmp_ps::<_CMP_NLT_UQ>(self, bound)
+    }
+    #[inline(always)]
+    unsafe fn nan_or_above(self, bound: Self) -> Self {
+        _mm256_cmp_ps::<_CMP_NLE_UQ>(self, bound)
+    }
+    #[inline(always)]
+    unsafe fn or(self, other: Self) -> Self {
+        _mm256_or_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn select(self, other: Self, mask: Self) -> Self {
+        _mm256_blendv_ps(self, other, mask)
+    }
+    #[inline(always)]
+    unsafe fn any(self) -> bool {
+        _mm256_movemask_ps(self) != 0
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f64 {
+        let m = _mm_max_ps(
+            _mm256_castps256_ps128(self),
+            _mm256_extractf128_ps::<1>(self),
+        );
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+        f64::from(_mm_cvtss_f32(m))
+    }
+    #[inline(always)]
+    unsafe fn reduce_min(self) -> f64 {
+        let m = _mm_min_ps(
+            _mm256_castps256_ps128(self),
+            _mm256_extractf128_ps::<1>(self),
+        );
+        let m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_min_ss(m, _mm_shuffle_ps::<1>(m, m));
+        f64::from(_mm_cvtss_f32(m))
+    }
+    #[inline(always)]
+    unsafe fn widen(self) -> (__m256d, __m256d) {
+        (
+            _mm256_cvtps_pd(_mm256_castps256_ps128(self)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(self)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn live(self) -> (__m256d, __m256d) {
+        let mask = _mm256_cmp_ps::<_CMP_NEQ_OQ>(self, _mm256_set1_ps(f32::NEG_INFINITY));
+        let (lo, hi) = mask.widen();
+        // A widened all-ones f32 lane is a NaN: that is the mask in f64 lanes.
+        (
+            _mm256_cmp_pd::<_CMP_UNORD_Q>(lo, lo),
+            _mm256_cmp_pd::<_CMP_UNORD_Q>(hi, hi),
+        )
+    }
+
+    /// `x − m = s + err` exactly (TwoSum); `s = k·ln2 + r` with Cody–Waite's two-part `ln 2`
+    /// (`k·LN2_HI` is exact for |k| < 2^15), `|r| ≤ ln2/2`; `q = e^r − 1 = r + r²·P(r)` with
+    /// [`EXPM1_POLY`]; the result `(1 + q)·2^k` is formed in `f64`, where neither the `1 + q`
+    /// nor a subnormal-range `2^k` rounds. Below −128 the result is 0: even 2^31 such terms
+    /// stay below half of `f32`'s smallest subnormal, so no `f32`/`f16`/`bf16` output can see
+    /// them. Clamping `s` there first keeps `k` in range (those lanes are zeroed anyway).
+    #[inline(always)]
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> (__m256d, __m256d) {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4; // 355/512: 9 significant bits
+        const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+        let x = self;
+        let s = _mm256_add_ps(x, neg_m);
+        let floor = _mm256_set1_ps(-128.0);
+        let mut zero = _mm256_cmp_ps::<_CMP_LT_OQ>(s, floor);
+        if ZERO_TIES {
+            zero = _mm256_or_ps(zero, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, m));
+        }
+        let s = _mm256_max_ps(s, floor);
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(s, _mm256_set1_ps(LOG2E)),
+        );
+        let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), s);
+        let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_LO), r);
+        // The subtraction's rounding error, which matters for f16 and bf16 too: their
+        // logsumexp and loss are f32, and `x − m` of a logit far below a large max rounds in f32.
+        let s_virtual = _mm256_sub_ps(s, x);
+        let err = _mm256_add_ps(
+            _mm256_sub_ps(x, _mm256_sub_ps(s, s_virtual)),
+            _mm256_sub_ps(neg_m, s_virtual),
+        );
+        let r = _mm256_add_ps(r, err);
+        let mut p = _mm256_set1_ps(EXPM1_POLY[4]);
+        for c in [EXPM1_POLY[3], EXPM1_POLY[2], EXPM1_POLY[1], EXPM1_POLY[0]] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let q = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r);
+        // 1 + q = 0 in the zeroed lanes (their r may be NaN: x = −inf gives inf − inf).
+        let q = _mm256_blendv_ps(q, _mm256_set1_ps(-1.0), zero);
+        let k = _mm256_cvtps_epi32(k);
+        let (scale_lo, scale_hi) = (
+            power_of_two(_mm256_castsi256_si128(k)),
+            power_of_two(_mm256_extracti128_si256::<1>(k)),
+        );
+        let (q_lo, q_hi) = q.widen();
+        (
+            _mm256_fmadd_pd(q_lo, scale_lo, scale_lo),
+            _mm256_fmadd_pd(q_hi, scale_hi, scale_hi),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn tally_zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline(always)]
+    unsafe fn tally(t: __m256i, mask: Self) -> __m256i {
+        _mm256_sub_epi32(t, _mm256_castps_si256(mask))
+    }
+    #[inline(always)]
+    unsafe fn tally_total(t: __m256i) -> usize {
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), t);
+        lanes.iter().map(|&c| c as usize).sum()
+    }
+}
+
+/// Eight `f64` lanes as two `f64x4`.
+#[derive(Clone, Copy)]
+pub(crate) struct F64x8 {
+    lo: __m256d,
+    hi: __m256d,
+}
+
+/// Applies a two-operand `f64x4` intrinsic to both halves (a macro, not a closure: closures do
+/// not inherit `#[target_feature]`).
+macro_rules! both_halves {
+    ($f:expr, $a:expr, $b:expr) => {{
+        let (a, b): (F64x8, F64x8) = ($a, $b);
+        F64x8 {
+            lo: $f(a.lo, b.lo),
+            hi: $f(a.hi, b.hi),
+        }
+    }};
+}
+
+impl Vector for F64x8 {
+    type Tally = (__m256i, __m256i);
+    const COMPENSATED: bool = true;
+
+    #[inline(always)]
+    unsafe fn splat(v: f64) -> Self {
+        let v = _mm256_set1_pd(v);
+        Self { lo: v, hi: v }
+    }
+    #[inline(always)]
+    unsafe fn max(self, other: Self) -> Self {
+        both_halves!(_mm256_max_pd, self, other)
+    }
+    #[inline(always)]
+    unsafe fn min(self, other: Self) -> Self {
+        both_halves!(_mm256_min_pd, self, other)
+    }
+    #[inline(always)]
+    unsafe fn eq(self, other: Self) -> Self {
+        both_halves!(_mm256_cmp_pd::<_CMP_EQ_OQ>, self, other)
+    }
+    #[inline(always)]
+    unsafe fn nan_or_at_least(self, bound: Self) -> Self {
+        both_halves!(_mm256_cmp_pd::<_CMP_NLT_UQ>, self, bound)
+    }
+    #[inline(always)]
+    unsafe fn nan_or_above(self, bound: Self) -> Self {
+        both_halves!(_mm256_cmp_pd::<_CMP_NLE_UQ>, self, bound)
+    }
+    #[inline(always)]
+    unsafe fn or(self, other: Self) -> Self {
+        both_halves!(_mm256_or_pd, self, other)
+    }
+    #[inline(always)]
+    unsafe fn select(self, other: Self, mask: Self) -> Self {
+        Self {
+            lo: _mm256_blendv_pd(self.lo, other.lo, mask.lo),
+            hi: _mm256_blendv_pd(self.hi, other.hi, mask.hi),
+        }
+    }
+    #[inline(always)]
+    unsafe fn any(self) -> bool {
+        _mm256_movemask_pd(_mm256_or_pd(self.lo, self.hi)) != 0
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f64 {
+        let v = _mm256_max_pd(self.lo, self.hi);
+        let m = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_max_sd(m, _mm_unpackhi_pd(m, m)))
+    }
+    #[inline(always)]
+    unsafe fn reduce_min(self) -> f64 {
+        let v = _mm256_min_pd(self.lo, self.hi);
+        let m = _mm_min_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_min_sd(m, _mm_unpackhi_pd(m, m)))
+    }
+    #[inline(always)]
+    unsafe fn widen(self) -> (__m256d, __m256d) {
+        (self.lo, self.hi)
+    }
+    #[inline(always)]
+    unsafe fn live(self) -> (__m256d, __m256d) {
+        let minus_inf = _mm256_set1_pd(f64::NEG_INFINITY);
+        (
+            _mm256_cmp_pd::<_CMP_NEQ_OQ>(self.lo, minus_inf),
+            _mm256_cmp_pd::<_CMP_NEQ_OQ>(self.hi, minus_inf),
+        )
+    }
+    #[inline(always)]
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> (__m256d, __m256d) {
+        (
+            exp_shifted_f64::<ZERO_TIES>(self.lo, m.lo, neg_m.lo),
+            exp_shifted_f64::<ZERO_TIES>(self.hi, m.hi, neg_m.hi),
+        )
+    }
+    #[inline(always)]
+    unsafe fn tally_zero() -> Self::Tally {
+        (_mm256_setzero_si256(), _mm256_setzero_si256())
+    }
+    #[inline(always)]
+    unsafe fn tally(t: Self::Tally, mask: Self) -> Self::Tally {
+        (
+            _mm256_sub_epi64(t.0, _mm256_castpd_si256(mask.lo)),
+            _mm256_sub_epi64(t.1, _mm256_castpd_si256(mask.hi)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn tally_total(t: Self::Tally) -> usize {
+        let mut lanes = [0i64; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), t.0);
+        _mm256_storeu_si256(lanes.as_mut_ptr().add(4).cast(), t.1);
+        lanes.iter().map(|&c| c as usize).sum()
+    }
+}
+
+/// `exp(x − m)` in four `f64` lanes, the `f64` counterpart of the `f32`-lane exp: TwoSum of
+/// `x − m`; Cody–Waite with fdlibm's two-part `ln 2` (`k·LN2_HI` exact for |k| < 2^21);
+/// `q = r + r²·P(r)` with [`EXPM1_POLY_F64`]; `(1 + q)·2^k` as `((1 + q)·2^k₁)·2^k₂` with
+/// `k₁ + k₂ = k`, both halves normal powers of two: the fused multiply-add rounds once (within
+/// about 0.5 ulp) and the second product is exact unless the result is subnormal, where it
+/// rounds to the subnormal grid — as `exp` does. Below `ln 2^-1075` the result is 0.
 #[inline(always)]
-unsafe fn exp_shifted<const ZERO_TIES: bool>(
-    x: __m256,
-    m: __m256,
-    neg_m: __m256,
-) -> (__m256d, __m256d) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 355/512: 9 significant bits
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-    let s = _mm256_add_ps(x, neg_m);
-    let floor = _mm256_set1_ps(EXP_FLOOR);
-    let mut zero = _mm256_cmp_ps::<_CMP_LT_OQ>(s, floor);
+unsafe fn exp_shifted_f64<const ZERO_TIES: bool>(
+    x: __m256d,
+    m: __m256d,
+    neg_m: __m256d,
+) -> __m256d {
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // 32 significant bits
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 − LN2_HI
+    let s = _mm256_add_pd(x, neg_m);
+    let floor = _mm256_set1_pd(-745.2);
+    let mut zero = _mm256_cmp_pd::<_CMP_LT_OQ>(s, floor);
     if ZERO_TIES {
-        zero = _mm256_or_ps(zero, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, m));
+        zero = _mm256_or_pd(zero, _mm256_cmp_pd::<_CMP_EQ_OQ>(x, m));
     }
-    let s = _mm256_max_ps(s, floor);
-    let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+    let s = _mm256_max_pd(s, floor);
+    let k = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
         s,
-        _mm256_set1_ps(LOG2E),
+        _mm256_set1_pd(std::f64::consts::LOG2_E),
     ));
-    let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), s);
-    let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_LO), r);
-    // The subtraction's rounding error, which matters for f16 and bf16 too: their logsumexp
-    // and loss are f32, and `x − m` of a logit far below a large max rounds in f32.
-    let s_virtual = _mm256_sub_ps(s, x);
-    let err = _mm256_add_ps(
-        _mm256_sub_ps(x, _mm256_sub_ps(s, s_virtual)),
-        _mm256_sub_ps(neg_m, s_virtual),
+    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_HI), s);
+    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_LO), r);
+    let s_virtual = _mm256_sub_pd(s, x);
+    let err = _mm256_add_pd(
+        _mm256_sub_pd(x, _mm256_sub_pd(s, s_virtual)),
+        _mm256_sub_pd(neg_m, s_virtual),
     );
-    let r = _mm256_add_ps(r, err);
-    let mut p = _mm256_set1_ps(EXPM1_POLY[4]);
-    for c in [EXPM1_POLY[3], EXPM1_POLY[2], EXPM1_POLY[1], EXPM1_POLY[0]] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_add_pd(r, err);
+    let mut p = _mm256_set1_pd(EXPM1_POLY_F64[11]);
+    for &c in EXPM1_POLY_F64[..11].iter().rev() {
+        p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
     }
-    let q = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r);
-    // 1 + q = 0 in the zeroed lanes (their r may be NaN: x = −inf gives inf − inf).
-    let q = _mm256_blendv_ps(q, _mm256_set1_ps(-1.0), zero);
-    let k = _mm256_cvtps_epi32(k);
-    let (scale_lo, scale_hi) = (
-        power_of_two(_mm256_castsi256_si128(k)),
-        power_of_two(_mm256_extracti128_si256::<1>(k)),
-    );
-    let (q_lo, q_hi) = widen(q);
-    (
-        _mm256_fmadd_pd(q_lo, scale_lo, scale_lo),
-        _mm256_fmadd_pd(q_hi, scale_hi, scale_hi),
-    )
+    let q = _mm256_fmadd_pd(_mm256_mul_pd(r, r), p, r);
+    let q = _mm256_blendv_pd(q, _mm256_set1_pd(-1.0), zero);
+    let k1 = _mm256_round_pd::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
+        k,
+        _mm256_set1_pd(0.5),
+    ));
+    let (scale1, scale2) = (power_of_two_f64(k1), power_of_two_f64(_mm256_sub_pd(k, k1)));
+    _mm256_mul_pd(_mm256_fmadd_pd(q, scale1, scale1), scale2)
+}
+
+/// `2^k` for four integral `f64` exponents in the normal range: `k + 1.5·2^52 + 1023` is exact
+/// and its low mantissa bits are the biased exponent.
+#[inline(always)]
+unsafe fn power_of_two_f64(k: __m256d) -> __m256d {
+    const EXPONENT_MAGIC: f64 = 6_755_399_441_055_744.0 + 1023.0;
+    let biased = _mm256_castpd_si256(_mm256_add_pd(k, _mm256_set1_pd(EXPONENT_MAGIC)));
+    _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased))
 }
 
 /// `2^k` as `f64` for four `i32` exponents in the normal range.
@@ -160,42 +492,64 @@ unsafe fn power_of_two(k: __m128i) -> __m256d {
     _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased))
 }
 
-/// `f32x8` → two `f64x4` (exact).
-#[inline(always)]
-unsafe fn widen(v: __m256) -> (__m256d, __m256d) {
-    (
-        _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-        _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
-    )
-}
-
-#[inline(always)]
-unsafe fn horizontal_max(v: __m256) -> f32 {
-    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
-    _mm_cvtss_f32(m)
-}
-
-#[inline(always)]
-unsafe fn horizontal_min(v: __m256) -> f32 {
-    let m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-    let m = _mm_min_ss(m, _mm_shuffle_ps::<1>(m, m));
-    _mm_cvtss_f32(m)
-}
-
 #[inline(always)]
 unsafe fn horizontal_sum(v: __m256d) -> f64 {
     let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
     _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
 }
 
-#[inline(always)]
-unsafe fn horizontal_count(v: __m256i) -> usize {
-    let mut lanes = [0i32; 8];
-    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v);
-    lanes.iter().map(|&c| c as usize).sum()
+/// Per-lane sums of exp terms in `f64`, with a per-lane TwoSum carry for vectors whose
+/// [`Vector::COMPENSATED`] says so.
+#[derive(Clone, Copy)]
+struct LaneSums<V> {
+    sum: [__m256d; 2],
+    carry: [__m256d; 2],
+    vector: core::marker::PhantomData<V>,
+}
+
+impl<V: Vector> LaneSums<V> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        let zero = _mm256_setzero_pd();
+        Self {
+            sum: [zero; 2],
+            carry: [zero; 2],
+            vector: core::marker::PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add(&mut self, terms: (__m256d, __m256d)) {
+        for (i, term) in [terms.0, terms.1].into_iter().enumerate() {
+            let sum = _mm256_add_pd(self.sum[i], term);
+            if V::COMPENSATED {
+                let virtual_term = _mm256_sub_pd(sum, self.sum[i]);
+                let err = _mm256_add_pd(
+                    _mm256_sub_pd(self.sum[i], _mm256_sub_pd(sum, virtual_term)),
+                    _mm256_sub_pd(term, virtual_term),
+                );
+                self.carry[i] = _mm256_add_pd(self.carry[i], err);
+            }
+            self.sum[i] = sum;
+        }
+    }
+
+    /// The eight lanes' total plus `extra` (an exact small integer).
+    #[inline(always)]
+    unsafe fn total(&self, extra: f64) -> CompensatedSum {
+        let mut total = CompensatedSum::ZERO;
+        if V::COMPENSATED {
+            let mut lanes = [0.0; 16];
+            for (i, v) in self.sum.iter().chain(&self.carry).enumerate() {
+                _mm256_storeu_pd(lanes.as_mut_ptr().add(4 * i), *v);
+            }
+            lanes.iter().for_each(|&v| total.add(v));
+            total.add(extra);
+        } else {
+            total.add(horizontal_sum(_mm256_add_pd(self.sum[0], self.sum[1])) + extra);
+        }
+        total
+    }
 }
 
 /// The last `len % 8` elements of a row, copied into a full vector padded with `fill`.
@@ -261,51 +615,47 @@ macro_rules! map_vectors {
 unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
     let mut state = RowState::EMPTY;
     let mut masked = 0;
-    let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
-    let inf = _mm256_set1_ps(f32::INFINITY);
-    let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let inf = E::V::splat(f64::INFINITY);
+    let minus_inf = E::V::splat(f64::NEG_INFINITY);
     for block in row.chunks(BLOCK) {
         // Sweep 1: max, min of finite elements, −inf count, NaN/+inf flag.
-        let (mut hi, mut lo, mut bad) = (minus_inf, inf, _mm256_setzero_ps());
-        let mut masked_lanes = _mm256_setzero_si256();
+        let (mut hi, mut lo, mut bad) = (minus_inf, inf, E::V::splat(0.0).eq(inf));
+        let mut masked_lanes = E::V::tally_zero();
         for_each_vector!(E, block, |x| {
-            hi = _mm256_max_ps(hi, x);
-            let is_masked = _mm256_cmp_ps::<_CMP_EQ_OQ>(x, minus_inf);
-            lo = _mm256_min_ps(lo, _mm256_blendv_ps(x, inf, is_masked));
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(x, inf));
-            masked_lanes = _mm256_sub_epi32(masked_lanes, _mm256_castps_si256(is_masked));
+            hi = hi.max(x);
+            let is_masked = x.eq(minus_inf);
+            lo = lo.min(x.select(inf, is_masked));
+            bad = bad.or(x.nan_or_at_least(inf));
+            masked_lanes = E::V::tally(masked_lanes, is_masked);
         });
-        if _mm256_movemask_ps(bad) != 0 {
+        if bad.any() {
             return None;
         }
-        masked += horizontal_count(masked_lanes) - (8 - block.len() % 8) % 8;
-        min = min.min(horizontal_min(lo));
-        let block_max = horizontal_max(hi);
-        if block_max == f32::NEG_INFINITY {
+        masked += E::V::tally_total(masked_lanes) - (8 - block.len() % 8) % 8;
+        min = min.min(lo.reduce_min());
+        let block_max = hi.reduce_max();
+        if block_max == f64::NEG_INFINITY {
             continue;
         }
         max = max.max(block_max);
         // Sweep 2 (from L1): Σ exp(x − m_b) over the elements below the block max.
-        let m = _mm256_set1_ps(block_max);
-        let neg_m = _mm256_set1_ps(-block_max);
-        let (mut sum_lo, mut sum_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut ties = _mm256_setzero_si256();
+        let (m, neg_m) = (E::V::splat(block_max), E::V::splat(-block_max));
+        let mut sums = LaneSums::<E::V>::new();
+        let mut ties = E::V::tally_zero();
         for_each_vector!(E, block, |x| {
-            let (e_lo, e_hi) = exp_shifted::<true>(x, m, neg_m);
-            sum_lo = _mm256_add_pd(sum_lo, e_lo);
-            sum_hi = _mm256_add_pd(sum_hi, e_hi);
-            ties = _mm256_sub_epi32(ties, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(x, m)));
+            sums.add(x.exp_shifted::<true>(m, neg_m));
+            ties = E::V::tally(ties, x.eq(m));
         });
-        let rest =
-            horizontal_sum(_mm256_add_pd(sum_lo, sum_hi)) + (horizontal_count(ties) - 1) as f64;
-        state = state.merge(RowState::from_parts(f64::from(block_max), rest));
+        let rest = sums.total((E::V::tally_total(ties) - 1) as f64);
+        state = state.merge(RowState::from_parts(block_max, rest));
     }
     Some(RowScan {
         state,
         first_non_finite: None,
         masked,
-        finite_min: f64::from(min),
-        finite_max: f64::from(max),
+        finite_min: min,
+        finite_max: max,
         nan: 0,
         pos_inf: 0,
     })
@@ -313,23 +663,23 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
 
 /// `softmax_i = exp(x_i − m) / S` (row not fully masked).
 #[inline(always)]
-unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f32, denominator: f64, out: &mut [E]) {
-    let (m, neg_m) = (_mm256_set1_ps(max), _mm256_set1_ps(-max));
+unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
+    let (m, neg_m) = (E::V::splat(max), E::V::splat(-max));
     let inv = _mm256_set1_pd(1.0 / denominator);
     map_vectors!(E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
-        let (lo, hi) = exp_shifted::<false>(v, m, neg_m);
+        let (lo, hi) = v.exp_shifted::<false>(m, neg_m);
         (_mm256_mul_pd(lo, inv), _mm256_mul_pd(hi, inv))
     });
 }
 
 /// `log_softmax_i = (x_i − m) − log1p(s')`, saturating finite results at `−MAX`, `−inf` kept.
 #[inline(always)]
-unsafe fn log_softmax_impl<E: Lanes>(x: &[E], max: f32, log1p_sum: f64, out: &mut [E]) {
-    let (m, l) = (_mm256_set1_pd(f64::from(max)), _mm256_set1_pd(log1p_sum));
+unsafe fn log_softmax_impl<E: Lanes>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
+    let (m, l) = (_mm256_set1_pd(max), _mm256_set1_pd(log1p_sum));
     let floor = _mm256_set1_pd(-E::MAX.to_f64());
     let minus_inf = _mm256_set1_pd(f64::NEG_INFINITY);
     map_vectors!(E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
-        let (lo, hi) = widen(v);
+        let (lo, hi) = v.widen();
         (
             log_prob(lo, m, l, floor, minus_inf),
             log_prob(hi, m, l, floor, minus_inf),
@@ -350,48 +700,37 @@ unsafe fn log_prob(
     _mm256_blendv_pd(v, minus_inf, _mm256_cmp_pd::<_CMP_EQ_OQ>(x, minus_inf))
 }
 
-/// The cross-entropy gradient `g_i = c · exp(x_i − m) − b_i`, with `b_i = b` on live classes
-/// and 0 on masked ones; `x` and `g` may be the same memory (the in-place loss). With `SWEEP`,
-/// also returns `Σ_live (m − x_i)` (every term ≥ 0, exact in `f64`), else 0.
+/// The cross-entropy gradient `g_i = c · exp(x_i − m) − b` on live classes and `+0` on masked
+/// ones; `x` and `g` may be the same memory (the in-place loss). With `SWEEP`,
+/// also returns `Σ_live (m − x_i)` (every term ≥ 0), else 0.
 #[inline(always)]
 unsafe fn ce_grad_impl<E: Lanes, const SWEEP: bool>(
     x: *const E,
     g: *mut E,
     len: usize,
-    max: f32,
+    max: f64,
     c: f64,
     b: f64,
 ) -> f64 {
-    let (m, neg_m) = (_mm256_set1_ps(max), _mm256_set1_ps(-max));
+    let (m, neg_m) = (E::V::splat(max), E::V::splat(-max));
     let (c, b) = (_mm256_set1_pd(c), _mm256_set1_pd(b));
-    let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut distance = Distance::new(max);
     map_vectors!(E, x, g, len, |v| {
-        let (e_lo, e_hi) = exp_shifted::<false>(v, m, neg_m);
-        let (live_lo, live_hi) = live_mask(v, minus_inf);
+        let (e_lo, e_hi) = v.exp_shifted::<false>(m, neg_m);
+        let (live_lo, live_hi) = v.live();
         if SWEEP {
             distance.add(v, live_lo, live_hi);
         }
+        // Masked lanes are +0 whatever the signs of `c` and `b`.
         (
-            _mm256_fmsub_pd(c, e_lo, _mm256_and_pd(b, live_lo)),
-            _mm256_fmsub_pd(c, e_hi, _mm256_and_pd(b, live_hi)),
+            _mm256_and_pd(live_lo, _mm256_fmsub_pd(c, e_lo, b)),
+            _mm256_and_pd(live_hi, _mm256_fmsub_pd(c, e_hi, b)),
         )
     });
     distance.total()
 }
 
-/// Lanes of `v` that are not `−inf`, as two `f64x4` masks.
-#[inline(always)]
-unsafe fn live_mask(v: __m256, minus_inf: __m256) -> (__m256d, __m256d) {
-    let (lo, hi) = widen(_mm256_cmp_ps::<_CMP_NEQ_OQ>(v, minus_inf));
-    // A widened all-ones f32 lane is a NaN: that is the mask in f64 lanes.
-    (
-        _mm256_cmp_pd::<_CMP_UNORD_Q>(lo, lo),
-        _mm256_cmp_pd::<_CMP_UNORD_Q>(hi, hi),
-    )
-}
-
-/// `Σ_live (m − x_i)` in `f64` (every term ≥ 0 and exact).
+/// `Σ_live (m − x_i)` in `f64` (every term ≥ 0; exact for `f32`/`f16`/`bf16` rows).
 struct Distance {
     m: __m256d,
     lo: __m256d,
@@ -400,17 +739,17 @@ struct Distance {
 
 impl Distance {
     #[inline(always)]
-    unsafe fn new(max: f32) -> Self {
+    unsafe fn new(max: f64) -> Self {
         Self {
-            m: _mm256_set1_pd(f64::from(max)),
+            m: _mm256_set1_pd(max),
             lo: _mm256_setzero_pd(),
             hi: _mm256_setzero_pd(),
         }
     }
 
     #[inline(always)]
-    unsafe fn add(&mut self, v: __m256, live_lo: __m256d, live_hi: __m256d) {
-        let (x_lo, x_hi) = widen(v);
+    unsafe fn add<V: Vector>(&mut self, v: V, live_lo: __m256d, live_hi: __m256d) {
+        let (x_lo, x_hi) = v.widen();
         self.lo = _mm256_add_pd(self.lo, _mm256_and_pd(live_lo, _mm256_sub_pd(self.m, x_lo)));
         self.hi = _mm256_add_pd(self.hi, _mm256_and_pd(live_hi, _mm256_sub_pd(self.m, x_hi)));
     }
@@ -423,11 +762,10 @@ impl Distance {
 
 /// [`Distance`] over a row on its own (a loss-only call with smoothing).
 #[inline(always)]
-unsafe fn live_distance_impl<E: Lanes>(x: &[E], max: f32) -> f64 {
-    let minus_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+unsafe fn live_distance_impl<E: Lanes>(x: &[E], max: f64) -> f64 {
     let mut distance = Distance::new(max);
     for_each_vector!(E, x, |v| {
-        let (live_lo, live_hi) = live_mask(v, minus_inf);
+        let (live_lo, live_hi) = v.live();
         distance.add(v, live_lo, live_hi);
     });
     distance.total()
@@ -440,9 +778,9 @@ unsafe fn dot_impl<E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     let body = y.len() / 8 * 8;
     let mut i = 0;
     while i < body {
-        let (d_lo, d_hi) = widen(E::load8(dy.as_ptr().add(i)));
+        let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
         if weighted {
-            let (y_lo, y_hi) = widen(E::load8(y.as_ptr().add(i)));
+            let (y_lo, y_hi) = E::load8(y.as_ptr().add(i)).widen();
             acc_lo = _mm256_fmadd_pd(y_lo, d_lo, acc_lo);
             acc_hi = _mm256_fmadd_pd(y_hi, d_hi, acc_hi);
         } else {
@@ -468,8 +806,8 @@ unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
     let body = len / 8 * 8;
     let mut i = 0;
     while i < body {
-        let (y_lo, y_hi) = widen(E::load8(y.as_ptr().add(i)));
-        let (d_lo, d_hi) = widen(E::load8(dy.as_ptr().add(i)));
+        let (y_lo, y_hi) = E::load8(y.as_ptr().add(i)).widen();
+        let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
         let lo = _mm256_mul_pd(y_lo, _mm256_sub_pd(d_lo, dot));
         let hi = _mm256_mul_pd(y_hi, _mm256_sub_pd(d_hi, dot));
         E::store8(dx.as_mut_ptr().add(i), lo, hi);
@@ -484,12 +822,12 @@ unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
 /// when some `y_i` is positive or NaN, which the scalar kernel handles.
 #[inline(always)]
 unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -> bool {
-    let mut out_of_range = _mm256_setzero_ps();
-    let zero = _mm256_setzero_ps();
+    let zero = E::V::splat(0.0);
+    let mut out_of_range = zero.eq(E::V::splat(f64::INFINITY));
     for_each_vector!(E, y, |v| {
-        out_of_range = _mm256_or_ps(out_of_range, _mm256_cmp_ps::<_CMP_NLE_UQ>(v, zero));
+        out_of_range = out_of_range.or(v.nan_or_above(zero));
     });
-    if _mm256_movemask_ps(out_of_range) != 0 {
+    if out_of_range.any() {
         return false;
     }
     let total_value = dot_impl(y, dy, false);
@@ -498,8 +836,8 @@ unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -
     let body = len / 8 * 8;
     let mut i = 0;
     while i < body {
-        let (e_lo, e_hi) = exp_shifted::<false>(E::load8(y.as_ptr().add(i)), zero, zero);
-        let (d_lo, d_hi) = widen(E::load8(dy.as_ptr().add(i)));
+        let (e_lo, e_hi) = E::load8(y.as_ptr().add(i)).exp_shifted::<false>(zero, zero);
+        let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
         E::store8(
             dx.as_mut_ptr().add(i),
             _mm256_fnmadd_pd(e_lo, total, d_lo),
@@ -528,24 +866,26 @@ fn cast_mut<E: Element, T: Element>(s: &mut [E]) -> &mut [T] {
     unsafe { &mut *(s as *mut [E] as *mut [T]) }
 }
 
-/// Runs `$body` with `$l` the concrete storage type of `$e`; `None` for `f64`, which has no
-/// kernel here.
+/// Runs `$body` with `$l` the concrete storage type of `$e`.
 macro_rules! with_lanes {
     ($e:ty, $l:ident => $body:expr) => {
         match <$e as Element>::DTYPE {
+            DType::F64 => {
+                type $l = f64;
+                $body
+            }
             DType::F32 => {
                 type $l = f32;
-                Some($body)
+                $body
             }
             DType::F16 => {
                 type $l = f16;
-                Some($body)
+                $body
             }
             DType::BF16 => {
                 type $l = bf16;
-                Some($body)
+                $body
             }
-            DType::F64 => None,
         }
     };
 }
@@ -553,37 +893,35 @@ macro_rules! with_lanes {
 // The entry points. SAFETY (all): they are reached only after `active_kernel()` found AVX2,
 // FMA and F16C on this CPU; slices are cast to the concrete type their DType names.
 
-/// The read pass; `None` for `f64` or when the row holds NaN or `+inf`.
+/// The read pass; `None` when the row holds NaN or `+inf`.
 pub(crate) fn scan<E: Element>(row: &[E]) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(row: &[L]) -> Option<RowScan> {
         scan_impl(row)
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(row)) }).flatten()
+    with_lanes!(E, L => unsafe { run::<L>(cast(row)) })
 }
 
-/// Softmax write pass; `false` (nothing written) for `f64`.
-pub(crate) fn softmax<E: Element>(x: &[E], max: f64, denominator: f64, out: &mut [E]) -> bool {
+/// Softmax write pass.
+pub(crate) fn softmax<E: Element>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &[L], max: f32, denominator: f64, out: &mut [L]) {
+    unsafe fn run<L: Lanes>(x: &[L], max: f64, denominator: f64, out: &mut [L]) {
         softmax_impl(x, max, denominator, out);
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(x), max as f32, denominator, cast_mut(out)) })
-        .is_some()
+    with_lanes!(E, L => unsafe { run::<L>(cast(x), max, denominator, cast_mut(out)) });
 }
 
-/// Log-softmax write pass; `false` (nothing written) for `f64`.
-pub(crate) fn log_softmax<E: Element>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) -> bool {
+/// Log-softmax write pass.
+pub(crate) fn log_softmax<E: Element>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &[L], max: f32, log1p_sum: f64, out: &mut [L]) {
+    unsafe fn run<L: Lanes>(x: &[L], max: f64, log1p_sum: f64, out: &mut [L]) {
         log_softmax_impl(x, max, log1p_sum, out);
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(x), max as f32, log1p_sum, cast_mut(out)) })
-        .is_some()
+    with_lanes!(E, L => unsafe { run::<L>(cast(x), max, log1p_sum, cast_mut(out)) });
 }
 
 /// Cross-entropy gradient `c · exp(x − m) − b` (b on live classes) into `g`, returning
-/// `Σ_live (m − x)` when `sweep` (else 0); `None` for `f64`.
+/// `Σ_live (m − x)` when `sweep` (else 0).
 pub(crate) fn ce_grad<E: Element>(
     x: &[E],
     max: f64,
@@ -591,9 +929,10 @@ pub(crate) fn ce_grad<E: Element>(
     b: f64,
     sweep: bool,
     g: &mut [E],
-) -> Option<f64> {
+) -> f64 {
+    assert_eq!(x.len(), g.len());
     with_lanes!(E, L => unsafe {
-        ce_grad_raw::<L>(x.as_ptr().cast(), g.as_mut_ptr().cast(), x.len(), max as f32, c, b, sweep)
+        ce_grad_raw::<L>(x.as_ptr().cast(), g.as_mut_ptr().cast(), x.len(), max, c, b, sweep)
     })
 }
 
@@ -603,7 +942,7 @@ unsafe fn ce_grad_raw<L: Lanes>(
     x: *const L,
     g: *mut L,
     len: usize,
-    max: f32,
+    max: f64,
     c: f64,
     b: f64,
     sweep: bool,
@@ -615,13 +954,13 @@ unsafe fn ce_grad_raw<L: Lanes>(
     }
 }
 
-/// `Σ_live (m − x)` by the same sweep as [`ce_grad`]; `None` for `f64`.
-pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> Option<f64> {
+/// `Σ_live (m − x)` by the same sweep as [`ce_grad`].
+pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &[L], max: f32) -> f64 {
+    unsafe fn run<L: Lanes>(x: &[L], max: f64) -> f64 {
         live_distance_impl(x, max)
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(x), max as f32) })
+    with_lanes!(E, L => unsafe { run::<L>(cast(x), max) })
 }
 
 /// [`ce_grad`] written over the logits themselves.
@@ -631,27 +970,27 @@ pub(crate) fn ce_grad_in_place<E: Element>(
     c: f64,
     b: f64,
     sweep: bool,
-) -> Option<f64> {
+) -> f64 {
     let p = x.as_mut_ptr();
     with_lanes!(E, L => unsafe {
-        ce_grad_raw::<L>(p.cast_const().cast(), p.cast(), x.len(), max as f32, c, b, sweep)
+        ce_grad_raw::<L>(p.cast_const().cast(), p.cast(), x.len(), max, c, b, sweep)
     })
 }
 
-/// Softmax backward; `false` (nothing written) for `f64`.
-pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) -> bool {
+/// Softmax backward.
+pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(y: &[L], dy: &[L], dx: &mut [L]) {
         softmax_backward_impl(y, dy, dx);
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), cast_mut(dx)) }).is_some()
+    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), cast_mut(dx)) });
 }
 
-/// Log-softmax backward; `false` (nothing written) for `f64` or a `y` outside `[−inf, 0]`.
+/// Log-softmax backward; `false` (nothing written) for a `y` outside `[−inf, 0]`.
 pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) -> bool {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(y: &[L], dy: &[L], dx: &mut [L]) -> bool {
         log_softmax_backward_impl(y, dy, dx)
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), cast_mut(dx)) }) == Some(true)
+    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), cast_mut(dx)) })
 }

@@ -143,17 +143,17 @@ pub(crate) fn lse_well_conditioned(state: &RowState) -> bool {
 /// The row's logsumexp from its scan (no NaN/`+inf`), rescanned with the scalar kernel when the
 /// vector kernel's state would lose digits to cancellation.
 pub(crate) fn logsumexp<E: Element>(row: &[E], scan: &RowScan) -> f64 {
-    if !fast() || E::DTYPE == crate::DType::F64 || lse_well_conditioned(&scan.state) {
+    if !fast() || lse_well_conditioned(&scan.state) {
         scan.state.logsumexp()
     } else {
         scan_by(row, LogitMap::Identity, false).state.logsumexp()
     }
 }
 
-/// True when [`scan_mapped`] with `map` runs the vector kernel on rows of `E` — and then the
-/// vector write passes serve `E` too.
-pub(crate) fn vector_scan<E: Element>(map: LogitMap) -> bool {
-    fast() && map == LogitMap::Identity && E::DTYPE != crate::DType::F64
+/// True when [`scan_mapped`] with `map` runs the vector kernel — and then the vector write
+/// passes serve the row too.
+pub(crate) fn vector_scan(map: LogitMap) -> bool {
+    fast() && map == LogitMap::Identity
 }
 
 /// The scalar rescan used when a vector scan's logsumexp is ill-conditioned.
@@ -181,8 +181,8 @@ pub(crate) fn softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]) {
     let vector = fast();
     by_pieces(row, out, |x, o| {
         #[cfg(target_arch = "x86_64")]
-        if vector && avx2::softmax(x, state.max(), state.denominator(), o) {
-            return;
+        if vector {
+            return avx2::softmax(x, state.max(), state.denominator(), o);
         }
         let _ = vector;
         scalar::softmax_row(x, state, o);
@@ -198,8 +198,8 @@ pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]
     let vector = fast();
     by_pieces(row, out, |x, o| {
         #[cfg(target_arch = "x86_64")]
-        if vector && avx2::log_softmax(x, state.max(), state.log1p_sum(), o) {
-            return;
+        if vector {
+            return avx2::log_softmax(x, state.max(), state.log1p_sum(), o);
         }
         let _ = vector;
         scalar::log_softmax_row(x, state, o);
@@ -209,8 +209,8 @@ pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]
 /// Softmax backward for one row.
 pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
     #[cfg(target_arch = "x86_64")]
-    if fast() && avx2::softmax_backward(y, dy, dx) {
-        return;
+    if fast() {
+        return avx2::softmax_backward(y, dy, dx);
     }
     scalar::softmax_backward_row(y, dy, dx);
 }
@@ -228,13 +228,11 @@ pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) 
 /// returns `Σ_live (m − x_c)` (0 unless asked for).
 ///
 /// # Panics
-/// Unless [`vector_scan`] holds for `E`.
+/// Unless [`vector_scan`] holds.
 pub(crate) fn ce_grad<E: Element>(x: &[E], g: &mut [E], w: &scalar::FastWrite) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
-        let one = |x: &[E], g: &mut [E]| {
-            avx2::ce_grad(x, w.max, w.c, w.b, w.sweep_distance, g).expect(NO_VECTOR_KERNEL)
-        };
+        let one = |x: &[E], g: &mut [E]| avx2::ce_grad(x, w.max, w.c, w.b, w.sweep_distance, g);
         if x.len() <= CHUNK {
             return one(x, g);
         }
@@ -254,11 +252,11 @@ pub(crate) fn ce_grad<E: Element>(x: &[E], g: &mut [E], w: &scalar::FastWrite) -
 /// `Σ_live (m − x_c)` by the same sweep as [`ce_grad`]'s (same bits), without writing.
 ///
 /// # Panics
-/// Unless [`vector_scan`] holds for `E`.
+/// Unless [`vector_scan`] holds.
 pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
-        let one = |x: &[E]| avx2::live_distance(x, max).expect(NO_VECTOR_KERNEL);
+        let one = |x: &[E]| avx2::live_distance(x, max);
         if x.len() <= CHUNK {
             return one(x);
         }
@@ -274,13 +272,11 @@ pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
 /// [`ce_grad`] written over the logits.
 ///
 /// # Panics
-/// Unless [`vector_scan`] holds for `E`.
+/// Unless [`vector_scan`] holds.
 pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &scalar::FastWrite) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
-        let one = |x: &mut [E]| {
-            avx2::ce_grad_in_place(x, w.max, w.c, w.b, w.sweep_distance).expect(NO_VECTOR_KERNEL)
-        };
+        let one = |x: &mut [E]| avx2::ce_grad_in_place(x, w.max, w.c, w.b, w.sweep_distance);
         if x.len() <= CHUNK {
             return one(x);
         }
@@ -301,4 +297,5 @@ fn in_order_sum(parts: impl IndexedParallelIterator<Item = f64>) -> f64 {
     parts.into_iter().sum()
 }
 
+#[cfg(not(target_arch = "x86_64"))]
 const NO_VECTOR_KERNEL: &str = "vector CE write pass called where `vector_scan` is false";

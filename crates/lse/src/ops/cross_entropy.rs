@@ -345,7 +345,7 @@ impl<'a, E: Element> Batch<'a, E> {
         // whether a gradient is asked for, so the loss is the same bits either way.
         let exact = |row: &[E]| kernels::scan_exact(row, map);
         let probabilities = matches!(target, RowTarget::Probabilities(_));
-        let vector = kernels::vector_scan::<E>(map) && !probabilities;
+        let vector = kernels::vector_scan(map) && !probabilities;
         let scan = if vector {
             kernels::scan_mapped(logits, map)
         } else {
