@@ -21,6 +21,7 @@ use core::arch::x86_64::*;
 use half::{bf16, f16};
 
 use super::scalar::RowScan;
+use super::{BlockMaxima, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
 
@@ -98,6 +99,16 @@ pub(crate) trait Lanes: Element {
     unsafe fn load8(p: *const Self) -> Self::V;
     /// Stores 8 results given as `f64` (`lo`: elements 0..4, `hi`: 4..8), rounded to `Self`.
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d);
+    /// True when the read pass can leave each `exp(x − m_b)` in an output row of this type
+    /// for the write pass to rescale ([`Lanes::store_exp`]): `f32`, whose rounding of the
+    /// cached value keeps every output within the §3 bounds. `f16`/`bf16` would round too
+    /// coarsely, and `f64` would add a rounding the plain write pass does not have.
+    const CACHES: bool = false;
+    /// Stores the first `n` of 8 exp terms with 1 where `ties` (the terms a `ZERO_TIES`
+    /// exp left out of the sum).
+    unsafe fn store_exp(_p: *mut Self, _n: usize, _e: (__m256d, __m256d), _ties: Self::V) {
+        unreachable!("only rows whose Lanes::CACHES holds are cached")
+    }
 }
 
 /// Rounds two `f64x4` to one `f32x8` (round to nearest even).
@@ -108,6 +119,7 @@ unsafe fn narrow(lo: __m256d, hi: __m256d) -> __m256 {
 
 impl Lanes for f32 {
     type V = __m256;
+    const CACHES: bool = true;
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_loadu_ps(p)
@@ -115,6 +127,17 @@ impl Lanes for f32 {
     #[inline(always)]
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d) {
         _mm256_storeu_ps(p, narrow(lo, hi));
+    }
+    #[inline(always)]
+    unsafe fn store_exp(p: *mut Self, n: usize, e: (__m256d, __m256d), ties: __m256) {
+        let v = _mm256_blendv_ps(narrow(e.0, e.1), _mm256_set1_ps(1.0), ties);
+        if n == 8 {
+            _mm256_storeu_ps(p, v);
+        } else {
+            let mut buf = [0f32; 8];
+            _mm256_storeu_ps(buf.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+        }
     }
 }
 
@@ -567,17 +590,22 @@ fn neg_inf<E: Element>() -> E {
 /// Runs `$body` with `$x` bound to each vector of `$row` (`&[$e]`), the last one padded with
 /// `−inf`. A macro, not a closure: closures do not inherit `#[target_feature]`, and their
 /// intrinsics would become calls.
+/// With `|$x, $at, $n|`, also binds the vector's offset in the row and how many of its lanes
+/// are row elements (8, or fewer in the tail).
 macro_rules! for_each_vector {
-    ($e:ty, $row:expr, |$x:ident| $body:block) => {{
+    ($e:ty, $row:expr, |$x:ident| $body:block) => {
+        for_each_vector!($e, $row, |$x, _at, _n| $body)
+    };
+    ($e:ty, $row:expr, |$x:ident, $at:ident, $n:ident| $body:block) => {{
         let row: &[$e] = $row;
         let (body, tail) = row.split_at(row.len() / 8 * 8);
-        for v in body.chunks_exact(8) {
-            let $x = <$e as Lanes>::load8(v.as_ptr());
+        for (i, v) in body.chunks_exact(8).enumerate() {
+            let ($x, $at, $n) = (<$e as Lanes>::load8(v.as_ptr()), 8 * i, 8);
             $body
         }
         if !tail.is_empty() {
             let buf = padded(tail, neg_inf::<$e>());
-            let $x = <$e as Lanes>::load8(buf.as_ptr());
+            let ($x, $at, $n) = (<$e as Lanes>::load8(buf.as_ptr()), body.len(), tail.len());
             $body
         }
     }};
@@ -609,10 +637,26 @@ macro_rules! map_vectors {
     }};
 }
 
+/// Where the read pass leaves what the write pass reuses.
+struct ScanSink<E> {
+    /// Block maxima (rows of at most [`MAX_CACHED_LEN`]).
+    maxima: Option<*mut BlockMaxima>,
+    /// With `maxima`: an output row of the same length that receives each block's
+    /// `exp(x − m_b)` (1 at `x = m_b`, 0 in fully masked blocks).
+    cache: Option<*mut E>,
+}
+
+impl<E> ScanSink<E> {
+    const NONE: Self = Self {
+        maxima: None,
+        cache: None,
+    };
+}
+
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
 /// the first one and applies the caller's policy).
 #[inline(always)]
-unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
+unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink<E>) -> Option<RowScan> {
     let mut state = RowState::EMPTY;
     let mut masked = 0;
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -635,7 +679,17 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
         masked += E::V::tally_total(masked_lanes) - (8 - block.len() % 8) % 8;
         min = min.min(lo.reduce_min());
         let block_max = hi.reduce_max();
+        if let Some(maxima) = sink.maxima {
+            let maxima = &mut *maxima;
+            maxima.push(block_max);
+        }
+        let cache = sink
+            .cache
+            .map(|c| c.add(block.as_ptr().offset_from(row.as_ptr()) as usize));
         if block_max == f64::NEG_INFINITY {
+            if let Some(cache) = cache {
+                core::ptr::write_bytes(cache, 0, block.len());
+            }
             continue;
         }
         max = max.max(block_max);
@@ -643,9 +697,14 @@ unsafe fn scan_impl<E: Lanes>(row: &[E]) -> Option<RowScan> {
         let (m, neg_m) = (E::V::splat(block_max), E::V::splat(-block_max));
         let mut sums = LaneSums::<E::V>::new();
         let mut ties = E::V::tally_zero();
-        for_each_vector!(E, block, |x| {
-            sums.add(x.exp_shifted::<true>(m, neg_m));
-            ties = E::V::tally(ties, x.eq(m));
+        for_each_vector!(E, block, |x, at, n| {
+            let e = x.exp_shifted::<true>(m, neg_m);
+            sums.add(e);
+            let is_tie = x.eq(m);
+            ties = E::V::tally(ties, is_tie);
+            if let Some(cache) = cache {
+                E::store_exp(cache.add(at), n, e, is_tie);
+            }
         });
         let rest = sums.total((E::V::tally_total(ties) - 1) as f64);
         state = state.merge(RowState::from_parts(block_max, rest));
@@ -670,6 +729,49 @@ unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut 
         let (lo, hi) = v.exp_shifted::<false>(m, neg_m);
         (_mm256_mul_pd(lo, inv), _mm256_mul_pd(hi, inv))
     });
+}
+
+/// Multiplies each block of cached exp terms by its factor (in `f64`, rounded once): the
+/// write pass of a cached row.
+#[inline(always)]
+unsafe fn rescale_impl<E: Lanes>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    for (block, (_, factor)) in out.chunks_mut(BLOCK).zip(maxima.factors(max, c)) {
+        let factor = _mm256_set1_pd(factor);
+        let p = block.as_mut_ptr();
+        map_vectors!(E, p.cast_const(), p, block.len(), |v| {
+            let (lo, hi) = v.widen();
+            // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
+            let zero = _mm256_setzero_pd();
+            (
+                _mm256_fmadd_pd(lo, factor, zero),
+                _mm256_fmadd_pd(hi, factor, zero),
+            )
+        });
+    }
+}
+
+/// The same values as [`rescale_impl`] on a cache filled by the read pass, computed from the
+/// logits themselves and written over them: each `exp(x − m_b)` is rounded to `E` as the cache
+/// would have held it. The in-place loss's write pass, bitwise equal to the cached one.
+#[inline(always)]
+unsafe fn rescale_recomputed_impl<E: Lanes>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    for (block, (m_b, factor)) in x.chunks_mut(BLOCK).zip(maxima.factors(max, c)) {
+        let factor = _mm256_set1_pd(factor);
+        let (m, neg_m) = (E::V::splat(m_b), E::V::splat(-m_b));
+        let p = block.as_mut_ptr();
+        map_vectors!(E, p.cast_const(), p, block.len(), |v| {
+            let (lo, hi) = v.exp_shifted::<false>(m, neg_m);
+            let mut cached = [<E as Element>::zero(); 8];
+            E::store8(cached.as_mut_ptr(), lo, hi);
+            let (lo, hi) = E::load8(cached.as_ptr()).widen();
+            // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
+            let zero = _mm256_setzero_pd();
+            (
+                _mm256_fmadd_pd(lo, factor, zero),
+                _mm256_fmadd_pd(hi, factor, zero),
+            )
+        });
+    }
 }
 
 /// `log_softmax_i = (x_i − m) − log1p(s')`, saturating finite results at `−MAX`, `−inf` kept.
@@ -897,9 +999,57 @@ macro_rules! with_lanes {
 pub(crate) fn scan<E: Element>(row: &[E]) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(row: &[L]) -> Option<RowScan> {
-        scan_impl(row)
+        scan_impl(row, ScanSink::NONE)
     }
     with_lanes!(E, L => unsafe { run::<L>(cast(row)) })
+}
+
+/// True when rows of `E` with `len` elements can cache their exp terms in an output row.
+pub(crate) fn caches<E: Element>(len: usize) -> bool {
+    len <= MAX_CACHED_LEN && with_lanes!(E, L => <L as Lanes>::CACHES)
+}
+
+/// The read pass, also recording the block maxima and, with `cache`, leaving each block's exp
+/// terms there (`None`: NaN or `+inf`, and `cache` holds anything).
+///
+/// # Panics
+/// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
+pub(crate) fn scan_caching<E: Element>(
+    row: &[E],
+    cache: Option<&mut [E]>,
+    maxima: &mut BlockMaxima,
+) -> Option<RowScan> {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink<L>) -> Option<RowScan> {
+        scan_impl(row, sink)
+    }
+    assert!(caches::<E>(row.len()));
+    assert!(cache.as_ref().is_none_or(|c| c.len() == row.len()));
+    maxima.clear();
+    let cache = cache.map(|c| c.as_mut_ptr());
+    let maxima: *mut BlockMaxima = maxima;
+    with_lanes!(E, L => unsafe {
+        let sink = ScanSink { maxima: Some(maxima), cache: cache.map(|c| c.cast::<L>()) };
+        run::<L>(cast(row), sink)
+    })
+}
+
+/// The write pass of a cached row: `out_i ← c · exp(m_b − m) · out_i` per block.
+pub(crate) fn rescale<E: Element>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<L: Lanes>(out: &mut [L], maxima: &BlockMaxima, max: f64, c: f64) {
+        rescale_impl(out, maxima, max, c);
+    }
+    with_lanes!(E, L => unsafe { run::<L>(cast_mut(out), maxima, max, c) });
+}
+
+/// [`rescale`]'s values computed from the logits and written over them.
+pub(crate) fn rescale_recomputed<E: Element>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<L: Lanes>(x: &mut [L], maxima: &BlockMaxima, max: f64, c: f64) {
+        rescale_recomputed_impl(x, maxima, max, c);
+    }
+    with_lanes!(E, L => unsafe { run::<L>(cast_mut(x), maxima, max, c) });
 }
 
 /// Softmax write pass.

@@ -15,7 +15,8 @@ use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::state::RowState;
-use scalar::{LogitMap, RowScan};
+use scalar::LogitMap;
+pub(crate) use scalar::RowScan;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -130,6 +131,150 @@ fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool) -> RowScan {
         .into_iter()
         .enumerate()
         .fold(RowScan::EMPTY, |acc, (i, p)| acc.then(p, i * CHUNK))
+}
+
+/// The longest row whose read pass caches its exp terms: one piece of a long row.
+pub(crate) const MAX_CACHED_LEN: usize = CHUNK;
+
+/// The maxima of a row's read-pass blocks, kept for a write pass that rescales the exp terms
+/// the read pass cached (rows of at most [`MAX_CACHED_LEN`] elements): block `b`'s terms are
+/// `exp(x − m_b)` and become `c · exp(x − m)` by one factor `c · exp(m_b − m)` per block.
+#[derive(Clone, Debug)]
+pub(crate) struct BlockMaxima {
+    count: usize,
+    max: [f64; MAX_CACHED_LEN / VECTOR_BLOCK],
+}
+
+/// The vector read pass's block length (the scalar kernel has no blocks).
+#[cfg(target_arch = "x86_64")]
+const VECTOR_BLOCK: usize = avx2::BLOCK;
+#[cfg(not(target_arch = "x86_64"))]
+const VECTOR_BLOCK: usize = 1024;
+
+impl BlockMaxima {
+    pub(crate) const fn new() -> Self {
+        Self {
+            count: 0,
+            max: [f64::NEG_INFINITY; MAX_CACHED_LEN / VECTOR_BLOCK],
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn clear(&mut self) {
+        self.count = 0;
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn push(&mut self, max: f64) {
+        self.max[self.count] = max;
+        self.count += 1;
+    }
+
+    /// `(m_b, c · exp(m_b − m))` for each block `b` in order (factor 0 for a fully masked
+    /// block).
+    #[cfg(target_arch = "x86_64")]
+    fn factors(&self, max: f64, c: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.max[..self.count]
+            .iter()
+            .map(move |&m_b| (m_b, c * crate::state::exp_difference(m_b, max)))
+    }
+}
+
+/// True when the read pass over a row of `E` with `len` elements, with the active kernel, can
+/// leave its exp terms in an output row for the write pass to rescale ([`scan_caching`]).
+pub(crate) fn caches<E: Element>(len: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        fast() && avx2::caches::<E>(len)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = len;
+        false
+    }
+}
+
+/// The read pass, recording the block maxima and, with `cache`, leaving each block's exp terms
+/// there. When the row holds NaN or `+inf` the scan is the scalar kernel's (naming the first
+/// one) and neither `maxima` nor `cache` means anything.
+///
+/// # Panics
+/// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
+pub(crate) fn scan_caching<E: Element>(
+    row: &[E],
+    cache: Option<&mut [E]>,
+    maxima: &mut BlockMaxima,
+) -> RowScan {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(scan) = avx2::scan_caching(row, cache, maxima) {
+        return scan;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (cache, maxima);
+    scalar::scan_row(row, LogitMap::Identity)
+}
+
+/// The write pass of a cached row: each block's terms times `c · exp(m_b − m)`.
+///
+/// # Panics
+/// Unless `out` was filled by [`scan_caching`] with `maxima`.
+pub(crate) fn rescale<E: Element>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    #[cfg(target_arch = "x86_64")]
+    avx2::rescale(out, maxima, max, c);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, maxima, max, c);
+        unreachable!("no cached rows without a vector kernel")
+    }
+}
+
+/// [`rescale`]'s values (bitwise) computed from the logits of a row scanned by
+/// [`scan_caching`] without a cache, written over them.
+///
+/// # Panics
+/// Unless `maxima` comes from [`scan_caching`] over `x`.
+pub(crate) fn rescale_recomputed<E: Element>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    #[cfg(target_arch = "x86_64")]
+    avx2::rescale_recomputed(x, maxima, max, c);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, maxima, max, c);
+        unreachable!("no cached rows without a vector kernel")
+    }
+}
+
+/// Softmax of one row, both passes; on a row with NaN or `+inf` (see the returned scan)
+/// nothing useful is written. Rows that [`caches`] serves are written once by the read pass and
+/// rescaled in cache by the write pass.
+pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> RowScan {
+    if !caches::<E>(row.len()) {
+        let scan = scan(row);
+        if scan.first_non_finite.is_none() {
+            softmax(row, &scan.state, out);
+        }
+        return scan;
+    }
+    let mut maxima = BlockMaxima::new();
+    let scan = scan_caching(row, Some(&mut *out), &mut maxima);
+    let state = &scan.state;
+    if scan.first_non_finite.is_none() {
+        if state.is_fully_masked() {
+            out.fill(E::zero());
+        } else {
+            rescale(out, &maxima, state.max(), 1.0 / state.denominator());
+        }
+    }
+    scan
+}
+
+/// Log-softmax of one row, both passes (as [`softmax_row`]; no cache: the write pass needs no
+/// exp).
+pub(crate) fn log_softmax_row<E: Element>(row: &[E], out: &mut [E]) -> RowScan {
+    let scan = scan(row);
+    if scan.first_non_finite.is_none() {
+        log_softmax(row, &scan.state, out);
+    }
+    scan
 }
 
 /// True when `m + log1p(s')` does not amplify the error of `s'`: `log1p(s') ≤ 2·|lse|`. The

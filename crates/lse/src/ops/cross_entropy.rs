@@ -11,6 +11,7 @@ use crate::guard::{ElementTally, LogitStats, StatsBuilder};
 use crate::kernels::{
     self,
     scalar::{CeConfig, CeRow, GradScale, LogitMap, RowFault, RowScan, RowTarget, RowValues},
+    BlockMaxima,
 };
 use crate::state::{saturate, CompensatedSum};
 
@@ -321,7 +322,7 @@ impl<'a, E: Element> Batch<'a, E> {
     fn row(
         &self,
         r: usize,
-        io: RowIo<'_, E>,
+        mut io: RowIo<'_, E>,
         tally: Option<&mut ElementTally>,
     ) -> Result<Option<RowValues>> {
         let target = match self.targets {
@@ -336,6 +337,18 @@ impl<'a, E: Element> Batch<'a, E> {
             }
         };
         let map = self.config.map;
+        let probabilities = matches!(target, RowTarget::Probabilities(_));
+        let vector = kernels::vector_scan(map) && !probabilities;
+        // A gradient row that the vector kernel may write from cached exp terms: the read
+        // pass leaves them in the gradient buffer (or only records its block maxima, in place).
+        let cached =
+            vector && !matches!(io, RowIo::Loss(_)) && kernels::caches::<E>(io.logits().len());
+        let mut maxima = BlockMaxima::new();
+        let cached_scan = match &mut io {
+            RowIo::Grad(x, g) if cached => Some(kernels::scan_caching(x, Some(g), &mut maxima)),
+            RowIo::InPlace(x) if cached => Some(kernels::scan_caching(x, None, &mut maxima)),
+            _ => None,
+        };
         let logits = io.logits();
         // The vector scan's s' is good to a fraction of an f32 ulp: enough for the vector
         // write pass and for a loss, whose terms never cancel. Rows whose gradient subtracts
@@ -344,12 +357,10 @@ impl<'a, E: Element> Batch<'a, E> {
         // kernel and written by the scalar pass. The choice depends on the row alone, never on
         // whether a gradient is asked for, so the loss is the same bits either way.
         let exact = |row: &[E]| kernels::scan_exact(row, map);
-        let probabilities = matches!(target, RowTarget::Probabilities(_));
-        let vector = kernels::vector_scan(map) && !probabilities;
-        let scan = if vector {
-            kernels::scan_mapped(logits, map)
-        } else {
-            exact(logits)
+        let scan = match cached_scan {
+            Some(scan) => scan,
+            None if vector => kernels::scan_mapped(logits, map),
+            None => exact(logits),
         };
         if let Some(tally) = tally {
             tally.add(&scan);
@@ -381,7 +392,23 @@ impl<'a, E: Element> Batch<'a, E> {
         } else {
             None
         };
+        // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone (smoothing's
+        // `− b` needs to know the masked classes, which the cached zeros do not tell).
+        let from_cache = cached
+            && fast
+                .as_ref()
+                .is_some_and(|w| w.b == 0.0 && !w.sweep_distance);
         let values = match (io, fast) {
+            (RowIo::Grad(_, g), Some(w)) if from_cache => {
+                kernels::rescale(g, &maxima, w.max, w.c);
+                g[w.target] = E::from_f64(w.target_grad);
+                plan.fast_loss(0.0)
+            }
+            (RowIo::InPlace(x), Some(w)) if from_cache => {
+                kernels::rescale_recomputed(x, &maxima, w.max, w.c);
+                x[w.target] = E::from_f64(w.target_grad);
+                plan.fast_loss(0.0)
+            }
             (RowIo::Loss(x), _) if vector && plan.fast_loss_applies() => {
                 plan.fast_loss(kernels::live_distance(x, plan.max()))
             }

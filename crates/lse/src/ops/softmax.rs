@@ -6,22 +6,23 @@ use super::{expect_len, non_finite_logit, par_rows, row_count, rows_per_task, No
 use crate::element::Element;
 use crate::error::Result;
 use crate::kernels;
-use crate::state::RowState;
+use crate::kernels::RowScan;
 
-/// Read pass then write pass over every row; `write_row` turns a row and its state into outputs.
+/// Read pass then write pass over every row: `row_passes` writes a row's outputs and returns
+/// its scan (whose NaN or `+inf`, if any, leaves the outputs unspecified).
 fn forward<E: Element>(
     logits: &[E],
     classes: usize,
     out: &mut [E],
     policy: NonFinite,
-    write_row: fn(&[E], &RowState, &mut [E]),
+    row_passes: fn(&[E], &mut [E]) -> RowScan,
 ) -> Result<()> {
     row_count("logits", logits.len(), classes)?;
     expect_len("output", logits.len(), out.len())?;
     par_rows(logits, classes, out, classes, |r, row, out_row| {
-        let scan = kernels::scan(row);
+        let scan = row_passes(row, out_row);
         match (scan.first_non_finite, policy) {
-            (None, _) => write_row(row, &scan.state, out_row),
+            (None, _) => {}
             (Some(_), NonFinite::Propagate) => out_row.fill(E::from_f64(f64::NAN)),
             (Some(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
         }
@@ -69,7 +70,7 @@ pub fn softmax_with<E: Element>(
     out: &mut [E],
     policy: NonFinite,
 ) -> Result<()> {
-    forward(logits, classes, out, policy, kernels::softmax)
+    forward(logits, classes, out, policy, kernels::softmax_row)
 }
 
 /// Writes `log_softmax(x)_i = (x_i − m) − log1p(Σ_{j≠k} exp(x_j − m))` of every row into `out`.
@@ -100,7 +101,7 @@ pub fn log_softmax_with<E: Element>(
     out: &mut [E],
     policy: NonFinite,
 ) -> Result<()> {
-    forward(logits, classes, out, policy, kernels::log_softmax)
+    forward(logits, classes, out, policy, kernels::log_softmax_row)
 }
 
 /// Checks the shapes of a backward call and runs `row_fn` on every row.
