@@ -51,12 +51,14 @@ fn stats_match_a_direct_computation() {
     let clean: Vec<f64> = widened.chunks(classes).skip(2).map(reference_lse).collect();
     let mean = clean.iter().sum::<f64>() / 3.0;
     let z = clean.iter().map(|l| l * l).sum::<f64>() / 3.0;
-    assert!((stats.lse_mean - mean).abs() <= 1e-12 * mean.abs());
-    assert!((stats.z_mean - z).abs() <= 1e-12 * z);
-    assert_eq!(
-        stats.lse_max,
-        clean.iter().copied().fold(f64::MIN, f64::max)
-    );
+    // Each row's lse is that of `lse::logsumexp` on f32 logits: within 2 ulp of f32 (DESIGN
+    // §3), i.e. 2^-22 relative; the mean of three such values and the mean of their squares
+    // stay within that and twice that.
+    let tolerance = 2f64.powi(-22);
+    assert!((stats.lse_mean - mean).abs() <= tolerance * mean.abs());
+    assert!((stats.z_mean - z).abs() <= 2.0 * tolerance * z);
+    let lse_max = clean.iter().copied().fold(f64::MIN, f64::max);
+    assert!((stats.lse_max - lse_max).abs() <= tolerance * lse_max.abs());
     assert!((stats.headroom.f16 - (65504f64.ln() - max)).abs() < 1e-12);
     assert!((stats.headroom_against(DType::F32) - (f64::from(f32::MAX).ln() - max)).abs() < 1e-9);
     assert!(stats.has_non_finite());

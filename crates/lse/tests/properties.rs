@@ -466,10 +466,8 @@ fn check_softmax_family<E: Element>(p: &Prepared<E>) {
     // which we take with a factor 2 on the f64 part: u + C·denorm/2 + (2C + 8)·u64, plus
     // `kernel_error(dtype)` for the dispatched kernel.
     let u = dtype.unit_roundoff();
-    let bound = u
-        + kernel_error(dtype)
-        + c as f64 * denorm_min(dtype) / 2.0
-        + (2.0 * c as f64 + 8.0) * U64;
+    let bound =
+        u + kernel_error(dtype) + c as f64 * denorm_min(dtype) / 2.0 + (2.0 * c as f64 + 8.0) * U64;
     for r in 0..p.rows {
         let row = &p.logits[r * c..(r + 1) * c];
         let l: f64 = lse[r].into();

@@ -89,7 +89,7 @@ impl LogitStats {
             let scan = kernels::scan(row);
             builder.tally(&scan);
             let lse = match scan.first_non_finite {
-                None => kernels::logsumexp(row, &scan),
+                None => kernels::logsumexp(row, &scan.state),
                 Some(_) => f64::NAN,
             };
             builder.row(lse);

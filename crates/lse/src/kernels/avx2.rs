@@ -8,13 +8,17 @@
 //! result for any split of the row into whole blocks.
 //!
 //! Accuracy comes from three choices. `x − m` is split exactly by TwoSum, so the exp's argument
-//! carries no rounding error of the subtraction; the exp returns `2^k · (1 + q)` with the last
-//! step formed in `f64` (for `f32` lanes `q` is an `f32`, and `1 + q` does not round), so each
-//! term has a relative error of about 0.3 ulp of `f32`, or about 0.5 ulp of `f64` for `f64`
-//! rows; and sums are accumulated in `f64` (compensated for `f64` rows), excluding the block's
-//! maxima (counted apart) so that `s'` keeps its digits when it is tiny. Every output is formed
-//! in `f64` and rounded once to its dtype (for `f16`/`bf16` through `f32`, an error of at most
-//! 2^-13 ulp of those).
+//! carries no rounding error of the subtraction; the exp rounds once (for `f32` lanes its result
+//! is scaled by 2^64 so that terms down to `e^-128` stay normal: within 0.6 ulp of `f32`; for
+//! `f64` rows within about 0.5 ulp of `f64`); and sums are accumulated in `f64` (compensated for
+//! `f64` rows), excluding the block's maxima (counted apart) so that `s'` keeps its digits when
+//! it is tiny. Every output is formed in `f64` and rounded once to its dtype (for `f16`/`bf16`
+//! through `f32`, an error of at most 2^-13 ulp of those).
+//!
+//! Two things keep the arithmetic, not the memory, the limit: the exp sweep prefetches the
+//! block after next, so the max sweep finds it in cache; and for `f32` rows up to
+//! [`MAX_CACHED_LEN`] the read pass leaves its exp terms in the output row, so that the write
+//! pass of softmax and of the plain cross-entropy gradient is one multiply per element.
 
 use core::arch::x86_64::*;
 
@@ -26,7 +30,7 @@ use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
 
 /// Elements per read-pass block: 4 KiB of `f32`, well inside L1 between its two sweeps.
-pub(crate) const BLOCK: usize = 1024;
+pub(crate) const BLOCK: usize = 2048;
 
 /// `P(r) ≈ (e^r − 1 − r)/r²` on `|r| ≤ ln2/2`: a degree-4 Chebyshev fit, so that
 /// `q = r + r²·P(r)` is within 1.1e-8 of `e^r − 1` relative to `e^r` (0.17 ulp of `f32`).
@@ -84,9 +88,13 @@ pub(crate) trait Vector: Copy {
     unsafe fn widen(self) -> (__m256d, __m256d);
     /// Lanes that are not `−inf`, as `f64` masks.
     unsafe fn live(self) -> (__m256d, __m256d);
-    /// `exp(x − m)` for `x ≤ m`, as `f64`; exactly 0 where it is far below anything the
-    /// lanes' dtype can show (so for `x = −inf`) and, with `ZERO_TIES`, where `x = m`.
-    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> (__m256d, __m256d);
+    /// The factor [`Vector::exp_shifted`] scales its results by, so that they stay normal
+    /// numbers of the lanes' type: callers multiply by its inverse, exactly, in `f64`.
+    const EXP_SCALE: f64;
+    /// `exp(x − m) · EXP_SCALE` for `x ≤ m`, in the same lanes; exactly 0 where `exp(x − m)`
+    /// is far below anything the row's dtype can show (so for `x = −inf`) and, with
+    /// `ZERO_TIES`, where `x = m`.
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> Self;
     unsafe fn tally_zero() -> Self::Tally;
     unsafe fn tally(t: Self::Tally, mask: Self) -> Self::Tally;
     unsafe fn tally_total(t: Self::Tally) -> usize;
@@ -104,9 +112,9 @@ pub(crate) trait Lanes: Element {
     /// cached value keeps every output within the §3 bounds. `f16`/`bf16` would round too
     /// coarsely, and `f64` would add a rounding the plain write pass does not have.
     const CACHES: bool = false;
-    /// Stores the first `n` of 8 exp terms with 1 where `ties` (the terms a `ZERO_TIES`
-    /// exp left out of the sum).
-    unsafe fn store_exp(_p: *mut Self, _n: usize, _e: (__m256d, __m256d), _ties: Self::V) {
+    /// Stores the first `n` of 8 exp terms with `EXP_SCALE` where `ties` (the terms a
+    /// `ZERO_TIES` exp left out of the sum).
+    unsafe fn store_exp(_p: *mut Self, _n: usize, _e: Self::V, _ties: Self::V) {
         unreachable!("only rows whose Lanes::CACHES holds are cached")
     }
 }
@@ -129,8 +137,8 @@ impl Lanes for f32 {
         _mm256_storeu_ps(p, narrow(lo, hi));
     }
     #[inline(always)]
-    unsafe fn store_exp(p: *mut Self, n: usize, e: (__m256d, __m256d), ties: __m256) {
-        let v = _mm256_blendv_ps(narrow(e.0, e.1), _mm256_set1_ps(1.0), ties);
+    unsafe fn store_exp(p: *mut Self, n: usize, e: __m256, ties: __m256) {
+        let v = _mm256_blendv_ps(e, _mm256_set1_ps(F32_EXP_SCALE as f32), ties);
         if n == 8 {
             _mm256_storeu_ps(p, v);
         } else {
@@ -196,6 +204,7 @@ impl Lanes for f64 {
 impl Vector for __m256 {
     type Tally = __m256i;
     const COMPENSATED: bool = false;
+    const EXP_SCALE: f64 = F32_EXP_SCALE;
 
     #[inline(always)]
     unsafe fn splat(v: f64) -> Self {
@@ -272,27 +281,31 @@ impl Vector for __m256 {
     }
 
     /// `x − m = s + err` exactly (TwoSum); `s = k·ln2 + r` with Cody–Waite's two-part `ln 2`
-    /// (`k·LN2_HI` is exact for |k| < 2^15), `|r| ≤ ln2/2`; `q = e^r − 1 = r + r²·P(r)` with
-    /// [`EXPM1_POLY`]; the result `(1 + q)·2^k` is formed in `f64`, where neither the `1 + q`
-    /// nor a subnormal-range `2^k` rounds. Below −128 the result is 0: even 2^31 such terms
-    /// stay below half of `f32`'s smallest subnormal, so no `f32`/`f16`/`bf16` output can see
-    /// them. Clamping `s` there first keeps `k` in range (those lanes are zeroed anyway).
+    /// (`k·LN2_HI` is exact for |k| < 2^15), `k` rounded by adding 1.5·2^23 (whose low
+    /// mantissa bits then hold it), `|r| ≤ ln2/2`; `q = e^r − 1 = r + r²·P(r)` with
+    /// [`EXPM1_POLY`]; the result `(1 + q)·2^(k+64)` by one fused multiply-add, so it rounds
+    /// once: within 2^-24 + 1.1e-8 of `e^{x−m}·2^64` relative (0.6 ulp of `f32`). The 2^64
+    /// keeps every result down to `e^-128` a normal `f32` (a tiny loss is a sum of such
+    /// terms); below −128 the result is 0: even 2^31 such terms stay below half of `f32`'s
+    /// smallest subnormal. Clamping `s` there first keeps `2^(k+64)` a normal number built from
+    /// its bits.
     #[inline(always)]
-    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> (__m256d, __m256d) {
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> Self {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_359_4; // 355/512: 9 significant bits
         const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+        const ROUNDER: f32 = 12_582_912.0; // 1.5·2^23
+        const FLOOR: f32 = -128.0;
         let x = self;
         let s = _mm256_add_ps(x, neg_m);
-        let floor = _mm256_set1_ps(-128.0);
+        let floor = _mm256_set1_ps(FLOOR);
         let mut zero = _mm256_cmp_ps::<_CMP_LT_OQ>(s, floor);
         if ZERO_TIES {
             zero = _mm256_or_ps(zero, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, m));
         }
         let s = _mm256_max_ps(s, floor);
-        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(s, _mm256_set1_ps(LOG2E)),
-        );
+        let rounded = _mm256_fmadd_ps(s, _mm256_set1_ps(LOG2E), _mm256_set1_ps(ROUNDER));
+        let k = _mm256_sub_ps(rounded, _mm256_set1_ps(ROUNDER));
         let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), s);
         let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_LO), r);
         // The subtraction's rounding error, which matters for f16 and bf16 too: their
@@ -310,16 +323,13 @@ impl Vector for __m256 {
         let q = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r);
         // 1 + q = 0 in the zeroed lanes (their r may be NaN: x = −inf gives inf − inf).
         let q = _mm256_blendv_ps(q, _mm256_set1_ps(-1.0), zero);
-        let k = _mm256_cvtps_epi32(k);
-        let (scale_lo, scale_hi) = (
-            power_of_two(_mm256_castsi256_si128(k)),
-            power_of_two(_mm256_extracti128_si256::<1>(k)),
-        );
-        let (q_lo, q_hi) = q.widen();
-        (
-            _mm256_fmadd_pd(q_lo, scale_lo, scale_lo),
-            _mm256_fmadd_pd(q_hi, scale_hi, scale_hi),
-        )
+        // 2^(k+64): the bits of `rounded` are those of ROUNDER plus k.
+        let bias = 127 + F32_EXP_SCALE_LOG2 - ROUNDER.to_bits() as i32;
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_castps_si256(rounded),
+            _mm256_set1_epi32(bias),
+        )));
+        _mm256_fmadd_ps(q, scale, scale)
     }
 
     #[inline(always)]
@@ -337,6 +347,11 @@ impl Vector for __m256 {
         lanes.iter().map(|&c| c as usize).sum()
     }
 }
+
+/// log2 of the scale of the `f32`-lane exp's results.
+const F32_EXP_SCALE_LOG2: i32 = 64;
+/// 2^64.
+const F32_EXP_SCALE: f64 = 18_446_744_073_709_551_616.0;
 
 /// Eight `f64` lanes as two `f64x4`.
 #[derive(Clone, Copy)]
@@ -360,6 +375,7 @@ macro_rules! both_halves {
 impl Vector for F64x8 {
     type Tally = (__m256i, __m256i);
     const COMPENSATED: bool = true;
+    const EXP_SCALE: f64 = 1.0;
 
     #[inline(always)]
     unsafe fn splat(v: f64) -> Self {
@@ -426,11 +442,11 @@ impl Vector for F64x8 {
         )
     }
     #[inline(always)]
-    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> (__m256d, __m256d) {
-        (
-            exp_shifted_f64::<ZERO_TIES>(self.lo, m.lo, neg_m.lo),
-            exp_shifted_f64::<ZERO_TIES>(self.hi, m.hi, neg_m.hi),
-        )
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> Self {
+        F64x8 {
+            lo: exp_shifted_f64::<ZERO_TIES>(self.lo, m.lo, neg_m.lo),
+            hi: exp_shifted_f64::<ZERO_TIES>(self.hi, m.hi, neg_m.hi),
+        }
     }
     #[inline(always)]
     unsafe fn tally_zero() -> Self::Tally {
@@ -508,13 +524,6 @@ unsafe fn power_of_two_f64(k: __m256d) -> __m256d {
     _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased))
 }
 
-/// `2^k` as `f64` for four `i32` exponents in the normal range.
-#[inline(always)]
-unsafe fn power_of_two(k: __m128i) -> __m256d {
-    let biased = _mm256_add_epi64(_mm256_cvtepi32_epi64(k), _mm256_set1_epi64x(1023));
-    _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased))
-}
-
 #[inline(always)]
 unsafe fn horizontal_sum(v: __m256d) -> f64 {
     let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
@@ -557,19 +566,22 @@ impl<V: Vector> LaneSums<V> {
         }
     }
 
-    /// The eight lanes' total plus `extra` (an exact small integer).
+    /// The eight lanes' total divided by `V::EXP_SCALE` (exactly), plus `extra` (an exact
+    /// small integer).
     #[inline(always)]
     unsafe fn total(&self, extra: f64) -> CompensatedSum {
         let mut total = CompensatedSum::ZERO;
+        let unscale = 1.0 / V::EXP_SCALE;
         if V::COMPENSATED {
             let mut lanes = [0.0; 16];
             for (i, v) in self.sum.iter().chain(&self.carry).enumerate() {
                 _mm256_storeu_pd(lanes.as_mut_ptr().add(4 * i), *v);
             }
-            lanes.iter().for_each(|&v| total.add(v));
+            lanes.iter().for_each(|&v| total.add(v * unscale));
             total.add(extra);
         } else {
-            total.add(horizontal_sum(_mm256_add_pd(self.sum[0], self.sum[1])) + extra);
+            let sum = horizontal_sum(_mm256_add_pd(self.sum[0], self.sum[1]));
+            total.add(sum * unscale + extra);
         }
         total
     }
@@ -637,8 +649,11 @@ macro_rules! map_vectors {
     }};
 }
 
-/// Where the read pass leaves what the write pass reuses.
+/// Where the read pass leaves what the write pass reuses, and what it gathers.
 struct ScanSink<E> {
+    /// Count `−inf` elements and track the finite minimum (the loss and the logit statistics
+    /// need them; logsumexp and softmax do not).
+    tally: bool,
     /// Block maxima (rows of at most [`MAX_CACHED_LEN`]).
     maxima: Option<*mut BlockMaxima>,
     /// With `maxima`: an output row of the same length that receives each block's
@@ -647,7 +662,8 @@ struct ScanSink<E> {
 }
 
 impl<E> ScanSink<E> {
-    const NONE: Self = Self {
+    const TALLY: Self = Self {
+        tally: true,
         maxima: None,
         cache: None,
     };
@@ -666,18 +682,27 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink<E>) -> Option<RowScan> {
         // Sweep 1: max, min of finite elements, −inf count, NaN/+inf flag.
         let (mut hi, mut lo, mut bad) = (minus_inf, inf, E::V::splat(0.0).eq(inf));
         let mut masked_lanes = E::V::tally_zero();
-        for_each_vector!(E, block, |x| {
-            hi = hi.max(x);
-            let is_masked = x.eq(minus_inf);
-            lo = lo.min(x.select(inf, is_masked));
-            bad = bad.or(x.nan_or_at_least(inf));
-            masked_lanes = E::V::tally(masked_lanes, is_masked);
-        });
+        if sink.tally {
+            for_each_vector!(E, block, |x| {
+                hi = hi.max(x);
+                let is_masked = x.eq(minus_inf);
+                lo = lo.min(x.select(inf, is_masked));
+                bad = bad.or(x.nan_or_at_least(inf));
+                masked_lanes = E::V::tally(masked_lanes, is_masked);
+            });
+        } else {
+            for_each_vector!(E, block, |x| {
+                hi = hi.max(x);
+                bad = bad.or(x.nan_or_at_least(inf));
+            });
+        }
         if bad.any() {
             return None;
         }
-        masked += E::V::tally_total(masked_lanes) - (8 - block.len() % 8) % 8;
-        min = min.min(lo.reduce_min());
+        if sink.tally {
+            masked += E::V::tally_total(masked_lanes) - (8 - block.len() % 8) % 8;
+            min = min.min(lo.reduce_min());
+        }
         let block_max = hi.reduce_max();
         if let Some(maxima) = sink.maxima {
             let maxima = &mut *maxima;
@@ -697,9 +722,13 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink<E>) -> Option<RowScan> {
         let (m, neg_m) = (E::V::splat(block_max), E::V::splat(-block_max));
         let mut sums = LaneSums::<E::V>::new();
         let mut ties = E::V::tally_zero();
+        // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
+        // during this one overlaps the two (a prefetch never faults, even past the row's end).
+        let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
         for_each_vector!(E, block, |x, at, n| {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at * size_of::<E>()));
             let e = x.exp_shifted::<true>(m, neg_m);
-            sums.add(e);
+            sums.add(e.widen());
             let is_tie = x.eq(m);
             ties = E::V::tally(ties, is_tie);
             if let Some(cache) = cache {
@@ -724,9 +753,9 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink<E>) -> Option<RowScan> {
 #[inline(always)]
 unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
     let (m, neg_m) = (E::V::splat(max), E::V::splat(-max));
-    let inv = _mm256_set1_pd(1.0 / denominator);
+    let inv = _mm256_set1_pd(1.0 / denominator / E::V::EXP_SCALE);
     map_vectors!(E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
-        let (lo, hi) = v.exp_shifted::<false>(m, neg_m);
+        let (lo, hi) = v.exp_shifted::<false>(m, neg_m).widen();
         (_mm256_mul_pd(lo, inv), _mm256_mul_pd(hi, inv))
     });
 }
@@ -735,6 +764,7 @@ unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut 
 /// write pass of a cached row.
 #[inline(always)]
 unsafe fn rescale_impl<E: Lanes>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    let c = c / E::V::EXP_SCALE;
     for (block, (_, factor)) in out.chunks_mut(BLOCK).zip(maxima.factors(max, c)) {
         let factor = _mm256_set1_pd(factor);
         let p = block.as_mut_ptr();
@@ -751,19 +781,17 @@ unsafe fn rescale_impl<E: Lanes>(out: &mut [E], maxima: &BlockMaxima, max: f64, 
 }
 
 /// The same values as [`rescale_impl`] on a cache filled by the read pass, computed from the
-/// logits themselves and written over them: each `exp(x − m_b)` is rounded to `E` as the cache
-/// would have held it. The in-place loss's write pass, bitwise equal to the cached one.
+/// logits themselves and written over them (the exp terms are those the cache would have held,
+/// bit for bit): the in-place loss's write pass, bitwise equal to the cached one.
 #[inline(always)]
 unsafe fn rescale_recomputed_impl<E: Lanes>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+    let c = c / E::V::EXP_SCALE;
     for (block, (m_b, factor)) in x.chunks_mut(BLOCK).zip(maxima.factors(max, c)) {
         let factor = _mm256_set1_pd(factor);
         let (m, neg_m) = (E::V::splat(m_b), E::V::splat(-m_b));
         let p = block.as_mut_ptr();
         map_vectors!(E, p.cast_const(), p, block.len(), |v| {
-            let (lo, hi) = v.exp_shifted::<false>(m, neg_m);
-            let mut cached = [<E as Element>::zero(); 8];
-            E::store8(cached.as_mut_ptr(), lo, hi);
-            let (lo, hi) = E::load8(cached.as_ptr()).widen();
+            let (lo, hi) = v.exp_shifted::<false>(m, neg_m).widen();
             // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
             let zero = _mm256_setzero_pd();
             (
@@ -815,10 +843,10 @@ unsafe fn ce_grad_impl<E: Lanes, const SWEEP: bool>(
     b: f64,
 ) -> f64 {
     let (m, neg_m) = (E::V::splat(max), E::V::splat(-max));
-    let (c, b) = (_mm256_set1_pd(c), _mm256_set1_pd(b));
+    let (c, b) = (_mm256_set1_pd(c / E::V::EXP_SCALE), _mm256_set1_pd(b));
     let mut distance = Distance::new(max);
     map_vectors!(E, x, g, len, |v| {
-        let (e_lo, e_hi) = v.exp_shifted::<false>(m, neg_m);
+        let (e_lo, e_hi) = v.exp_shifted::<false>(m, neg_m).widen();
         let (live_lo, live_hi) = v.live();
         if SWEEP {
             distance.add(v, live_lo, live_hi);
@@ -933,12 +961,14 @@ unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -
         return false;
     }
     let total_value = dot_impl(y, dy, false);
-    let total = _mm256_set1_pd(total_value);
+    let total = _mm256_set1_pd(total_value / E::V::EXP_SCALE);
     let len = y.len();
     let body = len / 8 * 8;
     let mut i = 0;
     while i < body {
-        let (e_lo, e_hi) = E::load8(y.as_ptr().add(i)).exp_shifted::<false>(zero, zero);
+        let (e_lo, e_hi) = E::load8(y.as_ptr().add(i))
+            .exp_shifted::<false>(zero, zero)
+            .widen();
         let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
         E::store8(
             dx.as_mut_ptr().add(i),
@@ -995,13 +1025,24 @@ macro_rules! with_lanes {
 // The entry points. SAFETY (all): they are reached only after `active_kernel()` found AVX2,
 // FMA and F16C on this CPU; slices are cast to the concrete type their DType names.
 
-/// The read pass; `None` when the row holds NaN or `+inf`.
-pub(crate) fn scan<E: Element>(row: &[E]) -> Option<RowScan> {
+/// The read pass; `None` when the row holds NaN or `+inf`. Without `tally` the scan's `masked`
+/// and `finite_min` are not gathered (left at 0 and `+inf`).
+pub(crate) fn scan<E: Element>(row: &[E], tally: bool) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(row: &[L]) -> Option<RowScan> {
-        scan_impl(row, ScanSink::NONE)
+    unsafe fn run<L: Lanes>(row: &[L], tally: bool) -> Option<RowScan> {
+        if tally {
+            scan_impl(row, ScanSink::TALLY)
+        } else {
+            scan_impl(
+                row,
+                ScanSink {
+                    tally: false,
+                    ..ScanSink::TALLY
+                },
+            )
+        }
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(row)) })
+    with_lanes!(E, L => unsafe { run::<L>(cast(row), tally) })
 }
 
 /// True when rows of `E` with `len` elements can cache their exp terms in an output row.
@@ -1029,7 +1070,11 @@ pub(crate) fn scan_caching<E: Element>(
     let cache = cache.map(|c| c.as_mut_ptr());
     let maxima: *mut BlockMaxima = maxima;
     with_lanes!(E, L => unsafe {
-        let sink = ScanSink { maxima: Some(maxima), cache: cache.map(|c| c.cast::<L>()) };
+        let sink = ScanSink {
+            tally: true,
+            maxima: Some(maxima),
+            cache: cache.map(|c| c.cast::<L>()),
+        };
         run::<L>(cast(row), sink)
     })
 }

@@ -107,20 +107,30 @@ pub(crate) fn scan<E: Element>(row: &[E]) -> RowScan {
     scan_mapped(row, LogitMap::Identity)
 }
 
-/// [`scan`] with a logit map.
-pub(crate) fn scan_mapped<E: Element>(row: &[E], map: LogitMap) -> RowScan {
-    scan_by(row, map, fast() && map == LogitMap::Identity)
+/// The read pass without the element tally (`−inf` count, finite minimum) that only the loss
+/// and the logit statistics need: the row's state, or the column of its first NaN or `+inf`.
+pub(crate) fn scan_state<E: Element>(row: &[E]) -> Result<RowState, usize> {
+    let scan = scan_by(row, LogitMap::Identity, fast(), false);
+    match scan.first_non_finite {
+        None => Ok(scan.state),
+        Some(column) => Err(column),
+    }
 }
 
-fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool) -> RowScan {
+/// [`scan`] with a logit map.
+pub(crate) fn scan_mapped<E: Element>(row: &[E], map: LogitMap) -> RowScan {
+    scan_by(row, map, fast() && map == LogitMap::Identity, true)
+}
+
+fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool, tally: bool) -> RowScan {
     let piece = |part: &[E]| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            if let Some(scan) = avx2::scan(part) {
+            if let Some(scan) = avx2::scan(part, tally) {
                 return scan;
             }
         }
-        let _ = vector;
+        let _ = (vector, tally);
         scalar::scan_row(part, map)
     };
     if row.len() <= CHUNK {
@@ -149,7 +159,7 @@ pub(crate) struct BlockMaxima {
 #[cfg(target_arch = "x86_64")]
 const VECTOR_BLOCK: usize = avx2::BLOCK;
 #[cfg(not(target_arch = "x86_64"))]
-const VECTOR_BLOCK: usize = 1024;
+const VECTOR_BLOCK: usize = 2048;
 
 impl BlockMaxima {
     pub(crate) const fn new() -> Self {
@@ -243,38 +253,35 @@ pub(crate) fn rescale_recomputed<E: Element>(x: &mut [E], maxima: &BlockMaxima, 
     }
 }
 
-/// Softmax of one row, both passes; on a row with NaN or `+inf` (see the returned scan)
-/// nothing useful is written. Rows that [`caches`] serves are written once by the read pass and
-/// rescaled in cache by the write pass.
-pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> RowScan {
+/// Softmax of one row, both passes; `Err` with the column of the row's first NaN or `+inf`
+/// (then `out` holds anything). Rows that [`caches`] serves are written once by the read pass
+/// and rescaled in cache by the write pass.
+pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> Result<(), usize> {
     if !caches::<E>(row.len()) {
-        let scan = scan(row);
-        if scan.first_non_finite.is_none() {
-            softmax(row, &scan.state, out);
-        }
-        return scan;
+        let state = scan_state(row)?;
+        softmax(row, &state, out);
+        return Ok(());
     }
     let mut maxima = BlockMaxima::new();
     let scan = scan_caching(row, Some(&mut *out), &mut maxima);
-    let state = &scan.state;
-    if scan.first_non_finite.is_none() {
-        if state.is_fully_masked() {
-            out.fill(E::zero());
-        } else {
-            rescale(out, &maxima, state.max(), 1.0 / state.denominator());
-        }
+    if let Some(column) = scan.first_non_finite {
+        return Err(column);
     }
-    scan
+    let state = &scan.state;
+    if state.is_fully_masked() {
+        out.fill(E::zero());
+    } else {
+        rescale(out, &maxima, state.max(), 1.0 / state.denominator());
+    }
+    Ok(())
 }
 
 /// Log-softmax of one row, both passes (as [`softmax_row`]; no cache: the write pass needs no
 /// exp).
-pub(crate) fn log_softmax_row<E: Element>(row: &[E], out: &mut [E]) -> RowScan {
-    let scan = scan(row);
-    if scan.first_non_finite.is_none() {
-        log_softmax(row, &scan.state, out);
-    }
-    scan
+pub(crate) fn log_softmax_row<E: Element>(row: &[E], out: &mut [E]) -> Result<(), usize> {
+    let state = scan_state(row)?;
+    log_softmax(row, &state, out);
+    Ok(())
 }
 
 /// True when `m + log1p(s')` does not amplify the error of `s'`: `log1p(s') ≤ 2·|lse|`. The
@@ -287,11 +294,11 @@ pub(crate) fn lse_well_conditioned(state: &RowState) -> bool {
 
 /// The row's logsumexp from its scan (no NaN/`+inf`), rescanned with the scalar kernel when the
 /// vector kernel's state would lose digits to cancellation.
-pub(crate) fn logsumexp<E: Element>(row: &[E], scan: &RowScan) -> f64 {
-    if !fast() || lse_well_conditioned(&scan.state) {
-        scan.state.logsumexp()
+pub(crate) fn logsumexp<E: Element>(row: &[E], state: &RowState) -> f64 {
+    if !fast() || lse_well_conditioned(state) {
+        state.logsumexp()
     } else {
-        scan_by(row, LogitMap::Identity, false).state.logsumexp()
+        scan_exact(row, LogitMap::Identity).state.logsumexp()
     }
 }
 
@@ -303,7 +310,7 @@ pub(crate) fn vector_scan(map: LogitMap) -> bool {
 
 /// The scalar rescan used when a vector scan's logsumexp is ill-conditioned.
 pub(crate) fn scan_exact<E: Element>(row: &[E], map: LogitMap) -> RowScan {
-    scan_by(row, map, false)
+    scan_by(row, map, false, true)
 }
 
 /// Runs `f` on matching pieces of `x` and `out` (in parallel for a long row).

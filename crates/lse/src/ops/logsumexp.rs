@@ -51,11 +51,10 @@ pub fn logsumexp_with<E: Element>(
     let rows = row_count("logits", logits.len(), classes)?;
     expect_len("logsumexp output", rows, out.len())?;
     par_rows(logits, classes, out, 1, |r, row, o| {
-        let scan = kernels::scan(row);
-        o[0] = match (scan.first_non_finite, policy) {
-            (None, _) => E::Stat::from_f64(kernels::logsumexp(row, &scan)),
-            (Some(_), NonFinite::Propagate) => E::Stat::from_f64(f64::NAN),
-            (Some(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
+        o[0] = match (kernels::scan_state(row), policy) {
+            (Ok(state), _) => E::Stat::from_f64(kernels::logsumexp(row, &state)),
+            (Err(_), NonFinite::Propagate) => E::Stat::from_f64(f64::NAN),
+            (Err(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
         };
         Ok(())
     })

@@ -6,25 +6,23 @@ use super::{expect_len, non_finite_logit, par_rows, row_count, rows_per_task, No
 use crate::element::Element;
 use crate::error::Result;
 use crate::kernels;
-use crate::kernels::RowScan;
 
-/// Read pass then write pass over every row: `row_passes` writes a row's outputs and returns
-/// its scan (whose NaN or `+inf`, if any, leaves the outputs unspecified).
+/// Read pass then write pass over every row: `row_passes` writes a row's outputs, or returns
+/// the column of its first NaN or `+inf` (leaving the outputs unspecified).
 fn forward<E: Element>(
     logits: &[E],
     classes: usize,
     out: &mut [E],
     policy: NonFinite,
-    row_passes: fn(&[E], &mut [E]) -> RowScan,
+    row_passes: fn(&[E], &mut [E]) -> core::result::Result<(), usize>,
 ) -> Result<()> {
     row_count("logits", logits.len(), classes)?;
     expect_len("output", logits.len(), out.len())?;
     par_rows(logits, classes, out, classes, |r, row, out_row| {
-        let scan = row_passes(row, out_row);
-        match (scan.first_non_finite, policy) {
-            (None, _) => {}
-            (Some(_), NonFinite::Propagate) => out_row.fill(E::from_f64(f64::NAN)),
-            (Some(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
+        match (row_passes(row, out_row), policy) {
+            (Ok(()), _) => {}
+            (Err(_), NonFinite::Propagate) => out_row.fill(E::from_f64(f64::NAN)),
+            (Err(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
         }
         Ok(())
     })
