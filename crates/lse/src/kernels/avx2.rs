@@ -29,7 +29,7 @@ use super::{BlockMaxima, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
 
-/// Elements per read-pass block: 4 KiB of `f32`, well inside L1 between its two sweeps.
+/// Elements per read-pass block: 8 KiB of `f32`, well inside L1 between its two sweeps.
 pub(crate) const BLOCK: usize = 2048;
 
 /// `P(r) ≈ (e^r − 1 − r)/r²` on `|r| ≤ ln2/2`: a degree-4 Chebyshev fit, so that
@@ -107,14 +107,14 @@ pub(crate) trait Lanes: Element {
     unsafe fn load8(p: *const Self) -> Self::V;
     /// Stores 8 results given as `f64` (`lo`: elements 0..4, `hi`: 4..8), rounded to `Self`.
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d);
-    /// True when the read pass can leave each `exp(x − m_b)` in an output row of this type
-    /// for the write pass to rescale ([`Lanes::store_exp`]): `f32`, whose rounding of the
-    /// cached value keeps every output within the §3 bounds. `f16`/`bf16` would round too
-    /// coarsely, and `f64` would add a rounding the plain write pass does not have.
+    /// True when the read pass can leave each `exp(x − m_b)` (an `f32` lane) in an `f32`
+    /// buffer for the write pass to rescale ([`Lanes::store_exp`]): the `f32` lanes of `f32`,
+    /// `f16` and `bf16` rows, whose cached terms keep every output within the §3 bounds. For
+    /// `f64` rows the cache would add a rounding the plain write pass does not have.
     const CACHES: bool = false;
     /// Stores the first `n` of 8 exp terms with `EXP_SCALE` where `ties` (the terms a
     /// `ZERO_TIES` exp left out of the sum).
-    unsafe fn store_exp(_p: *mut Self, _n: usize, _e: Self::V, _ties: Self::V) {
+    unsafe fn store_exp(_p: *mut f32, _n: usize, _e: Self::V, _ties: Self::V) {
         unreachable!("only rows whose Lanes::CACHES holds are cached")
     }
 }
@@ -123,6 +123,31 @@ pub(crate) trait Lanes: Element {
 #[inline(always)]
 unsafe fn narrow(lo: __m256d, hi: __m256d) -> __m256 {
     _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo))
+}
+
+/// [`Lanes::store_exp`] of `f32` lanes.
+#[inline(always)]
+unsafe fn store_exp_f32(p: *mut f32, n: usize, e: __m256, ties: __m256) {
+    let v = _mm256_blendv_ps(e, _mm256_set1_ps(F32_EXP_SCALE as f32), ties);
+    if n == 8 {
+        _mm256_storeu_ps(p, v);
+    } else {
+        let mut buf = [0f32; 8];
+        _mm256_storeu_ps(buf.as_mut_ptr(), v);
+        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    }
+}
+
+/// `f32` lanes of the `f32` buffer at `p`.
+#[inline(always)]
+unsafe fn load_cached(p: *const f32, n: usize) -> __m256 {
+    if n == 8 {
+        _mm256_loadu_ps(p)
+    } else {
+        let mut buf = [0f32; 8];
+        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        _mm256_loadu_ps(buf.as_ptr())
+    }
 }
 
 impl Lanes for f32 {
@@ -137,20 +162,18 @@ impl Lanes for f32 {
         _mm256_storeu_ps(p, narrow(lo, hi));
     }
     #[inline(always)]
-    unsafe fn store_exp(p: *mut Self, n: usize, e: __m256, ties: __m256) {
-        let v = _mm256_blendv_ps(e, _mm256_set1_ps(F32_EXP_SCALE as f32), ties);
-        if n == 8 {
-            _mm256_storeu_ps(p, v);
-        } else {
-            let mut buf = [0f32; 8];
-            _mm256_storeu_ps(buf.as_mut_ptr(), v);
-            core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
-        }
+    unsafe fn store_exp(p: *mut f32, n: usize, e: __m256, ties: __m256) {
+        store_exp_f32(p, n, e, ties);
     }
 }
 
 impl Lanes for f16 {
     type V = __m256;
+    const CACHES: bool = true;
+    #[inline(always)]
+    unsafe fn store_exp(p: *mut f32, n: usize, e: __m256, ties: __m256) {
+        store_exp_f32(p, n, e, ties);
+    }
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
@@ -164,6 +187,11 @@ impl Lanes for f16 {
 
 impl Lanes for bf16 {
     type V = __m256;
+    const CACHES: bool = true;
+    #[inline(always)]
+    unsafe fn store_exp(p: *mut f32, n: usize, e: __m256, ties: __m256) {
+        store_exp_f32(p, n, e, ties);
+    }
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> __m256 {
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
@@ -650,7 +678,7 @@ macro_rules! map_vectors {
 }
 
 /// Where the read pass leaves what the write pass reuses, and what it gathers.
-struct ScanSink<E> {
+struct ScanSink {
     /// Count `−inf` elements and track the finite minimum (the loss and the logit statistics
     /// need them; logsumexp and softmax do not).
     tally: bool,
@@ -658,10 +686,10 @@ struct ScanSink<E> {
     maxima: Option<*mut BlockMaxima>,
     /// With `maxima`: an output row of the same length that receives each block's
     /// `exp(x − m_b)` (1 at `x = m_b`, 0 in fully masked blocks).
-    cache: Option<*mut E>,
+    cache: Option<*mut f32>,
 }
 
-impl<E> ScanSink<E> {
+impl ScanSink {
     const TALLY: Self = Self {
         tally: true,
         maxima: None,
@@ -672,7 +700,7 @@ impl<E> ScanSink<E> {
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
 /// the first one and applies the caller's policy).
 #[inline(always)]
-unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink<E>) -> Option<RowScan> {
+unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink) -> Option<RowScan> {
     let mut state = RowState::EMPTY;
     let mut masked = 0;
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -760,23 +788,41 @@ unsafe fn softmax_impl<E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut 
     });
 }
 
-/// Multiplies each block of cached exp terms by its factor (in `f64`, rounded once): the
-/// write pass of a cached row.
+/// Multiplies each block of cached exp terms (`len` `f32` at `cache`) by its factor (in `f64`,
+/// rounded once) into `out`: the write pass of a cached row. `cache` may be `out` itself.
 #[inline(always)]
-unsafe fn rescale_impl<E: Lanes>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
-    let c = c / E::V::EXP_SCALE;
-    for (block, (_, factor)) in out.chunks_mut(BLOCK).zip(maxima.factors(max, c)) {
+unsafe fn rescale_impl<E: Lanes>(
+    cache: *const f32,
+    out: *mut E,
+    len: usize,
+    maxima: &BlockMaxima,
+    max: f64,
+    c: f64,
+) {
+    let c = c / F32_EXP_SCALE;
+    let zero = _mm256_setzero_pd();
+    for (b, (_, factor)) in maxima.factors(max, c).enumerate() {
         let factor = _mm256_set1_pd(factor);
-        let p = block.as_mut_ptr();
-        map_vectors!(E, p.cast_const(), p, block.len(), |v| {
-            let (lo, hi) = v.widen();
+        let start = b * BLOCK;
+        let end = len.min(start + BLOCK);
+        let mut i = start;
+        while i < end {
+            let n = (end - i).min(8);
+            let (lo, hi) = load_cached(cache.add(i), n).widen();
             // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
-            let zero = _mm256_setzero_pd();
-            (
+            let (lo, hi) = (
                 _mm256_fmadd_pd(lo, factor, zero),
                 _mm256_fmadd_pd(hi, factor, zero),
-            )
-        });
+            );
+            if n == 8 {
+                E::store8(out.add(i), lo, hi);
+            } else {
+                let mut buf = [<E as Element>::zero(); 8];
+                E::store8(buf.as_mut_ptr(), lo, hi);
+                core::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(i), n);
+            }
+            i += 8;
+        }
     }
 }
 
@@ -1045,7 +1091,7 @@ pub(crate) fn scan<E: Element>(row: &[E], tally: bool) -> Option<RowScan> {
     with_lanes!(E, L => unsafe { run::<L>(cast(row), tally) })
 }
 
-/// True when rows of `E` with `len` elements can cache their exp terms in an output row.
+/// True when rows of `E` with `len` elements can cache their exp terms in an `f32` buffer.
 pub(crate) fn caches<E: Element>(len: usize) -> bool {
     len <= MAX_CACHED_LEN && with_lanes!(E, L => <L as Lanes>::CACHES)
 }
@@ -1057,11 +1103,11 @@ pub(crate) fn caches<E: Element>(len: usize) -> bool {
 /// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
 pub(crate) fn scan_caching<E: Element>(
     row: &[E],
-    cache: Option<&mut [E]>,
+    cache: Option<&mut [f32]>,
     maxima: &mut BlockMaxima,
 ) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink<L>) -> Option<RowScan> {
+    unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink) -> Option<RowScan> {
         scan_impl(row, sink)
     }
     assert!(caches::<E>(row.len()));
@@ -1073,19 +1119,46 @@ pub(crate) fn scan_caching<E: Element>(
         let sink = ScanSink {
             tally: true,
             maxima: Some(maxima),
-            cache: cache.map(|c| c.cast::<L>()),
+            cache,
         };
         run::<L>(cast(row), sink)
     })
 }
 
-/// The write pass of a cached row: `out_i ← c · exp(m_b − m) · out_i` per block.
-pub(crate) fn rescale<E: Element>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+/// The write pass of a cached row: `out_i ← c · exp(m_b − m) · cache_i` per block, with the
+/// cache in `out` itself when `cache` is `None` (an `f32` row).
+///
+/// # Panics
+/// When the cache's length differs from `out`'s, or `cache` is `None` for a row other than
+/// `f32`.
+pub(crate) fn rescale<E: Element>(
+    out: &mut [E],
+    cache: Option<&[f32]>,
+    maxima: &BlockMaxima,
+    max: f64,
+    c: f64,
+) {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(out: &mut [L], maxima: &BlockMaxima, max: f64, c: f64) {
-        rescale_impl(out, maxima, max, c);
+    unsafe fn run<L: Lanes>(
+        cache: *const f32,
+        out: &mut [L],
+        maxima: &BlockMaxima,
+        max: f64,
+        c: f64,
+    ) {
+        rescale_impl(cache, out.as_mut_ptr(), out.len(), maxima, max, c);
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast_mut(out), maxima, max, c) });
+    let cache = match cache {
+        Some(cache) => {
+            assert_eq!(cache.len(), out.len());
+            cache.as_ptr()
+        }
+        None => {
+            assert_eq!(E::DTYPE, DType::F32, "only an f32 row caches in itself");
+            out.as_ptr().cast::<f32>()
+        }
+    };
+    with_lanes!(E, L => unsafe { run::<L>(cache, cast_mut(out), maxima, max, c) });
 }
 
 /// [`rescale`]'s values computed from the logits and written over them.

@@ -204,6 +204,53 @@ pub(crate) fn caches<E: Element>(len: usize) -> bool {
     }
 }
 
+/// A per-thread `f32` row that holds the exp terms of an `f16`/`bf16` row between its two
+/// passes; taken from the thread and given back on drop, so that it is allocated once per
+/// thread, not per call.
+pub(crate) struct Scratch {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Scratch {
+    fn take(len: usize) -> Self {
+        let mut buf = SCRATCH.take();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Self { buf, len }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        SCRATCH.set(std::mem::take(&mut self.buf));
+    }
+}
+
+/// The `f32` buffer a cached row keeps its exp terms in: `out` itself for an `f32` row, else
+/// `scratch` (taken on first use). Pass the same `scratch` to [`rescale`].
+pub(crate) fn cache_buffer<'a, E: Element>(
+    out: &'a mut [E],
+    scratch: &'a mut Option<Scratch>,
+) -> &'a mut [f32] {
+    if E::DTYPE == crate::DType::F32 {
+        // SAFETY: `Element` is sealed and its DType F32 names exactly `f32`.
+        return unsafe { core::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
+    }
+    let len = out.len();
+    let scratch = scratch.get_or_insert_with(|| Scratch::take(len));
+    &mut scratch.buf[..len]
+}
+
 /// The read pass, recording the block maxima and, with `cache`, leaving each block's exp terms
 /// there. When the row holds NaN or `+inf` the scan is the scalar kernel's (naming the first
 /// one) and neither `maxima` nor `cache` means anything.
@@ -212,7 +259,7 @@ pub(crate) fn caches<E: Element>(len: usize) -> bool {
 /// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
 pub(crate) fn scan_caching<E: Element>(
     row: &[E],
-    cache: Option<&mut [E]>,
+    cache: Option<&mut [f32]>,
     maxima: &mut BlockMaxima,
 ) -> RowScan {
     #[cfg(target_arch = "x86_64")]
@@ -224,16 +271,23 @@ pub(crate) fn scan_caching<E: Element>(
     scalar::scan_row(row, LogitMap::Identity)
 }
 
-/// The write pass of a cached row: each block's terms times `c · exp(m_b − m)`.
+/// The write pass of a cached row: each block's terms times `c · exp(m_b − m)`, from the
+/// buffer [`cache_buffer`] gave (`scratch` as passed to it) into `out`.
 ///
 /// # Panics
-/// Unless `out` was filled by [`scan_caching`] with `maxima`.
-pub(crate) fn rescale<E: Element>(out: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
+/// Unless that buffer was filled by [`scan_caching`] with `maxima`.
+pub(crate) fn rescale<E: Element>(
+    out: &mut [E],
+    scratch: Option<&Scratch>,
+    maxima: &BlockMaxima,
+    max: f64,
+    c: f64,
+) {
     #[cfg(target_arch = "x86_64")]
-    avx2::rescale(out, maxima, max, c);
+    avx2::rescale(out, scratch.map(Scratch::as_slice), maxima, max, c);
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (out, maxima, max, c);
+        let _ = (out, scratch, maxima, max, c);
         unreachable!("no cached rows without a vector kernel")
     }
 }
@@ -263,7 +317,8 @@ pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> Result<(), us
         return Ok(());
     }
     let mut maxima = BlockMaxima::new();
-    let scan = scan_caching(row, Some(&mut *out), &mut maxima);
+    let mut scratch = None;
+    let scan = scan_caching(row, Some(cache_buffer(out, &mut scratch)), &mut maxima);
     if let Some(column) = scan.first_non_finite {
         return Err(column);
     }
@@ -271,7 +326,13 @@ pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> Result<(), us
     if state.is_fully_masked() {
         out.fill(E::zero());
     } else {
-        rescale(out, &maxima, state.max(), 1.0 / state.denominator());
+        rescale(
+            out,
+            scratch.as_ref(),
+            &maxima,
+            state.max(),
+            1.0 / state.denominator(),
+        );
     }
     Ok(())
 }

@@ -344,8 +344,12 @@ impl<'a, E: Element> Batch<'a, E> {
         let cached =
             vector && !matches!(io, RowIo::Loss(_)) && kernels::caches::<E>(io.logits().len());
         let mut maxima = BlockMaxima::new();
+        let mut scratch = None;
         let cached_scan = match &mut io {
-            RowIo::Grad(x, g) if cached => Some(kernels::scan_caching(x, Some(g), &mut maxima)),
+            RowIo::Grad(x, g) if cached => {
+                let cache = kernels::cache_buffer(g, &mut scratch);
+                Some(kernels::scan_caching(x, Some(cache), &mut maxima))
+            }
             RowIo::InPlace(x) if cached => Some(kernels::scan_caching(x, None, &mut maxima)),
             _ => None,
         };
@@ -400,7 +404,7 @@ impl<'a, E: Element> Batch<'a, E> {
                 .is_some_and(|w| w.b == 0.0 && !w.sweep_distance);
         let values = match (io, fast) {
             (RowIo::Grad(_, g), Some(w)) if from_cache => {
-                kernels::rescale(g, &maxima, w.max, w.c);
+                kernels::rescale(g, scratch.as_ref(), &maxima, w.max, w.c);
                 g[w.target] = E::from_f64(w.target_grad);
                 plan.fast_loss(0.0)
             }
