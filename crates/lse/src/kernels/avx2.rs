@@ -814,13 +814,7 @@ unsafe fn rescale_impl<E: Lanes>(
                 _mm256_fmadd_pd(lo, factor, zero),
                 _mm256_fmadd_pd(hi, factor, zero),
             );
-            if n == 8 {
-                E::store8(out.add(i), lo, hi);
-            } else {
-                let mut buf = [<E as Element>::zero(); 8];
-                E::store8(buf.as_mut_ptr(), lo, hi);
-                core::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(i), n);
-            }
+            store_first(out.add(i), n, lo, hi);
             i += 8;
         }
     }
@@ -947,57 +941,84 @@ unsafe fn live_distance_impl<E: Lanes>(x: &[E], max: f64) -> f64 {
     distance.total()
 }
 
+/// Runs `$body` with `$a`, `$b` bound to matching vectors of `$y` and `$dy` (the tails padded
+/// with zeros), `$at` the offset and `$n` the number of row elements in the vector.
+macro_rules! for_each_pair {
+    ($e:ty, $y:expr, $dy:expr, |$a:ident, $b:ident, $at:ident, $n:ident| $body:block) => {{
+        let (y, dy): (&[$e], &[$e]) = ($y, $dy);
+        let body = y.len() / 8 * 8;
+        let mut i = 0;
+        while i < body {
+            let ($a, $b, $at, $n) = (
+                <$e as Lanes>::load8(y.as_ptr().add(i)),
+                <$e as Lanes>::load8(dy.as_ptr().add(i)),
+                i,
+                8,
+            );
+            $body
+            i += 8;
+        }
+        if body < y.len() {
+            let zero = <$e as Element>::zero();
+            let (ya, da) = (padded(&y[body..], zero), padded(&dy[body..], zero));
+            let ($a, $b, $at, $n) = (
+                <$e as Lanes>::load8(ya.as_ptr()),
+                <$e as Lanes>::load8(da.as_ptr()),
+                body,
+                y.len() - body,
+            );
+            $body
+        }
+    }};
+}
+
+/// Stores the first `n` of 8 results at `p`.
+#[inline(always)]
+unsafe fn store_first<E: Lanes>(p: *mut E, n: usize, lo: __m256d, hi: __m256d) {
+    if n == 8 {
+        E::store8(p, lo, hi);
+    } else {
+        let mut buf = [<E as Element>::zero(); 8];
+        E::store8(buf.as_mut_ptr(), lo, hi);
+        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    }
+}
+
 /// `Σ_j y_j dy_j` (softmax backward) or `Σ_j dy_j` (log-softmax backward), in `f64`.
 #[inline(always)]
 unsafe fn dot_impl<E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     let (mut acc_lo, mut acc_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-    let body = y.len() / 8 * 8;
-    let mut i = 0;
-    while i < body {
-        let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
+    for_each_pair!(E, y, dy, |a, b, _at, _n| {
+        let (d_lo, d_hi) = b.widen();
         if weighted {
-            let (y_lo, y_hi) = E::load8(y.as_ptr().add(i)).widen();
+            let (y_lo, y_hi) = a.widen();
             acc_lo = _mm256_fmadd_pd(y_lo, d_lo, acc_lo);
             acc_hi = _mm256_fmadd_pd(y_hi, d_hi, acc_hi);
         } else {
             acc_lo = _mm256_add_pd(acc_lo, d_lo);
             acc_hi = _mm256_add_pd(acc_hi, d_hi);
         }
-        i += 8;
-    }
-    let mut total = horizontal_sum(_mm256_add_pd(acc_lo, acc_hi));
-    for j in body..y.len() {
-        let d = dy[j].to_f64();
-        total += if weighted { y[j].to_f64() * d } else { d };
-    }
-    total
+    });
+    horizontal_sum(_mm256_add_pd(acc_lo, acc_hi))
 }
 
 /// `dx_i = y_i · (dy_i − dot)`.
 #[inline(always)]
-unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) {
-    let dot_value = dot_impl(y, dy, true);
-    let dot = _mm256_set1_pd(dot_value);
-    let len = y.len();
-    let body = len / 8 * 8;
-    let mut i = 0;
-    while i < body {
-        let (y_lo, y_hi) = E::load8(y.as_ptr().add(i)).widen();
-        let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
+unsafe fn softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
+    let dot = _mm256_set1_pd(dot);
+    let out = dx.as_mut_ptr();
+    for_each_pair!(E, y, dy, |a, b, at, n| {
+        let ((y_lo, y_hi), (d_lo, d_hi)) = (a.widen(), b.widen());
         let lo = _mm256_mul_pd(y_lo, _mm256_sub_pd(d_lo, dot));
         let hi = _mm256_mul_pd(y_hi, _mm256_sub_pd(d_hi, dot));
-        E::store8(dx.as_mut_ptr().add(i), lo, hi);
-        i += 8;
-    }
-    for j in body..len {
-        dx[j] = E::from_f64(y[j].to_f64() * (dy[j].to_f64() - dot_value));
-    }
+        store_first(out.add(at), n, lo, hi);
+    });
 }
 
-/// `dx_i = dy_i − exp(y_i) · Σ dy` for log-probabilities `y ≤ 0`; `false` (nothing written)
+/// `dx_i = dy_i − exp(y_i) · total` for log-probabilities `y ≤ 0`; `false` (nothing written)
 /// when some `y_i` is positive or NaN, which the scalar kernel handles.
 #[inline(always)]
-unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -> bool {
+unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], total: f64, dx: &mut [E]) -> bool {
     let zero = E::V::splat(0.0);
     let mut out_of_range = zero.eq(E::V::splat(f64::INFINITY));
     for_each_vector!(E, y, |v| {
@@ -1006,26 +1027,15 @@ unsafe fn log_softmax_backward_impl<E: Lanes>(y: &[E], dy: &[E], dx: &mut [E]) -
     if out_of_range.any() {
         return false;
     }
-    let total_value = dot_impl(y, dy, false);
-    let total = _mm256_set1_pd(total_value / E::V::EXP_SCALE);
-    let len = y.len();
-    let body = len / 8 * 8;
-    let mut i = 0;
-    while i < body {
-        let (e_lo, e_hi) = E::load8(y.as_ptr().add(i))
-            .exp_shifted::<false>(zero, zero)
-            .widen();
-        let (d_lo, d_hi) = E::load8(dy.as_ptr().add(i)).widen();
-        E::store8(
-            dx.as_mut_ptr().add(i),
-            _mm256_fnmadd_pd(e_lo, total, d_lo),
-            _mm256_fnmadd_pd(e_hi, total, d_hi),
-        );
-        i += 8;
-    }
-    for j in body..len {
-        dx[j] = E::from_f64(dy[j].to_f64() - y[j].to_f64().exp() * total_value);
-    }
+    let total = _mm256_set1_pd(total / E::V::EXP_SCALE);
+    let out = dx.as_mut_ptr();
+    for_each_pair!(E, y, dy, |a, b, at, n| {
+        let (e_lo, e_hi) = a.exp_shifted::<false>(zero, zero).widen();
+        let (d_lo, d_hi) = b.widen();
+        let lo = _mm256_fnmadd_pd(e_lo, total, d_lo);
+        let hi = _mm256_fnmadd_pd(e_hi, total, d_hi);
+        store_first(out.add(at), n, lo, hi);
+    });
     true
 }
 
@@ -1245,20 +1255,35 @@ pub(crate) fn ce_grad_in_place<E: Element>(
     })
 }
 
-/// Softmax backward.
-pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
+/// `Σ_j y_j dy_j` (`weighted`) or `Σ_j dy_j`, in `f64`: the backward ops' row reduction.
+pub(crate) fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(y: &[L], dy: &[L], dx: &mut [L]) {
-        softmax_backward_impl(y, dy, dx);
+    unsafe fn run<L: Lanes>(y: &[L], dy: &[L], weighted: bool) -> f64 {
+        dot_impl(y, dy, weighted)
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), cast_mut(dx)) });
+    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), weighted) })
 }
 
-/// Log-softmax backward; `false` (nothing written) for a `y` outside `[−inf, 0]`.
-pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) -> bool {
+/// Softmax backward's write pass, given the row's `Σ y·dy`.
+pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(y: &[L], dy: &[L], dx: &mut [L]) -> bool {
-        log_softmax_backward_impl(y, dy, dx)
+    unsafe fn run<L: Lanes>(y: &[L], dy: &[L], dot: f64, dx: &mut [L]) {
+        softmax_backward_impl(y, dy, dot, dx);
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), cast_mut(dx)) })
+    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), dot, cast_mut(dx)) });
+}
+
+/// Log-softmax backward's write pass, given the row's `Σ dy`; `false` (nothing written) for a
+/// `y` outside `[−inf, 0]`.
+pub(crate) fn log_softmax_backward<E: Element>(
+    y: &[E],
+    dy: &[E],
+    total: f64,
+    dx: &mut [E],
+) -> bool {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<L: Lanes>(y: &[L], dy: &[L], total: f64, dx: &mut [L]) -> bool {
+        log_softmax_backward_impl(y, dy, total, dx)
+    }
+    with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), total, cast_mut(dx)) })
 }

@@ -419,22 +419,67 @@ pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]
     });
 }
 
-/// Softmax backward for one row.
-pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
-    #[cfg(target_arch = "x86_64")]
-    if fast() {
-        return avx2::softmax_backward(y, dy, dx);
+/// The backward ops' row reduction (`Σ y·dy` when `weighted`, else `Σ dy`), by pieces of a
+/// long row on rayon's threads summed in piece order.
+fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
+    let vector = fast();
+    let piece = |(y, dy): (&[E], &[E])| {
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            return avx2::backward_dot(y, dy, weighted);
+        }
+        let _ = vector;
+        scalar::backward_dot(y, dy, weighted)
+    };
+    if y.len() <= CHUNK {
+        return piece((y, dy));
     }
-    scalar::softmax_backward_row(y, dy, dx);
+    in_order_sum(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)).map(piece))
 }
 
-/// Log-softmax backward for one row.
-pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
-    #[cfg(target_arch = "x86_64")]
-    if fast() && avx2::log_softmax_backward(y, dy, dx) {
-        return;
+/// Runs `f` on matching pieces of `y`, `dy` and `dx` (in parallel for a long row).
+fn by_piece_pairs<E: Element>(
+    y: &[E],
+    dy: &[E],
+    dx: &mut [E],
+    f: impl Fn(&[E], &[E], &mut [E]) + Sync,
+) {
+    if y.len() <= CHUNK {
+        f(y, dy, dx);
+    } else {
+        y.par_chunks(CHUNK)
+            .zip(dy.par_chunks(CHUNK))
+            .zip(dx.par_chunks_mut(CHUNK))
+            .for_each(|((y, dy), dx)| f(y, dy, dx));
     }
-    scalar::log_softmax_backward_row(y, dy, dx);
+}
+
+/// Softmax backward for one row: `dx_i = y_i · (dy_i − Σ_j y_j dy_j)`.
+pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
+    let dot = backward_dot(y, dy, true);
+    let vector = fast();
+    by_piece_pairs(y, dy, dx, |y, dy, dx| {
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            return avx2::softmax_backward(y, dy, dot, dx);
+        }
+        let _ = vector;
+        scalar::softmax_backward_row(y, dy, dot, dx);
+    });
+}
+
+/// Log-softmax backward for one row: `dx_i = dy_i − exp(y_i) · Σ_j dy_j`.
+pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
+    let total = backward_dot(y, dy, false);
+    let vector = fast();
+    by_piece_pairs(y, dy, dx, |y, dy, dx| {
+        #[cfg(target_arch = "x86_64")]
+        if vector && avx2::log_softmax_backward(y, dy, total, dx) {
+            return;
+        }
+        let _ = vector;
+        scalar::log_softmax_backward_row(y, dy, total, dx);
+    });
 }
 
 /// The vectorised cross-entropy write pass (see [`scalar::FastWrite`]) from `x` into `g`;
@@ -504,7 +549,6 @@ pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &scalar::FastWrite) -
 
 /// The sum of per-piece values in piece order (rayon's own `sum` splits by thread count, which
 /// would change the bits).
-#[cfg(target_arch = "x86_64")]
 fn in_order_sum(parts: impl IndexedParallelIterator<Item = f64>) -> f64 {
     let parts: Vec<f64> = parts.collect();
     parts.into_iter().sum()

@@ -148,23 +148,29 @@ pub(crate) fn log_softmax_row<E: Element>(row: &[E], state: &RowState, out: &mut
     }
 }
 
-/// `dx_i = y_i · (dy_i − Σ_j y_j dy_j)` for `y = softmax(x)`.
-pub(crate) fn softmax_backward_row<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
+/// `Σ_j y_j dy_j` (`weighted`: softmax backward) or `Σ_j dy_j` (log-softmax backward), as a
+/// compensated sum.
+pub(crate) fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     let mut dot = CompensatedSum::ZERO;
     for (&yj, &dyj) in y.iter().zip(dy) {
-        dot.add(yj.to_f64() * dyj.to_f64());
+        dot.add(if weighted {
+            yj.to_f64() * dyj.to_f64()
+        } else {
+            dyj.to_f64()
+        });
     }
-    let dot = dot.value();
+    dot.value()
+}
+
+/// `dx_i = y_i · (dy_i − dot)` for `y = softmax(x)`, `dot = Σ_j y_j dy_j`.
+pub(crate) fn softmax_backward_row<E: Element>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
     for ((o, &yi), &dyi) in dx.iter_mut().zip(y).zip(dy) {
         *o = E::from_f64(yi.to_f64() * (dyi.to_f64() - dot));
     }
 }
 
-/// `dx_i = dy_i − exp(y_i) · Σ_j dy_j` for `y = log_softmax(x)`.
-pub(crate) fn log_softmax_backward_row<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
-    let mut total = CompensatedSum::ZERO;
-    dy.iter().for_each(|&d| total.add(d.to_f64()));
-    let total = total.value();
+/// `dx_i = dy_i − exp(y_i) · total` for `y = log_softmax(x)`, `total = Σ_j dy_j`.
+pub(crate) fn log_softmax_backward_row<E: Element>(y: &[E], dy: &[E], total: f64, dx: &mut [E]) {
     for ((o, &yi), &dyi) in dx.iter_mut().zip(y).zip(dy) {
         *o = E::from_f64(dyi.to_f64() - yi.to_f64().exp() * total);
     }
