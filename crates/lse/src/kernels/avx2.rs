@@ -315,8 +315,8 @@ impl Vector for __m256 {
     /// once: within 2^-24 + 1.1e-8 of `e^{x−m}·2^64` relative (0.6 ulp of `f32`). The 2^64
     /// keeps every result down to `e^-128` a normal `f32` (a tiny loss is a sum of such
     /// terms); below −128 the result is 0: even 2^31 such terms stay below half of `f32`'s
-    /// smallest subnormal. Clamping `s` there first keeps `2^(k+64)` a normal number built from
-    /// its bits.
+    /// smallest subnormal (there `2^(k+64)`, built from its bits, would not be a number; those
+    /// lanes are masked last).
     #[inline(always)]
     unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> Self {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -331,7 +331,6 @@ impl Vector for __m256 {
         if ZERO_TIES {
             zero = _mm256_or_ps(zero, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, m));
         }
-        let s = _mm256_max_ps(s, floor);
         let rounded = _mm256_fmadd_ps(s, _mm256_set1_ps(LOG2E), _mm256_set1_ps(ROUNDER));
         let k = _mm256_sub_ps(rounded, _mm256_set1_ps(ROUNDER));
         let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), s);
@@ -349,15 +348,15 @@ impl Vector for __m256 {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let q = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r);
-        // 1 + q = 0 in the zeroed lanes (their r may be NaN: x = −inf gives inf − inf).
-        let q = _mm256_blendv_ps(q, _mm256_set1_ps(-1.0), zero);
         // 2^(k+64): the bits of `rounded` are those of ROUNDER plus k.
         let bias = 127 + F32_EXP_SCALE_LOG2 - ROUNDER.to_bits() as i32;
         let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_castps_si256(rounded),
             _mm256_set1_epi32(bias),
         )));
-        _mm256_fmadd_ps(q, scale, scale)
+        // The zeroed lanes may hold anything here (x = −inf gives inf − inf; a k below the
+        // floor wraps the exponent bits): masked to +0 last.
+        _mm256_andnot_ps(zero, _mm256_fmadd_ps(q, scale, scale))
     }
 
     #[inline(always)]
