@@ -216,3 +216,62 @@ fn smallest_bad_row_is_named<E: Element>() {
 }
 
 all_dtypes!(smallest_bad_row_is_named);
+
+/// A NaN is found wherever it sits in a long row: among finite logits, as the only non-masked
+/// value of a block of `-inf`, in a block of nothing but NaN, or next to the block's maximum;
+/// `+inf` likewise. Every read pass names its column.
+fn non_finite_found_in_any_block<E: Element>() {
+    let classes = 10_000;
+    let mut cases: Vec<(Vec<E>, usize)> = Vec::new();
+    let base = logits::<E>(1, classes, 11);
+    // NaN among finite logits, late in the row.
+    let mut x = base.clone();
+    x[9_001] = E::from_f64(NAN);
+    cases.push((x, 9_001));
+    // One NaN in a stretch of -inf that covers whole vector blocks.
+    let mut x = base.clone();
+    x[4_000..8_500].fill(E::from_f64(NEG));
+    x[6_123] = E::from_f64(NAN);
+    cases.push((x, 6_123));
+    // A stretch of nothing but NaN.
+    let mut x = base.clone();
+    x[4_000..8_500].fill(E::from_f64(NAN));
+    cases.push((x, 4_000));
+    // +inf next to finite values, and NaN beside the row's largest logit.
+    let mut x = base.clone();
+    x[7_777] = E::from_f64(INF);
+    cases.push((x, 7_777));
+    let mut x = base.clone();
+    x[3_000] = E::from_f64(100.0);
+    x[3_001] = E::from_f64(NAN);
+    cases.push((x, 3_001));
+    for (x, column) in cases {
+        let named = |err: LseError| match err {
+            LseError::NonFinite {
+                row: 0, column: c, ..
+            } => c,
+            other => panic!("{other}"),
+        };
+        let mut out = vec![E::zero(); classes];
+        let mut lse = vec![<E::Stat as Element>::zero(); 1];
+        let errors = [
+            lse::softmax(&x, classes, &mut out).unwrap_err(),
+            lse::log_softmax(&x, classes, &mut out).unwrap_err(),
+            lse::logsumexp(&x, classes, &mut lse).unwrap_err(),
+            lse::cross_entropy_with_grad(
+                &x,
+                classes,
+                Targets::Classes(&[0]),
+                &CrossEntropyOptions::default(),
+                GradOutput::default(),
+                &mut out,
+            )
+            .unwrap_err(),
+        ];
+        for err in errors {
+            assert_eq!(named(err), column);
+        }
+    }
+}
+
+all_dtypes!(non_finite_found_in_any_block);

@@ -73,8 +73,6 @@ pub(crate) trait Vector: Copy {
     unsafe fn min(self, other: Self) -> Self;
     /// `self == other` (false for NaN).
     unsafe fn eq(self, other: Self) -> Self;
-    /// `!(self < bound)`: at least `bound`, or NaN.
-    unsafe fn nan_or_at_least(self, bound: Self) -> Self;
     /// `!(self ≤ bound)`: above `bound`, or NaN.
     unsafe fn nan_or_above(self, bound: Self) -> Self;
     unsafe fn or(self, other: Self) -> Self;
@@ -251,10 +249,6 @@ impl Vector for __m256 {
         _mm256_cmp_ps::<_CMP_EQ_OQ>(self, other)
     }
     #[inline(always)]
-    unsafe fn nan_or_at_least(self, bound: Self) -> Self {
-        _mm256_cmp_ps::<_CMP_NLT_UQ>(self, bound)
-    }
-    #[inline(always)]
     unsafe fn nan_or_above(self, bound: Self) -> Self {
         _mm256_cmp_ps::<_CMP_NLE_UQ>(self, bound)
     }
@@ -420,10 +414,6 @@ impl Vector for F64x8 {
     #[inline(always)]
     unsafe fn eq(self, other: Self) -> Self {
         both_halves!(_mm256_cmp_pd::<_CMP_EQ_OQ>, self, other)
-    }
-    #[inline(always)]
-    unsafe fn nan_or_at_least(self, bound: Self) -> Self {
-        both_halves!(_mm256_cmp_pd::<_CMP_NLT_UQ>, self, bound)
     }
     #[inline(always)]
     unsafe fn nan_or_above(self, bound: Self) -> Self {
@@ -706,31 +696,35 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink) -> Option<RowScan> {
     let inf = E::V::splat(f64::INFINITY);
     let minus_inf = E::V::splat(f64::NEG_INFINITY);
     for block in row.chunks(BLOCK) {
-        // Sweep 1: max, min of finite elements, −inf count, NaN/+inf flag.
-        let (mut hi, mut lo, mut bad) = (minus_inf, inf, E::V::splat(0.0).eq(inf));
+        // Sweep 1: max (and with the tally: min of finite elements, −inf count). NaN and
+        // `+inf` need no test of their own: `+inf` is the block max, and a NaN makes the max
+        // or the exp sweep's sum NaN — except in a block of only −inf and NaN.
+        let (mut hi, mut lo) = (minus_inf, inf);
         let mut masked_lanes = E::V::tally_zero();
         if sink.tally {
             for_each_vector!(E, block, |x| {
                 hi = hi.max(x);
                 let is_masked = x.eq(minus_inf);
                 lo = lo.min(x.select(inf, is_masked));
-                bad = bad.or(x.nan_or_at_least(inf));
                 masked_lanes = E::V::tally(masked_lanes, is_masked);
             });
         } else {
             for_each_vector!(E, block, |x| {
                 hi = hi.max(x);
-                bad = bad.or(x.nan_or_at_least(inf));
             });
         }
-        if bad.any() {
+        let block_max = hi.reduce_max();
+        let no_finite = block_max == f64::NEG_INFINITY;
+        if block_max == f64::INFINITY
+            || block_max.is_nan()
+            || (no_finite && block.iter().any(|x| x.to_f64().is_nan()))
+        {
             return None;
         }
         if sink.tally {
             masked += E::V::tally_total(masked_lanes) - (8 - block.len() % 8) % 8;
             min = min.min(lo.reduce_min());
         }
-        let block_max = hi.reduce_max();
         if let Some(maxima) = sink.maxima {
             let maxima = &mut *maxima;
             maxima.push(block_max);
@@ -738,7 +732,7 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink) -> Option<RowScan> {
         let cache = sink
             .cache
             .map(|c| c.add(block.as_ptr().offset_from(row.as_ptr()) as usize));
-        if block_max == f64::NEG_INFINITY {
+        if no_finite {
             if let Some(cache) = cache {
                 core::ptr::write_bytes(cache, 0, block.len());
             }
@@ -763,6 +757,9 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink) -> Option<RowScan> {
             }
         });
         let rest = sums.total((E::V::tally_total(ties) - 1) as f64);
+        if rest.value().is_nan() {
+            return None; // a NaN element
+        }
         state = state.merge(RowState::from_parts(block_max, rest));
     }
     Some(RowScan {
