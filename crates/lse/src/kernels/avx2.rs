@@ -226,6 +226,18 @@ impl Lanes for f64 {
     }
 }
 
+/// Folds the 8 lanes of an `f32x8` with a packed and a scalar `min`/`max` intrinsic (a macro:
+/// the intrinsics must be inlined into the caller's target features).
+macro_rules! reduce_f32x8 {
+    ($v:expr, $packed:ident, $scalar:ident) => {{
+        let v: __m256 = $v;
+        let m = $packed(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = $packed(m, _mm_movehl_ps(m, m));
+        let m = $scalar(m, _mm_shuffle_ps::<1>(m, m));
+        f64::from(_mm_cvtss_f32(m))
+    }};
+}
+
 /// `f32x8` lanes: `f32` rows, and `f16`/`bf16` rows widened exactly.
 impl Vector for __m256 {
     type Tally = __m256i;
@@ -266,23 +278,11 @@ impl Vector for __m256 {
     }
     #[inline(always)]
     unsafe fn reduce_max(self) -> f64 {
-        let m = _mm_max_ps(
-            _mm256_castps256_ps128(self),
-            _mm256_extractf128_ps::<1>(self),
-        );
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
-        f64::from(_mm_cvtss_f32(m))
+        reduce_f32x8!(self, _mm_max_ps, _mm_max_ss)
     }
     #[inline(always)]
     unsafe fn reduce_min(self) -> f64 {
-        let m = _mm_min_ps(
-            _mm256_castps256_ps128(self),
-            _mm256_extractf128_ps::<1>(self),
-        );
-        let m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_min_ss(m, _mm_shuffle_ps::<1>(m, m));
-        f64::from(_mm_cvtss_f32(m))
+        reduce_f32x8!(self, _mm_min_ps, _mm_min_ss)
     }
     #[inline(always)]
     unsafe fn widen(self) -> (__m256d, __m256d) {
