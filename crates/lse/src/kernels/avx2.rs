@@ -816,28 +816,6 @@ unsafe fn rescale_impl<E: Lanes>(
     }
 }
 
-/// The same values as [`rescale_impl`] on a cache filled by the read pass, computed from the
-/// logits themselves and written over them (the exp terms are those the cache would have held,
-/// bit for bit): the in-place loss's write pass, bitwise equal to the cached one.
-#[inline(always)]
-unsafe fn rescale_recomputed_impl<E: Lanes>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
-    let c = c / E::V::EXP_SCALE;
-    for (block, (m_b, factor)) in x.chunks_mut(BLOCK).zip(maxima.factors(max, c)) {
-        let factor = _mm256_set1_pd(factor);
-        let (m, neg_m) = (E::V::splat(m_b), E::V::splat(-m_b));
-        let p = block.as_mut_ptr();
-        map_vectors!(E, p.cast_const(), p, block.len(), |v| {
-            let (lo, hi) = v.exp_shifted::<false>(m, neg_m).widen();
-            // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
-            let zero = _mm256_setzero_pd();
-            (
-                _mm256_fmadd_pd(lo, factor, zero),
-                _mm256_fmadd_pd(hi, factor, zero),
-            )
-        });
-    }
-}
-
 /// `log_softmax_i = (x_i − m) − log1p(s')`, saturating finite results at `−MAX`, `−inf` kept.
 #[inline(always)]
 unsafe fn log_softmax_impl<E: Lanes>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
@@ -1165,15 +1143,6 @@ pub(crate) fn rescale<E: Element>(
         }
     };
     with_lanes!(E, L => unsafe { run::<L>(cache, cast_mut(out), maxima, max, c) });
-}
-
-/// [`rescale`]'s values computed from the logits and written over them.
-pub(crate) fn rescale_recomputed<E: Element>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &mut [L], maxima: &BlockMaxima, max: f64, c: f64) {
-        rescale_recomputed_impl(x, maxima, max, c);
-    }
-    with_lanes!(E, L => unsafe { run::<L>(cast_mut(x), maxima, max, c) });
 }
 
 /// Softmax write pass.

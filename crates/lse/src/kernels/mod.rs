@@ -246,7 +246,14 @@ pub(crate) fn cache_buffer<'a, E: Element>(
         // SAFETY: `Element` is sealed and its DType F32 names exactly `f32`.
         return unsafe { core::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
     }
-    let len = out.len();
+    scratch_buffer(out.len(), scratch)
+}
+
+/// A per-thread `f32` buffer of `len` elements for a row's exp terms (`scratch`, taken on first
+/// use): for a row whose own output cannot hold them — `f16`/`bf16`, or the in-place loss, whose
+/// logits must survive until the row is known to be good. Pass the same `scratch` to
+/// [`rescale`].
+pub(crate) fn scratch_buffer(len: usize, scratch: &mut Option<Scratch>) -> &mut [f32] {
     let scratch = scratch.get_or_insert_with(|| Scratch::take(len));
     &mut scratch.buf[..len]
 }
@@ -288,21 +295,6 @@ pub(crate) fn rescale<E: Element>(
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (out, scratch, maxima, max, c);
-        unreachable!("no cached rows without a vector kernel")
-    }
-}
-
-/// [`rescale`]'s values (bitwise) computed from the logits of a row scanned by
-/// [`scan_caching`] without a cache, written over them.
-///
-/// # Panics
-/// Unless `maxima` comes from [`scan_caching`] over `x`.
-pub(crate) fn rescale_recomputed<E: Element>(x: &mut [E], maxima: &BlockMaxima, max: f64, c: f64) {
-    #[cfg(target_arch = "x86_64")]
-    avx2::rescale_recomputed(x, maxima, max, c);
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, maxima, max, c);
         unreachable!("no cached rows without a vector kernel")
     }
 }

@@ -340,7 +340,8 @@ impl<'a, E: Element> Batch<'a, E> {
         let probabilities = matches!(target, RowTarget::Probabilities(_));
         let vector = kernels::vector_scan(map) && !probabilities;
         // A gradient row that the vector kernel may write from cached exp terms: the read
-        // pass leaves them in the gradient buffer (or only records its block maxima, in place).
+        // pass leaves them in the gradient buffer (an f32 one) or in a per-thread f32 row
+        // (f16/bf16, and the in-place loss, whose logits must outlive a bad row).
         let cached =
             vector && !matches!(io, RowIo::Loss(_)) && kernels::caches::<E>(io.logits().len());
         let mut maxima = BlockMaxima::new();
@@ -350,7 +351,10 @@ impl<'a, E: Element> Batch<'a, E> {
                 let cache = kernels::cache_buffer(g, &mut scratch);
                 Some(kernels::scan_caching(x, Some(cache), &mut maxima))
             }
-            RowIo::InPlace(x) if cached => Some(kernels::scan_caching(x, None, &mut maxima)),
+            RowIo::InPlace(x) if cached => {
+                let cache = kernels::scratch_buffer(x.len(), &mut scratch);
+                Some(kernels::scan_caching(x, Some(cache), &mut maxima))
+            }
             _ => None,
         };
         let logits = io.logits();
@@ -409,7 +413,7 @@ impl<'a, E: Element> Batch<'a, E> {
                 plan.fast_loss(0.0)
             }
             (RowIo::InPlace(x), Some(w)) if from_cache => {
-                kernels::rescale_recomputed(x, &maxima, w.max, w.c);
+                kernels::rescale(x, scratch.as_ref(), &maxima, w.max, w.c);
                 x[w.target] = E::from_f64(w.target_grad);
                 plan.fast_loss(0.0)
             }
@@ -691,7 +695,10 @@ struct TaskOutcome {
 /// [`cross_entropy_with_grad`] writing the gradient over the logits, with no gradient buffer
 /// (for memory-bound training steps, as in Liger's kernel).
 ///
-/// Bit for bit the same loss and gradient as the out-of-place call.
+/// Bit for bit the same loss and gradient as the out-of-place call, and as fast. Between a
+/// row's two passes its exp terms wait in a per-thread `f32` row (at most 32 Ki elements),
+/// allocated by a thread's first row and reused by every later call: nothing per call, nothing
+/// proportional to the logits.
 ///
 /// # Errors
 /// As [`cross_entropy_with_grad`]. Errors that need no logits (shapes, options, weights, class
