@@ -39,7 +39,8 @@ What it measures:
     softmax, log_softmax, cross_entropy_grad,
     cross_entropy_in_place                            read b + write b
     softmax_backward, log_softmax_backward            read 2b + write b
-  (targets and per-row outputs are not counted).
+  (class targets and per-row outputs are not counted; --soft-targets adds a read of b to the
+  cross-entropy ops).
 
   'of copy' (bandwidth_fraction in JSON) is that GB/s divided by the copy bandwidth of this
   machine, measured in the same run with the same threads: a 512 MiB buffer of bytes copied
@@ -51,7 +52,7 @@ Ops: logsumexp, softmax, log_softmax, softmax_backward, log_softmax_backward, cr
 (loss only, lse::cross_entropy), cross_entropy_grad (loss and gradient,
 lse::cross_entropy_with_grad), cross_entropy_in_place (lse::cross_entropy_in_place), or all.
 
-JSON (--json): {\"machine\": {\"cpu\", \"cores\"}, \"threads\", \"kernel\", \"copy_gbs\", \"results\":
+JSON (--json): {\"machine\": {\"cpu\", \"cores\"}, \"threads\", \"kernel\", \"ce_options\", \"copy_gbs\", \"results\":
 [{\"op\", \"dtype\", \"rows\", \"classes\", \"threads\", \"best_s\", \"median_s\", \"gelem_s\", \"gbs\",
 \"bandwidth_fraction\"}]}.
 
@@ -133,6 +134,27 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = parse_positive)]
     pub repeats: usize,
 
+    /// Cross-entropy ops: label smoothing in [0, 1]
+    #[arg(long, value_name = "EPS", default_value_t = 0.0)]
+    pub label_smoothing: f64,
+
+    /// Cross-entropy ops: z-loss coefficient (>= 0)
+    #[arg(long, value_name = "Z", default_value_t = 0.0)]
+    pub z_loss: f64,
+
+    /// Cross-entropy ops: soft-cap the logits at CAP (cap * tanh(x / cap))
+    #[arg(long, value_name = "CAP")]
+    pub softcap: Option<f64>,
+
+    /// Cross-entropy ops: class weights 2^U(-1, 1), fixed seed
+    #[arg(long)]
+    pub class_weights: bool,
+
+    /// Cross-entropy ops: probability targets (the softmax of N(0, 1) * 3 logits of another
+    /// seed) instead of class targets; they are read beside the logits
+    #[arg(long)]
+    pub soft_targets: bool,
+
     /// Print one JSON document instead of the table (its fields are listed below)
     #[arg(long)]
     pub json: bool,
@@ -199,6 +221,14 @@ impl Op {
             Op::SoftmaxBackward | Op::LogSoftmaxBackward => (2, 1),
         };
         (reads + writes) * elem_size
+    }
+
+    /// Whether the op is one of the cross-entropy ops (which take the CE options).
+    const fn is_cross_entropy(self) -> bool {
+        matches!(
+            self,
+            Op::CrossEntropy | Op::CrossEntropyGrad | Op::CrossEntropyInPlace
+        )
     }
 
     /// Whether the op writes into an output buffer of the logits' shape.
@@ -363,6 +393,8 @@ pub struct Report {
     pub threads: usize,
     /// The kernel family that ran (`avx2` or `scalar`).
     pub kernel: &'static str,
+    /// The cross-entropy options every cross-entropy case ran with (`default` for none).
+    pub ce_options: String,
     /// The copy bandwidth, bytes read + bytes written, in 10⁹ bytes per second.
     pub copy_gbs: f64,
     /// One entry per case: dtype, then shape, then op, in the order given.
@@ -383,6 +415,56 @@ struct Plan {
     repeats: usize,
     /// Bytes of the copy-bandwidth buffer.
     copy_bytes: usize,
+    /// What the cross-entropy ops run with.
+    ce: CeSetup,
+}
+
+/// The cross-entropy options of a run.
+#[derive(Clone, Copy, Debug, Default)]
+struct CeSetup {
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
+    class_weights: bool,
+    soft_targets: bool,
+}
+
+impl CeSetup {
+    /// The options, with the buffers' weights.
+    fn options<'w>(&self, weights: &'w [f64]) -> CrossEntropyOptions<'w> {
+        CrossEntropyOptions {
+            label_smoothing: self.label_smoothing,
+            z_loss: self.z_loss,
+            softcap: self.softcap,
+            weights: self.class_weights.then_some(weights),
+            ..CrossEntropyOptions::default()
+        }
+    }
+
+    /// `smoothing=0.1,weights,...`, or `default`.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.label_smoothing != 0.0 {
+            parts.push(format!("label_smoothing={}", self.label_smoothing));
+        }
+        if self.z_loss != 0.0 {
+            parts.push(format!("z_loss={}", self.z_loss));
+        }
+        if let Some(cap) = self.softcap {
+            parts.push(format!("softcap={cap}"));
+        }
+        if self.class_weights {
+            parts.push("class_weights".to_owned());
+        }
+        if self.soft_targets {
+            parts.push("soft_targets".to_owned());
+        }
+        if parts.is_empty() {
+            "default".to_owned()
+        } else {
+            parts.join(",")
+        }
+    }
 }
 
 /// `items` without repeats, in first-seen order.
@@ -410,6 +492,13 @@ impl Plan {
             threads: args.threads.unwrap_or(cores),
             repeats: args.repeats,
             copy_bytes: args.copy_mib << 20,
+            ce: CeSetup {
+                label_smoothing: args.label_smoothing,
+                z_loss: args.z_loss,
+                softcap: args.softcap,
+                class_weights: args.class_weights,
+                soft_targets: args.soft_targets,
+            },
         }
     }
 
@@ -421,9 +510,12 @@ impl Plan {
         let buffers = 1 // logits
             + any(Op::needs_out)
             + 2 * any(Op::is_backward)
-            + any(|op| op == Op::CrossEntropyInPlace);
-        // Targets (i64) and per-row statistics (at most 8 bytes).
-        buffers * n * b + shape.rows * 16
+            + any(|op| op == Op::CrossEntropyInPlace)
+            // Probability targets, and the logits they are the softmax of while being built.
+            + 2 * usize::from(self.ce.soft_targets) * any(Op::is_cross_entropy);
+        // Targets (i64), per-row statistics (at most 8 bytes), class weights (f64).
+        let weights = usize::from(self.ce.class_weights) * shape.classes * 8;
+        buffers * n * b + shape.rows * 16 + weights
     }
 
     /// Refuses a plan whose buffers would take more than [`MEMORY_SHARE`] of `mem_total` bytes.
@@ -581,6 +673,22 @@ fn normal_vec<E: Element>(len: usize, stream: u64, scale: f64) -> Vec<E> {
 }
 
 /// `rows` class targets uniform in `0..classes`.
+/// Probability targets: the softmax of each row of N(0, 1) · [`LOGIT_SCALE`] logits of stream 4.
+fn soft_targets<E: Element>(rows: usize, classes: usize) -> Vec<E> {
+    let logits = normal_vec::<E>(rows * classes, 4, LOGIT_SCALE);
+    let mut soft = vec![E::zero(); rows * classes];
+    lse::softmax(&logits, classes, &mut soft).expect("finite logits");
+    soft
+}
+
+/// Class weights `2^U(−1, 1)` (stream 5).
+fn class_weights(classes: usize) -> Vec<f64> {
+    let mut rng = SplitMix64::for_chunk(5, 0);
+    (0..classes)
+        .map(|_| (2.0 * rng.uniform() - 1.0).exp2())
+        .collect()
+}
+
 fn targets(rows: usize, classes: usize) -> Vec<i64> {
     let mut data = vec![0i64; rows];
     data.par_chunks_mut(FILL_CHUNK)
@@ -664,6 +772,10 @@ struct Buffers<E: Element> {
     logits: Vec<E>,
     /// One class target per row.
     targets: Vec<i64>,
+    /// Probability targets, `rows × classes` (empty without `--soft-targets`).
+    soft: Vec<E>,
+    /// Class weights, one per class (empty without `--class-weights`).
+    weights: Vec<f64>,
     /// Per-row statistics (logsumexp).
     stats: Vec<E::Stat>,
     /// The output of the ops that write one (empty when no selected op does).
@@ -697,6 +809,16 @@ impl<'a> PerDType for DTypeCases<'a> {
         let mut bufs = Buffers::<E> {
             logits: normal_vec(n, 1, LOGIT_SCALE),
             targets: targets(rows, classes),
+            soft: if self.plan.ce.soft_targets && needs(Op::is_cross_entropy) {
+                soft_targets(rows, classes)
+            } else {
+                Vec::new()
+            },
+            weights: if self.plan.ce.class_weights {
+                class_weights(classes)
+            } else {
+                Vec::new()
+            },
             stats: vec![E::Stat::zero(); rows],
             out: sized(needs(Op::needs_out)),
             y: sized(backward),
@@ -714,13 +836,16 @@ impl<'a> PerDType for DTypeCases<'a> {
             let mut times = Vec::with_capacity(self.plan.repeats);
             // One warm-up, then the timed runs.
             for i in 0..=self.plan.repeats {
-                let t = run_once(op, classes, &mut bufs)?;
+                let t = run_once(op, classes, &self.plan.ce, &mut bufs)?;
                 if i > 0 {
                     times.push(t);
                 }
             }
             let (best_s, median_s) = best_and_median(times);
-            let gbs = (n * op.bytes_per_element(elem_size(E::DTYPE))) as f64 / best_s / 1e9;
+            let soft = self.plan.ce.soft_targets && op.is_cross_entropy();
+            let bytes =
+                op.bytes_per_element(elem_size(E::DTYPE)) + usize::from(soft) * elem_size(E::DTYPE);
+            let gbs = (n * bytes) as f64 / best_s / 1e9;
             results.push(CaseResult {
                 op: op.name(),
                 dtype: E::DTYPE.name(),
@@ -741,9 +866,13 @@ impl<'a> PerDType for DTypeCases<'a> {
 
 /// One call of `op`, with whatever it needs prepared outside the timed region; returns the
 /// seconds the call took.
-fn run_once<E: Element>(op: Op, classes: usize, b: &mut Buffers<E>) -> Result<f64> {
-    let options = CrossEntropyOptions::default();
-    let targets = Targets::Classes(&b.targets);
+fn run_once<E: Element>(op: Op, classes: usize, ce: &CeSetup, b: &mut Buffers<E>) -> Result<f64> {
+    let options = ce.options(&b.weights);
+    let targets = if ce.soft_targets {
+        Targets::Probabilities(&b.soft)
+    } else {
+        Targets::Classes(&b.targets)
+    };
     match op {
         Op::Logsumexp => timed(|| lse::logsumexp(&b.logits, classes, &mut b.stats)),
         Op::Softmax => timed(|| lse::softmax(&b.logits, classes, &mut b.out)),
@@ -838,6 +967,7 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
         },
         threads: plan.threads,
         kernel,
+        ce_options: plan.ce.describe(),
         copy_gbs,
         results,
     };
@@ -895,8 +1025,8 @@ fn render(report: &Report, plan: &Plan, requested: KernelChoice, out: &mut Strin
     let _ = writeln!(out, "lse bench");
     out.push_str(&wrap(
         &format!(
-            "CPU: {}, {} cores; {} threads; kernel {kernel}",
-            m.cpu, m.cores, report.threads
+            "CPU: {}, {} cores; {} threads; kernel {kernel}; cross-entropy options: {}",
+            m.cpu, m.cores, report.threads, report.ce_options
         ),
         2,
         4,
@@ -1064,6 +1194,7 @@ mod tests {
             threads: 1,
             repeats: 1,
             copy_bytes: 1 << 20,
+            ce: CeSetup::default(),
         };
         // logits, out, y, dy and work: 5 buffers of 4 MB, plus targets and statistics.
         let bytes = plan.case_bytes(DType::F32, plan.shapes[0]);

@@ -85,8 +85,16 @@ fn json_reports_every_op_and_dtype_consistently() {
     ]);
     assert_eq!(
         keys(&doc),
-        ["copy_gbs", "kernel", "machine", "results", "threads"]
+        [
+            "ce_options",
+            "copy_gbs",
+            "kernel",
+            "machine",
+            "results",
+            "threads"
+        ]
     );
+    assert_eq!(doc["ce_options"], "default");
     assert_eq!(keys(&doc["machine"]), ["cores", "cpu"]);
     let cpu = doc["machine"]["cpu"].as_str().expect("cpu is a string");
     assert!(!cpu.is_empty());
@@ -297,6 +305,52 @@ fn bad_shapes_are_usage_errors_that_name_the_value() {
     // A bad value among good ones is named too, and nothing runs.
     let err = run_err(&["bench", "--shape", "16x1000,abc"]);
     assert!(err.contains("'abc'"), "{err}");
+}
+
+#[test]
+fn cross_entropy_options_are_reported_and_soft_targets_counted_as_a_read() {
+    let doc = bench_json(&[
+        "--shape",
+        "8x300",
+        "--op",
+        "cross_entropy,cross_entropy_grad,logsumexp",
+        "--label-smoothing",
+        "0.1",
+        "--z-loss",
+        "0.0001",
+        "--softcap",
+        "30",
+        "--class-weights",
+        "--soft-targets",
+        "--repeats",
+        "1",
+    ]);
+    assert_eq!(
+        doc["ce_options"],
+        "label_smoothing=0.1,z_loss=0.0001,softcap=30,class_weights,soft_targets"
+    );
+    for r in doc["results"].as_array().expect("results") {
+        let op = r["op"].as_str().unwrap();
+        let extra = if op.starts_with("cross_entropy") {
+            4.0
+        } else {
+            0.0
+        };
+        let bytes = 8.0 * 300.0 * (bytes_per_element(op, 4.0) + extra);
+        let best = positive_finite(r, "best_s");
+        assert!(close(positive_finite(r, "gbs"), bytes / best / 1e9), "{r}");
+    }
+    // The library checks the options: a bad one fails the run.
+    let err = run_err(&[
+        "bench",
+        "--shape",
+        "8x300",
+        "--op",
+        "cross_entropy",
+        "--label-smoothing",
+        "2",
+    ]);
+    assert!(err.contains("label_smoothing"), "{err}");
 }
 
 #[test]

@@ -107,12 +107,33 @@ fn oracle_reproduces_known_values() {
         label_smoothing: eps,
         weights: Some(&w),
         z_loss: z,
+        ..CeSpec::default()
     });
     close(&ce.loss, loss);
     for i in 0..3 {
         let p = (x[i] - lse).exp();
         let g = (total + 2.0 * z * lse) * p - a[i];
         assert!((to_f64(&ce.grad[i]) - g).abs() < 1e-14, "grad {i}");
+    }
+
+    // The same with probability targets (mass on every class).
+    let soft = [0.25, 0.125, 0.625];
+    let q = |c: usize| (1.0 - eps) * soft[c] + eps / 3.0;
+    let a: Vec<f64> = (0..3).map(|c| w[c] * q(c)).collect();
+    let total: f64 = a.iter().sum();
+    let loss = (0..3).map(|c| a[c] * (lse - x[c])).sum::<f64>() + z * lse * lse;
+    let ce = ExactRow::new(&x).ce(&CeSpec {
+        probabilities: Some(&soft),
+        label_smoothing: eps,
+        weights: Some(&w),
+        z_loss: z,
+        ..CeSpec::default()
+    });
+    close(&ce.loss, loss);
+    for i in 0..3 {
+        let p = (x[i] - lse).exp();
+        let g = (total + 2.0 * z * lse) * p - a[i];
+        assert!((to_f64(&ce.grad[i]) - g).abs() < 1e-14, "soft grad {i}");
     }
 
     // Soft-capping: mapped logits and slopes against f64 tanh/cosh.

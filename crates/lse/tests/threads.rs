@@ -78,28 +78,69 @@ fn all_outputs<E: Element>(x: &[E], classes: usize) -> Vec<Vec<u64>> {
             }
         })
         .collect();
-    for options in [
-        CrossEntropyOptions::default(),
-        CrossEntropyOptions {
-            label_smoothing: 0.1,
-            z_loss: 1e-3,
-            keep_row_loss: true,
-            keep_logit_stats: true,
-            non_finite: NonFinite::Propagate,
-            ..Default::default()
-        },
-        CrossEntropyOptions {
-            softcap: Some(5.0),
-            reduction: Reduction::Sum,
-            non_finite: NonFinite::Propagate,
-            ..Default::default()
-        },
+    // Probability targets: the softmax of x/2 (0 on masked classes), and x's own softmax,
+    // whose gradient cancels on every class (the vector pass then defers to the scalar one).
+    let halved: Vec<E> = x.iter().map(|v| E::from_f64(v.to_f64() / 2.0)).collect();
+    let mut soft = vec![E::zero(); n];
+    lse::softmax(&halved, classes, &mut soft).unwrap();
+    let weights: Vec<f64> = (0..classes).map(|c| 0.5 + (c % 7) as f64 / 4.0).collect();
+    let classes_of = Targets::Classes(&targets);
+    for (options, targets) in [
+        (CrossEntropyOptions::default(), classes_of),
+        (
+            CrossEntropyOptions {
+                label_smoothing: 0.1,
+                z_loss: 1e-3,
+                keep_row_loss: true,
+                keep_logit_stats: true,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            classes_of,
+        ),
+        (
+            CrossEntropyOptions {
+                softcap: Some(5.0),
+                reduction: Reduction::Sum,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            classes_of,
+        ),
+        (
+            CrossEntropyOptions {
+                label_smoothing: 0.1,
+                weights: Some(&weights),
+                keep_row_loss: true,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            classes_of,
+        ),
+        (
+            CrossEntropyOptions {
+                keep_row_loss: true,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            Targets::Probabilities(&soft),
+        ),
+        (
+            CrossEntropyOptions {
+                label_smoothing: 0.05,
+                weights: Some(&weights),
+                z_loss: 1e-4,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            Targets::Probabilities(&p),
+        ),
     ] {
         let mut grad = vec![E::zero(); n];
         let out = lse::cross_entropy_with_grad(
             x,
             classes,
-            Targets::Classes(&targets),
+            targets,
             &options,
             GradOutput::Scalar(E::Stat::from_f64(0.5)),
             &mut grad,
@@ -109,7 +150,7 @@ fn all_outputs<E: Element>(x: &[E], classes: usize) -> Vec<Vec<u64>> {
         let out_in_place = lse::cross_entropy_in_place(
             &mut in_place,
             classes,
-            Targets::Classes(&targets),
+            targets,
             &options,
             GradOutput::Scalar(E::Stat::from_f64(0.5)),
         )
@@ -119,8 +160,7 @@ fn all_outputs<E: Element>(x: &[E], classes: usize) -> Vec<Vec<u64>> {
             out.loss.to_f64().to_bits(),
             out_in_place.loss.to_f64().to_bits()
         );
-        let loss_only =
-            lse::cross_entropy(x, classes, Targets::Classes(&targets), &options).unwrap();
+        let loss_only = lse::cross_entropy(x, classes, targets, &options).unwrap();
         assert_eq!(
             out.loss.to_f64().to_bits(),
             loss_only.loss.to_f64().to_bits(),

@@ -24,8 +24,8 @@ use core::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::scalar::RowScan;
-use super::{BlockMaxima, MAX_CACHED_LEN};
+use super::scalar::{ClassMasses, FastWrite, RowScan};
+use super::{BlockMaxima, MassesPass, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
 
@@ -67,6 +67,9 @@ pub(crate) trait Vector: Copy {
     /// True when the exp sweep's sums carry a compensation term (`f64` rows: their terms have
     /// no spare precision for a plain `f64` sum to hide its rounding in).
     const COMPENSATED: bool;
+    /// A bound on the relative error of `c · exp(x − m)` formed from this vector's exp and a
+    /// state `S` summed from it: the exp's own error plus that of `S` inside `c`.
+    const EXP_ERROR: f64;
     /// Every lane `v` (an element value, so exact in the lanes' type).
     unsafe fn splat(v: f64) -> Self;
     unsafe fn max(self, other: Self) -> Self;
@@ -226,6 +229,37 @@ impl Lanes for f64 {
     }
 }
 
+/// The lanes an exp sweep computes in, from a row's vector `V`: `V` itself, or `f64`
+/// ([`F64x8`]) for rows whose outputs need the `f64` exp's accuracy (an `f32` lane's exp is
+/// within 0.6 ulp of `f32`; a gradient that cancels needs more).
+pub(crate) trait SweepLanes<V: Vector>: Vector {
+    unsafe fn from_row(v: V) -> Self;
+    /// [`Lanes::store_exp`] (only sweeps in the row's own lanes cache their terms).
+    unsafe fn store_exp<E: Lanes<V = V>>(p: *mut f32, n: usize, e: Self, ties: Self);
+}
+
+impl<V: Vector> SweepLanes<V> for V {
+    #[inline(always)]
+    unsafe fn from_row(v: V) -> Self {
+        v
+    }
+    #[inline(always)]
+    unsafe fn store_exp<E: Lanes<V = V>>(p: *mut f32, n: usize, e: Self, ties: Self) {
+        E::store_exp(p, n, e, ties);
+    }
+}
+
+impl SweepLanes<__m256> for F64x8 {
+    #[inline(always)]
+    unsafe fn from_row(v: __m256) -> Self {
+        let (lo, hi) = v.widen();
+        F64x8 { lo, hi }
+    }
+    unsafe fn store_exp<E: Lanes<V = __m256>>(_p: *mut f32, _n: usize, _e: Self, _ties: Self) {
+        unreachable!("a sweep in f64 lanes caches nothing")
+    }
+}
+
 /// Folds the 8 lanes of an `f32x8` with a packed and a scalar `min`/`max` intrinsic (a macro:
 /// the intrinsics must be inlined into the caller's target features).
 macro_rules! reduce_f32x8 {
@@ -242,6 +276,8 @@ macro_rules! reduce_f32x8 {
 impl Vector for __m256 {
     type Tally = __m256i;
     const COMPENSATED: bool = false;
+    // 0.6 ulp of f32 for the exp, as much for S, and the f64 products: 2.4·2^-24 < 2^-22.5.
+    const EXP_ERROR: f64 = 1.7e-7;
     const EXP_SCALE: f64 = F32_EXP_SCALE;
 
     #[inline(always)]
@@ -396,6 +432,8 @@ macro_rules! both_halves {
 impl Vector for F64x8 {
     type Tally = (__m256i, __m256i);
     const COMPENSATED: bool = true;
+    // About 0.5 ulp of f64 each for the exp and for the compensated S, and the products.
+    const EXP_ERROR: f64 = 4.5e-16;
     const EXP_SCALE: f64 = 1.0;
 
     #[inline(always)]
@@ -689,7 +727,7 @@ impl ScanSink {
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
 /// the first one and applies the caller's policy).
 #[inline(always)]
-unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink) -> Option<RowScan> {
+unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>>(row: &[E], sink: ScanSink) -> Option<RowScan> {
     let mut state = RowState::EMPTY;
     let mut masked = 0;
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -740,23 +778,24 @@ unsafe fn scan_impl<E: Lanes>(row: &[E], sink: ScanSink) -> Option<RowScan> {
         }
         max = max.max(block_max);
         // Sweep 2 (from L1): Σ exp(x − m_b) over the elements below the block max.
-        let (m, neg_m) = (E::V::splat(block_max), E::V::splat(-block_max));
-        let mut sums = LaneSums::<E::V>::new();
-        let mut ties = E::V::tally_zero();
+        let (m, neg_m) = (W::splat(block_max), W::splat(-block_max));
+        let mut sums = LaneSums::<W>::new();
+        let mut ties = W::tally_zero();
         // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
         // during this one overlaps the two (a prefetch never faults, even past the row's end).
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
         for_each_vector!(E, block, |x, at, n| {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at * size_of::<E>()));
+            let x = W::from_row(x);
             let e = x.exp_shifted::<true>(m, neg_m);
             sums.add(e.widen());
             let is_tie = x.eq(m);
-            ties = E::V::tally(ties, is_tie);
+            ties = W::tally(ties, is_tie);
             if let Some(cache) = cache {
-                E::store_exp(cache.add(at), n, e, is_tie);
+                W::store_exp::<E>(cache.add(at), n, e, is_tie);
             }
         });
-        let rest = sums.total((E::V::tally_total(ties) - 1) as f64);
+        let rest = sums.total((W::tally_total(ties) - 1) as f64);
         if rest.value().is_nan() {
             return None; // a NaN element
         }
@@ -898,10 +937,180 @@ impl Distance {
         self.hi = _mm256_add_pd(self.hi, _mm256_and_pd(live_hi, _mm256_sub_pd(self.m, x_hi)));
     }
 
+    /// Adds `u_i (m − x_i)` on live lanes with `u_i > 0` (an `f64` row's `m − x_i` may be
+    /// `+inf`, which a zero mass must not turn into NaN).
+    #[inline(always)]
+    unsafe fn add_weighted<V: Vector>(
+        &mut self,
+        v: V,
+        live: (__m256d, __m256d),
+        u: (__m256d, __m256d),
+    ) {
+        let (x_lo, x_hi) = v.widen();
+        self.lo = _mm256_add_pd(self.lo, weighted_distance(self.m, x_lo, u.0, live.0));
+        self.hi = _mm256_add_pd(self.hi, weighted_distance(self.m, x_hi, u.1, live.1));
+    }
+
     #[inline(always)]
     unsafe fn total(&self) -> f64 {
         horizontal_sum(_mm256_add_pd(self.lo, self.hi))
     }
+}
+
+/// The per-class target masses `u_i = w_i · (share + keep · q_i)` of [`ClassMasses`], eight at
+/// a time (null pointers: no weights, no probability targets).
+#[derive(Clone, Copy)]
+struct MassLanes<E> {
+    weights: *const f64,
+    probabilities: *const E,
+    share: __m256d,
+    keep: __m256d,
+}
+
+impl<E: Lanes> MassLanes<E> {
+    #[inline(always)]
+    unsafe fn new(masses: &ClassMasses<'_, '_, E>) -> Self {
+        Self {
+            weights: masses.weights.map_or(core::ptr::null(), <[f64]>::as_ptr),
+            probabilities: masses
+                .probabilities
+                .map_or(core::ptr::null(), <[E]>::as_ptr),
+            share: _mm256_set1_pd(masses.share),
+            keep: _mm256_set1_pd(masses.keep),
+        }
+    }
+
+    /// The masses of the `n` classes from `at` (the rest of the 8 lanes: `share`).
+    #[inline(always)]
+    unsafe fn at(&self, at: usize, n: usize) -> (__m256d, __m256d) {
+        let (mut lo, mut hi) = (self.share, self.share);
+        if !self.probabilities.is_null() {
+            let p = self.probabilities.add(at);
+            let q = if n == 8 {
+                E::load8(p)
+            } else {
+                E::load8(padded(core::slice::from_raw_parts(p, n), E::zero()).as_ptr())
+            };
+            let (q_lo, q_hi) = q.widen();
+            lo = _mm256_fmadd_pd(self.keep, q_lo, lo);
+            hi = _mm256_fmadd_pd(self.keep, q_hi, hi);
+        }
+        if !self.weights.is_null() {
+            let w = self.weights.add(at);
+            let (w_lo, w_hi) = if n == 8 {
+                (_mm256_loadu_pd(w), _mm256_loadu_pd(w.add(4)))
+            } else {
+                let buf = padded(core::slice::from_raw_parts(w, n), 0.0);
+                (
+                    _mm256_loadu_pd(buf.as_ptr()),
+                    _mm256_loadu_pd(buf.as_ptr().add(4)),
+                )
+            };
+            lo = _mm256_mul_pd(lo, w_lo);
+            hi = _mm256_mul_pd(hi, w_hi);
+        }
+        (lo, hi)
+    }
+}
+
+/// How far `g_i = c·e_i − b·u_i` may cancel before the error of `c·e_i` in lanes `W`
+/// ([`Vector::EXP_ERROR`]) breaks the DESIGN §3 bound: `(normwise, elementwise)` limits on the
+/// ratio of `max |c·e_i|` to `max |g_i|` (`f32`: 2 ulp of the row's largest gradient, of which
+/// the final rounding takes half an ulp) and of `|c·e_i|` to `|g_i|` (`f16`, `bf16`: 1 ulp of
+/// each gradient, half of it left after rounding). `f64` outputs have no limit: the scalar
+/// kernel's own `f64` exp errs as much as the vector one.
+fn cancellation_limits<W: Vector>(dtype: DType) -> (f64, f64) {
+    let unit = match dtype {
+        DType::F64 => return (f64::INFINITY, f64::INFINITY),
+        DType::F32 => f64::from(f32::EPSILON) / 2.0,
+        DType::F16 => f64::from(f16::EPSILON) / 2.0,
+        DType::BF16 => f64::from(bf16::EPSILON) / 2.0,
+    };
+    if dtype == DType::F32 {
+        (1.5 * unit / W::EXP_ERROR, f64::INFINITY)
+    } else {
+        (f64::INFINITY, 0.5 * unit / W::EXP_ERROR)
+    }
+}
+
+/// The cross-entropy gradient with per-class masses, `g_i = c · exp(x_i − m) − b · u_i` on live
+/// classes and `+0` on masked ones, stored at `g` when `STORE` (`x` and `g` may be the same
+/// memory); also sums `Σ_live u_i (m − x_i)` and, with `VERIFY`, tests for cancellation.
+/// With neither, only the sum (no exp).
+#[inline(always)]
+unsafe fn ce_grad_masses_impl<
+    E: Lanes,
+    W: SweepLanes<E::V>,
+    const STORE: bool,
+    const VERIFY: bool,
+>(
+    x: *const E,
+    g: *mut E,
+    len: usize,
+    (max, c, b): (f64, f64, f64),
+    masses: MassLanes<E>,
+) -> MassesPass {
+    let (m, neg_m) = (W::splat(max), W::splat(-max));
+    let (c, b) = (_mm256_set1_pd(c / W::EXP_SCALE), _mm256_set1_pd(b));
+    let mut distance = Distance::new(max);
+    let (normwise, elementwise) = cancellation_limits::<W>(E::DTYPE);
+    let elementwise = _mm256_set1_pd(elementwise);
+    let sign = _mm256_set1_pd(-0.0);
+    let zero = _mm256_setzero_pd();
+    let (mut peak_ce, mut peak_g, mut cancels) = (zero, zero, zero);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(8);
+        let v = if n == 8 {
+            E::load8(x.add(at))
+        } else {
+            E::load8(padded(core::slice::from_raw_parts(x.add(at), n), neg_inf::<E>()).as_ptr())
+        };
+        let live = v.live();
+        let u = masses.at(at, n);
+        distance.add_weighted(v, live, u);
+        if STORE || VERIFY {
+            let (e_lo, e_hi) = W::from_row(v).exp_shifted::<false>(m, neg_m).widen();
+            let (ce_lo, ce_hi) = (_mm256_mul_pd(c, e_lo), _mm256_mul_pd(c, e_hi));
+            // Masked lanes are +0 whatever the signs of `c` and `b`.
+            let g_lo = _mm256_and_pd(live.0, _mm256_fnmadd_pd(b, u.0, ce_lo));
+            let g_hi = _mm256_and_pd(live.1, _mm256_fnmadd_pd(b, u.1, ce_hi));
+            if VERIFY {
+                let (ce_lo, ce_hi) = (_mm256_andnot_pd(sign, ce_lo), _mm256_andnot_pd(sign, ce_hi));
+                let (g_lo, g_hi) = (_mm256_andnot_pd(sign, g_lo), _mm256_andnot_pd(sign, g_hi));
+                peak_ce = _mm256_max_pd(peak_ce, _mm256_max_pd(ce_lo, ce_hi));
+                peak_g = _mm256_max_pd(peak_g, _mm256_max_pd(g_lo, g_hi));
+                let far_lo = _mm256_cmp_pd::<_CMP_GT_OQ>(ce_lo, _mm256_mul_pd(elementwise, g_lo));
+                let far_hi = _mm256_cmp_pd::<_CMP_GT_OQ>(ce_hi, _mm256_mul_pd(elementwise, g_hi));
+                cancels = _mm256_or_pd(cancels, _mm256_or_pd(far_lo, far_hi));
+            }
+            if STORE {
+                store_first(g.add(at), n, g_lo, g_hi);
+            }
+        }
+        at += 8;
+    }
+    MassesPass {
+        distance: distance.total(),
+        cancels: VERIFY
+            && (_mm256_movemask_pd(cancels) != 0
+                || lane_max(peak_ce) > normwise * lane_max(peak_g)),
+    }
+}
+
+/// The largest of four non-negative lanes.
+#[inline(always)]
+unsafe fn lane_max(v: __m256d) -> f64 {
+    let mut lanes = [0.0; 4];
+    _mm256_storeu_pd(lanes.as_mut_ptr(), v);
+    lanes.into_iter().fold(0.0, f64::max)
+}
+
+/// `u (m − x)` where `live` and `u > 0`, else 0.
+#[inline(always)]
+unsafe fn weighted_distance(m: __m256d, x: __m256d, u: __m256d, live: __m256d) -> __m256d {
+    let counted = _mm256_and_pd(live, _mm256_cmp_pd::<_CMP_GT_OQ>(u, _mm256_setzero_pd()));
+    _mm256_and_pd(counted, _mm256_mul_pd(u, _mm256_sub_pd(m, x)))
 }
 
 /// [`Distance`] over a row on its own (a loss-only call with smoothing).
@@ -1057,22 +1266,25 @@ macro_rules! with_lanes {
 
 /// The read pass; `None` when the row holds NaN or `+inf`. Without `tally` the scan's `masked`
 /// and `finite_min` are not gathered (left at 0 and `+inf`).
-pub(crate) fn scan<E: Element>(row: &[E], tally: bool) -> Option<RowScan> {
+///
+/// With `wide` the exp sweep runs in `f64` lanes (see [`SweepLanes`]).
+pub(crate) fn scan<E: Element>(row: &[E], tally: bool, wide: bool) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(row: &[L], tally: bool) -> Option<RowScan> {
-        if tally {
-            scan_impl(row, ScanSink::TALLY)
+    unsafe fn run<L: Lanes>(row: &[L], tally: bool, wide: bool) -> Option<RowScan>
+    where
+        F64x8: SweepLanes<L::V>,
+    {
+        let sink = ScanSink {
+            tally,
+            ..ScanSink::TALLY
+        };
+        if wide {
+            scan_impl::<L, F64x8>(row, sink)
         } else {
-            scan_impl(
-                row,
-                ScanSink {
-                    tally: false,
-                    ..ScanSink::TALLY
-                },
-            )
+            scan_impl::<L, L::V>(row, sink)
         }
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(row), tally) })
+    with_lanes!(E, L => unsafe { run::<L>(cast(row), tally, wide) })
 }
 
 /// True when rows of `E` with `len` elements can cache their exp terms in an `f32` buffer.
@@ -1092,7 +1304,7 @@ pub(crate) fn scan_caching<E: Element>(
 ) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink) -> Option<RowScan> {
-        scan_impl(row, sink)
+        scan_impl::<L, L::V>(row, sink)
     }
     assert!(caches::<E>(row.len()));
     assert!(cache.as_ref().is_none_or(|c| c.len() == row.len()));
@@ -1163,60 +1375,165 @@ pub(crate) fn log_softmax<E: Element>(x: &[E], max: f64, log1p_sum: f64, out: &m
     with_lanes!(E, L => unsafe { run::<L>(cast(x), max, log1p_sum, cast_mut(out)) });
 }
 
-/// Cross-entropy gradient `c · exp(x − m) − b` (b on live classes) into `g`, returning
-/// `Σ_live (m − x)` when `sweep` (else 0).
+/// The cross-entropy write pass `w` from `x` into `g`, or only its sweep when `g` is `None`
+/// (see [`FastWrite`]).
 pub(crate) fn ce_grad<E: Element>(
     x: &[E],
-    max: f64,
-    c: f64,
-    b: f64,
-    sweep: bool,
-    g: &mut [E],
-) -> f64 {
-    assert_eq!(x.len(), g.len());
+    g: Option<&mut [E]>,
+    w: &FastWrite<'_, '_, E>,
+) -> MassesPass {
+    let (len, store) = (x.len(), g.is_some());
+    let out = g.map_or(core::ptr::null_mut(), |g| {
+        assert_eq!(g.len(), len);
+        g.as_mut_ptr()
+    });
     with_lanes!(E, L => unsafe {
-        ce_grad_raw::<L>(x.as_ptr().cast(), g.as_mut_ptr().cast(), x.len(), max, c, b, sweep)
+        ce_grad_raw::<L>(x.as_ptr().cast(), out.cast(), len, &write_as(w), store)
     })
 }
 
-/// The target-feature entry of both [`ce_grad`] variants (`x` and `g` may be the same memory).
+/// [`ce_grad`] written over the logits themselves.
+pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &FastWrite<'_, '_, E>) -> MassesPass {
+    let p = x.as_mut_ptr();
+    with_lanes!(E, L => unsafe {
+        ce_grad_raw::<L>(p.cast_const().cast(), p.cast(), x.len(), &write_as(w), true)
+    })
+}
+
+/// `m` for the concrete storage type `L` of `E`.
+fn masses_as<'t, 'w, E: Element, L: Element>(m: &ClassMasses<'t, 'w, E>) -> ClassMasses<'t, 'w, L> {
+    ClassMasses {
+        weights: m.weights,
+        probabilities: m.probabilities.map(cast),
+        share: m.share,
+        keep: m.keep,
+    }
+}
+
+/// `w` for the concrete storage type `L` of `E`.
+fn write_as<'t, 'w, E: Element, L: Element>(w: &FastWrite<'t, 'w, E>) -> FastWrite<'t, 'w, L> {
+    FastWrite {
+        masses: w.masses.as_ref().map(masses_as),
+        c: w.c,
+        b: w.b,
+        max: w.max,
+        target: w.target,
+        target_grad: w.target_grad,
+        sweep_distance: w.sweep_distance,
+    }
+}
+
+/// The target-feature entry of every cross-entropy write pass (`x` and `g` may be the same
+/// memory; `g` is not touched unless `store`).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn ce_grad_raw<L: Lanes>(
     x: *const L,
     g: *mut L,
     len: usize,
-    max: f64,
-    c: f64,
-    b: f64,
-    sweep: bool,
-) -> f64 {
-    if sweep {
-        ce_grad_impl::<L, true>(x, g, len, max, c, b)
+    w: &FastWrite<'_, '_, L>,
+    store: bool,
+) -> MassesPass
+where
+    F64x8: SweepLanes<L::V>,
+{
+    let constants = (w.max, w.c, w.b);
+    let Some(masses) = &w.masses else {
+        debug_assert!(store);
+        let distance = if w.sweep_distance {
+            ce_grad_impl::<L, true>(x, g, len, w.max, w.c, w.b)
+        } else {
+            ce_grad_impl::<L, false>(x, g, len, w.max, w.c, w.b)
+        };
+        return MassesPass {
+            distance,
+            cancels: false,
+        };
+    };
+    let masses = MassLanes::new(masses);
+    // Probability targets: the exp in f64 lanes, as their read pass ([`scan`] with `wide`).
+    if w.verify() {
+        if store {
+            ce_grad_masses_impl::<L, F64x8, true, true>(x, g, len, constants, masses)
+        } else {
+            ce_grad_masses_impl::<L, F64x8, false, true>(x, g, len, constants, masses)
+        }
     } else {
-        ce_grad_impl::<L, false>(x, g, len, max, c, b)
+        debug_assert!(store);
+        ce_grad_masses_impl::<L, L::V, true, false>(x, g, len, constants, masses)
     }
 }
 
-/// `Σ_live (m − x)` by the same sweep as [`ce_grad`].
-pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
+/// `(Σ_c w_c q_c, max_c q_c)` over a row of probability targets (`w_c` = 1 without weights),
+/// or `None` when some `q_c` is not a finite number ≥ 0 (the scalar loop then names it).
+pub(crate) fn probability_mass<E: Element>(
+    q: &[E],
+    weights: Option<&[f64]>,
+) -> Option<(CompensatedSum, f64)> {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &[L], max: f64) -> f64 {
-        live_distance_impl(x, max)
+    unsafe fn run<L: Lanes>(q: &[L], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)> {
+        let masses = MassLanes::<L>::new(&ClassMasses {
+            weights,
+            probabilities: None,
+            share: 1.0,
+            keep: 0.0,
+        });
+        let (zero, inf) = (_mm256_setzero_pd(), _mm256_set1_pd(f64::INFINITY));
+        let all_ones = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+        let (mut peak, mut invalid) = (zero, zero);
+        // Compensated lanes whatever the dtype: `A − a_c` keeps the digits below `A`'s.
+        let mut sums = LaneSums::<F64x8>::new();
+        let mut at = 0;
+        while at < q.len() {
+            let n = (q.len() - at).min(8);
+            let v = if n == 8 {
+                L::load8(q.as_ptr().add(at))
+            } else {
+                L::load8(padded(&q[at..], L::zero()).as_ptr())
+            };
+            let (lo, hi) = v.widen();
+            // Ordered compares: NaN is invalid too.
+            for half in [lo, hi] {
+                let ok = _mm256_and_pd(
+                    _mm256_cmp_pd::<_CMP_GE_OQ>(half, zero),
+                    _mm256_cmp_pd::<_CMP_LT_OQ>(half, inf),
+                );
+                invalid = _mm256_or_pd(invalid, _mm256_xor_pd(ok, all_ones));
+                peak = _mm256_max_pd(peak, half);
+            }
+            let (w_lo, w_hi) = masses.at(at, n);
+            sums.add((_mm256_mul_pd(w_lo, lo), _mm256_mul_pd(w_hi, hi)));
+            at += 8;
+        }
+        if _mm256_movemask_pd(invalid) != 0 {
+            return None;
+        }
+        Some((sums.total(0.0), lane_max(peak)))
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(x), max) })
+    with_lanes!(E, L => unsafe { run::<L>(cast(q), weights) })
 }
 
-/// [`ce_grad`] written over the logits themselves.
-pub(crate) fn ce_grad_in_place<E: Element>(
-    x: &mut [E],
+/// The distance sweep of [`ce_grad`] on its own (a loss-only call): `Σ_live (m − x)`, or
+/// `Σ_live u_i (m − x_i)` with `masses`; the same bits as the write pass's.
+pub(crate) fn live_distance<E: Element>(
+    x: &[E],
     max: f64,
-    c: f64,
-    b: f64,
-    sweep: bool,
+    masses: Option<&ClassMasses<'_, '_, E>>,
 ) -> f64 {
-    let p = x.as_mut_ptr();
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<L: Lanes>(x: &[L], max: f64, masses: Option<&ClassMasses<'_, '_, L>>) -> f64 {
+        match masses {
+            None => live_distance_impl(x, max),
+            Some(masses) => {
+                let constants = (max, 0.0, 0.0);
+                let lanes = MassLanes::new(masses);
+                let (p, none) = (x.as_ptr(), core::ptr::null_mut());
+                ce_grad_masses_impl::<L, L::V, false, false>(p, none, x.len(), constants, lanes)
+                    .distance
+            }
+        }
+    }
     with_lanes!(E, L => unsafe {
-        ce_grad_raw::<L>(p.cast_const().cast(), p.cast(), x.len(), max, c, b, sweep)
+        run::<L>(cast(x), max, masses.map(masses_as).as_ref())
     })
 }
 

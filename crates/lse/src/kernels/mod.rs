@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use rayon::prelude::*;
 
 use crate::element::Element;
-use crate::state::RowState;
+use crate::state::{CompensatedSum, RowState};
 use scalar::LogitMap;
 pub(crate) use scalar::RowScan;
 
@@ -110,7 +110,7 @@ pub(crate) fn scan<E: Element>(row: &[E]) -> RowScan {
 /// The read pass without the element tally (`−inf` count, finite minimum) that only the loss
 /// and the logit statistics need: the row's state, or the column of its first NaN or `+inf`.
 pub(crate) fn scan_state<E: Element>(row: &[E]) -> Result<RowState, usize> {
-    let scan = scan_by(row, LogitMap::Identity, fast(), false);
+    let scan = scan_by(row, LogitMap::Identity, fast(), false, false);
     match scan.first_non_finite {
         None => Ok(scan.state),
         Some(column) => Err(column),
@@ -119,18 +119,24 @@ pub(crate) fn scan_state<E: Element>(row: &[E]) -> Result<RowState, usize> {
 
 /// [`scan`] with a logit map.
 pub(crate) fn scan_mapped<E: Element>(row: &[E], map: LogitMap) -> RowScan {
-    scan_by(row, map, fast() && map == LogitMap::Identity, true)
+    scan_by(row, map, vector_scan(map), true, false)
 }
 
-fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool, tally: bool) -> RowScan {
+/// [`scan`] whose vector exp sweep runs in `f64` lanes: the state of a row whose outputs
+/// cancel (probability targets), good to about 2^-50 instead of 2^-24.
+pub(crate) fn scan_wide<E: Element>(row: &[E]) -> RowScan {
+    scan_by(row, LogitMap::Identity, fast(), true, true)
+}
+
+fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool, tally: bool, wide: bool) -> RowScan {
     let piece = |part: &[E]| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            if let Some(scan) = avx2::scan(part, tally) {
+            if let Some(scan) = avx2::scan(part, tally, wide) {
                 return scan;
             }
         }
-        let _ = (vector, tally);
+        let _ = (vector, tally, wide);
         scalar::scan_row(part, map)
     };
     if row.len() <= CHUNK {
@@ -363,7 +369,7 @@ pub(crate) fn vector_scan(map: LogitMap) -> bool {
 
 /// The scalar rescan used when a vector scan's logsumexp is ill-conditioned.
 pub(crate) fn scan_exact<E: Element>(row: &[E], map: LogitMap) -> RowScan {
-    scan_by(row, map, false, true)
+    scan_by(row, map, false, true, false)
 }
 
 /// Runs `f` on matching pieces of `x` and `out` (in parallel for a long row).
@@ -474,23 +480,38 @@ pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) 
     });
 }
 
-/// The vectorised cross-entropy write pass (see [`scalar::FastWrite`]) from `x` into `g`;
-/// returns `Σ_live (m − x_c)` (0 unless asked for).
+/// The vectorised cross-entropy write pass `w` (see [`scalar::FastWrite`]) from `x` into `g`,
+/// or only its sweep when `g` is `None`: the distance `Σ_live u_c (m − x_c)` (0 unless asked
+/// for) and whether the gradient cancels beyond the vector exp's accuracy (only checked when
+/// [`scalar::FastWrite::verify`]).
 ///
 /// # Panics
 /// Unless [`vector_scan`] holds.
-pub(crate) fn ce_grad<E: Element>(x: &[E], g: &mut [E], w: &scalar::FastWrite) -> f64 {
+pub(crate) fn ce_grad<E: Element>(
+    x: &[E],
+    g: Option<&mut [E]>,
+    w: &scalar::FastWrite<'_, '_, E>,
+) -> MassesPass {
     #[cfg(target_arch = "x86_64")]
     {
-        let one = |x: &[E], g: &mut [E]| avx2::ce_grad(x, w.max, w.c, w.b, w.sweep_distance, g);
         if x.len() <= CHUNK {
-            return one(x, g);
+            return avx2::ce_grad(x, g, w);
         }
-        in_order_sum(
-            x.par_chunks(CHUNK)
+        let one = |i: usize, x: &[E], g: Option<&mut [E]>| avx2::ce_grad(x, g, &w.from(i * CHUNK));
+        let passes: Vec<MassesPass> = match g {
+            Some(g) => x
+                .par_chunks(CHUNK)
                 .zip(g.par_chunks_mut(CHUNK))
-                .map(|(x, g)| one(x, g)),
-        )
+                .enumerate()
+                .map(|(i, (x, g))| one(i, x, Some(g)))
+                .collect(),
+            None => x
+                .par_chunks(CHUNK)
+                .enumerate()
+                .map(|(i, x)| one(i, x, None))
+                .collect(),
+        };
+        MassesPass::fold(passes)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -499,43 +520,92 @@ pub(crate) fn ce_grad<E: Element>(x: &[E], g: &mut [E], w: &scalar::FastWrite) -
     }
 }
 
-/// `Σ_live (m − x_c)` by the same sweep as [`ce_grad`]'s (same bits), without writing.
-///
-/// # Panics
-/// Unless [`vector_scan`] holds.
-pub(crate) fn live_distance<E: Element>(x: &[E], max: f64) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let one = |x: &[E]| avx2::live_distance(x, max);
-        if x.len() <= CHUNK {
-            return one(x);
-        }
-        in_order_sum(x.par_chunks(CHUNK).map(one))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, max);
-        unreachable!("{NO_VECTOR_KERNEL}")
-    }
-}
-
 /// [`ce_grad`] written over the logits.
 ///
 /// # Panics
 /// Unless [`vector_scan`] holds.
-pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &scalar::FastWrite) -> f64 {
+pub(crate) fn ce_grad_in_place<E: Element>(
+    x: &mut [E],
+    w: &scalar::FastWrite<'_, '_, E>,
+) -> MassesPass {
     #[cfg(target_arch = "x86_64")]
     {
-        let one = |x: &mut [E]| avx2::ce_grad_in_place(x, w.max, w.c, w.b, w.sweep_distance);
         if x.len() <= CHUNK {
-            return one(x);
+            return avx2::ce_grad_in_place(x, w);
         }
-        in_order_sum(x.par_chunks_mut(CHUNK).map(one))
+        let one = |(i, x): (usize, &mut [E])| avx2::ce_grad_in_place(x, &w.from(i * CHUNK));
+        MassesPass::fold(x.par_chunks_mut(CHUNK).enumerate().map(one).collect())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (x, w);
         unreachable!("{NO_VECTOR_KERNEL}")
+    }
+}
+
+/// The distance sweep of [`ce_grad`] without the gradient (a loss-only call), the same bits.
+///
+/// # Panics
+/// Unless [`vector_scan`] holds.
+pub(crate) fn live_distance<E: Element>(
+    x: &[E],
+    max: f64,
+    masses: Option<&scalar::ClassMasses<'_, '_, E>>,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let one = |x: &[E], offset: usize| {
+            let masses = masses.map(|m| m.from(offset));
+            avx2::live_distance(x, max, masses.as_ref())
+        };
+        if x.len() <= CHUNK {
+            return one(x, 0);
+        }
+        in_order_sum(
+            x.par_chunks(CHUNK)
+                .enumerate()
+                .map(|(i, x)| one(x, i * CHUNK)),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, max, masses);
+        unreachable!("{NO_VECTOR_KERNEL}")
+    }
+}
+
+/// `(Σ_c w_c q_c, max_c q_c)` of a row of probability targets by the vector kernel; `None`
+/// with the scalar kernel or when some `q_c` is not a finite number ≥ 0.
+pub(crate) fn probability_mass<E: Element>(
+    q: &[E],
+    weights: Option<&[f64]>,
+) -> Option<(CompensatedSum, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    if fast() {
+        return avx2::probability_mass(q, weights);
+    }
+    let _ = (q, weights);
+    None
+}
+
+/// What a vectorised cross-entropy write pass reports besides its writes.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MassesPass {
+    /// The distance sweep: `Σ_live (m − x_i)`, or `Σ_live u_i (m − x_i)` with class masses
+    /// (0 unless asked for).
+    pub(crate) distance: f64,
+    /// Some `g_i = c·e_i − b·u_i` cancels too far for the vector exp's error (only checked
+    /// when [`scalar::FastWrite::verify`]).
+    pub(crate) cancels: bool,
+}
+
+impl MassesPass {
+    /// The passes over the pieces of one row, in order.
+    fn fold(pieces: Vec<MassesPass>) -> MassesPass {
+        MassesPass {
+            cancels: pieces.iter().any(|p| p.cancels),
+            distance: pieces.iter().map(|p| p.distance).sum(),
+        }
     }
 }
 

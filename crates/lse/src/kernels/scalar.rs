@@ -201,6 +201,8 @@ pub(crate) struct CeConfig<'w> {
     pub(crate) weights: Option<&'w [f64]>,
     /// Sum of all class weights (or the class count when unweighted).
     pub(crate) weight_total: f64,
+    /// The largest class weight (1 when unweighted).
+    pub(crate) weight_max: f64,
     pub(crate) smoothing: f64,
     pub(crate) z_loss: f64,
     pub(crate) map: LogitMap,
@@ -257,8 +259,11 @@ pub(crate) struct CeRow<'t, 'w, E> {
     lse: f64,
     /// `ε / K`, the smoothing mass of each live (finite-logit) class; 0 for a fully masked row.
     smoothing_share: f64,
-    /// `Σ_c w_c q_c` before smoothing (`w_y` for a class target).
-    kept_mass: f64,
+    /// `Σ_c w_c q_c` before smoothing (`w_y` for a class target), with its rounding error:
+    /// `A − a_c` of a class holding nearly all the mass needs the digits below `A`'s.
+    kept_mass: CompensatedSum,
+    /// The largest target probability (1 for a class target).
+    probability_max: f64,
     /// `Σ_c w_c` over live classes.
     live_weight: f64,
     /// `s'`.
@@ -287,7 +292,8 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             log1p_sum: scan.state.log1p_sum(),
             lse: scan.state.logsumexp(),
             smoothing_share: 0.0,
-            kept_mass: 0.0,
+            kept_mass: CompensatedSum::ZERO,
+            probability_max: 1.0,
             live_weight: 0.0,
             rest: scan.state.sum_excluding_max(),
             target_distance: CompensatedSum::ZERO,
@@ -324,25 +330,40 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
                 let mut distance = CompensatedSum::ZERO;
                 add_distance(&mut distance, keep * weight(y), plan.max, mapped);
                 plan.target_distance = distance;
-                weight(y)
+                let mut kept = CompensatedSum::ZERO;
+                kept.add(weight(y));
+                kept
             }
             RowTarget::Probabilities(q) => {
-                let mut sum = CompensatedSum::ZERO;
-                for (c, (&qc, &x)) in q.iter().zip(row).enumerate() {
-                    let qc = qc.to_f64();
-                    if !(qc.is_finite() && qc >= 0.0) {
-                        return Err(RowFault::BadProbability {
-                            column: c,
-                            value: qc,
-                        });
+                // With no masked class and every probability valid, the vector kernel sums the
+                // masses; otherwise this loop finds the first bad probability and any mass on
+                // a masked class.
+                let vector = (scan.masked == 0)
+                    .then(|| super::probability_mass(q, config.weights))
+                    .flatten();
+                let (kept, peak) = if let Some(found) = vector {
+                    found
+                } else {
+                    let (mut sum, mut peak) = (CompensatedSum::ZERO, 0.0_f64);
+                    for (c, (&qc, &x)) in q.iter().zip(row).enumerate() {
+                        let qc = qc.to_f64();
+                        if !(qc.is_finite() && qc >= 0.0) {
+                            return Err(RowFault::BadProbability {
+                                column: c,
+                                value: qc,
+                            });
+                        }
+                        let mass = weight(c) * qc;
+                        if x.to_f64() == f64::NEG_INFINITY && keep * mass > 0.0 {
+                            masked_mass_at.get_or_insert(c);
+                        }
+                        sum.add(mass);
+                        peak = peak.max(qc);
                     }
-                    let mass = weight(c) * qc;
-                    if x.to_f64() == f64::NEG_INFINITY && keep * mass > 0.0 {
-                        masked_mass_at.get_or_insert(c);
-                    }
-                    sum.add(mass);
-                }
-                sum.value()
+                    (sum, peak)
+                };
+                plan.probability_max = peak;
+                kept
             }
         };
         plan.kept_mass = kept_mass;
@@ -388,7 +409,8 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     /// `A = Σ_c a_c`, the row's whole weighted, smoothed target mass.
     #[inline]
     fn target_total(&self) -> f64 {
-        (1.0 - self.config.smoothing) * self.kept_mass + self.smoothing_share * self.live_weight
+        (1.0 - self.config.smoothing) * self.kept_mass.value()
+            + self.smoothing_share * self.live_weight
     }
 
     /// `A − a_c`: the weighted target mass on every class but `c` (live `c`), formed as a sum of
@@ -398,8 +420,15 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         let w = self.config.weights.map_or(1.0, |w| w[c]);
         let kept_elsewhere = match self.target {
             RowTarget::Class(y) if c == y => 0.0,
-            RowTarget::Class(_) => self.kept_mass,
-            RowTarget::Probabilities(q) => self.kept_mass - w * q[c].to_f64(),
+            RowTarget::Class(_) => self.kept_mass.value(),
+            RowTarget::Probabilities(q) => {
+                // A − w·q_c with the product's rounding error: exact up to the last rounding.
+                let mass = w * q[c].to_f64();
+                let mut rest = self.kept_mass;
+                rest.add(-mass);
+                rest.add(-w.mul_add(q[c].to_f64(), -mass));
+                rest.value()
+            }
         };
         (1.0 - self.config.smoothing) * kept_elsewhere
             + self.smoothing_share * (self.live_weight - w)
@@ -448,34 +477,33 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         self.max
     }
 
-    /// True when the vectorised passes serve this row: a class target, no soft-cap, no class
-    /// weights together with smoothing, nothing non-finite, not fully masked.
+    /// True when the vectorised passes serve this row: no soft-cap, nothing non-finite, not
+    /// fully masked.
     fn vector_eligible(&self) -> bool {
-        matches!(self.target, RowTarget::Class(_))
-            && !self.poisoned
+        !self.poisoned
             && !self.infinite_loss
             && self.denominator != 0.0
             && self.config.map == LogitMap::Identity
-            && !(self.smoothing_share > 0.0 && self.config.weights.is_some())
     }
 
-    /// True when a loss-only call takes its smoothing distance from the vector kernel (the
-    /// same sweep as the fused write pass, so both give the same bits).
+    /// True when a loss-only call takes its distance term from the vector kernel (the same
+    /// sweep as the fused write pass, so both give the same bits).
     pub(crate) fn fast_loss_applies(&self) -> bool {
-        self.vector_eligible() && self.smoothing_share > 0.0
+        self.vector_eligible() && self.loss_needs_every_class()
     }
 
     /// True when this row's gradient cancels so that it needs the scalar kernel's `s'` (and
-    /// the scalar write pass): probability targets, smoothing with class weights, or smoothing
-    /// whose share is larger than every gradient the row is known to have — the max class
-    /// (`e = 1`) and the target — where `c·e_i − share` loses the vector exp's digits.
+    /// the scalar write pass): smoothing whose share of a class (times its weight) is larger
+    /// than every gradient the row is known to have — the max class (`e = 1`, unweighted
+    /// only) and the target — where `c·e_i − share·w_i` loses the vector exp's digits.
+    /// Probability targets are checked by the write pass itself ([`FastWrite::verify`]).
     pub(crate) fn needs_exact_state(&self, row: &[E]) -> bool {
         let RowTarget::Class(target) = self.target else {
-            return true;
+            return false;
         };
         let share = self.smoothing_share;
         if share == 0.0 || !self.vector_eligible() {
-            return share > 0.0 && self.config.weights.is_some();
+            return false;
         }
         let unit = GradScale {
             reduction: 1.0,
@@ -483,57 +511,86 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         };
         let raw = row[target].to_f64();
         let target_grad = self.gradient(target, raw, unit, f64::MAX).abs();
-        let off_target_at_max = (self.per_probability() - share).abs();
-        let largest = if raw < self.max {
-            target_grad.max(off_target_at_max)
+        let largest = if raw < self.max && self.config.weights.is_none() {
+            target_grad.max((self.per_probability() - share).abs())
         } else {
             target_grad
         };
-        largest < share
+        largest < share * self.config.weight_max
     }
 
-    /// `(A + 2z·lse) / S`: off the target, `g_i = per_probability · e_i − share`.
+    /// `(A + 2z·lse) / S`: off the target, `g_i = per_probability · e_i − a_i`.
     fn per_probability(&self) -> f64 {
         (self.target_total() + 2.0 * self.config.z_loss * self.lse) / self.denominator
     }
 
     /// The constants of the vectorised write pass, when it applies to this row (see
     /// [`Self::vector_eligible`]) and its gradient cannot reach the dtype's edge.
-    pub(crate) fn fast_write(&self, row: &[E], scale: GradScale) -> Option<FastWrite> {
-        let RowTarget::Class(target) = self.target else {
-            return None;
-        };
+    pub(crate) fn fast_write(&self, row: &[E], scale: GradScale) -> Option<FastWrite<'t, 'w, E>> {
         if !self.vector_eligible() {
             return None;
         }
-        let (raw_target, dtype_max) = (row[target].to_f64(), E::MAX.to_f64());
+        let dtype_max = E::MAX.to_f64();
         let (per_probability, share) = (self.per_probability(), self.smoothing_share);
+        let masses = self.class_masses();
+        let largest_mass = match masses {
+            Some(m) => self.config.weight_max * (share + m.keep * self.probability_max),
+            None => share,
+        };
         let reduction = scale.reduction;
         // (Written so that NaN also fails.)
-        let bounded = reduction * (per_probability.abs() + share) <= 0.5 * dtype_max;
+        let bounded = reduction * (per_probability.abs() + largest_mass) <= 0.5 * dtype_max;
         if !bounded {
             return None;
         }
         let c = scale.caller * (reduction * per_probability);
-        let b = scale.caller * (reduction * share);
+        let b = scale.caller * (reduction * if masses.is_some() { 1.0 } else { share });
         if !(c.is_finite() && b.is_finite()) {
             return None;
         }
+        let target = match self.target {
+            RowTarget::Class(y) => Some(y),
+            RowTarget::Probabilities(_) => None,
+        };
+        let target_grad =
+            target.map_or(0.0, |y| self.gradient(y, row[y].to_f64(), scale, dtype_max));
         Some(FastWrite {
             c,
             b,
             max: self.max,
             target,
-            target_grad: self.gradient(target, raw_target, scale, dtype_max),
+            target_grad,
             sweep_distance: self.loss_needs_every_class(),
+            masses,
         })
     }
 
-    /// The loss after a vectorised write pass that returned `Σ_live (m − x_c)` when asked.
-    pub(crate) fn fast_loss(&self, live_distance: f64) -> RowValues {
+    /// The per-class target masses of the vector passes, when classes differ in theirs: with
+    /// probability targets, and with class weights once smoothing gives every class some.
+    pub(crate) fn class_masses(&self) -> Option<ClassMasses<'t, 'w, E>> {
+        let probabilities = match self.target {
+            RowTarget::Class(_) => None,
+            RowTarget::Probabilities(q) => Some(q),
+        };
+        let weighted_smoothing = self.smoothing_share > 0.0 && self.config.weights.is_some();
+        (probabilities.is_some() || weighted_smoothing).then_some(ClassMasses {
+            weights: self.config.weights,
+            probabilities,
+            share: self.smoothing_share,
+            keep: 1.0 - self.config.smoothing,
+        })
+    }
+
+    /// The loss after a vectorised write pass that returned its distance sweep when asked
+    /// (see [`FastWrite::sweep_distance`]).
+    pub(crate) fn fast_loss(&self, swept_distance: f64) -> RowValues {
         let mut distance = self.target_distance;
-        if self.smoothing_share > 0.0 {
-            distance.add(self.smoothing_share * live_distance);
+        if self.loss_needs_every_class() {
+            distance.add(if self.class_masses().is_some() {
+                swept_distance
+            } else {
+                self.smoothing_share * swept_distance
+            });
         }
         RowValues {
             loss: self.loss(distance.value()),
@@ -590,15 +647,58 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     }
 }
 
-/// The vectorised cross-entropy write pass of one row: `g_i = c · exp(x_i − max) − b` on live
-/// classes, 0 on masked ones, then `target_grad` at `target`.
+/// The vectorised cross-entropy write pass of one row: `g_i = c · exp(x_i − max) − b · u_i` on
+/// live classes (`u_i` = 1, or the [`ClassMasses`]), 0 on masked ones, then `target_grad` at
+/// `target`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct FastWrite {
+pub(crate) struct FastWrite<'t, 'w, E> {
     pub(crate) c: f64,
     pub(crate) b: f64,
     pub(crate) max: f64,
-    pub(crate) target: usize,
+    /// The class target, whose gradient `target_grad` (from the cancellation-free scalar
+    /// formula) replaces the vector one; `None` for probability targets.
+    pub(crate) target: Option<usize>,
     pub(crate) target_grad: f64,
-    /// The loss needs `Σ_live (m − x_c)` from the pass (label smoothing).
+    /// The loss needs the distance sweep from the pass: `Σ_live (m − x_c)`, or
+    /// `Σ_live u_c (m − x_c)` with masses (label smoothing, probability targets).
     pub(crate) sweep_distance: bool,
+    /// Per-class target masses, when they differ between classes.
+    pub(crate) masses: Option<ClassMasses<'t, 'w, E>>,
+}
+
+impl<'t, 'w, E: Element> FastWrite<'t, 'w, E> {
+    /// The write pass of the part of the row from column `offset` on (a piece of a long row).
+    pub(crate) fn from(&self, offset: usize) -> Self {
+        Self {
+            masses: self.masses.map(|m| m.from(offset)),
+            ..*self
+        }
+    }
+
+    /// True when the pass must check its own result for cancellation: with probability
+    /// targets `c·e_i − b·u_i` may cancel anywhere, and the row cannot tell in advance where.
+    pub(crate) fn verify(&self) -> bool {
+        self.masses.is_some_and(|m| m.probabilities.is_some())
+    }
+}
+
+/// The target mass of each class, `u_i = w_i · (share + keep · q_i)`: class weights `w` (1
+/// without), probability targets `q` (0 for a class target, whose own mass is written apart).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClassMasses<'t, 'w, E> {
+    pub(crate) weights: Option<&'w [f64]>,
+    pub(crate) probabilities: Option<&'t [E]>,
+    pub(crate) share: f64,
+    pub(crate) keep: f64,
+}
+
+impl<'t, 'w, E: Element> ClassMasses<'t, 'w, E> {
+    /// The masses of the classes from `offset` on.
+    pub(crate) fn from(&self, offset: usize) -> Self {
+        Self {
+            weights: self.weights.map(|w| &w[offset..]),
+            probabilities: self.probabilities.map(|q| &q[offset..]),
+            ..*self
+        }
+    }
 }

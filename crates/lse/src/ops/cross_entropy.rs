@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use crate::guard::{ElementTally, LogitStats, StatsBuilder};
 use crate::kernels::{
     self,
-    scalar::{CeConfig, CeRow, GradScale, LogitMap, RowFault, RowScan, RowTarget, RowValues},
+    scalar::{
+        CeConfig, CeRow, FastWrite, GradScale, LogitMap, RowFault, RowScan, RowTarget, RowValues,
+    },
     BlockMaxima,
 };
 use crate::state::{saturate, CompensatedSum};
@@ -281,6 +283,9 @@ impl<'a, E: Element> Batch<'a, E> {
             config: CeConfig {
                 weights: o.weights,
                 weight_total: weight_total.value(),
+                weight_max: o
+                    .weights
+                    .map_or(1.0, |w| w.iter().copied().fold(0.0, f64::max)),
                 smoothing: eps,
                 z_loss: o.z_loss,
                 map: o.softcap.map_or(LogitMap::Identity, LogitMap::Softcap),
@@ -337,13 +342,16 @@ impl<'a, E: Element> Batch<'a, E> {
             }
         };
         let map = self.config.map;
-        let probabilities = matches!(target, RowTarget::Probabilities(_));
-        let vector = kernels::vector_scan(map) && !probabilities;
-        // A gradient row that the vector kernel may write from cached exp terms: the read
-        // pass leaves them in the gradient buffer (an f32 one) or in a per-thread f32 row
-        // (f16/bf16, and the in-place loss, whose logits must outlive a bad row).
-        let cached =
-            vector && !matches!(io, RowIo::Loss(_)) && kernels::caches::<E>(io.logits().len());
+        let vector = kernels::vector_scan(map);
+        // A gradient row that the vector kernel may write from cached exp terms (a plain
+        // class target: smoothing and probability targets subtract a mass from each term):
+        // the read pass leaves them in the gradient buffer (an f32 one) or in a per-thread f32
+        // row (f16/bf16, and the in-place loss, whose logits must outlive a bad row).
+        let plain = self.config.smoothing == 0.0 && matches!(target, RowTarget::Class(_));
+        let cached = vector
+            && plain
+            && !matches!(io, RowIo::Loss(_))
+            && kernels::caches::<E>(io.logits().len());
         let mut maxima = BlockMaxima::new();
         let mut scratch = None;
         let cached_scan = match &mut io {
@@ -360,36 +368,29 @@ impl<'a, E: Element> Batch<'a, E> {
         let logits = io.logits();
         // The vector scan's s' is good to a fraction of an f32 ulp: enough for the vector
         // write pass and for a loss, whose terms never cancel. Rows whose gradient subtracts
-        // nearly equal numbers (p_i − q_i with probability targets, smoothing that matches the
-        // prediction) or whose z-loss needs a cancelling lse are read again by the scalar
-        // kernel and written by the scalar pass. The choice depends on the row alone, never on
-        // whether a gradient is asked for, so the loss is the same bits either way.
-        let exact = |row: &[E]| kernels::scan_exact(row, map);
+        // nearly equal numbers (smoothing that matches the prediction) or whose z-loss needs a
+        // cancelling lse are read again by the scalar kernel and written by the scalar pass.
+        // The choice depends on the row alone, never on whether a gradient is asked for, so
+        // the loss is the same bits either way. (Probability targets are checked by the write
+        // pass instead; only their gradient then comes from the scalar kernel.)
         let scan = match cached_scan {
             Some(scan) => scan,
+            // Probability targets: the exp in f64 lanes, so that p − q keeps its digits.
+            None if vector && !plain && matches!(target, RowTarget::Probabilities(_)) => {
+                kernels::scan_wide(logits)
+            }
             None if vector => kernels::scan_mapped(logits, map),
-            None => exact(logits),
+            None => kernels::scan_exact(logits, map),
         };
         if let Some(tally) = tally {
             tally.add(&scan);
         }
-        let plan_of = |scan: &RowScan| {
-            CeRow::new(logits, scan, target, self.config).map_err(|fault| match fault {
-                RowFault::NonFinite { column, .. } => non_finite_logit(r, column, logits[column]),
-                RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
-                RowFault::BadProbability { column, value } => LseError::BadProbability {
-                    row: r,
-                    column,
-                    value,
-                },
-            })
-        };
-        let mut plan = plan_of(&scan)?;
+        let mut plan = self.plan(r, logits, &scan, target)?;
         let lse_cancels = self.config.z_loss > 0.0
             && scan.first_non_finite.is_none()
             && !kernels::lse_well_conditioned(&scan.state);
         let vector = if vector && (lse_cancels || plan.needs_exact_state(logits)) {
-            plan = plan_of(&exact(logits))?;
+            plan = self.plan(r, logits, &kernels::scan_exact(logits, map), target)?;
             false
         } else {
             vector
@@ -400,38 +401,69 @@ impl<'a, E: Element> Batch<'a, E> {
         } else {
             None
         };
-        // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone (smoothing's
-        // `− b` needs to know the masked classes, which the cached zeros do not tell).
+        // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone.
         let from_cache = cached
             && fast
                 .as_ref()
-                .is_some_and(|w| w.b == 0.0 && !w.sweep_distance);
+                .is_some_and(|w| w.b == 0.0 && !w.sweep_distance && w.masses.is_none());
+        let set_target = |g: &mut [E], w: &FastWrite<'_, '_, E>| {
+            if let Some(target) = w.target {
+                g[target] = E::from_f64(w.target_grad);
+            }
+        };
         let values = match (io, fast) {
             (RowIo::Grad(_, g), Some(w)) if from_cache => {
                 kernels::rescale(g, scratch.as_ref(), &maxima, w.max, w.c);
-                g[w.target] = E::from_f64(w.target_grad);
+                set_target(g, &w);
                 plan.fast_loss(0.0)
             }
             (RowIo::InPlace(x), Some(w)) if from_cache => {
                 kernels::rescale(x, scratch.as_ref(), &maxima, w.max, w.c);
-                x[w.target] = E::from_f64(w.target_grad);
+                set_target(x, &w);
                 plan.fast_loss(0.0)
             }
             (RowIo::Loss(x), _) if vector && plan.fast_loss_applies() => {
-                plan.fast_loss(kernels::live_distance(x, plan.max()))
+                let masses = plan.class_masses();
+                plan.fast_loss(kernels::live_distance(x, plan.max(), masses.as_ref()))
             }
             (RowIo::Loss(x), _) => plan.finish(x.iter().copied(), scale, false, |_, _| {}),
             (RowIo::Grad(x, g), Some(w)) => {
-                let distance = kernels::ce_grad(x, g, &w);
-                g[w.target] = E::from_f64(w.target_grad);
-                plan.fast_loss(distance)
+                let pass = kernels::ce_grad(x, Some(&mut *g), &w);
+                if pass.cancels {
+                    // The scalar kernel's gradient; the loss stays the vector plan's.
+                    let exact = self.plan(r, x, &kernels::scan_exact(x, map), target)?;
+                    exact.finish(x.iter().copied(), scale, true, |c, v| g[c] = v);
+                } else {
+                    set_target(g, &w);
+                }
+                plan.fast_loss(pass.distance)
             }
             (RowIo::Grad(x, g), None) => {
                 plan.finish(x.iter().copied(), scale, true, |c, v| g[c] = v)
             }
             (RowIo::InPlace(x), Some(w)) => {
-                let distance = kernels::ce_grad_in_place(x, &w);
-                x[w.target] = E::from_f64(w.target_grad);
+                // A pass that may find its gradient cancelling looks before it writes: the
+                // scalar kernel then needs the logits.
+                let probe = w.verify().then(|| kernels::ce_grad(x, None, &w));
+                let distance = match probe {
+                    Some(probe) if probe.cancels => {
+                        let exact = self.plan(r, x, &kernels::scan_exact(x, map), target)?;
+                        let cells = Cell::from_mut(x).as_slice_of_cells();
+                        exact.finish(cells.iter().map(Cell::get), scale, true, |c, v| {
+                            cells[c].set(v);
+                        });
+                        probe.distance
+                    }
+                    Some(probe) => {
+                        kernels::ce_grad_in_place(x, &w);
+                        probe.distance
+                    }
+                    None => {
+                        let pass = kernels::ce_grad_in_place(x, &w);
+                        set_target(x, &w);
+                        pass.distance
+                    }
+                };
                 plan.fast_loss(distance)
             }
             (RowIo::InPlace(x), None) => {
@@ -444,6 +476,25 @@ impl<'a, E: Element> Batch<'a, E> {
             }
         };
         Ok(Some(values))
+    }
+
+    /// The cross-entropy plan of row `r` from its read pass, with the row's error named.
+    fn plan(
+        &self,
+        r: usize,
+        logits: &[E],
+        scan: &RowScan,
+        target: RowTarget<'a, E>,
+    ) -> Result<CeRow<'a, 'a, E>> {
+        CeRow::new(logits, scan, target, self.config).map_err(|fault| match fault {
+            RowFault::NonFinite { column, .. } => non_finite_logit(r, column, logits[column]),
+            RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
+            RowFault::BadProbability { column, value } => LseError::BadProbability {
+                row: r,
+                column,
+                value,
+            },
+        })
     }
 
     /// A task's rows, in order; stops at the first row with an error.

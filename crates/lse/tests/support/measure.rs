@@ -364,15 +364,28 @@ pub struct Variant {
     pub weights: bool,
     pub z_loss: f64,
     pub softcap: Option<f64>,
+    /// Probability targets instead of the block's class targets.
+    pub soft: Option<Soft>,
 }
 
-pub const VARIANTS: [Variant; 5] = [
+/// How a variant's probability targets are drawn (the target rows of a fully masked row: none).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Soft {
+    /// `q ∝ u⁴`, `u ~ U(0, 1)` per live class: unrelated to the logits.
+    Random,
+    /// The row's own softmax, each entry moved by up to 1e-3 relative, renormalised: `p − q`
+    /// cancels on every class (distillation near convergence).
+    NearPrediction,
+}
+
+pub const VARIANTS: [Variant; 8] = [
     Variant {
         name: "label_smoothing=0.1",
         label_smoothing: 0.1,
         weights: false,
         z_loss: 0.0,
         softcap: None,
+        soft: None,
     },
     Variant {
         name: "weights=2^U(-2,2)",
@@ -380,6 +393,7 @@ pub const VARIANTS: [Variant; 5] = [
         weights: true,
         z_loss: 0.0,
         softcap: None,
+        soft: None,
     },
     Variant {
         name: "z_loss=1e-4",
@@ -387,6 +401,7 @@ pub const VARIANTS: [Variant; 5] = [
         weights: false,
         z_loss: 1e-4,
         softcap: None,
+        soft: None,
     },
     Variant {
         name: "softcap=30",
@@ -394,6 +409,7 @@ pub const VARIANTS: [Variant; 5] = [
         weights: false,
         z_loss: 0.0,
         softcap: Some(30.0),
+        soft: None,
     },
     Variant {
         name: "smoothing=0.05+weights+z_loss=1e-3+softcap=15",
@@ -401,8 +417,58 @@ pub const VARIANTS: [Variant; 5] = [
         weights: true,
         z_loss: 1e-3,
         softcap: Some(15.0),
+        soft: None,
+    },
+    Variant {
+        name: "probability targets",
+        label_smoothing: 0.0,
+        weights: false,
+        z_loss: 0.0,
+        softcap: None,
+        soft: Some(Soft::Random),
+    },
+    Variant {
+        name: "probability targets near the prediction",
+        label_smoothing: 0.0,
+        weights: false,
+        z_loss: 0.0,
+        softcap: None,
+        soft: Some(Soft::NearPrediction),
+    },
+    Variant {
+        name: "probability targets+smoothing=0.1+weights+z_loss=1e-4",
+        label_smoothing: 0.1,
+        weights: true,
+        z_loss: 1e-4,
+        softcap: None,
+        soft: Some(Soft::Random),
     },
 ];
+
+/// Probability targets for the rows of `logits` (`classes` per row), in the logits' dtype:
+/// 0 on masked classes, all 0 on a fully masked row.
+fn soft_targets<E: Element>(logits: &[E], classes: usize, kind: Soft, seed: u64) -> Vec<E> {
+    let mut rng = Rng::new(seed ^ 0x736f_6674);
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(classes) {
+        let x = widen(row);
+        let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let raw: Vec<f64> = x
+            .iter()
+            .map(|&x| match kind {
+                _ if x == f64::NEG_INFINITY => 0.0,
+                Soft::Random => rng.uniform().powi(4),
+                Soft::NearPrediction => (x - max).exp() * (1.0 + 1e-3 * rng.range(-1.0, 1.0)),
+            })
+            .collect();
+        let total: f64 = raw.iter().sum();
+        out.extend(
+            raw.iter()
+                .map(|&q| E::from_f64(if total > 0.0 { q / total } else { 0.0 })),
+        );
+    }
+    out
+}
 
 // ---------------------------------------------------------------------------------------------
 // Plans
@@ -906,7 +972,7 @@ fn measure_block<E: Element>(block: &Block, report: &mut Report) {
     lse::log_softmax(&logits, c, &mut log_sm).expect("log_softmax");
     let mut sm = vec![E::zero(); rows * c];
     lse::softmax(&logits, c, &mut sm).expect("softmax");
-    let cross_entropy = |opts: CrossEntropyOptions<'_>| {
+    let cross_entropy = |opts: CrossEntropyOptions<'_>, targets: Targets<'_, E>| {
         // Per-row losses from `cross_entropy` (reduction None); gradients from the fused call
         // with reduction Sum and grad_output 1, so each gradient row is exactly ∂loss_r/∂x_r.
         let loss_opts = CrossEntropyOptions {
@@ -914,8 +980,7 @@ fn measure_block<E: Element>(block: &Block, report: &mut Report) {
             keep_row_loss: true,
             ..opts
         };
-        let out = lse::cross_entropy(&logits, c, Targets::Classes(&class_targets), &loss_opts)
-            .expect("cross_entropy");
+        let out = lse::cross_entropy(&logits, c, targets, &loss_opts).expect("cross_entropy");
         let grad_opts = CrossEntropyOptions {
             reduction: Reduction::Sum,
             ..opts
@@ -924,7 +989,7 @@ fn measure_block<E: Element>(block: &Block, report: &mut Report) {
         lse::cross_entropy_with_grad(
             &logits,
             c,
-            Targets::Classes(&class_targets),
+            targets,
             &grad_opts,
             GradOutput::Scalar(stat_one::<E::Stat>()),
             &mut grad,
@@ -938,19 +1003,27 @@ fn measure_block<E: Element>(block: &Block, report: &mut Report) {
             .collect();
         (loss, widen(&grad))
     };
-    let (ce_loss, ce_grad) = cross_entropy(CrossEntropyOptions::default());
+    let classes = Targets::Classes(&class_targets);
+    let (ce_loss, ce_grad) = cross_entropy(CrossEntropyOptions::default(), classes);
     let weights = block_weights(c, seed);
+    let soft: Vec<Option<Vec<E>>> = VARIANTS
+        .iter()
+        .map(|v| v.soft.map(|kind| soft_targets(&logits, c, kind, seed)))
+        .collect();
     let variants: Vec<(Vec<f64>, Vec<f64>)> = if block.options {
         VARIANTS
             .iter()
-            .map(|v| {
-                cross_entropy(CrossEntropyOptions {
+            .zip(&soft)
+            .map(|(v, soft)| {
+                let options = CrossEntropyOptions {
                     label_smoothing: v.label_smoothing,
                     weights: v.weights.then_some(&weights[..]),
                     z_loss: v.z_loss,
                     softcap: v.softcap,
                     ..Default::default()
-                })
+                };
+                let targets = soft.as_deref().map_or(classes, Targets::Probabilities);
+                cross_entropy(options, targets)
             })
             .collect()
     } else {
@@ -1004,8 +1077,10 @@ fn measure_block<E: Element>(block: &Block, report: &mut Report) {
                 }
                 None => &exact,
             };
+            let q = soft[v].as_deref().map(|q| widen(&q[span.clone()]));
             let spec = CeSpec {
                 target: targets[r],
+                probabilities: q.as_deref(),
                 label_smoothing: variant.label_smoothing,
                 weights: variant.weights.then_some(&weights[..]),
                 z_loss: variant.z_loss,

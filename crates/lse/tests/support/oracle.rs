@@ -233,8 +233,10 @@ pub fn log1p(s: &BigFloat) -> BigFloat {
 /// The options of one cross-entropy row (soft-capping is part of [`ExactRow`] itself).
 #[derive(Clone, Copy, Debug)]
 pub struct CeSpec<'a> {
-    /// The class target; `None` is an ignored row (loss 0, gradient 0).
+    /// The class target; `None` is an ignored row (loss 0, gradient 0) unless `probabilities`.
     pub target: Option<usize>,
+    /// Probability targets (0 on masked classes), in place of `target` when given.
+    pub probabilities: Option<&'a [f64]>,
     pub label_smoothing: f64,
     pub weights: Option<&'a [f64]>,
     pub z_loss: f64,
@@ -244,6 +246,7 @@ impl Default for CeSpec<'_> {
     fn default() -> Self {
         Self {
             target: None,
+            probabilities: None,
             label_smoothing: 0.0,
             weights: None,
             z_loss: 0.0,
@@ -443,17 +446,34 @@ impl ExactRow {
     /// Masked classes get gradient 0; an ignored row (`target: None`) loss 0 and gradient 0.
     pub fn ce(&self, spec: &CeSpec<'_>) -> ExactCe {
         let classes = self.classes();
-        let Some(y) = spec.target else {
+        let live = self.delta.iter().filter(|d| d.is_some()).count();
+        if live == 0 || (spec.target.is_none() && spec.probabilities.is_none()) {
             return ExactCe {
                 loss: zero(),
                 grad: vec![zero(); classes],
             };
+        }
+        let target_mass = |c: usize| match (spec.probabilities, spec.target) {
+            (Some(q), _) => {
+                assert!(
+                    q[c] == 0.0 || self.delta[c].is_some(),
+                    "the oracle has no finite loss for target mass on a masked class"
+                );
+                big(q[c])
+            }
+            (None, Some(y)) => {
+                assert!(
+                    self.delta[y].is_some(),
+                    "the oracle has no finite loss for a target on a masked class"
+                );
+                if c == y {
+                    one()
+                } else {
+                    zero()
+                }
+            }
+            (None, None) => unreachable!("handled above"),
         };
-        assert!(
-            self.delta[y].is_some(),
-            "the oracle has no finite loss for a target on a masked class"
-        );
-        let live = self.delta.iter().filter(|d| d.is_some()).count();
         let eps = big(spec.label_smoothing);
         let keep = sub(&one(), &eps);
         let share = div(&eps, &big(live as f64));
@@ -463,11 +483,7 @@ impl ExactRow {
                 if self.delta[c].is_none() {
                     return zero();
                 }
-                let q = if c == y {
-                    add(&keep, &share)
-                } else {
-                    share.clone()
-                };
+                let q = add(&mul(&keep, &target_mass(c)), &share);
                 mul(&big(weight(c)), &q)
             })
             .collect();
