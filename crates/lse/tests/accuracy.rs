@@ -93,47 +93,37 @@ fn oracle_reproduces_known_values() {
     close(&ce.grad[0], -p1);
     close(&ce.grad[1], p1);
 
-    // Smoothing, weights and z-loss against the definition evaluated in f64 (well conditioned).
+    // Smoothing, weights and z-loss against the definition evaluated in f64 (well conditioned),
+    // with a class target and with probability targets (mass on every class).
     let x = [1.5, -0.25, 0.75];
     let w = [0.5, 2.0, 1.25];
     let (eps, z, y) = (0.1, 1e-2, 1);
     let lse = x.iter().map(|v: &f64| v.exp()).sum::<f64>().ln();
-    let q = |c: usize| (1.0 - eps) * f64::from(u8::from(c == y)) + eps / 3.0;
-    let a: Vec<f64> = (0..3).map(|c| w[c] * q(c)).collect();
-    let total: f64 = a.iter().sum();
-    let loss = (0..3).map(|c| a[c] * (lse - x[c])).sum::<f64>() + z * lse * lse;
-    let ce = ExactRow::new(&x).ce(&CeSpec {
-        target: Some(y),
-        label_smoothing: eps,
-        weights: Some(&w),
-        z_loss: z,
-        ..CeSpec::default()
-    });
-    close(&ce.loss, loss);
-    for i in 0..3 {
-        let p = (x[i] - lse).exp();
-        let g = (total + 2.0 * z * lse) * p - a[i];
-        assert!((to_f64(&ce.grad[i]) - g).abs() < 1e-14, "grad {i}");
-    }
-
-    // The same with probability targets (mass on every class).
+    let one_hot = [0.0, 1.0, 0.0];
     let soft = [0.25, 0.125, 0.625];
-    let q = |c: usize| (1.0 - eps) * soft[c] + eps / 3.0;
-    let a: Vec<f64> = (0..3).map(|c| w[c] * q(c)).collect();
-    let total: f64 = a.iter().sum();
-    let loss = (0..3).map(|c| a[c] * (lse - x[c])).sum::<f64>() + z * lse * lse;
-    let ce = ExactRow::new(&x).ce(&CeSpec {
-        probabilities: Some(&soft),
-        label_smoothing: eps,
-        weights: Some(&w),
-        z_loss: z,
-        ..CeSpec::default()
-    });
-    close(&ce.loss, loss);
-    for i in 0..3 {
-        let p = (x[i] - lse).exp();
-        let g = (total + 2.0 * z * lse) * p - a[i];
-        assert!((to_f64(&ce.grad[i]) - g).abs() < 1e-14, "soft grad {i}");
+    let specs = [(one_hot, Some(y), None), (soft, None, Some(&soft[..]))];
+    for (targets, target, probabilities) in specs {
+        let a: Vec<f64> = (0..3)
+            .map(|c| w[c] * ((1.0 - eps) * targets[c] + eps / 3.0))
+            .collect();
+        let total: f64 = a.iter().sum();
+        let loss = (0..3).map(|c| a[c] * (lse - x[c])).sum::<f64>() + z * lse * lse;
+        let ce = ExactRow::new(&x).ce(&CeSpec {
+            target,
+            probabilities,
+            label_smoothing: eps,
+            weights: Some(&w),
+            z_loss: z,
+        });
+        close(&ce.loss, loss);
+        for i in 0..3 {
+            let p = (x[i] - lse).exp();
+            let g = (total + 2.0 * z * lse) * p - a[i];
+            assert!(
+                (to_f64(&ce.grad[i]) - g).abs() < 1e-14,
+                "grad {i} {targets:?}"
+            );
+        }
     }
 
     // Soft-capping: mapped logits and slopes against f64 tanh/cosh.
