@@ -376,7 +376,7 @@ impl<'a, E: Element> Batch<'a, E> {
         let scan = match cached_scan {
             Some(scan) => scan,
             // Probability targets: the exp in f64 lanes, so that p − q keeps its digits.
-            None if vector && !plain && matches!(target, RowTarget::Probabilities(_)) => {
+            None if vector && matches!(target, RowTarget::Probabilities(_)) => {
                 kernels::scan_wide(logits)
             }
             None if vector => kernels::scan_mapped(logits, map),
@@ -401,11 +401,9 @@ impl<'a, E: Element> Batch<'a, E> {
         } else {
             None
         };
-        // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone.
-        let from_cache = cached
-            && fast
-                .as_ref()
-                .is_some_and(|w| w.b == 0.0 && !w.sweep_distance && w.masses.is_none());
+        // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone, which is what
+        // a `plain` row's write is (no smoothing share, no masses, no distance sweep).
+        let from_cache = cached && fast.is_some();
         let set_target = |g: &mut [E], w: &FastWrite<'_, '_, E>| {
             if let Some(target) = w.target {
                 g[target] = E::from_f64(w.target_grad);
