@@ -109,6 +109,28 @@ fn all_outputs<E: Element>(x: &[E], classes: usize) -> Vec<Vec<u64>> {
         ),
         (
             CrossEntropyOptions {
+                softcap: Some(8.0),
+                label_smoothing: 0.1,
+                keep_row_loss: true,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            classes_of,
+        ),
+        (
+            CrossEntropyOptions {
+                softcap: Some(12.0),
+                label_smoothing: 0.05,
+                weights: Some(&weights),
+                z_loss: 1e-4,
+                keep_row_loss: true,
+                non_finite: NonFinite::Propagate,
+                ..Default::default()
+            },
+            Targets::Probabilities(&soft),
+        ),
+        (
+            CrossEntropyOptions {
                 label_smoothing: 0.1,
                 weights: Some(&weights),
                 keep_row_loss: true,

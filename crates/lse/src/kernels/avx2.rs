@@ -24,7 +24,9 @@ use core::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::scalar::{ClassMasses, FastWrite, RowScan};
+use super::scalar::{
+    ClassMasses, FastWrite, LogitMap, RowScan, EXPM1_POLY_F64, LN2_HI, LN2_LO, SOFTCAP_FLOOR,
+};
 use super::{BlockMaxima, MassesPass, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
@@ -40,23 +42,6 @@ const EXPM1_POLY: [f32; 5] = [
     0.041_666_465,
     0.008_363_185,
     0.001_393_366,
-];
-
-/// `(e^r − 1 − r)/r² = Σ_j r^j/(j+2)!` to degree 11: the truncation error on `|r| ≤ ln2/2` is
-/// below 5e-18 relative to `e^r` (0.04 ulp of `f64`).
-const EXPM1_POLY_F64: [f64; 12] = [
-    1.0 / 2.0,
-    1.0 / 6.0,
-    1.0 / 24.0,
-    1.0 / 120.0,
-    1.0 / 720.0,
-    1.0 / 5040.0,
-    1.0 / 40320.0,
-    1.0 / 362_880.0,
-    1.0 / 3_628_800.0,
-    1.0 / 39_916_800.0,
-    1.0 / 479_001_600.0,
-    1.0 / 6_227_020_800.0,
 ];
 
 /// Eight row elements in the registers the kernels compute on, with the operations they need.
@@ -535,8 +520,6 @@ unsafe fn exp_shifted_f64<const ZERO_TIES: bool>(
     m: __m256d,
     neg_m: __m256d,
 ) -> __m256d {
-    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // 32 significant bits
-    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 − LN2_HI
     let s = _mm256_add_pd(x, neg_m);
     let floor = _mm256_set1_pd(-745.2);
     let mut zero = _mm256_cmp_pd::<_CMP_LT_OQ>(s, floor);
@@ -555,12 +538,7 @@ unsafe fn exp_shifted_f64<const ZERO_TIES: bool>(
         _mm256_sub_pd(x, _mm256_sub_pd(s, s_virtual)),
         _mm256_sub_pd(neg_m, s_virtual),
     );
-    let r = _mm256_add_pd(r, err);
-    let mut p = _mm256_set1_pd(EXPM1_POLY_F64[11]);
-    for &c in EXPM1_POLY_F64[..11].iter().rev() {
-        p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
-    }
-    let q = _mm256_fmadd_pd(_mm256_mul_pd(r, r), p, r);
+    let q = expm1_reduced_f64(_mm256_add_pd(r, err));
     let q = _mm256_blendv_pd(q, _mm256_set1_pd(-1.0), zero);
     let k1 = _mm256_round_pd::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
         k,
@@ -568,6 +546,130 @@ unsafe fn exp_shifted_f64<const ZERO_TIES: bool>(
     ));
     let (scale1, scale2) = (power_of_two_f64(k1), power_of_two_f64(_mm256_sub_pd(k, k1)));
     _mm256_mul_pd(_mm256_fmadd_pd(q, scale1, scale1), scale2)
+}
+
+/// `e^r − 1 = r + r²·P(r)` for `|r| ≤ ln2/2`, with [`EXPM1_POLY_F64`] by Horner's rule.
+#[inline(always)]
+unsafe fn expm1_reduced_f64(r: __m256d) -> __m256d {
+    let mut p = _mm256_set1_pd(EXPM1_POLY_F64[11]);
+    for &c in EXPM1_POLY_F64[..11].iter().rev() {
+        p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
+    }
+    _mm256_fmadd_pd(_mm256_mul_pd(r, r), p, r)
+}
+
+/// Soft-capping `cap · tanh(x/cap)` of four `f64` lanes and its slope `1 − tanh²`: the
+/// operations of [`LogitMap::with_slope`] step for step (see there), so that the scalar and
+/// the vector kernel map a logit to the same bits. `−inf` stays `−inf` (slope 0), NaN stays NaN.
+#[inline(always)]
+unsafe fn softcap_f64(x: __m256d, cap: __m256d, two_over_cap: __m256d) -> (__m256d, __m256d) {
+    let sign = _mm256_set1_pd(-0.0);
+    // `min` returns its second operand when one is NaN: NaN goes on.
+    let s = _mm256_min_pd(
+        _mm256_set1_pd(SOFTCAP_FLOOR),
+        _mm256_mul_pd(_mm256_andnot_pd(sign, x), two_over_cap),
+    );
+    let neg_s = _mm256_xor_pd(s, sign);
+    let k = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
+        neg_s,
+        _mm256_set1_pd(std::f64::consts::LOG2_E),
+    ));
+    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_HI), neg_s);
+    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_LO), r);
+    let q = expm1_reduced_f64(r);
+    let k1 = _mm256_floor_pd(_mm256_mul_pd(k, _mm256_set1_pd(0.5)));
+    let scale1 = power_of_two_f64(k1);
+    let v = _mm256_mul_pd(
+        _mm256_fmadd_pd(q, scale1, scale1),
+        power_of_two_f64(_mm256_sub_pd(k, k1)),
+    );
+    let p = power_of_two_f64(_mm256_max_pd(k, _mm256_set1_pd(-60.0)));
+    let u = _mm256_fmadd_pd(q, p, _mm256_sub_pd(p, _mm256_set1_pd(1.0)));
+    let one = _mm256_set1_pd(1.0);
+    let reciprocal = _mm256_div_pd(one, _mm256_add_pd(one, v));
+    let t = _mm256_mul_pd(_mm256_xor_pd(u, sign), reciprocal);
+    let magnitude = _mm256_andnot_pd(sign, _mm256_mul_pd(cap, t));
+    let y = _mm256_or_pd(magnitude, _mm256_and_pd(sign, x));
+    let slope = _mm256_mul_pd(
+        _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(4.0), v), reciprocal),
+        reciprocal,
+    );
+    let minus_inf = _mm256_set1_pd(f64::NEG_INFINITY);
+    let masked = _mm256_cmp_pd::<_CMP_EQ_OQ>(x, minus_inf);
+    (
+        _mm256_blendv_pd(y, minus_inf, masked),
+        _mm256_andnot_pd(masked, slope),
+    )
+}
+
+/// The map a pass applies to each logit, in the lanes `W` it computes in.
+trait LaneMap<W: Vector>: Copy {
+    /// What [`Self::times_slope`] needs (nothing for the identity).
+    type Slope: Copy;
+    /// How far the map may move the argument of `exp(y − m)`, relative to the exp's own error
+    /// terms: the absolute error of `y − m`.
+    fn argument_error(self) -> f64;
+    /// The map of a row's maximum: the map is increasing, so it is the maximum of the mapped row.
+    fn map_max(self, max: f64) -> f64;
+    /// The mapped lanes, and what the gradient is multiplied by there.
+    unsafe fn apply(self, x: W) -> (W, Self::Slope);
+    unsafe fn times_slope(slope: Self::Slope, g: (__m256d, __m256d)) -> (__m256d, __m256d);
+}
+
+/// Logits as given.
+#[derive(Clone, Copy)]
+struct Unmapped;
+
+impl<W: Vector> LaneMap<W> for Unmapped {
+    type Slope = ();
+    fn argument_error(self) -> f64 {
+        0.0
+    }
+    fn map_max(self, max: f64) -> f64 {
+        max
+    }
+    #[inline(always)]
+    unsafe fn apply(self, x: W) -> (W, ()) {
+        (x, ())
+    }
+    #[inline(always)]
+    unsafe fn times_slope((): (), g: (__m256d, __m256d)) -> (__m256d, __m256d) {
+        g
+    }
+}
+
+/// Soft-capped logits ([`LogitMap::Softcap`]), in `f64` lanes.
+#[derive(Clone, Copy)]
+struct Capped {
+    cap: f64,
+}
+
+impl LaneMap<F64x8> for Capped {
+    type Slope = F64x8;
+    fn argument_error(self) -> f64 {
+        // About 3 ulp of |y| ≤ cap, for y and for m.
+        6.0 * self.cap * f64::EPSILON / 2.0
+    }
+    fn map_max(self, max: f64) -> f64 {
+        LogitMap::Softcap(self.cap).apply(max)
+    }
+    #[inline(always)]
+    unsafe fn apply(self, x: F64x8) -> (F64x8, F64x8) {
+        let (cap, two_over_cap) = (_mm256_set1_pd(self.cap), _mm256_set1_pd(2.0 / self.cap));
+        let (lo, lo_slope) = softcap_f64(x.lo, cap, two_over_cap);
+        let (hi, hi_slope) = softcap_f64(x.hi, cap, two_over_cap);
+        (
+            F64x8 { lo, hi },
+            F64x8 {
+                lo: lo_slope,
+                hi: hi_slope,
+            },
+        )
+    }
+    #[inline(always)]
+    unsafe fn times_slope(slope: F64x8, g: (__m256d, __m256d)) -> (__m256d, __m256d) {
+        (_mm256_mul_pd(slope.lo, g.0), _mm256_mul_pd(slope.hi, g.1))
+    }
 }
 
 /// `2^k` for four integral `f64` exponents in the normal range: `k + 1.5·2^52 + 1023` is exact
@@ -727,7 +829,11 @@ impl ScanSink {
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
 /// the first one and applies the caller's policy).
 #[inline(always)]
-unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>>(row: &[E], sink: ScanSink) -> Option<RowScan> {
+unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>, M: LaneMap<W>>(
+    row: &[E],
+    sink: ScanSink,
+    map: M,
+) -> Option<RowScan> {
     let mut state = RowState::EMPTY;
     let mut masked = 0;
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -777,8 +883,9 @@ unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>>(row: &[E], sink: ScanSink) ->
             continue;
         }
         max = max.max(block_max);
-        // Sweep 2 (from L1): Σ exp(x − m_b) over the elements below the block max.
-        let (m, neg_m) = (W::splat(block_max), W::splat(-block_max));
+        // Sweep 2 (from L1): Σ exp(y − m_b) over the mapped elements below the mapped max.
+        let mapped_max = map.map_max(block_max);
+        let (m, neg_m) = (W::splat(mapped_max), W::splat(-mapped_max));
         let mut sums = LaneSums::<W>::new();
         let mut ties = W::tally_zero();
         // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
@@ -786,10 +893,10 @@ unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>>(row: &[E], sink: ScanSink) ->
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
         for_each_vector!(E, block, |x, at, n| {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at * size_of::<E>()));
-            let x = W::from_row(x);
-            let e = x.exp_shifted::<true>(m, neg_m);
+            let (y, _) = map.apply(W::from_row(x));
+            let e = y.exp_shifted::<true>(m, neg_m);
             sums.add(e.widen());
-            let is_tie = x.eq(m);
+            let is_tie = y.eq(m);
             ties = W::tally(ties, is_tie);
             if let Some(cache) = cache {
                 W::store_exp::<E>(cache.add(at), n, e, is_tie);
@@ -799,7 +906,7 @@ unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>>(row: &[E], sink: ScanSink) ->
         if rest.value().is_nan() {
             return None; // a NaN element
         }
-        state = state.merge(RowState::from_parts(block_max, rest));
+        state = state.merge(RowState::from_parts(mapped_max, rest));
     }
     Some(RowScan {
         state,
@@ -1019,28 +1126,33 @@ impl<E: Lanes> MassLanes<E> {
 /// the final rounding takes half an ulp) and of `|c·e_i|` to `|g_i|` (`f16`, `bf16`: 1 ulp of
 /// each gradient, half of it left after rounding). `f64` outputs have no limit: the scalar
 /// kernel's own `f64` exp errs as much as the vector one.
-fn cancellation_limits<W: Vector>(dtype: DType) -> (f64, f64) {
+///
+/// `argument_error` is the error a logit map adds to `x_i − m` (0 without one).
+fn cancellation_limits<W: Vector>(dtype: DType, argument_error: f64) -> (f64, f64) {
     let unit = match dtype {
         DType::F64 => return (f64::INFINITY, f64::INFINITY),
         DType::F32 => f64::from(f32::EPSILON) / 2.0,
         DType::F16 => f64::from(f16::EPSILON) / 2.0,
         DType::BF16 => f64::from(bf16::EPSILON) / 2.0,
     };
+    let exp_error = W::EXP_ERROR + argument_error;
     if dtype == DType::F32 {
-        (1.5 * unit / W::EXP_ERROR, f64::INFINITY)
+        (1.5 * unit / exp_error, f64::INFINITY)
     } else {
-        (f64::INFINITY, 0.5 * unit / W::EXP_ERROR)
+        (f64::INFINITY, 0.5 * unit / exp_error)
     }
 }
 
-/// The cross-entropy gradient with per-class masses, `g_i = c · exp(x_i − m) − b · u_i` on live
-/// classes and `+0` on masked ones, stored at `g` when `STORE` (`x` and `g` may be the same
-/// memory); also sums `Σ_live u_i (m − x_i)` and, with `VERIFY`, tests for cancellation.
-/// With neither, only the sum (no exp).
+/// The cross-entropy gradient with per-class masses and a logit map `y = map(x)`,
+/// `g_i = slope_i · (c · exp(y_i − m) − b · u_i)` on live classes and `+0` on masked ones,
+/// stored at `g` when `STORE` (`x` and `g` may be the same memory); also sums
+/// `Σ_live u_i (m − y_i)` and, with `VERIFY`, tests for cancellation. With neither, only the
+/// sum (no exp).
 #[inline(always)]
 unsafe fn ce_grad_masses_impl<
     E: Lanes,
     W: SweepLanes<E::V>,
+    M: LaneMap<W>,
     const STORE: bool,
     const VERIFY: bool,
 >(
@@ -1049,11 +1161,12 @@ unsafe fn ce_grad_masses_impl<
     len: usize,
     (max, c, b): (f64, f64, f64),
     masses: MassLanes<E>,
+    map: M,
 ) -> MassesPass {
     let (m, neg_m) = (W::splat(max), W::splat(-max));
     let (c, b) = (_mm256_set1_pd(c / W::EXP_SCALE), _mm256_set1_pd(b));
     let mut distance = Distance::new(max);
-    let (normwise, elementwise) = cancellation_limits::<W>(E::DTYPE);
+    let (normwise, elementwise) = cancellation_limits::<W>(E::DTYPE, map.argument_error());
     let elementwise = _mm256_set1_pd(elementwise);
     let sign = _mm256_set1_pd(-0.0);
     let zero = _mm256_setzero_pd();
@@ -1068,13 +1181,20 @@ unsafe fn ce_grad_masses_impl<
         };
         let live = v.live();
         let u = masses.at(at, n);
-        distance.add_weighted(v, live, u);
+        let (y, slope) = map.apply(W::from_row(v));
+        distance.add_weighted(y, live, u);
         if STORE || VERIFY {
-            let (e_lo, e_hi) = W::from_row(v).exp_shifted::<false>(m, neg_m).widen();
+            let (e_lo, e_hi) = y.exp_shifted::<false>(m, neg_m).widen();
             let (ce_lo, ce_hi) = (_mm256_mul_pd(c, e_lo), _mm256_mul_pd(c, e_hi));
+            let (g_lo, g_hi) = (
+                _mm256_fnmadd_pd(b, u.0, ce_lo),
+                _mm256_fnmadd_pd(b, u.1, ce_hi),
+            );
+            // The map's slope scales the gradient and what the cancellation test compares.
+            let (ce_lo, ce_hi) = M::times_slope(slope, (ce_lo, ce_hi));
+            let (g_lo, g_hi) = M::times_slope(slope, (g_lo, g_hi));
             // Masked lanes are +0 whatever the signs of `c` and `b`.
-            let g_lo = _mm256_and_pd(live.0, _mm256_fnmadd_pd(b, u.0, ce_lo));
-            let g_hi = _mm256_and_pd(live.1, _mm256_fnmadd_pd(b, u.1, ce_hi));
+            let (g_lo, g_hi) = (_mm256_and_pd(live.0, g_lo), _mm256_and_pd(live.1, g_hi));
             if VERIFY {
                 let (ce_lo, ce_hi) = (_mm256_andnot_pd(sign, ce_lo), _mm256_andnot_pd(sign, ce_hi));
                 let (g_lo, g_hi) = (_mm256_andnot_pd(sign, g_lo), _mm256_andnot_pd(sign, g_hi));
@@ -1267,10 +1387,16 @@ macro_rules! with_lanes {
 /// The read pass; `None` when the row holds NaN or `+inf`. Without `tally` the scan's `masked`
 /// and `finite_min` are not gathered (left at 0 and `+inf`).
 ///
-/// With `wide` the exp sweep runs in `f64` lanes (see [`SweepLanes`]).
-pub(crate) fn scan<E: Element>(row: &[E], tally: bool, wide: bool) -> Option<RowScan> {
+/// With `wide` the exp sweep runs in `f64` lanes (see [`SweepLanes`]); a soft-capped row
+/// (`map`) always does, since its map is computed there.
+pub(crate) fn scan<E: Element>(
+    row: &[E],
+    tally: bool,
+    wide: bool,
+    map: LogitMap,
+) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(row: &[L], tally: bool, wide: bool) -> Option<RowScan>
+    unsafe fn run<L: Lanes>(row: &[L], tally: bool, wide: bool, map: LogitMap) -> Option<RowScan>
     where
         F64x8: SweepLanes<L::V>,
     {
@@ -1278,13 +1404,13 @@ pub(crate) fn scan<E: Element>(row: &[E], tally: bool, wide: bool) -> Option<Row
             tally,
             ..ScanSink::TALLY
         };
-        if wide {
-            scan_impl::<L, F64x8>(row, sink)
-        } else {
-            scan_impl::<L, L::V>(row, sink)
+        match map {
+            LogitMap::Softcap(cap) => scan_impl::<L, F64x8, _>(row, sink, Capped { cap }),
+            LogitMap::Identity if wide => scan_impl::<L, F64x8, _>(row, sink, Unmapped),
+            LogitMap::Identity => scan_impl::<L, L::V, _>(row, sink, Unmapped),
         }
     }
-    with_lanes!(E, L => unsafe { run::<L>(cast(row), tally, wide) })
+    with_lanes!(E, L => unsafe { run::<L>(cast(row), tally, wide, map) })
 }
 
 /// True when rows of `E` with `len` elements can cache their exp terms in an `f32` buffer.
@@ -1304,7 +1430,7 @@ pub(crate) fn scan_caching<E: Element>(
 ) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink) -> Option<RowScan> {
-        scan_impl::<L, L::V>(row, sink)
+        scan_impl::<L, L::V, _>(row, sink, Unmapped)
     }
     assert!(caches::<E>(row.len()));
     assert!(cache.as_ref().is_none_or(|c| c.len() == row.len()));
@@ -1420,6 +1546,7 @@ fn write_as<'t, 'w, E: Element, L: Element>(w: &FastWrite<'t, 'w, E>) -> FastWri
         target: w.target,
         target_grad: w.target_grad,
         sweep_distance: w.sweep_distance,
+        map: w.map,
     }
 }
 
@@ -1437,7 +1564,7 @@ where
     F64x8: SweepLanes<L::V>,
 {
     let constants = (w.max, w.c, w.b);
-    let Some(masses) = &w.masses else {
+    if w.masses.is_none() && w.map == LogitMap::Identity {
         debug_assert!(store);
         let distance = if w.sweep_distance {
             ce_grad_impl::<L, true>(x, g, len, w.max, w.c, w.b)
@@ -1448,18 +1575,48 @@ where
             distance,
             cancels: false,
         };
-    };
-    let masses = MassLanes::new(masses);
-    // Probability targets: the exp in f64 lanes, as their read pass ([`scan`] with `wide`).
-    if w.verify() {
-        if store {
-            ce_grad_masses_impl::<L, F64x8, true, true>(x, g, len, constants, masses)
-        } else {
-            ce_grad_masses_impl::<L, F64x8, false, true>(x, g, len, constants, masses)
+    }
+    let masses = MassLanes::new(w.masses.as_ref().unwrap_or(&ClassMasses::UNIT));
+    let (verify, io) = (w.verify(), (x, g, len));
+    // Probability targets and soft-capped rows: the exp in f64 lanes, as their read pass
+    // ([`scan`] with `wide`).
+    match w.map {
+        LogitMap::Softcap(cap) => {
+            masses_pass::<L, F64x8, _>(io, constants, masses, Capped { cap }, store, verify)
         }
-    } else {
-        debug_assert!(store);
-        ce_grad_masses_impl::<L, L::V, true, false>(x, g, len, constants, masses)
+        LogitMap::Identity if verify => {
+            masses_pass::<L, F64x8, _>(io, constants, masses, Unmapped, store, verify)
+        }
+        LogitMap::Identity => {
+            debug_assert!(store);
+            masses_pass::<L, L::V, _>(io, constants, masses, Unmapped, store, verify)
+        }
+    }
+}
+
+/// [`ce_grad_masses_impl`] with its `STORE` and `VERIFY` chosen at run time.
+#[inline(always)]
+unsafe fn masses_pass<L: Lanes, W: SweepLanes<L::V>, M: LaneMap<W>>(
+    (x, g, len): (*const L, *mut L, usize),
+    constants: (f64, f64, f64),
+    masses: MassLanes<L>,
+    map: M,
+    store: bool,
+    verify: bool,
+) -> MassesPass {
+    match (store, verify) {
+        (true, true) => {
+            ce_grad_masses_impl::<L, W, M, true, true>(x, g, len, constants, masses, map)
+        }
+        (true, false) => {
+            ce_grad_masses_impl::<L, W, M, true, false>(x, g, len, constants, masses, map)
+        }
+        (false, true) => {
+            ce_grad_masses_impl::<L, W, M, false, true>(x, g, len, constants, masses, map)
+        }
+        (false, false) => {
+            ce_grad_masses_impl::<L, W, M, false, false>(x, g, len, constants, masses, map)
+        }
     }
 }
 
@@ -1512,28 +1669,41 @@ pub(crate) fn probability_mass<E: Element>(
     with_lanes!(E, L => unsafe { run::<L>(cast(q), weights) })
 }
 
-/// The distance sweep of [`ce_grad`] on its own (a loss-only call): `Σ_live (m − x)`, or
-/// `Σ_live u_i (m − x_i)` with `masses`; the same bits as the write pass's.
+/// The distance sweep of [`ce_grad`] on its own (a loss-only call): `Σ_live (m − y_i)`, or
+/// `Σ_live u_i (m − y_i)` with `masses`, of the mapped logits `y`; the same bits as the write
+/// pass's.
 pub(crate) fn live_distance<E: Element>(
     x: &[E],
     max: f64,
     masses: Option<&ClassMasses<'_, '_, E>>,
+    map: LogitMap,
 ) -> f64 {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(x: &[L], max: f64, masses: Option<&ClassMasses<'_, '_, L>>) -> f64 {
-        match masses {
-            None => live_distance_impl(x, max),
-            Some(masses) => {
-                let constants = (max, 0.0, 0.0);
-                let lanes = MassLanes::new(masses);
-                let (p, none) = (x.as_ptr(), core::ptr::null_mut());
-                ce_grad_masses_impl::<L, L::V, false, false>(p, none, x.len(), constants, lanes)
-                    .distance
+    unsafe fn run<L: Lanes>(
+        x: &[L],
+        max: f64,
+        masses: Option<&ClassMasses<'_, '_, L>>,
+        map: LogitMap,
+    ) -> f64
+    where
+        F64x8: SweepLanes<L::V>,
+    {
+        let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
+        let constants = (max, 0.0, 0.0);
+        let lanes = MassLanes::new(masses.unwrap_or(&ClassMasses::UNIT));
+        let pass = match (map, masses) {
+            (LogitMap::Softcap(cap), _) => {
+                masses_pass::<L, F64x8, _>(io, constants, lanes, Capped { cap }, false, false)
             }
-        }
+            (LogitMap::Identity, None) => return live_distance_impl(x, max),
+            (LogitMap::Identity, Some(_)) => {
+                masses_pass::<L, L::V, _>(io, constants, lanes, Unmapped, false, false)
+            }
+        };
+        pass.distance
     }
     with_lanes!(E, L => unsafe {
-        run::<L>(cast(x), max, masses.map(masses_as).as_ref())
+        run::<L>(cast(x), max, masses.map(masses_as).as_ref(), map)
     })
 }
 
@@ -1568,4 +1738,94 @@ pub(crate) fn log_softmax_backward<E: Element>(
         log_softmax_backward_impl(y, dy, total, dx)
     }
     with_lanes!(E, L => unsafe { run::<L>(cast(y), cast(dy), total, cast_mut(dx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector soft-cap of `x` (four equal lanes), when this CPU runs the vector kernel.
+    fn softcap_lanes(x: f64, cap: f64) -> Option<(f64, f64)> {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run(x: f64, cap: f64) -> (f64, f64) {
+            let (y, slope) = softcap_f64(
+                _mm256_set1_pd(x),
+                _mm256_set1_pd(cap),
+                _mm256_set1_pd(2.0 / cap),
+            );
+            (_mm256_cvtsd_f64(y), _mm256_cvtsd_f64(slope))
+        }
+        let fast = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        // SAFETY: the features were just detected.
+        fast.then(|| unsafe { run(x, cap) })
+    }
+
+    /// Logits over every scale, both signs, and the edges of the map.
+    fn logits() -> Vec<f64> {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut out = vec![
+            0.0,
+            -0.0,
+            1e-300,
+            -5e-324,
+            f64::MAX,
+            -f64::MAX,
+            f64::INFINITY,
+        ];
+        for _ in 0..20_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let mantissa = (state >> 11) as f64 / (1u64 << 53) as f64;
+            let exponent = ((state >> 3) % 80) as i32 - 40;
+            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
+            out.push(sign * mantissa * 2f64.powi(exponent));
+        }
+        out
+    }
+
+    #[test]
+    fn softcap_lanes_match_the_scalar_map_bit_for_bit() {
+        for cap in [0.1, 1.0, 15.0, 30.0, 50.0, 1e6] {
+            for x in logits() {
+                let Some((y, slope)) = softcap_lanes(x, cap) else {
+                    return;
+                };
+                let (sy, sslope) = LogitMap::Softcap(cap).with_slope(x);
+                assert_eq!(
+                    (y.to_bits(), slope.to_bits()),
+                    (sy.to_bits(), sslope.to_bits()),
+                    "cap {cap}, x {x:e}: vector ({y:e}, {slope:e}) scalar ({sy:e}, {sslope:e})"
+                );
+            }
+        }
+        let masked = softcap_lanes(f64::NEG_INFINITY, 30.0);
+        assert!(masked.is_none_or(|(y, slope)| y == f64::NEG_INFINITY && slope == 0.0));
+        assert!(softcap_lanes(f64::NAN, 30.0).is_none_or(|(y, _)| y.is_nan()));
+    }
+
+    /// Against libm's `tanh` and `cosh` (an independent reference): within a few ulp for the
+    /// value, and for the slope within a few ulp plus what rounding `2|x|/cap` to `f64` costs
+    /// `exp(−2|x|/cap)` (a relative error of about `2|x|/cap` ulp, in the reference too).
+    #[test]
+    fn softcap_is_accurate() {
+        for cap in [1.0, 30.0] {
+            for x in logits() {
+                let (y, slope) = LogitMap::Softcap(cap).with_slope(x);
+                let exact = cap * (x / cap).tanh();
+                assert!(
+                    (y - exact).abs() <= 4.0 * f64::EPSILON * exact.abs().max(f64::MIN_POSITIVE),
+                    "cap {cap}, x {x:e}: {y:e} vs tanh {exact:e}"
+                );
+                let c = (x / cap).cosh();
+                let exact_slope = 1.0 / (c * c);
+                let conditioning = 8.0 + 4.0 * (x / cap).abs();
+                assert!(
+                    (slope - exact_slope).abs() <= conditioning * f64::EPSILON * exact_slope
+                        || exact_slope < 1e-300,
+                    "cap {cap}, x {x:e}: slope {slope:e} vs {exact_slope:e}"
+                );
+            }
+        }
+    }
 }

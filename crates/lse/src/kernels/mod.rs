@@ -102,9 +102,9 @@ fn fast() -> bool {
     active_kernel() == Kernel::Avx2
 }
 
-/// The read pass over one row with the active kernel (`map` other than the identity: scalar).
+/// The read pass over one row with the active kernel.
 pub(crate) fn scan<E: Element>(row: &[E]) -> RowScan {
-    scan_mapped(row, LogitMap::Identity)
+    scan_by(row, LogitMap::Identity, fast(), true, false)
 }
 
 /// The read pass without the element tally (`−inf` count, finite minimum) that only the loss
@@ -117,22 +117,18 @@ pub(crate) fn scan_state<E: Element>(row: &[E]) -> Result<RowState, usize> {
     }
 }
 
-/// [`scan`] with a logit map.
-pub(crate) fn scan_mapped<E: Element>(row: &[E], map: LogitMap) -> RowScan {
-    scan_by(row, map, vector_scan(map), true, false)
-}
-
-/// [`scan`] whose vector exp sweep runs in `f64` lanes: the state of a row whose outputs
-/// cancel (probability targets), good to about 2^-50 instead of 2^-24.
-pub(crate) fn scan_wide<E: Element>(row: &[E]) -> RowScan {
-    scan_by(row, LogitMap::Identity, fast(), true, true)
+/// [`scan`] of the mapped row, whose vector exp sweep runs in `f64` lanes: the state of a row
+/// whose outputs cancel (probability targets), good to about 2^-50 instead of 2^-24, or of a
+/// soft-capped row (its map is computed in those lanes).
+pub(crate) fn scan_wide<E: Element>(row: &[E], map: LogitMap) -> RowScan {
+    scan_by(row, map, fast(), true, true)
 }
 
 fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool, tally: bool, wide: bool) -> RowScan {
     let piece = |part: &[E]| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            if let Some(scan) = avx2::scan(part, tally, wide) {
+            if let Some(scan) = avx2::scan(part, tally, wide, map) {
                 return scan;
             }
         }
@@ -361,10 +357,10 @@ pub(crate) fn logsumexp<E: Element>(row: &[E], state: &RowState) -> f64 {
     }
 }
 
-/// True when [`scan_mapped`] with `map` runs the vector kernel — and then the vector write
-/// passes serve the row too.
-pub(crate) fn vector_scan(map: LogitMap) -> bool {
-    fast() && map == LogitMap::Identity
+/// True when the read passes run the vector kernel — and then the vector write passes serve
+/// the row too.
+pub(crate) fn vector_scan() -> bool {
+    fast()
 }
 
 /// The scalar rescan used when a vector scan's logsumexp is ill-conditioned.
@@ -551,12 +547,13 @@ pub(crate) fn live_distance<E: Element>(
     x: &[E],
     max: f64,
     masses: Option<&scalar::ClassMasses<'_, '_, E>>,
+    map: LogitMap,
 ) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         let one = |x: &[E], offset: usize| {
             let masses = masses.map(|m| m.from(offset));
-            avx2::live_distance(x, max, masses.as_ref())
+            avx2::live_distance(x, max, masses.as_ref(), map)
         };
         if x.len() <= CHUNK {
             return one(x, 0);
@@ -569,7 +566,7 @@ pub(crate) fn live_distance<E: Element>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, max, masses);
+        let _ = (x, max, masses, map);
         unreachable!("{NO_VECTOR_KERNEL}")
     }
 }

@@ -15,24 +15,85 @@ pub(crate) enum LogitMap {
 impl LogitMap {
     #[inline]
     pub(crate) fn apply(self, x: f64) -> f64 {
-        match self {
-            LogitMap::Softcap(cap) if x > f64::NEG_INFINITY => cap * (x / cap).tanh(),
-            _ => x,
-        }
+        self.with_slope(x).0
     }
 
-    /// `d apply(x) / dx`: `1 − tanh²(x / cap) = 1 / cosh²(x / cap)`, written without the
-    /// cancellation of `1 − t²` when `t` is near 1.
+    /// `d apply(x) / dx`: `1 − tanh²(x / cap)`.
     #[inline]
     pub(crate) fn slope(self, x: f64) -> f64 {
+        self.with_slope(x).1
+    }
+
+    /// The mapped logit and the map's slope there.
+    ///
+    /// Soft-capping is computed from `v = exp(−2|x|/cap)` and `u = expm1(−2|x|/cap)`, both from
+    /// one Cody–Waite reduction and [`EXPM1_POLY_F64`]: `tanh(|x|/cap) = −u / (1 + v)` and
+    /// `1 − tanh² = 4v / (1 + v)²`, so neither `1 − t²` nor an overflowing `cosh` is formed. The
+    /// vector kernel runs these operations step for step in `f64` lanes (`avx2::softcap_f64`),
+    /// so both kernels map a logit to the same bits: a row's mapped max, found by one, is then
+    /// exactly the mapped logit the other compares with. The mapped value is within about 3 ulp
+    /// of `cap · tanh(x/cap)`.
+    #[inline]
+    pub(crate) fn with_slope(self, x: f64) -> (f64, f64) {
         match self {
-            LogitMap::Identity => 1.0,
+            LogitMap::Identity => (x, 1.0),
+            LogitMap::Softcap(_) if x.is_nan() => (x, x),
+            LogitMap::Softcap(_) if x == f64::NEG_INFINITY => (x, 0.0),
             LogitMap::Softcap(cap) => {
-                let c = (x / cap).cosh();
-                1.0 / (c * c)
+                // exp(−s) is 0 below the floor; `+inf` maps to `cap` with slope 0.
+                let neg_s = -(x.abs() * (2.0 / cap)).min(SOFTCAP_FLOOR);
+                let k = (neg_s * std::f64::consts::LOG2_E).round_ties_even();
+                let r = k.mul_add(-LN2_HI, neg_s);
+                let r = k.mul_add(-LN2_LO, r);
+                let mut p = EXPM1_POLY_F64[11];
+                for &c in EXPM1_POLY_F64[..11].iter().rev() {
+                    p = p.mul_add(r, c);
+                }
+                let q = (r * r).mul_add(p, r); // e^r − 1
+                                               // v = (1 + q)·2^k in two normal halves (v may be subnormal); u = v − 1 rounded
+                                               // once, with 2^k held at 2^-60 or above (below, u is −1 either way).
+                let k1 = (k * 0.5).floor();
+                let v = q.mul_add(power_of_two(k1), power_of_two(k1)) * power_of_two(k - k1);
+                let p = power_of_two(k.max(-60.0));
+                let u = q.mul_add(p, p - 1.0);
+                let reciprocal = 1.0 / (1.0 + v);
+                let t = -u * reciprocal;
+                ((cap * t).copysign(x), 4.0 * v * reciprocal * reciprocal)
             }
         }
     }
+}
+
+/// `s = 2|x|/cap` is held at or below this: `exp(−745.2)` rounds to 0.
+pub(crate) const SOFTCAP_FLOOR: f64 = 745.2;
+
+/// `ln 2` in two parts for Cody–Waite reduction (fdlibm's): `k · LN2_HI` is exact for
+/// `|k| < 2^21`.
+pub(crate) const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // 32 significant bits
+/// `ln 2 − LN2_HI`.
+pub(crate) const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+
+/// `(e^r − 1 − r)/r² = Σ_j r^j/(j+2)!` to degree 11: the truncation error on `|r| ≤ ln2/2` is
+/// below 5e-18 relative to `e^r` (0.04 ulp of `f64`).
+pub(crate) const EXPM1_POLY_F64: [f64; 12] = [
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+    1.0 / 40320.0,
+    1.0 / 362_880.0,
+    1.0 / 3_628_800.0,
+    1.0 / 39_916_800.0,
+    1.0 / 479_001_600.0,
+    1.0 / 6_227_020_800.0,
+];
+
+/// `2^k` for an integral `k` in the normal exponent range.
+#[inline]
+fn power_of_two(k: f64) -> f64 {
+    f64::from_bits(((k as i64 + 1023) as u64) << 52)
 }
 
 /// What the read pass learns about one row (or a run of whole blocks of it).
@@ -477,13 +538,9 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         self.max
     }
 
-    /// True when the vectorised passes serve this row: no soft-cap, nothing non-finite, not
-    /// fully masked.
+    /// True when the vectorised passes serve this row: nothing non-finite, not fully masked.
     fn vector_eligible(&self) -> bool {
-        !self.poisoned
-            && !self.infinite_loss
-            && self.denominator != 0.0
-            && self.config.map == LogitMap::Identity
+        !self.poisoned && !self.infinite_loss && self.denominator != 0.0
     }
 
     /// True when a loss-only call takes its distance term from the vector kernel (the same
@@ -502,7 +559,8 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             return false;
         };
         let share = self.smoothing_share;
-        if share == 0.0 || !self.vector_eligible() {
+        // A soft-capped row is read and written in f64 lanes: as accurate as the scalar kernel.
+        if share == 0.0 || !self.vector_eligible() || self.config.map != LogitMap::Identity {
             return false;
         }
         let unit = GradScale {
@@ -562,6 +620,7 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             target_grad,
             sweep_distance: self.loss_needs_every_class(),
             masses,
+            map: self.config.map,
         })
     }
 
@@ -664,6 +723,9 @@ pub(crate) struct FastWrite<'t, 'w, E> {
     pub(crate) sweep_distance: bool,
     /// Per-class target masses, when they differ between classes.
     pub(crate) masses: Option<ClassMasses<'t, 'w, E>>,
+    /// The logit map (`x` above stands for the mapped logit; the gradient is multiplied by the
+    /// map's slope).
+    pub(crate) map: LogitMap,
 }
 
 impl<'t, 'w, E: Element> FastWrite<'t, 'w, E> {
@@ -693,6 +755,15 @@ pub(crate) struct ClassMasses<'t, 'w, E> {
 }
 
 impl<'t, 'w, E: Element> ClassMasses<'t, 'w, E> {
+    /// Mass 1 on every class: the passes of rows without per-class masses, whose `b` holds
+    /// the one mass they share.
+    pub(crate) const UNIT: Self = Self {
+        weights: None,
+        probabilities: None,
+        share: 1.0,
+        keep: 0.0,
+    };
+
     /// The masses of the classes from `offset` on.
     pub(crate) fn from(&self, offset: usize) -> Self {
         Self {

@@ -342,12 +342,15 @@ impl<'a, E: Element> Batch<'a, E> {
             }
         };
         let map = self.config.map;
-        let vector = kernels::vector_scan(map);
+        let vector = kernels::vector_scan();
         // A gradient row that the vector kernel may write from cached exp terms (a plain
-        // class target: smoothing and probability targets subtract a mass from each term):
-        // the read pass leaves them in the gradient buffer (an f32 one) or in a per-thread f32
-        // row (f16/bf16, and the in-place loss, whose logits must outlive a bad row).
-        let plain = self.config.smoothing == 0.0 && matches!(target, RowTarget::Class(_));
+        // class target: smoothing and probability targets subtract a mass from each term, a
+        // soft-cap multiplies it by a slope): the read pass leaves them in the gradient buffer
+        // (an f32 one) or in a per-thread f32 row (f16/bf16, and the in-place loss, whose
+        // logits must outlive a bad row).
+        let plain = self.config.smoothing == 0.0
+            && matches!(target, RowTarget::Class(_))
+            && map == LogitMap::Identity;
         let cached = vector
             && plain
             && !matches!(io, RowIo::Loss(_))
@@ -375,11 +378,14 @@ impl<'a, E: Element> Batch<'a, E> {
         // pass instead; only their gradient then comes from the scalar kernel.)
         let scan = match cached_scan {
             Some(scan) => scan,
-            // Probability targets: the exp in f64 lanes, so that p − q keeps its digits.
-            None if vector && matches!(target, RowTarget::Probabilities(_)) => {
-                kernels::scan_wide(logits)
+            // Probability targets: the exp in f64 lanes, so that p − q keeps its digits; a
+            // soft-cap is computed in those lanes too.
+            None if vector
+                && (matches!(target, RowTarget::Probabilities(_)) || map != LogitMap::Identity) =>
+            {
+                kernels::scan_wide(logits, map)
             }
-            None if vector => kernels::scan_mapped(logits, map),
+            None if vector => kernels::scan(logits),
             None => kernels::scan_exact(logits, map),
         };
         if let Some(tally) = tally {
@@ -422,7 +428,7 @@ impl<'a, E: Element> Batch<'a, E> {
             }
             (RowIo::Loss(x), _) if vector && plan.fast_loss_applies() => {
                 let masses = plan.class_masses();
-                plan.fast_loss(kernels::live_distance(x, plan.max(), masses.as_ref()))
+                plan.fast_loss(kernels::live_distance(x, plan.max(), masses.as_ref(), map))
             }
             (RowIo::Loss(x), _) => plan.finish(x.iter().copied(), scale, false, |_, _| {}),
             (RowIo::Grad(x, g), Some(w)) => {
