@@ -3,10 +3,11 @@
 //! `tests/accuracy.rs`, on more rows.
 //!
 //! ```text
-//! cargo run --release -p lse --example accuracy_table [-- DATE]
+//! cargo run --release -p lse --example accuracy_table [-- [--scalar] [DATE]]
 //! ```
 //!
-//! `DATE` is printed in the header (default: today's UTC date from the system clock).
+//! `DATE` is printed in the header (default: today's UTC date from the system clock);
+//! `--scalar` measures the scalar reference kernel instead of the dispatched one.
 
 #[path = "../tests/support/measure.rs"]
 mod measure;
@@ -16,7 +17,15 @@ mod oracle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn main() {
-    let date = std::env::args().nth(1).unwrap_or_else(today_utc);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--scalar") {
+        lse::set_kernel(lse::Kernel::Scalar);
+    }
+    let date = args
+        .into_iter()
+        .find(|a| a != "--scalar")
+        .unwrap_or_else(today_utc);
+    eprintln!("measuring the {} kernel", lse::active_kernel().name());
     let report = measure::run(&measure::Plan::full());
     println!("## Accuracy\n");
     print!("{}", report.markdown(&date));

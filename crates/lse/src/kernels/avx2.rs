@@ -240,8 +240,13 @@ impl SweepLanes<__m256> for F64x8 {
         let (lo, hi) = v.widen();
         F64x8 { lo, hi }
     }
-    unsafe fn store_exp<E: Lanes<V = __m256>>(_p: *mut f32, _n: usize, _e: Self, _ties: Self) {
-        unreachable!("a sweep in f64 lanes caches nothing")
+    #[inline(always)]
+    unsafe fn store_exp<E: Lanes<V = __m256>>(p: *mut f32, n: usize, e: Self, ties: Self) {
+        let scale = _mm256_set1_pd(F32_EXP_SCALE);
+        let one = _mm256_set1_pd(1.0);
+        let lo = _mm256_mul_pd(_mm256_blendv_pd(e.lo, one, ties.lo), scale);
+        let hi = _mm256_mul_pd(_mm256_blendv_pd(e.hi, one, ties.hi), scale);
+        store_first(p, n, lo, hi);
     }
 }
 
@@ -614,6 +619,9 @@ trait LaneMap<W: Vector>: Copy {
     /// The mapped lanes, and what the gradient is multiplied by there.
     unsafe fn apply(self, x: W) -> (W, Self::Slope);
     unsafe fn times_slope(slope: Self::Slope, g: (__m256d, __m256d)) -> (__m256d, __m256d);
+    /// What the read pass caches for the write pass of a plain row, from the exp terms `e`
+    /// (0 at ties with the block max): the term, and the lanes whose term is 1.
+    unsafe fn cache_term(slope: Self::Slope, e: W, ties: W) -> (W, W);
 }
 
 /// Logits as given.
@@ -635,6 +643,10 @@ impl<W: Vector> LaneMap<W> for Unmapped {
     #[inline(always)]
     unsafe fn times_slope((): (), g: (__m256d, __m256d)) -> (__m256d, __m256d) {
         g
+    }
+    #[inline(always)]
+    unsafe fn cache_term((): (), e: W, ties: W) -> (W, W) {
+        (e, ties)
     }
 }
 
@@ -669,6 +681,13 @@ impl LaneMap<F64x8> for Capped {
     #[inline(always)]
     unsafe fn times_slope(slope: F64x8, g: (__m256d, __m256d)) -> (__m256d, __m256d) {
         (_mm256_mul_pd(slope.lo, g.0), _mm256_mul_pd(slope.hi, g.1))
+    }
+    /// `slope · exp(y − m_b)`: the write pass's rescaling then gives the gradient with its slope.
+    #[inline(always)]
+    unsafe fn cache_term(slope: F64x8, e: F64x8, ties: F64x8) -> (F64x8, F64x8) {
+        let e = e.select(F64x8::splat(1.0), ties);
+        let (lo, hi) = Self::times_slope(slope, (e.lo, e.hi));
+        (F64x8 { lo, hi }, F64x8::splat(0.0))
     }
 }
 
@@ -869,9 +888,10 @@ unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>, M: LaneMap<W>>(
             masked += E::V::tally_total(masked_lanes) - (8 - block.len() % 8) % 8;
             min = min.min(lo.reduce_min());
         }
+        let mapped_max = map.map_max(block_max);
         if let Some(maxima) = sink.maxima {
             let maxima = &mut *maxima;
-            maxima.push(block_max);
+            maxima.push(mapped_max);
         }
         let cache = sink
             .cache
@@ -884,7 +904,6 @@ unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>, M: LaneMap<W>>(
         }
         max = max.max(block_max);
         // Sweep 2 (from L1): Σ exp(y − m_b) over the mapped elements below the mapped max.
-        let mapped_max = map.map_max(block_max);
         let (m, neg_m) = (W::splat(mapped_max), W::splat(-mapped_max));
         let mut sums = LaneSums::<W>::new();
         let mut ties = W::tally_zero();
@@ -893,13 +912,14 @@ unsafe fn scan_impl<E: Lanes, W: SweepLanes<E::V>, M: LaneMap<W>>(
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
         for_each_vector!(E, block, |x, at, n| {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at * size_of::<E>()));
-            let (y, _) = map.apply(W::from_row(x));
+            let (y, slope) = map.apply(W::from_row(x));
             let e = y.exp_shifted::<true>(m, neg_m);
             sums.add(e.widen());
             let is_tie = y.eq(m);
             ties = W::tally(ties, is_tie);
             if let Some(cache) = cache {
-                W::store_exp::<E>(cache.add(at), n, e, is_tie);
+                let (term, is_one) = M::cache_term(slope, e, is_tie);
+                W::store_exp::<E>(cache.add(at), n, term, is_one);
             }
         });
         let rest = sums.total((W::tally_total(ties) - 1) as f64);
@@ -1423,14 +1443,23 @@ pub(crate) fn caches<E: Element>(len: usize) -> bool {
 ///
 /// # Panics
 /// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
+///
+/// A soft-capped row (`map`) is read in `f64` lanes and caches `slope · exp(y − m_b)`.
 pub(crate) fn scan_caching<E: Element>(
     row: &[E],
     cache: Option<&mut [f32]>,
     maxima: &mut BlockMaxima,
+    map: LogitMap,
 ) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink) -> Option<RowScan> {
-        scan_impl::<L, L::V, _>(row, sink, Unmapped)
+    unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink, map: LogitMap) -> Option<RowScan>
+    where
+        F64x8: SweepLanes<L::V>,
+    {
+        match map {
+            LogitMap::Softcap(cap) => scan_impl::<L, F64x8, _>(row, sink, Capped { cap }),
+            LogitMap::Identity => scan_impl::<L, L::V, _>(row, sink, Unmapped),
+        }
     }
     assert!(caches::<E>(row.len()));
     assert!(cache.as_ref().is_none_or(|c| c.len() == row.len()));
@@ -1443,7 +1472,7 @@ pub(crate) fn scan_caching<E: Element>(
             maxima: Some(maxima),
             cache,
         };
-        run::<L>(cast(row), sink)
+        run::<L>(cast(row), sink, map)
     })
 }
 

@@ -270,14 +270,15 @@ pub(crate) fn scan_caching<E: Element>(
     row: &[E],
     cache: Option<&mut [f32]>,
     maxima: &mut BlockMaxima,
+    map: LogitMap,
 ) -> RowScan {
     #[cfg(target_arch = "x86_64")]
-    if let Some(scan) = avx2::scan_caching(row, cache, maxima) {
+    if let Some(scan) = avx2::scan_caching(row, cache, maxima, map) {
         return scan;
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (cache, maxima);
-    scalar::scan_row(row, LogitMap::Identity)
+    scalar::scan_row(row, map)
 }
 
 /// The write pass of a cached row: each block's terms times `c · exp(m_b − m)`, from the
@@ -312,7 +313,12 @@ pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> Result<(), us
     }
     let mut maxima = BlockMaxima::new();
     let mut scratch = None;
-    let scan = scan_caching(row, Some(cache_buffer(out, &mut scratch)), &mut maxima);
+    let scan = scan_caching(
+        row,
+        Some(cache_buffer(out, &mut scratch)),
+        &mut maxima,
+        LogitMap::Identity,
+    );
     if let Some(column) = scan.first_non_finite {
         return Err(column);
     }

@@ -344,13 +344,11 @@ impl<'a, E: Element> Batch<'a, E> {
         let map = self.config.map;
         let vector = kernels::vector_scan();
         // A gradient row that the vector kernel may write from cached exp terms (a plain
-        // class target: smoothing and probability targets subtract a mass from each term, a
-        // soft-cap multiplies it by a slope): the read pass leaves them in the gradient buffer
-        // (an f32 one) or in a per-thread f32 row (f16/bf16, and the in-place loss, whose
-        // logits must outlive a bad row).
-        let plain = self.config.smoothing == 0.0
-            && matches!(target, RowTarget::Class(_))
-            && map == LogitMap::Identity;
+        // class target: smoothing and probability targets subtract a mass from each term; a
+        // soft-capped row caches each term times its slope): the read pass leaves them in the
+        // gradient buffer (an f32 one) or in a per-thread f32 row (f16/bf16, and the in-place
+        // loss, whose logits must outlive a bad row).
+        let plain = self.config.smoothing == 0.0 && matches!(target, RowTarget::Class(_));
         let cached = vector
             && plain
             && !matches!(io, RowIo::Loss(_))
@@ -360,11 +358,11 @@ impl<'a, E: Element> Batch<'a, E> {
         let cached_scan = match &mut io {
             RowIo::Grad(x, g) if cached => {
                 let cache = kernels::cache_buffer(g, &mut scratch);
-                Some(kernels::scan_caching(x, Some(cache), &mut maxima))
+                Some(kernels::scan_caching(x, Some(cache), &mut maxima, map))
             }
             RowIo::InPlace(x) if cached => {
                 let cache = kernels::scratch_buffer(x.len(), &mut scratch);
-                Some(kernels::scan_caching(x, Some(cache), &mut maxima))
+                Some(kernels::scan_caching(x, Some(cache), &mut maxima, map))
             }
             _ => None,
         };
