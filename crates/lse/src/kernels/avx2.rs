@@ -93,6 +93,13 @@ pub(crate) trait Lanes: Element {
     unsafe fn load8(p: *const Self) -> Self::V;
     /// Stores 8 results given as `f64` (`lo`: elements 0..4, `hi`: 4..8), rounded to `Self`.
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d);
+    /// True for the half types, whose outputs are rounded through `f32` anyway: a product
+    /// formed in `f32` (2^-24 relative) moves them by at most 2^-16 of their ulp.
+    const HALF: bool = false;
+    /// Stores 8 `f32` results, rounded to `Self` (half types only).
+    unsafe fn store8_f32(_p: *mut Self, _v: __m256) {
+        unreachable!("only half types store from f32 lanes")
+    }
     /// True when the read pass can leave each `exp(x − m_b)` (an `f32` lane) in an `f32`
     /// buffer for the write pass to rescale ([`Lanes::store_exp`]): the `f32` lanes of `f32`,
     /// `f16` and `bf16` rows, whose cached terms keep every output within the §3 bounds. For
@@ -166,7 +173,12 @@ impl Lanes for f16 {
     }
     #[inline(always)]
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d) {
-        let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(narrow(lo, hi));
+        Self::store8_f32(p, narrow(lo, hi));
+    }
+    const HALF: bool = true;
+    #[inline(always)]
+    unsafe fn store8_f32(p: *mut Self, v: __m256) {
+        let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
         _mm_storeu_si128(p.cast(), halves);
     }
 }
@@ -185,8 +197,13 @@ impl Lanes for bf16 {
     }
     #[inline(always)]
     unsafe fn store8(p: *mut Self, lo: __m256d, hi: __m256d) {
+        Self::store8_f32(p, narrow(lo, hi));
+    }
+    const HALF: bool = true;
+    #[inline(always)]
+    unsafe fn store8_f32(p: *mut Self, v: __m256) {
         // Round to nearest even on the upper 16 bits. Outputs here are never NaN.
-        let bits = _mm256_castps_si256(narrow(lo, hi));
+        let bits = _mm256_castps_si256(v);
         let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
         let rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
         let top = _mm256_srli_epi32::<16>(rounded);
@@ -964,10 +981,28 @@ unsafe fn rescale_impl<E: Lanes>(
     let c = c / F32_EXP_SCALE;
     let zero = _mm256_setzero_pd();
     for (b, (_, factor)) in maxima.factors(max, c).enumerate() {
-        let factor = _mm256_set1_pd(factor);
         let start = b * BLOCK;
         let end = len.min(start + BLOCK);
         let mut i = start;
+        // Half-type outputs take the product in f32 when the factor is a normal f32 (a
+        // smaller one would lose results the half type's range still holds).
+        if E::HALF && (factor.abs() >= f64::from(f32::MIN_POSITIVE) && factor.abs() <= 1.0) {
+            let (factor, zero) = (_mm256_set1_ps(factor as f32), _mm256_setzero_ps());
+            while i < end {
+                let n = (end - i).min(8);
+                let v = _mm256_fmadd_ps(load_cached(cache.add(i), n), factor, zero);
+                if n == 8 {
+                    E::store8_f32(out.add(i), v);
+                } else {
+                    let mut buf = [<E as Element>::zero(); 8];
+                    E::store8_f32(buf.as_mut_ptr(), v);
+                    core::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(i), n);
+                }
+                i += 8;
+            }
+            continue;
+        }
+        let factor = _mm256_set1_pd(factor);
         while i < end {
             let n = (end - i).min(8);
             let (lo, hi) = load_cached(cache.add(i), n).widen();
@@ -1450,6 +1485,7 @@ pub(crate) fn scan_caching<E: Element>(
     cache: Option<&mut [f32]>,
     maxima: &mut BlockMaxima,
     map: LogitMap,
+    tally: bool,
 ) -> Option<RowScan> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<L: Lanes>(row: &[L], sink: ScanSink, map: LogitMap) -> Option<RowScan>
@@ -1468,7 +1504,7 @@ pub(crate) fn scan_caching<E: Element>(
     let maxima: *mut BlockMaxima = maxima;
     with_lanes!(E, L => unsafe {
         let sink = ScanSink {
-            tally: true,
+            tally,
             maxima: Some(maxima),
             cache,
         };

@@ -266,18 +266,23 @@ pub(crate) fn scratch_buffer(len: usize, scratch: &mut Option<Scratch>) -> &mut 
 ///
 /// # Panics
 /// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
+///
+/// Without `tally` the scan's `masked` and `finite_min` are not gathered (left at 0 and
+/// `+inf`): only the cross-entropy's smoothing and class weights, and the logit statistics,
+/// read them.
 pub(crate) fn scan_caching<E: Element>(
     row: &[E],
     cache: Option<&mut [f32]>,
     maxima: &mut BlockMaxima,
     map: LogitMap,
+    tally: bool,
 ) -> RowScan {
     #[cfg(target_arch = "x86_64")]
-    if let Some(scan) = avx2::scan_caching(row, cache, maxima, map) {
+    if let Some(scan) = avx2::scan_caching(row, cache, maxima, map, tally) {
         return scan;
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (cache, maxima);
+    let _ = (cache, maxima, tally);
     scalar::scan_row(row, map)
 }
 
@@ -318,6 +323,7 @@ pub(crate) fn softmax_row<E: Element>(row: &[E], out: &mut [E]) -> Result<(), us
         Some(cache_buffer(out, &mut scratch)),
         &mut maxima,
         LogitMap::Identity,
+        false,
     );
     if let Some(column) = scan.first_non_finite {
         return Err(column);

@@ -355,14 +355,29 @@ impl<'a, E: Element> Batch<'a, E> {
             && kernels::caches::<E>(io.logits().len());
         let mut maxima = BlockMaxima::new();
         let mut scratch = None;
+        // The masked count and finite minimum serve smoothing, class weights and statistics.
+        let gather =
+            self.config.smoothing > 0.0 || self.config.weights.is_some() || self.stats.is_some();
         let cached_scan = match &mut io {
             RowIo::Grad(x, g) if cached => {
                 let cache = kernels::cache_buffer(g, &mut scratch);
-                Some(kernels::scan_caching(x, Some(cache), &mut maxima, map))
+                Some(kernels::scan_caching(
+                    x,
+                    Some(cache),
+                    &mut maxima,
+                    map,
+                    gather,
+                ))
             }
             RowIo::InPlace(x) if cached => {
                 let cache = kernels::scratch_buffer(x.len(), &mut scratch);
-                Some(kernels::scan_caching(x, Some(cache), &mut maxima, map))
+                Some(kernels::scan_caching(
+                    x,
+                    Some(cache),
+                    &mut maxima,
+                    map,
+                    gather,
+                ))
             }
             _ => None,
         };
