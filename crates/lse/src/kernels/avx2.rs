@@ -549,12 +549,7 @@ unsafe fn exp_shifted_f64<const ZERO_TIES: bool>(
         zero = _mm256_or_pd(zero, _mm256_cmp_pd::<_CMP_EQ_OQ>(x, m));
     }
     let s = _mm256_max_pd(s, floor);
-    let k = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
-        s,
-        _mm256_set1_pd(std::f64::consts::LOG2_E),
-    ));
-    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_HI), s);
-    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_LO), r);
+    let (k, r) = reduce_by_ln2_f64(s);
     let s_virtual = _mm256_sub_pd(s, x);
     let err = _mm256_add_pd(
         _mm256_sub_pd(x, _mm256_sub_pd(s, s_virtual)),
@@ -562,12 +557,32 @@ unsafe fn exp_shifted_f64<const ZERO_TIES: bool>(
     );
     let q = expm1_reduced_f64(_mm256_add_pd(r, err));
     let q = _mm256_blendv_pd(q, _mm256_set1_pd(-1.0), zero);
-    let k1 = _mm256_round_pd::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
-        k,
-        _mm256_set1_pd(0.5),
+    one_plus_times_power_of_two_f64(q, k)
+}
+
+/// `s = k·ln 2 + r` with `k` integral and `|r| ≤ ln2/2` (Cody–Waite with fdlibm's two-part
+/// `ln 2`: `k·LN2_HI` is exact for |k| < 2^21).
+#[inline(always)]
+unsafe fn reduce_by_ln2_f64(s: __m256d) -> (__m256d, __m256d) {
+    let k = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
+        s,
+        _mm256_set1_pd(std::f64::consts::LOG2_E),
     ));
-    let (scale1, scale2) = (power_of_two_f64(k1), power_of_two_f64(_mm256_sub_pd(k, k1)));
-    _mm256_mul_pd(_mm256_fmadd_pd(q, scale1, scale1), scale2)
+    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_HI), s);
+    (k, _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_LO), r))
+}
+
+/// `(1 + q)·2^k` for integral `k ≥ −1075`, as `((1 + q)·2^k₁)·2^k₂` with `k₁ + k₂ = k` both in
+/// the normal range: the fused multiply-add rounds once and the second product is exact unless
+/// the result is subnormal.
+#[inline(always)]
+unsafe fn one_plus_times_power_of_two_f64(q: __m256d, k: __m256d) -> __m256d {
+    let k1 = _mm256_floor_pd(_mm256_mul_pd(k, _mm256_set1_pd(0.5)));
+    let scale1 = power_of_two_f64(k1);
+    _mm256_mul_pd(
+        _mm256_fmadd_pd(q, scale1, scale1),
+        power_of_two_f64(_mm256_sub_pd(k, k1)),
+    )
 }
 
 /// `e^r − 1 = r + r²·P(r)` for `|r| ≤ ln2/2`, with [`EXPM1_POLY_F64`] by Horner's rule.
@@ -591,20 +606,9 @@ unsafe fn softcap_f64(x: __m256d, cap: __m256d, two_over_cap: __m256d) -> (__m25
         _mm256_set1_pd(SOFTCAP_FLOOR),
         _mm256_mul_pd(_mm256_andnot_pd(sign, x), two_over_cap),
     );
-    let neg_s = _mm256_xor_pd(s, sign);
-    let k = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_pd(
-        neg_s,
-        _mm256_set1_pd(std::f64::consts::LOG2_E),
-    ));
-    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_HI), neg_s);
-    let r = _mm256_fmadd_pd(k, _mm256_set1_pd(-LN2_LO), r);
+    let (k, r) = reduce_by_ln2_f64(_mm256_xor_pd(s, sign));
     let q = expm1_reduced_f64(r);
-    let k1 = _mm256_floor_pd(_mm256_mul_pd(k, _mm256_set1_pd(0.5)));
-    let scale1 = power_of_two_f64(k1);
-    let v = _mm256_mul_pd(
-        _mm256_fmadd_pd(q, scale1, scale1),
-        power_of_two_f64(_mm256_sub_pd(k, k1)),
-    );
+    let v = one_plus_times_power_of_two_f64(q, k);
     let p = power_of_two_f64(_mm256_max_pd(k, _mm256_set1_pd(-60.0)));
     let u = _mm256_fmadd_pd(q, p, _mm256_sub_pd(p, _mm256_set1_pd(1.0)));
     let one = _mm256_set1_pd(1.0);
