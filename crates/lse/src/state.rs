@@ -16,10 +16,14 @@ pub(crate) fn two_sum(a: f64, b: f64) -> (f64, f64) {
 
 /// `a − b` as an unevaluated sum `hi + lo`, exact unless the difference overflows, in which case
 /// `hi` is `±inf` and `lo` is 0. Both operands must be finite.
+///
+/// TwoSum's own intermediate `hi − a` can overflow while `hi` is finite (`3e307 − f64::MAX`:
+/// `hi = −1.5e308`, `hi − a` rounds past `−MAX`), which makes `lo` NaN. There `|hi| > MAX/2`, so
+/// `hi` alone is the correctly rounded difference and `exp(hi)` is 0: `lo` is dropped.
 #[inline]
 pub(crate) fn exact_difference(a: f64, b: f64) -> (f64, f64) {
     let (hi, lo) = two_sum(a, -b);
-    if hi.is_finite() {
+    if hi.is_finite() && lo.is_finite() {
         (hi, lo)
     } else {
         (hi, 0.0)
@@ -264,6 +268,18 @@ mod tests {
         assert_eq!(s.logsumexp(), f64::NEG_INFINITY);
         assert_eq!(s.denominator(), 0.0);
         assert!(!s.sum_excluding_max().is_nan());
+    }
+
+    #[test]
+    fn difference_near_minus_max_has_no_nan_error_term() {
+        // 3e307 − MAX = −1.4977e308 is finite, but TwoSum's `hi − a` overflows.
+        let (hi, lo) = exact_difference(3e307, f64::MAX);
+        assert_eq!(hi, 3e307 - f64::MAX);
+        assert!(hi.is_finite() && lo == 0.0, "{hi} {lo}");
+        assert_eq!(exp_difference(3e307, f64::MAX), 0.0);
+        // Where the difference is representable with an error term, it is still kept exactly.
+        let (hi, lo) = exact_difference(1.0, 1e-17);
+        assert_eq!((hi, lo), (1.0, -1e-17));
     }
 
     #[test]

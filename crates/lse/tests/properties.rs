@@ -1,7 +1,7 @@
 //! Property tests (proptest) of the numerics contract, over all four dtypes:
 //!
 //! - `test_extreme_logits_no_nan_*`: logits drawn from mixtures of ordinary values, ±1e4, ±the
-//!   dtype's largest finite value, subnormals of the dtype, exact ties at the row max and `-inf`
+//!   dtype's largest finite value and large fractions of it, subnormals of the dtype, exact ties at the row max and `-inf`
 //!   masks. Finite input ⇒ finite logsumexp, softmax, log_softmax (−inf exactly where the logit
 //!   is −inf), and — for every combination of the cross-entropy options, every reduction and
 //!   output-gradient form, in place and out of place — finite loss, row losses, row lse and
@@ -134,6 +134,9 @@ fn logit(dtype: DType) -> impl Strategy<Value = f64> {
         6 => -10.0f64..10.0,
         1 => prop_oneof![Just(1e4), Just(-1e4)],
         1 => prop_oneof![Just(max), Just(-max)],
+        // Large fractions of the largest value: differences x − m near −max, where TwoSum's
+        // intermediate overflowed while the difference itself is finite.
+        1 => (0.0625f64..1.0, any::<bool>()).prop_map(move |(f, neg)| if neg { -f * max } else { f * max }),
         1 => (1u32..64, any::<bool>())
             .prop_map(move |(k, neg)| if neg { -f64::from(k) * tiny } else { f64::from(k) * tiny }),
         1 => Just(f64::NAN), // tie with the row max
@@ -778,6 +781,53 @@ fn test_extreme_logits_subnormal_probability_target_f64() {
             f64::MIN_POSITIVE
         );
     }
+}
+
+/// f64 logits whose difference from the row max is finite but beyond −max/2 (`3e307 − MAX`):
+/// TwoSum's intermediate overflowed and made the subtraction's error term NaN, so the scalar
+/// kernel's loss and gradient and the vector kernel's target gradient were NaN (found through
+/// the Python package's hypothesis tests). Every op and option on such rows stays finite.
+#[test]
+fn test_extreme_logits_difference_near_max_f64() {
+    let max = f64::MAX;
+    let case = Case {
+        classes: 3,
+        logits: vec![
+            3e307,
+            max,
+            -1.0,
+            -max,
+            -0.6 * max,
+            0.9 * max,
+            0.5 * max,
+            -0.5 * max,
+            0.0,
+        ],
+        targets: vec![0, 0, 1],
+        junk: vec![Junk::Kept; 3],
+        probs: vec![0.5, 0.25, 0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.5],
+        weights: vec![1.0, 0.5, 2.0],
+        smoothing: 0.1,
+        z_loss: 0.0001,
+        softcap: 30.0,
+        grad: 1.0,
+        row_grads: vec![1.0, -2.0, 0.5],
+        flags: 0,
+    };
+    check_extreme::<f64>(&case);
+    // PyTorch's answer for the row: softmax [0, 1], so the gradient is [−1, 1] exactly.
+    let mut grad = [0.0f64; 2];
+    let out = cross_entropy_with_grad(
+        &[3e307, max],
+        2,
+        Targets::Classes(&[0]),
+        &CrossEntropyOptions::default(),
+        GradOutput::Scalar(1.0),
+        &mut grad,
+    )
+    .expect("finite logits");
+    assert_eq!(out.loss, max - 3e307);
+    assert_eq!(grad, [-1.0, 1.0]);
 }
 
 proptest! {
