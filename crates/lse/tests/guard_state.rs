@@ -23,6 +23,7 @@ fn monitor_config() -> MonitorConfig {
     MonitorConfig {
         trend_window: 5,
         capacity: 40,
+        reminder_interval: 5,
         ..MonitorConfig::default()
     }
 }
@@ -115,16 +116,19 @@ fn a_run_resumed_from_json_at_any_step_matches_the_uninterrupted_run() {
     let end = checkpoint(&scaler, &monitor);
 
     // The scenario exercises what a resume must carry over: backoffs, growth, a clamp at the
-    // ceiling, skipped steps, warnings of every kind, a history longer than the capacity.
+    // ceiling, skipped steps, warnings that start, remind and clear, a history longer than the
+    // capacity.
     let scales: Vec<f64> = whole.iter().map(|o| o.scale).collect();
     assert!(
         scales.contains(&8192.0) && scales.contains(&512.0),
         "{scales:?}"
     );
     assert!(whole.iter().filter(|o| o.skipped).count() >= 6);
-    let said = whole.iter().flat_map(|o| o.warnings.iter()).count();
+    let said: Vec<&String> = whole.iter().flat_map(|o| o.warnings.iter()).collect();
     assert!(whole[23].warnings.iter().any(|w| w.contains("NaN")));
-    assert!(said > 10, "{said} warnings");
+    let reminders = said.iter().filter(|w| w.contains("(still, since")).count();
+    let cleared = said.iter().filter(|w| w.contains("cleared")).count();
+    assert!(reminders >= 2 && cleared >= 3, "{said:#?}");
 
     for stop in 1..STEPS {
         let (mut scaler, mut monitor) = fresh();

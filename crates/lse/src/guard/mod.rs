@@ -2,7 +2,8 @@
 //!
 //! - [`LogitStats`] and [`LogitMonitor`]: per-batch logit statistics (gathered inside the fused
 //!   cross-entropy with no second read, or stand-alone) and a running history that warns while a
-//!   run drifts toward the point where a naive softmax would overflow.
+//!   run drifts toward the point where a naive softmax would overflow (when a condition starts,
+//!   as a reminder every so many steps while it holds, and when it clears).
 //! - [`FiniteGuard`]: fail-fast finiteness checks on named tensors, on a schedule.
 //! - [`triage`]: given the tensors of one step in forward/backward order, which one went
 //!   non-finite first and why.
@@ -11,8 +12,7 @@
 //!
 //! # Saving and restoring state
 //!
-//! [`LossScaler::state`](LossScaler::state) and
-//! [`LogitMonitor::state`](LogitMonitor::state) return plain values ([`ScalerState`],
+//! [`LossScaler::state`] and [`LogitMonitor::state`] return plain values ([`ScalerState`],
 //! [`MonitorState`]) that serialize with serde to any format; `from_state` rebuilds the guard from
 //! its configuration and such a value, so that a resumed run goes on exactly as if it had not
 //! stopped: same scales, same skipped steps, same warnings. The configuration is not part of the
@@ -30,15 +30,16 @@
 //! is a [`ScalerState`] (field meanings on the type), and a [`MonitorState`] is
 //!
 //! ```json
-//! {"version": 1, "history": [{"step": 0, "stats": {…}, "warnings": […]}, …]}
+//! {"version": 1, "history": [{"step": 0, "stats": {…}, "warnings": […], "events": […]}, …],
+//!  "active": [{"kind": "near_overflow", "since": 120, "last_reported": 620}]}
 //! ```
 //!
 //! with `history` the monitor's entries oldest first, each as one line of
-//! [`LogitMonitor::write_json_lines`](LogitMonitor::write_json_lines). Numbers are `f64`;
-//! a format that writes them in full (serde_json writes the shortest decimal that reads back to
-//! the same `f64`) restores them bit for bit. serde_json writes a non-finite `f64` as `null`: in
-//! [`LogitStats`] `null` reads back as NaN (its figures are NaN when nothing
-//! finite was seen).
+//! [`LogitMonitor::write_json_lines`], and `active` the conditions that hold
+//! ([`ActiveWarning`]). Numbers are `f64`; a format that writes them in full (serde_json writes
+//! the shortest decimal that reads back to the same `f64`) restores them bit for bit. serde_json
+//! writes a non-finite `f64` as `null`, which the `f64` figures of [`LogitStats`] and
+//! [`MonitorEvent`] read back as NaN (they are NaN when nothing finite was seen).
 //!
 //! ```
 //! use lse::guard::{LossScaler, LossScalerConfig, ScalerState};

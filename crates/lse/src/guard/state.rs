@@ -1,6 +1,6 @@
 //! Saved state of the stateful guards (the format is documented in [`crate::guard`]).
 
-use super::ScalerConfigError;
+use super::{ScalerConfigError, WarningKind};
 use crate::error::LseError;
 
 /// The format version this build writes and reads.
@@ -35,6 +35,12 @@ pub enum StateError {
     /// The loss scaler configuration passed to `from_state` is invalid.
     #[error(transparent)]
     ScalerConfig(#[from] ScalerConfigError),
+    /// A monitor state that lists a condition as active twice.
+    #[error("monitor state lists the {kind} condition as active twice")]
+    DuplicateActiveWarning {
+        /// The condition.
+        kind: WarningKind,
+    },
     /// The monitor configuration passed to `from_state` is invalid.
     #[error(transparent)]
     MonitorConfig(#[from] LseError),
