@@ -195,6 +195,7 @@ fn monitor_reports_starts_reminders_and_clearings_not_every_step() {
     let config = MonitorConfig {
         trend_window: 0,
         reminder_interval: 10,
+        clear_after: 1,
         ..MonitorConfig::default()
     };
     let mut monitor = LogitMonitor::new(config).unwrap();
@@ -247,7 +248,7 @@ fn monitor_reports_starts_reminders_and_clearings_not_every_step() {
     assert!(text[2].ends_with("(still, since step 20)"), "{}", text[2]);
     assert_eq!(
         text[3],
-        "step 32: cleared: non-finite logits (held since step 30); max |logit| = 9.0000"
+        "step 32: cleared: non-finite logits (held from step 30 to step 31); max |logit| = 9.0000"
     );
 }
 
@@ -275,4 +276,31 @@ fn reminders_can_be_turned_off() {
     }
     assert_eq!(count, 2);
     assert!(monitor.active().is_empty());
+}
+
+/// A value hovering around the threshold is one condition, not a start and a clearing at every
+/// crossing: it clears only after `clear_after` steps without it.
+#[test]
+fn a_condition_clears_only_after_clear_after_steps_without_it() {
+    let config = MonitorConfig {
+        trend_window: 0,
+        clear_after: 5,
+        ..MonitorConfig::default()
+    };
+    let mut monitor = LogitMonitor::new(config).unwrap();
+    // Above the line at even steps 10..30, below at the odd ones and from 30 on.
+    let mut said = Vec::new();
+    for step in 0..60u64 {
+        let above = (10..30).contains(&step) && step % 2 == 0;
+        for event in monitor.record(step, batch(if above { 9.0 } else { 4.0 }, false)) {
+            said.push((event.step(), kind_of(event)));
+        }
+    }
+    // The last step above is 28: cleared at 28 + 5.
+    assert_eq!(said, [(10, "started"), (33, "cleared")]);
+    let bad = MonitorConfig {
+        clear_after: 0,
+        ..MonitorConfig::default()
+    };
+    assert!(LogitMonitor::new(bad).is_err());
 }

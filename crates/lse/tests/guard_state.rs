@@ -24,6 +24,7 @@ fn monitor_config() -> MonitorConfig {
         trend_window: 5,
         capacity: 40,
         reminder_interval: 5,
+        clear_after: 3,
         ..MonitorConfig::default()
     }
 }

@@ -31,7 +31,7 @@
 //!
 //! ```json
 //! {"version": 1, "history": [{"step": 0, "stats": {…}, "warnings": […], "events": […]}, …],
-//!  "active": [{"kind": "near_overflow", "since": 120, "last_reported": 620}]}
+//!  "active": [{"kind": "near_overflow", "since": 120, "last_reported": 620, "last_seen": 633}]}
 //! ```
 //!
 //! with `history` the monitor's entries oldest first, each as one line of

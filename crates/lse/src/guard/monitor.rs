@@ -31,6 +31,10 @@ pub struct MonitorConfig {
     /// While a condition holds, remind of it when at least this many steps have passed since it
     /// was last reported (a [`MonitorEvent::Reminder`]); 0 never reminds. Default 500.
     pub reminder_interval: u64,
+    /// A condition clears once it has not held for this many steps (at least 1: 1 clears at
+    /// the first step without it). Default 10, so that a value hovering around a threshold is
+    /// not reported as starting and clearing over and over.
+    pub clear_after: u64,
 }
 
 impl Default for MonitorConfig {
@@ -42,6 +46,7 @@ impl Default for MonitorConfig {
             trend_horizon: 50.0,
             capacity: 10_000,
             reminder_interval: 500,
+            clear_after: 10,
         }
     }
 }
@@ -51,7 +56,7 @@ impl MonitorConfig {
     ///
     /// # Errors
     /// [`LseError::BadOption`] for a `warn_fraction` or `trend_horizon` that is not finite and
-    /// positive, or a zero `capacity`.
+    /// positive, or a zero `capacity` or `clear_after`.
     ///
     /// # Panics
     /// Never.
@@ -70,6 +75,7 @@ impl MonitorConfig {
         positive("warn_fraction", self.warn_fraction)?;
         positive("trend_horizon", self.trend_horizon)?;
         positive("capacity", self.capacity as f64)?;
+        positive("clear_after", self.clear_after as f64)?;
         Ok(())
     }
 }
@@ -217,7 +223,7 @@ pub enum MonitorEvent {
         /// The step where it started.
         since: u64,
     },
-    /// A condition that held no longer does.
+    /// A condition that held has not held for [`MonitorConfig::clear_after`] steps.
     Cleared {
         /// The condition.
         kind: WarningKind,
@@ -225,6 +231,8 @@ pub enum MonitorEvent {
         step: u64,
         /// The step where it started.
         since: u64,
+        /// The last step where it held.
+        last_seen: u64,
         /// This batch's largest finite `|x|`.
         #[serde(deserialize_with = "f64_or_nan")]
         max_abs: f64,
@@ -274,11 +282,12 @@ impl fmt::Display for MonitorEvent {
                 kind,
                 step,
                 since,
+                last_seen,
                 max_abs,
             } => write!(
                 f,
-                "step {step}: cleared: {kind} (held since step {since}); max |logit| = \
-                 {max_abs:.4}"
+                "step {step}: cleared: {kind} (held from step {since} to step {last_seen}); max \
+                 |logit| = {max_abs:.4}"
             ),
         }
     }
@@ -293,6 +302,8 @@ pub struct ActiveWarning {
     pub since: u64,
     /// The step where it was last reported (its start or its last reminder).
     pub last_reported: u64,
+    /// The last step where it held.
+    pub last_seen: u64,
 }
 
 /// One recorded step.
@@ -402,7 +413,8 @@ impl LogitMonitor {
     /// Records the statistics of step `step` and returns what the monitor reports: a
     /// [`MonitorEvent::Started`] when a condition starts to hold, a [`MonitorEvent::Reminder`] at
     /// most every [`MonitorConfig::reminder_interval`] steps while it holds, a
-    /// [`MonitorEvent::Cleared`] when it stops; nothing at the steps in between.
+    /// [`MonitorEvent::Cleared`] once it has not held for [`MonitorConfig::clear_after`] steps
+    /// (a condition that comes back before that simply goes on); nothing at the steps in between.
     ///
     /// The trend rule is not evaluated while `max |x|` is past the warn fraction (the
     /// near-overflow warning says more): an active trend condition neither clears nor reminds
@@ -446,6 +458,7 @@ impl LogitMonitor {
                         kind,
                         since: step,
                         last_reported: step,
+                        last_seen: step,
                     });
                     events.push(MonitorEvent::Started {
                         warning: warning.clone(),
@@ -453,6 +466,7 @@ impl LogitMonitor {
                 }
                 (Some(i), Some(warning)) => {
                     let active = &mut self.active[i];
+                    active.last_seen = step;
                     if interval > 0 && step >= active.last_reported.saturating_add(interval) {
                         active.last_reported = step;
                         events.push(MonitorEvent::Reminder {
@@ -463,13 +477,17 @@ impl LogitMonitor {
                 }
                 (Some(_), None) if kind == WarningKind::Trend && near_overflow => {}
                 (Some(i), None) => {
-                    let active = self.active.remove(i);
-                    events.push(MonitorEvent::Cleared {
-                        kind,
-                        step,
-                        since: active.since,
-                        max_abs,
-                    });
+                    let active = self.active[i];
+                    if step >= active.last_seen.saturating_add(self.config.clear_after) {
+                        self.active.remove(i);
+                        events.push(MonitorEvent::Cleared {
+                            kind,
+                            step,
+                            since: active.since,
+                            last_seen: active.last_seen,
+                            max_abs,
+                        });
+                    }
                 }
                 (None, None) => {}
             }
