@@ -1,5 +1,7 @@
 //! Per-batch statistics of a logits buffer.
 
+use core::marker::PhantomData;
+
 use serde::{Deserialize, Serialize};
 
 use crate::element::{DType, Element};
@@ -39,7 +41,9 @@ impl Headroom {
 /// Reads a figure that JSON may hold as `null`: serde_json writes every non-finite `f64` as
 /// `null`, and these figures are NaN when nothing finite was seen; `null` reads back as NaN, so a
 /// [`MonitorState`](super::MonitorState) written to JSON reads back.
-fn f64_or_nan<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
@@ -99,18 +103,9 @@ impl LogitStats {
     /// # Panics
     /// Never.
     pub fn of<E: Element>(logits: &[E], classes: usize) -> Result<Self> {
-        row_count("logits", logits.len(), classes)?;
-        let mut builder = StatsBuilder::default();
-        for row in logits.chunks_exact(classes) {
-            let scan = kernels::scan(row);
-            builder.tally(&scan);
-            let lse = match scan.first_non_finite {
-                None => kernels::logsumexp(row, &scan.state),
-                Some(_) => f64::NAN,
-            };
-            builder.row(lse);
-        }
-        Ok(builder.finish(E::DTYPE, classes))
+        let mut rows = LogitStatsAccumulator::new(classes)?;
+        rows.add(logits)?;
+        Ok(rows.finish())
     }
 
     /// `ln(MAX of dtype) − max`: the headroom against any dtype, `f64` included.
@@ -127,6 +122,60 @@ impl LogitStats {
     pub fn to_json_line(&self) -> String {
         // Serialising plain numbers and strings cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// [`LogitStats`] of rows given a piece at a time (a file read in chunks): the same figures,
+/// bit for bit, as [`LogitStats::of`] of all the rows at once, in the same order.
+#[derive(Clone, Debug)]
+pub struct LogitStatsAccumulator<E> {
+    builder: StatsBuilder,
+    classes: usize,
+    element: PhantomData<E>,
+}
+
+impl<E: Element> LogitStatsAccumulator<E> {
+    /// No row yet, of `classes` classes each.
+    ///
+    /// # Errors
+    /// [`LseError::EmptyClasses`](crate::LseError::EmptyClasses) for `classes = 0`.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn new(classes: usize) -> Result<Self> {
+        row_count("logits", 0, classes)?;
+        Ok(Self {
+            builder: StatsBuilder::default(),
+            classes,
+            element: PhantomData,
+        })
+    }
+
+    /// Adds the rows of `logits` (`rows × classes`, row-major), after those added before.
+    ///
+    /// # Errors
+    /// [`LseError::RaggedRows`](crate::LseError::RaggedRows) when `classes` does not divide
+    /// `logits.len()`; nothing is added then.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn add(&mut self, logits: &[E]) -> Result<()> {
+        row_count("logits", logits.len(), self.classes)?;
+        for row in logits.chunks_exact(self.classes) {
+            let scan = kernels::scan(row);
+            self.builder.tally(&scan);
+            let lse = match scan.first_non_finite {
+                None => kernels::logsumexp(row, &scan.state),
+                Some(_) => f64::NAN,
+            };
+            self.builder.row(lse);
+        }
+        Ok(())
+    }
+
+    /// The statistics of every row added.
+    pub fn finish(self) -> LogitStats {
+        self.builder.finish(E::DTYPE, self.classes)
     }
 }
 
