@@ -56,7 +56,19 @@ message on stderr. --json prints one JSON object instead of the report: {\"file\
 \"min\", \"max\", \"max_abs\", \"nan\", \"pos_inf\", \"neg_inf\", \"rows_with_nan_or_inf\",
 \"rows_fully_masked\", \"naive_softmax\": [{\"dtype\", \"overflow_above\", \"underflow_below\",
 \"overflow_rows\", \"underflow_rows\"}], \"headroom\", \"lse\", \"cross_entropy\"}], \"skipped\",
-\"non_finite\", \"exit_status\"}; a value that does not exist (the max of no finite logit) is null."
+\"non_finite\", \"exit_status\"}; a value that does not exist (the max of no finite logit) is null.
+
+Several files, or a directory (its .npy and .safetensors files, by name: a folder of per-step
+dumps), give one line per file and the totals; a file that cannot be audited is reported on its
+line. Exit status: 2 when any file failed, else 1 when any holds NaN or +inf, else 0. --json
+prints {\"files\": [the object above per file, or {\"file\", \"error\"}], \"totals\": {\"files\",
+\"failed\", \"tensors\", \"rows\", \"nan\", \"pos_inf\", \"neg_inf\", \"files_non_finite\"},
+\"exit_status\"}.
+
+Files are read 16 MiB at a time, so memory follows that chunk, not the file (a .npy in Fortran
+order, or a class axis other than the last with huge trailing axes, is read in larger pieces).
+A file that shrinks while it is read is an error, not a crash. A progress bar is drawn on stderr
+when the audit takes more than a second and stderr is a terminal."
     };
 }
 
@@ -69,7 +81,8 @@ Examples:
   lse audit dump.safetensors                    every float tensor of the file
   lse audit dump.safetensors --tensor logits --targets labels.npy
   lse audit logits.npy --axis 1 --json          classes on axis 1 (N, C, T), JSON output
-  lse audit logits.npy && echo clean            exit status 1 on NaN or +inf"
+  lse audit logits.npy && echo clean            exit status 1 on NaN or +inf
+  lse audit dumps/                              one line per file of the folder, and totals"
     };
 }
 

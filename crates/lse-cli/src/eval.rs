@@ -134,6 +134,15 @@ pub enum Policy {
     Propagate,
 }
 
+impl From<Policy> for NonFinite {
+    fn from(policy: Policy) -> Self {
+        match policy {
+            Policy::Error => NonFinite::Error,
+            Policy::Propagate => NonFinite::Propagate,
+        }
+    }
+}
+
 const CE_HEADING: &str = "Cross-entropy options (--op cross_entropy)";
 
 /// Arguments of `lse eval`.
@@ -448,10 +457,7 @@ impl PerRow<'_> {
     where
         E::Stat: NpyElement,
     {
-        let policy = match self.args.non_finite {
-            Policy::Error => NonFinite::Error,
-            Policy::Propagate => NonFinite::Propagate,
-        };
+        let policy = NonFinite::from(self.args.non_finite);
         let classes = self.layout.classes;
         let create =
             |e: std::io::Error| input::file_error(&self.args.out, format!("cannot write: {e}"));
@@ -557,10 +563,7 @@ impl Job<'_> {
     {
         let rows = self.layout.rows_of(data)?;
         let classes = self.layout.classes;
-        let policy = match self.args.non_finite {
-            Policy::Error => NonFinite::Error,
-            Policy::Propagate => NonFinite::Propagate,
-        };
+        let policy = NonFinite::from(self.args.non_finite);
         let mut loss_line = None;
         let (out, grad) = match self.args.op {
             Op::Logsumexp => {

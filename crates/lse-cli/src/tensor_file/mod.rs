@@ -1,4 +1,5 @@
-//! Tensors in files: [`npy`] (NumPy's `.npy`, read and written) and [`safetensors`] (read).
+//! Tensors in files: [`npy`] (NumPy's `.npy`, read and written) and [`safetensors`] (read);
+//! [`stream`] reads either a piece at a time, for files larger than memory.
 //!
 //! A reader takes the whole file as a byte slice and returns a [`Tensor`]: its shape, its elements
 //! in row-major (C) order and what the file called their type. Sizes declared by a file (shape,

@@ -235,18 +235,6 @@ pub struct Layout {
     pub encoding: Encoding,
 }
 
-impl Layout {
-    /// The number of elements.
-    pub fn len(&self) -> usize {
-        element_count(&self.shape).unwrap_or(0)
-    }
-
-    /// True when the array has no element.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The length of the magic string, version, header length and header of a `.npy` file whose
 /// first bytes are `head` (at least the first 12, or the whole file when shorter): the bytes
 /// [`parse_layout`] needs to see.
