@@ -2,19 +2,23 @@
 //! rows whose max overflows `exp` in a narrow dtype or underflows every `exp` to 0 — with the
 //! logsumexp, z-loss and (given targets) cross-entropy statistics of the stable ops.
 
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use lse::guard::{Headroom, LogitStats};
+use indicatif::{ProgressBar, ProgressStyle};
+use lse::guard::{Headroom, LogitStats, LogitStatsAccumulator};
 use lse::{
     bf16, f16, CompensatedSum, CrossEntropyOptions, DType, Element, NonFinite, Reduction, Targets,
 };
-use lse_cli::tensor_file::{shape_string, Format, Tensor, TensorData};
+use lse_cli::tensor_file::stream::TensorInfo;
+use lse_cli::tensor_file::{shape_string, FloatElement, Format};
 use serde::Serialize;
 
 use crate::error::{CliError, Result};
 use crate::format::shortest;
-use crate::input::{self, parse_ignore_index, ClassLayout, IgnoreIndex, Pick};
+use crate::input::{self, parse_ignore_index, ClassLayout, IgnoreIndex, Opened, Pick, RowChunks};
 
 /// The description of `lse audit`, shown by `--help` after the options.
 macro_rules! description {
@@ -52,7 +56,19 @@ message on stderr. --json prints one JSON object instead of the report: {\"file\
 \"min\", \"max\", \"max_abs\", \"nan\", \"pos_inf\", \"neg_inf\", \"rows_with_nan_or_inf\",
 \"rows_fully_masked\", \"naive_softmax\": [{\"dtype\", \"overflow_above\", \"underflow_below\",
 \"overflow_rows\", \"underflow_rows\"}], \"headroom\", \"lse\", \"cross_entropy\"}], \"skipped\",
-\"non_finite\", \"exit_status\"}; a value that does not exist (the max of no finite logit) is null."
+\"non_finite\", \"exit_status\"}; a value that does not exist (the max of no finite logit) is null.
+
+Several files, or a directory (its .npy and .safetensors files, by name: a folder of per-step
+dumps), give one line per file and the totals; a file that cannot be audited is reported on its
+line. Exit status: 2 when any file failed, else 1 when any holds NaN or +inf, else 0. --json
+prints {\"files\": [the object above per file, or {\"file\", \"error\"}], \"totals\": {\"files\",
+\"failed\", \"tensors\", \"rows\", \"nan\", \"pos_inf\", \"neg_inf\", \"files_non_finite\"},
+\"exit_status\"}.
+
+Files are read 16 MiB at a time, so memory follows that chunk, not the file (a .npy in Fortran
+order, or a class axis other than the last with huge trailing axes, is read in larger pieces).
+A file that shrinks while it is read is an error, not a crash. A progress bar is drawn on stderr
+when the audit takes more than a second and stderr is a terminal."
     };
 }
 
@@ -65,7 +81,8 @@ Examples:
   lse audit dump.safetensors                    every float tensor of the file
   lse audit dump.safetensors --tensor logits --targets labels.npy
   lse audit logits.npy --axis 1 --json          classes on axis 1 (N, C, T), JSON output
-  lse audit logits.npy && echo clean            exit status 1 on NaN or +inf"
+  lse audit logits.npy && echo clean            exit status 1 on NaN or +inf
+  lse audit dumps/                              one line per file of the folder, and totals"
     };
 }
 
@@ -79,9 +96,9 @@ pub const AFTER_LONG_HELP: &str = concat!("Description:\n", description!(), "\n\
 #[derive(Debug, clap::Args)]
 #[command(after_help = AFTER_HELP, after_long_help = AFTER_LONG_HELP)]
 pub struct Args {
-    /// The logits: a .npy or .safetensors file
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// The logits: .npy or .safetensors files, or directories of them
+    #[arg(value_name = "FILE", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
 
     /// The tensor of a .safetensors file to audit (default: every float tensor)
     #[arg(long, value_name = "NAME")]
@@ -121,7 +138,14 @@ pub struct Args {
     /// Print one JSON object instead of the report
     #[arg(long)]
     pub json: bool,
+
+    /// Bytes of the file read and checked at a time (tests use small chunks)
+    #[arg(long, value_name = "BYTES", default_value_t = CHUNK_BYTES, hide = true)]
+    pub chunk_bytes: usize,
 }
+
+/// Bytes of a file read at a time: peak memory follows this, not the file's size.
+pub const CHUNK_BYTES: usize = 16 << 20;
 
 /// The dtypes whose naive softmax is checked, narrowest first.
 const NAIVE_DTYPES: [DType; 3] = [DType::F16, DType::BF16, DType::F32];
@@ -221,61 +245,285 @@ struct TensorReport {
 /// Runs `lse audit`, appending its report to `out`; returns the exit status: 1 when a logit is
 /// NaN or `+inf` (or `-inf` with `--deny-neg-inf`), else 0.
 ///
+/// One file gives the report of that file. Several files, or a directory (its `.npy` and
+/// `.safetensors` files, by name), give one line per file and the totals; a file that cannot be
+/// audited is reported on its line and makes the exit status 2.
+///
 /// # Errors
-/// Unreadable or malformed files, targets that do not fit the logits, bad arguments.
+/// Unreadable or malformed files, targets that do not fit the logits, bad arguments (one file);
+/// a directory that cannot be listed or holds no tensor file (several).
 pub fn run(args: &Args, out: &mut String) -> Result<u8> {
-    let bytes = input::read(&args.file)?;
+    let files = expand(&args.files)?;
+    match (files.as_slice(), args.files.as_slice()) {
+        ([file], [given]) if !given.is_dir() => {
+            let report = audit_file(args, file)?;
+            if args.json {
+                push_json(&report, out)?;
+            } else {
+                render(&report, args.deny_neg_inf, out);
+            }
+            Ok(report.exit_status)
+        }
+        _ => audit_many(args, &files, out),
+    }
+}
+
+/// The files named, directories replaced by their `.npy` and `.safetensors` files (sorted).
+fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let listing = std::fs::read_dir(path)
+            .map_err(|e| input::file_error(path, format!("cannot list the directory: {e}")))?;
+        let mut found = Vec::new();
+        for entry in listing {
+            let entry = entry
+                .map_err(|e| input::file_error(path, format!("cannot list the directory: {e}")))?;
+            let file = entry.path();
+            if file.is_file() && Format::from_path(&file).is_some() {
+                found.push(file);
+            }
+        }
+        if found.is_empty() {
+            return Err(input::file_error(
+                path,
+                "the directory holds no .npy or .safetensors file",
+            ));
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
+fn push_json<T: Serialize>(value: &T, out: &mut String) -> Result<()> {
+    let json = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Other(format!("cannot write the JSON report: {e}")))?;
+    out.push_str(&json);
+    out.push('\n');
+    Ok(())
+}
+
+/// The audit of one file.
+fn audit_file(args: &Args, path: &Path) -> Result<Report> {
     let pick = match &args.tensor {
         Some(name) => Pick::Named(name),
         None => Pick::AllFloat,
     };
-    let loaded = input::logits(&args.file, &bytes, pick, args.void_as_bf16)?;
-    drop(bytes);
-    if args.targets.is_some() && loaded.tensors.len() > 1 {
-        let names: Vec<String> = loaded
+    let opened = input::open_logits(path, pick, args.void_as_bf16)?;
+    if args.targets.is_some() && opened.tensors.len() > 1 {
+        let names: Vec<String> = opened
             .tensors
             .iter()
-            .filter_map(|(n, _)| n.as_ref().map(|n| format!("{n:?}")))
+            .filter_map(|t| t.name.as_ref().map(|n| format!("{n:?}")))
             .collect();
         return Err(CliError::usage(format!(
             "--targets needs one tensor, but {} holds {} float tensors; choose one with --tensor: {}",
-            args.file.display(),
+            path.display(),
             names.len(),
             names.join(", ")
         )));
     }
+    let total = opened.tensors.iter().map(TensorInfo::byte_len).sum();
+    let progress = Progress::new(&path.display().to_string(), total);
     let mut tensors = Vec::new();
-    for (name, tensor) in loaded.tensors {
-        tensors.push(audit_tensor(args, name, tensor)?);
+    for tensor in &opened.tensors {
+        tensors.push(audit_tensor(args, &opened, tensor, &progress)?);
     }
+    progress.finish();
     let non_finite = tensors
         .iter()
         .any(|t| t.nan > 0 || t.pos_inf > 0 || (args.deny_neg_inf && t.neg_inf > 0));
-    let report = Report {
-        file: args.file.display().to_string(),
-        format: loaded.format,
+    Ok(Report {
+        file: path.display().to_string(),
+        format: opened.file.format,
         tensors,
-        skipped: loaded
+        skipped: opened
             .skipped
             .into_iter()
             .map(|(name, dtype)| Skipped { name, dtype })
             .collect(),
         non_finite,
         exit_status: u8::from(non_finite),
-    };
-    if args.json {
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| CliError::Other(format!("cannot write the JSON report: {e}")))?;
-        out.push_str(&json);
-        out.push('\n');
-    } else {
-        render(&report, args.deny_neg_inf, out);
-    }
-    Ok(report.exit_status)
+    })
 }
 
-fn audit_tensor(args: &Args, name: Option<String>, tensor: Tensor) -> Result<TensorReport> {
-    let layout = ClassLayout::new(&args.file, &tensor.shape, args.axis)?;
+/// One file of a multi-file audit: its report, or why it has none.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum FileOutcome {
+    Audited(Report),
+    Failed { file: String, error: String },
+}
+
+/// The sums over the files of a multi-file audit.
+#[derive(Debug, Default, Serialize)]
+struct Totals {
+    files: usize,
+    failed: usize,
+    tensors: usize,
+    rows: usize,
+    nan: u64,
+    pos_inf: u64,
+    neg_inf: u64,
+    files_non_finite: usize,
+}
+
+/// The JSON object of a multi-file `--json`.
+#[derive(Debug, Serialize)]
+struct ManyReport {
+    files: Vec<FileOutcome>,
+    totals: Totals,
+    exit_status: u8,
+}
+
+fn audit_many(args: &Args, files: &[PathBuf], out: &mut String) -> Result<u8> {
+    let mut totals = Totals::default();
+    let mut outcomes = Vec::with_capacity(files.len());
+    for path in files {
+        totals.files += 1;
+        match audit_file(args, path) {
+            Ok(report) => {
+                totals.tensors += report.tensors.len();
+                for t in &report.tensors {
+                    totals.rows += t.rows;
+                    totals.nan += t.nan;
+                    totals.pos_inf += t.pos_inf;
+                    totals.neg_inf += t.neg_inf;
+                }
+                totals.files_non_finite += usize::from(report.non_finite);
+                outcomes.push(FileOutcome::Audited(report));
+            }
+            Err(e) => {
+                totals.failed += 1;
+                outcomes.push(FileOutcome::Failed {
+                    file: path.display().to_string(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    let exit_status = if totals.failed > 0 {
+        2
+    } else {
+        u8::from(totals.files_non_finite > 0)
+    };
+    let report = ManyReport {
+        files: outcomes,
+        totals,
+        exit_status,
+    };
+    if args.json {
+        push_json(&report, out)?;
+    } else {
+        render_many(&report, args.deny_neg_inf, out);
+    }
+    Ok(exit_status)
+}
+
+fn render_many(report: &ManyReport, deny_neg_inf: bool, out: &mut String) {
+    for outcome in &report.files {
+        match outcome {
+            FileOutcome::Audited(r) => {
+                let (rows, nan, pos, neg) = r.tensors.iter().fold((0, 0, 0, 0), |a, t| {
+                    (a.0 + t.rows, a.1 + t.nan, a.2 + t.pos_inf, a.3 + t.neg_inf)
+                });
+                let verdict = if r.non_finite { "NON-FINITE" } else { "clean" };
+                let mut dtypes: Vec<String> =
+                    r.tensors.iter().map(|t| t.dtype.to_string()).collect();
+                dtypes.dedup();
+                let _ = writeln!(
+                    out,
+                    "{}: {verdict}: {}, {} ({}), NaN {nan}, +inf {pos}, -inf {neg}",
+                    r.file,
+                    plural(r.tensors.len(), "tensor", "tensors"),
+                    plural(rows, "row", "rows"),
+                    dtypes.join("/"),
+                );
+            }
+            FileOutcome::Failed { file, error } => {
+                let _ = writeln!(out, "{file}: error: {error}");
+            }
+        }
+    }
+    let t = &report.totals;
+    let neg_note = if deny_neg_inf {
+        ""
+    } else {
+        " (-inf are masks)"
+    };
+    let _ = writeln!(
+        out,
+        "\ntotal: {}, {} non-finite, {} failed; {}, {}, NaN {}, +inf {}, -inf {}{neg_note} \
+         (exit status {})",
+        plural(t.files, "file", "files"),
+        t.files_non_finite,
+        t.failed,
+        plural(t.tensors, "tensor", "tensors"),
+        plural(t.rows, "row", "rows"),
+        t.nan,
+        t.pos_inf,
+        t.neg_inf,
+        report.exit_status
+    );
+}
+
+/// A progress bar on stderr for a long audit: shown once the work has taken a second, and only
+/// when stderr is a terminal (indicatif draws nothing otherwise).
+struct Progress {
+    label: String,
+    total: u64,
+    start: Instant,
+    done: Cell<u64>,
+    bar: RefCell<Option<ProgressBar>>,
+}
+
+impl Progress {
+    fn new(label: &str, total: u64) -> Self {
+        Self {
+            label: label.to_owned(),
+            total,
+            start: Instant::now(),
+            done: Cell::new(0),
+            bar: RefCell::new(None),
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.done.set(self.done.get() + bytes);
+        let mut bar = self.bar.borrow_mut();
+        if bar.is_none() && self.start.elapsed() >= Duration::from_secs(1) {
+            let new = ProgressBar::new(self.total);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta})",
+            ) {
+                new.set_style(style.progress_chars("=> "));
+            }
+            new.set_message(self.label.clone());
+            *bar = Some(new);
+        }
+        if let Some(bar) = bar.as_ref() {
+            bar.set_position(self.done.get());
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.borrow_mut().take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn audit_tensor(
+    args: &Args,
+    opened: &Opened,
+    tensor: &TensorInfo,
+    progress: &Progress,
+) -> Result<TensorReport> {
+    let layout = ClassLayout::new(&opened.path, &tensor.shape, args.axis)?;
     let targets = match &args.targets {
         Some(path) => Some(input::targets(path, &layout, args.ignore_index)?),
         None => None,
@@ -285,12 +533,14 @@ fn audit_tensor(args: &Args, name: Option<String>, tensor: Tensor) -> Result<Ten
         targets: targets.as_deref(),
         ignore: args.ignore_index.0,
     };
-    let computed = match &tensor.data {
-        TensorData::F64(v) => rows.compute(&layout.rows_of(v)?)?,
-        TensorData::F32(v) => rows.compute(&layout.rows_of(v)?)?,
-        TensorData::F16(v) => rows.compute(&layout.rows_of(v)?)?,
-        TensorData::BF16(v) => rows.compute(&layout.rows_of(v)?)?,
-        TensorData::Int(_) => {
+    let mut chunks = opened.row_chunks(tensor, &layout, args.chunk_bytes);
+    let dtype = tensor.encoding.as_ref().ok().and_then(|e| e.dtype());
+    let computed = match dtype {
+        Some(DType::F64) => rows.compute::<f64>(&mut chunks, progress)?,
+        Some(DType::F32) => rows.compute::<f32>(&mut chunks, progress)?,
+        Some(DType::F16) => rows.compute::<f16>(&mut chunks, progress)?,
+        Some(DType::BF16) => rows.compute::<bf16>(&mut chunks, progress)?,
+        None => {
             return Err(CliError::Other(
                 "integer tensors are not logits (rejected when read)".to_owned(),
             ))
@@ -313,10 +563,10 @@ fn audit_tensor(args: &Args, name: Option<String>, tensor: Tensor) -> Result<Ten
         ce
     });
     Ok(TensorReport {
-        name,
-        shape: tensor.shape,
+        name: tensor.name.clone(),
+        shape: tensor.shape.clone(),
         dtype: stats.dtype,
-        stored_as: tensor.stored_as,
+        stored_as: tensor.stored_as.clone(),
         class_axis: layout.axis,
         rows: layout.rows,
         classes: layout.classes,
@@ -352,22 +602,133 @@ struct Rows<'a> {
     ignore: Option<i64>,
 }
 
+/// The figures of [`Computed`] gathered a chunk of rows at a time, in row order: every sum is
+/// taken in the same order as over the whole tensor at once, so the result does not depend on
+/// the chunk size.
+struct Tally<E: Element> {
+    stats: LogitStatsAccumulator<E>,
+    naive: Vec<Naive>,
+    bad_rows: usize,
+    masked_rows: usize,
+    lse: LseSummary,
+    ce: Option<(CeSummary, CompensatedSum)>,
+    /// Rows tallied so far.
+    rows: usize,
+}
+
 impl Rows<'_> {
-    fn compute<E: Element>(&self, data: &[E]) -> Result<Computed> {
+    fn compute<E: FloatElement>(
+        &self,
+        chunks: &mut RowChunks<'_>,
+        progress: &Progress,
+    ) -> Result<Computed> {
         let classes = self.layout.classes;
-        let stats = LogitStats::of(data, classes)?;
-        let mut naive: Vec<Naive> = NAIVE_DTYPES
-            .iter()
-            .map(|&dtype| Naive {
-                dtype,
-                overflow_above: dtype.exp_overflow_threshold(),
-                underflow_below: underflow_threshold(dtype),
-                overflow_rows: 0,
-                underflow_rows: 0,
-            })
-            .collect();
-        let (mut bad_rows, mut masked_rows) = (0, 0);
-        let mut argmax = Vec::with_capacity(self.layout.rows);
+        let mut tally = Tally::<E> {
+            stats: LogitStatsAccumulator::new(classes)?,
+            naive: NAIVE_DTYPES
+                .iter()
+                .map(|&dtype| Naive {
+                    dtype,
+                    overflow_above: dtype.exp_overflow_threshold(),
+                    underflow_below: underflow_threshold(dtype),
+                    overflow_rows: 0,
+                    underflow_rows: 0,
+                })
+                .collect(),
+            bad_rows: 0,
+            masked_rows: 0,
+            lse: LseSummary {
+                rows: 0,
+                min: f64::NAN,
+                mean: f64::NAN,
+                max: f64::NAN,
+                max_row: None,
+                z_mean: f64::NAN,
+                z_max: f64::NAN,
+            },
+            ce: self.targets.map(|_| {
+                let summary = CeSummary {
+                    targets: String::new(),
+                    ignore_index: self.ignore,
+                    rows_counted: 0,
+                    rows_ignored: 0,
+                    rows_non_finite_loss: 0,
+                    loss_mean: f64::NAN,
+                    loss_max: f64::NAN,
+                    loss_max_row: None,
+                    correct: 0,
+                    accuracy: f64::NAN,
+                };
+                (summary, CompensatedSum::ZERO)
+            }),
+            rows: 0,
+        };
+        let row_bytes = chunks.row_bytes();
+        while let Some(data) = chunks.next_chunk::<E>()? {
+            self.tally_chunk(&mut tally, &data)?;
+            progress.advance(row_bytes * (data.len() / classes) as u64);
+        }
+        let stats = tally.stats.finish();
+        let mut lse = tally.lse;
+        lse.mean = stats.lse_mean;
+        lse.z_mean = stats.z_mean;
+        let ce = tally.ce.map(|(mut ce, sum)| {
+            let finite = ce.rows_counted - ce.rows_non_finite_loss;
+            if finite > 0 {
+                ce.loss_mean = sum.value() / finite as f64;
+            }
+            if ce.rows_counted > 0 {
+                ce.accuracy = ce.correct as f64 / ce.rows_counted as f64;
+            }
+            ce
+        });
+        Ok(Computed {
+            stats,
+            rows_with_nan_or_inf: tally.bad_rows,
+            rows_fully_masked: tally.masked_rows,
+            naive_softmax: tally.naive,
+            lse,
+            ce,
+        })
+    }
+
+    /// Adds the rows `data` (`rows × classes`), which follow the rows tallied so far. The
+    /// logit statistics and the rest are gathered on two threads at once, each in row order.
+    fn tally_chunk<E: Element>(&self, tally: &mut Tally<E>, data: &[E]) -> Result<()> {
+        let Tally {
+            stats,
+            naive,
+            bad_rows,
+            masked_rows,
+            lse,
+            ce,
+            rows,
+        } = tally;
+        let (added, rest) = rayon::join(
+            || stats.add(data),
+            || self.tally_rows(data, *rows, naive, bad_rows, masked_rows, lse, ce),
+        );
+        added?;
+        rest?;
+        *rows += data.len() / self.layout.classes;
+        Ok(())
+    }
+
+    /// Everything of [`Rows::tally_chunk`] but the logit statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn tally_rows<E: Element>(
+        &self,
+        data: &[E],
+        first: usize,
+        naive: &mut [Naive],
+        bad_rows: &mut usize,
+        masked_rows: &mut usize,
+        lse: &mut LseSummary,
+        ce: &mut Option<(CeSummary, CompensatedSum)>,
+    ) -> Result<()> {
+        let classes = self.layout.classes;
+        let rows = data.len() / classes;
+        let mut argmax = Vec::with_capacity(rows);
         for row in data.chunks_exact(classes) {
             let (mut max, mut arg, mut bad) = (f64::NEG_INFINITY, None, false);
             for (c, &x) in row.iter().enumerate() {
@@ -380,11 +741,11 @@ impl Rows<'_> {
             }
             argmax.push(arg);
             if bad {
-                bad_rows += 1;
+                *bad_rows += 1;
             } else if max == f64::NEG_INFINITY {
-                masked_rows += 1;
+                *masked_rows += 1;
             } else {
-                for n in &mut naive {
+                for n in naive.iter_mut() {
                     if max > n.overflow_above {
                         n.overflow_rows += 1;
                     } else if max < n.underflow_below {
@@ -394,17 +755,8 @@ impl Rows<'_> {
             }
         }
 
-        let mut row_lse = vec![E::Stat::zero(); self.layout.rows];
+        let mut row_lse = vec![E::Stat::zero(); rows];
         lse::logsumexp_with(data, classes, &mut row_lse, NonFinite::Propagate)?;
-        let mut lse = LseSummary {
-            rows: 0,
-            min: f64::NAN,
-            mean: stats.lse_mean,
-            max: f64::NAN,
-            max_row: None,
-            z_mean: stats.z_mean,
-            z_max: f64::NAN,
-        };
         for (r, &v) in row_lse.iter().enumerate() {
             let v: f64 = v.into();
             if !v.is_finite() {
@@ -413,7 +765,7 @@ impl Rows<'_> {
             lse.rows += 1;
             if lse.max_row.is_none() || v > lse.max {
                 lse.max = v;
-                lse.max_row = Some(r);
+                lse.max_row = Some(first + r);
             }
             if lse.min.is_nan() || v < lse.min {
                 lse.min = v;
@@ -423,26 +775,23 @@ impl Rows<'_> {
             }
         }
 
-        let ce = match self.targets {
-            Some(targets) => Some(self.cross_entropy(data, targets, &argmax)?),
-            None => None,
-        };
-        Ok(Computed {
-            stats,
-            rows_with_nan_or_inf: bad_rows,
-            rows_fully_masked: masked_rows,
-            naive_softmax: naive,
-            lse,
-            ce,
-        })
+        if let (Some((ce, sum)), Some(targets)) = (ce.as_mut(), self.targets) {
+            let targets = &targets[first..first + rows];
+            self.cross_entropy(ce, sum, first, data, targets, &argmax)?;
+        }
+        Ok(())
     }
 
+    /// Adds the cross-entropy of the rows `data`, the first of which is row `first`.
     fn cross_entropy<E: Element>(
         &self,
+        ce: &mut CeSummary,
+        sum: &mut CompensatedSum,
+        first: usize,
         data: &[E],
         targets: &[i64],
         argmax: &[Option<usize>],
-    ) -> Result<CeSummary> {
+    ) -> Result<()> {
         let options = CrossEntropyOptions {
             ignore_index: self.ignore,
             reduction: Reduction::None,
@@ -456,19 +805,6 @@ impl Rows<'_> {
             &options,
         )?;
         let losses = out.row_loss.unwrap_or_default();
-        let mut ce = CeSummary {
-            targets: String::new(),
-            ignore_index: self.ignore,
-            rows_counted: 0,
-            rows_ignored: 0,
-            rows_non_finite_loss: 0,
-            loss_mean: f64::NAN,
-            loss_max: f64::NAN,
-            loss_max_row: None,
-            correct: 0,
-            accuracy: f64::NAN,
-        };
-        let mut sum = CompensatedSum::ZERO;
         for (r, (&t, &loss)) in targets.iter().zip(&losses).enumerate() {
             if Some(t) == self.ignore {
                 ce.rows_ignored += 1;
@@ -486,17 +822,10 @@ impl Rows<'_> {
             sum.add(loss);
             if ce.loss_max_row.is_none() || loss > ce.loss_max {
                 ce.loss_max = loss;
-                ce.loss_max_row = Some(r);
+                ce.loss_max_row = Some(first + r);
             }
         }
-        let finite = ce.rows_counted - ce.rows_non_finite_loss;
-        if finite > 0 {
-            ce.loss_mean = sum.value() / finite as f64;
-        }
-        if ce.rows_counted > 0 {
-            ce.accuracy = ce.correct as f64 / ce.rows_counted as f64;
-        }
-        Ok(ce)
+        Ok(())
     }
 }
 

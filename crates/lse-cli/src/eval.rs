@@ -2,16 +2,21 @@
 //! `.npy` — bit for bit what the library returns.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{BufWriter, Write as _};
+use std::path::{Path, PathBuf};
 
-use lse::{CrossEntropyOptions, Element, GradOutput, NonFinite, Reduction, Targets};
+use lse::{
+    bf16, f16, CrossEntropyOptions, DType, Element, GradOutput, LseError, NonFinite, Reduction,
+    Targets,
+};
 use lse_cli::tensor_file::layout::without_axis;
 use lse_cli::tensor_file::npy::{self, Bf16Descr};
 use lse_cli::tensor_file::{shape_string, FloatElement, Format, NpyElement, TensorData};
 
 use crate::error::{CliError, Result};
 use crate::format::shortest;
-use crate::input::{self, parse_ignore_index, ClassLayout, IgnoreIndex, Pick};
+use crate::input::{self, parse_ignore_index, ClassLayout, IgnoreIndex, Pick, RowChunks};
 
 /// The description of `lse eval`, shown by `--help` after the options.
 macro_rules! description {
@@ -129,6 +134,15 @@ pub enum Policy {
     Propagate,
 }
 
+impl From<Policy> for NonFinite {
+    fn from(policy: Policy) -> Self {
+        match policy {
+            Policy::Error => NonFinite::Error,
+            Policy::Propagate => NonFinite::Propagate,
+        }
+    }
+}
+
 const CE_HEADING: &str = "Cross-entropy options (--op cross_entropy)";
 
 /// Arguments of `lse eval`.
@@ -220,6 +234,10 @@ pub struct Args {
     /// Also write the gradient of the reduced loss with respect to the logits (.npy)
     #[arg(long, value_name = "OUT.npy", help_heading = CE_HEADING)]
     pub grad: Option<PathBuf>,
+
+    /// Bytes of the input read at a time by the per-row ops (tests use small chunks)
+    #[arg(long, value_name = "BYTES", default_value_t = crate::audit::CHUNK_BYTES, hide = true)]
+    pub chunk_bytes: usize,
 }
 
 impl Args {
@@ -273,11 +291,12 @@ impl Args {
 /// Nothing is written when any error occurs before the outputs are complete.
 pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     args.check()?;
-    let bytes = input::read(&args.input)?;
+    if args.op != Op::CrossEntropy {
+        return run_per_row(args, out);
+    }
     let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
-    let loaded = input::logits(&args.input, &bytes, pick, args.void_as_bf16)?;
-    drop(bytes);
-    let Some((name, tensor)) = loaded.tensors.into_iter().next() else {
+    let loaded = input::logits(&args.input, pick, args.void_as_bf16)?;
+    let Some((name, tensor)) = loaded.into_iter().next() else {
         return Err(CliError::Other("no tensor was read".to_owned()));
     };
     let layout = ClassLayout::new(&args.input, &tensor.shape, args.axis)?;
@@ -338,6 +357,160 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     Ok(0)
 }
 
+/// `logsumexp`, `softmax` and `log_softmax`, whose rows are independent: the input is read and
+/// the output written a chunk of rows at a time (`--chunk-bytes`), so memory follows the chunk,
+/// not the file. The output goes to a temporary file beside `--out`, renamed over it once
+/// complete (removed on error).
+fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
+    let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
+    let opened = input::open_logits(&args.input, pick, args.void_as_bf16)?;
+    let Some(tensor) = opened.tensors.first() else {
+        return Err(CliError::Other("no tensor was read".to_owned()));
+    };
+    let layout = ClassLayout::new(&args.input, &tensor.shape, args.axis)?;
+    let bf16 = match opened.file.format {
+        Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
+        Format::Safetensors => Bf16Descr::Void,
+    };
+    let mut chunks = opened.row_chunks(tensor, &layout, args.chunk_bytes);
+    let partial = args.out.with_file_name(format!(
+        ".{}.lse-partial-{}",
+        args.out
+            .file_name()
+            .map_or_else(|| "out".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let dtype = tensor.encoding.as_ref().ok().and_then(|e| e.dtype());
+    let stream = PerRow {
+        args,
+        shape: &tensor.shape,
+        layout: &layout,
+        bf16,
+        path: &partial,
+    };
+    let written = match dtype {
+        Some(DType::F64) => stream.run::<f64>(&mut chunks),
+        Some(DType::F32) => stream.run::<f32>(&mut chunks),
+        Some(DType::F16) => stream.run::<f16>(&mut chunks),
+        Some(DType::BF16) => stream.run::<bf16>(&mut chunks),
+        None => Err(CliError::Other(
+            "integer tensors are not logits (rejected when read)".to_owned(),
+        )),
+    }
+    .and_then(|what| {
+        std::fs::rename(&partial, &args.out)
+            .map_err(|e| input::file_error(&args.out, format!("cannot write: {e}")))?;
+        Ok(what)
+    });
+    let what = written.inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
+    let source = match &tensor.name {
+        Some(n) => format!("{}, tensor {n:?}", args.input.display()),
+        None => args.input.display().to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{} of {source} ({}, {})",
+        args.op.name(),
+        dtype.map_or("?", |d| d.name()),
+        layout.describe()
+    );
+    let _ = writeln!(out, "  wrote {}: {what}", args.out.display());
+    Ok(0)
+}
+
+/// A library error about a chunk whose first row is `first`, with its row counted in the whole
+/// tensor.
+fn in_tensor(e: LseError, first: usize) -> CliError {
+    match e {
+        LseError::NonFinite {
+            what,
+            row,
+            column,
+            value,
+        } => LseError::NonFinite {
+            what,
+            row: row + first,
+            column,
+            value,
+        }
+        .into(),
+        other => other.into(),
+    }
+}
+
+/// One streamed per-row evaluation: everything but the logits' element type.
+struct PerRow<'a> {
+    args: &'a Args,
+    /// The input's shape as read (empty for a 0-d array).
+    shape: &'a [usize],
+    layout: &'a ClassLayout,
+    bf16: Bf16Descr,
+    /// Where the output is written until it is complete.
+    path: &'a Path,
+}
+
+impl PerRow<'_> {
+    /// Evaluates the op chunk by chunk into `self.path`; returns what was written.
+    fn run<E: FloatElement>(&self, chunks: &mut RowChunks<'_>) -> Result<String>
+    where
+        E::Stat: NpyElement,
+    {
+        let policy = NonFinite::from(self.args.non_finite);
+        let classes = self.layout.classes;
+        let create =
+            |e: std::io::Error| input::file_error(&self.args.out, format!("cannot write: {e}"));
+        let mut file = BufWriter::new(File::create(self.path).map_err(create)?);
+        let (shape, header, role) = match self.args.op {
+            Op::Logsumexp => {
+                let shape = without_axis(&self.layout.shape, self.layout.axis);
+                let header = npy::encode_header::<E::Stat>(&shape, self.bf16);
+                (shape, header, "logsumexp per row")
+            }
+            op => (
+                self.shape.to_vec(),
+                npy::encode_header::<E>(self.shape, self.bf16),
+                op.name(),
+            ),
+        };
+        file.write_all(&header).map_err(create)?;
+        let mut bytes = Vec::new();
+        let mut first_row = 0;
+        while let Some(rows) = chunks.next_chunk::<E>()? {
+            let count = rows.len() / classes;
+            bytes.clear();
+            // A row that the library rejects is named by its row in the whole tensor.
+            let at = |e| in_tensor(e, first_row);
+            match self.args.op {
+                Op::Logsumexp => {
+                    let mut lse = vec![E::Stat::zero(); count];
+                    lse::logsumexp_with(&rows, classes, &mut lse, policy).map_err(at)?;
+                    lse.iter().for_each(|x| x.put_le(&mut bytes));
+                }
+                op => {
+                    let mut p = vec![E::zero(); rows.len()];
+                    if op == Op::Softmax {
+                        lse::softmax_with(&rows, classes, &mut p, policy).map_err(at)?;
+                    } else {
+                        lse::log_softmax_with(&rows, classes, &mut p, policy).map_err(at)?;
+                    }
+                    let p = chunks.to_input_layout(p)?;
+                    p.iter().for_each(|x| x.put_le(&mut bytes));
+                }
+            }
+            file.write_all(&bytes).map_err(create)?;
+            first_row += count;
+        }
+        file.flush().map_err(create)?;
+        let descr = match self.args.op {
+            Op::Logsumexp => E::Stat::descr(self.bf16),
+            _ => E::descr(self.bf16),
+        };
+        Ok(format!("{role}, '{descr}' {}", shape_string(&shape)))
+    }
+}
+
 /// An encoded `.npy` file and a description of it.
 struct Encoded {
     bytes: Vec<u8>,
@@ -390,10 +563,7 @@ impl Job<'_> {
     {
         let rows = self.layout.rows_of(data)?;
         let classes = self.layout.classes;
-        let policy = match self.args.non_finite {
-            Policy::Error => NonFinite::Error,
-            Policy::Propagate => NonFinite::Propagate,
-        };
+        let policy = NonFinite::from(self.args.non_finite);
         let mut loss_line = None;
         let (out, grad) = match self.args.op {
             Op::Logsumexp => {

@@ -2,11 +2,12 @@
 //! targets and class weights from `.npy`, and the class axis; and writing `.npy` outputs.
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lse_cli::tensor_file::layout::{element_count, move_axis_to_last, move_last_to_axis};
 use lse_cli::tensor_file::npy::{self, ReadOptions};
-use lse_cli::tensor_file::{safetensors, shape_string, Format, FormatError, Tensor, TensorData};
+use lse_cli::tensor_file::stream::{OpenError, ReadError, TensorFile, TensorInfo};
+use lse_cli::tensor_file::{shape_string, FloatElement, Format, FormatError, Tensor, TensorData};
 
 use crate::error::{CliError, Result};
 
@@ -51,17 +52,23 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The format of `path`: from its extension, else from its first bytes (the `.npy` magic).
-fn format_of(path: &Path, bytes: &[u8]) -> Result<Format> {
+fn format_of(path: &Path) -> Result<Format> {
     if let Some(f) = Format::from_path(path) {
         return Ok(f);
     }
-    if bytes.starts_with(npy::MAGIC) {
-        return Ok(Format::Npy);
+    let mut magic = [0u8; npy::MAGIC.len()];
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        f.read(&mut magic)
+    });
+    match read {
+        Ok(n) if magic[..n] == npy::MAGIC[..] => Ok(Format::Npy),
+        Ok(_) => Err(file_error(
+            path,
+            "unknown format: name the file .npy or .safetensors",
+        )),
+        Err(e) => Err(file_error(path, format!("cannot read: {e}"))),
     }
-    Err(file_error(
-        path,
-        "unknown format: name the file .npy or .safetensors",
-    ))
 }
 
 /// Which tensors of a file to take as logits.
@@ -75,55 +82,83 @@ pub enum Pick<'a> {
     OnlyFloat,
 }
 
-/// Logits read from a file.
+/// A file of logits, opened: its header read and checked, no element read yet.
 #[derive(Debug)]
-pub struct Loaded {
-    /// The format of the file.
-    pub format: Format,
-    /// The tensors picked, with their names (`None` for a `.npy` file).
-    pub tensors: Vec<(Option<String>, Tensor)>,
+pub struct Opened {
+    /// The file.
+    pub path: PathBuf,
+    /// The open file and all its tensors.
+    pub file: TensorFile,
+    /// The tensors picked as logits (float tensors).
+    pub tensors: Vec<TensorInfo>,
     /// Tensors of a safetensors file that were not picked because they are not float: (name,
     /// dtype).
     pub skipped: Vec<(String, String)>,
 }
 
-/// Reads the logits of `path` (whose contents are `bytes`).
+/// A `CliError` for an element read that failed.
+fn read_error(path: &Path, error: ReadError) -> CliError {
+    match error {
+        ReadError::Format(error) => CliError::Format {
+            path: path.to_path_buf(),
+            error,
+        },
+        other => file_error(path, other.to_string()),
+    }
+}
+
+/// Opens the logits of `path`: reads and checks the header, picks the tensors.
 ///
 /// # Errors
 /// [`CliError::Format`] for a malformed file or a non-float tensor, [`CliError::Usage`] for a
-/// `--tensor` that does not fit the file.
-pub fn logits(path: &Path, bytes: &[u8], pick: Pick<'_>, void_as_bf16: bool) -> Result<Loaded> {
+/// `--tensor` that does not fit the file, [`CliError::File`] for a file that cannot be read.
+pub fn open_logits(path: &Path, pick: Pick<'_>, void_as_bf16: bool) -> Result<Opened> {
     let to_error = format_error(path);
-    match format_of(path, bytes)? {
-        Format::Npy => {
-            if let Pick::Named(name) = pick {
-                return Err(CliError::usage(format!(
-                    "--tensor {name:?}: a .npy file holds one unnamed array; --tensor is for \
-                     .safetensors files"
-                )));
-            }
-            let array = npy::parse(bytes, ReadOptions { void_as_bf16 }).map_err(&to_error)?;
-            let tensor = float_only(path, array.tensor)?;
-            Ok(Loaded {
-                format: Format::Npy,
-                tensors: vec![(None, tensor)],
-                skipped: Vec::new(),
-            })
-        }
+    let format = format_of(path)?;
+    if let (Format::Npy, Pick::Named(name)) = (format, pick) {
+        return Err(CliError::usage(format!(
+            "--tensor {name:?}: a .npy file holds one unnamed array; --tensor is for \
+             .safetensors files"
+        )));
+    }
+    let file =
+        TensorFile::open(path, format, ReadOptions { void_as_bf16 }).map_err(|e| match e {
+            OpenError::Format(e) => to_error(e),
+            OpenError::Io(e) => file_error(path, format!("cannot read: {e}")),
+        })?;
+    let (tensors, skipped) = match format {
+        Format::Npy => (
+            vec![float_only(path, &file.tensors[0])?.clone()],
+            Vec::new(),
+        ),
         Format::Safetensors => {
-            let file = safetensors::parse(bytes).map_err(&to_error)?;
-            let (float, other): (Vec<_>, Vec<_>) = file.entries.iter().partition(|e| e.is_float());
-            let listing = |entries: &[&safetensors::Entry]| {
-                entries
+            let (float, other): (Vec<_>, Vec<_>) = file.tensors.iter().partition(|t| is_float(t));
+            let name = |t: &TensorInfo| t.name.clone().unwrap_or_default();
+            let listing = |tensors: &[&TensorInfo]| {
+                tensors
                     .iter()
-                    .map(|e| format!("{:?} ({} {})", e.name, e.dtype, shape_string(&e.shape)))
+                    .map(|t| format!("{:?} ({} {})", name(t), t.stored_as, shape_string(&t.shape)))
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            let names: Vec<String> = match pick {
-                Pick::Named(name) => vec![file.entry(name).map_err(&to_error)?.name.clone()],
+            let picked: Vec<TensorInfo> = match pick {
+                Pick::Named(wanted) => {
+                    let Some(t) = file
+                        .tensors
+                        .iter()
+                        .find(|t| t.name.as_deref() == Some(wanted))
+                    else {
+                        return Err(to_error(FormatError::NoSuchTensor {
+                            name: wanted.to_owned(),
+                            available: file.tensors.iter().map(name).collect(),
+                        }));
+                    };
+                    vec![float_only(path, t)
+                        .map_err(|e| tensor_context(e, wanted))?
+                        .clone()]
+                }
                 _ if float.is_empty() => {
-                    let all: Vec<_> = file.entries.iter().collect();
+                    let all: Vec<_> = file.tensors.iter().collect();
                     let holds = if all.is_empty() {
                         "no tensor at all".to_owned()
                     } else {
@@ -142,30 +177,183 @@ pub fn logits(path: &Path, bytes: &[u8], pick: Pick<'_>, void_as_bf16: bool) -> 
                         listing(&float)
                     )));
                 }
-                Pick::OnlyFloat | Pick::AllFloat => float.iter().map(|e| e.name.clone()).collect(),
+                Pick::OnlyFloat | Pick::AllFloat => float.into_iter().cloned().collect(),
             };
-            let tensors = names
-                .into_iter()
-                .map(|name| {
-                    let tensor = file.tensor(&name).map_err(&to_error)?;
-                    let tensor = float_only(path, tensor).map_err(|e| tensor_context(e, &name))?;
-                    Ok((Some(name), tensor))
-                })
-                .collect::<Result<Vec<_>>>()?;
             let skipped = match pick {
                 Pick::Named(_) => Vec::new(),
                 _ => other
                     .iter()
-                    .map(|e| (e.name.clone(), e.dtype.clone()))
+                    .map(|t| (name(t), t.stored_as.clone()))
                     .collect(),
             };
-            Ok(Loaded {
-                format: Format::Safetensors,
-                tensors,
-                skipped,
-            })
+            (picked, skipped)
+        }
+    };
+    Ok(Opened {
+        path: path.to_path_buf(),
+        file,
+        tensors,
+        skipped,
+    })
+}
+
+/// True for a tensor of f64, f32, f16 or bf16 elements.
+fn is_float(tensor: &TensorInfo) -> bool {
+    tensor.encoding.as_ref().is_ok_and(|e| e.dtype().is_some())
+}
+
+impl Opened {
+    /// The whole tensor `tensor`, in row-major order.
+    ///
+    /// # Errors
+    /// A file error when the file shrank or cannot be read.
+    pub fn read_all(&self, tensor: &TensorInfo) -> Result<Tensor> {
+        let mut buf = Vec::new();
+        let data = self
+            .file
+            .read(tensor, 0, tensor.len(), &mut buf)
+            .map_err(|e| read_error(&self.path, e))?;
+        drop(buf);
+        let data = if tensor.fortran_order {
+            npy::reorder(data, &tensor.shape).map_err(format_error(&self.path))?
+        } else {
+            data
+        };
+        Ok(Tensor {
+            shape: tensor.shape.clone(),
+            data,
+            stored_as: tensor.stored_as.clone(),
+            format: self.file.format,
+        })
+    }
+
+    /// The rows of `tensor` (class axis last, as [`ClassLayout::rows_of`] orders them), read a
+    /// chunk of about `chunk_bytes` of the file at a time.
+    pub fn row_chunks<'a>(
+        &'a self,
+        tensor: &'a TensorInfo,
+        layout: &'a ClassLayout,
+        chunk_bytes: usize,
+    ) -> RowChunks<'a> {
+        // Around the class axis the tensor is (outer, classes, inner): each outer index is a
+        // contiguous block of `inner` rows. A chunk is a whole number of blocks.
+        let inner = element_count(&layout.shape[layout.axis + 1..]).unwrap_or(1);
+        let block = layout.classes * inner;
+        let size = tensor.encoding.as_ref().map_or(1, |e| e.size());
+        let blocks = layout.rows.checked_div(inner).unwrap_or(0);
+        let per_chunk = if tensor.fortran_order {
+            // Fortran-order rows are strided over the whole file: read it at once.
+            blocks
+        } else {
+            (chunk_bytes / (block * size).max(1)).clamp(1, blocks.max(1))
+        };
+        RowChunks {
+            opened: self,
+            tensor,
+            layout,
+            inner,
+            block,
+            blocks,
+            per_chunk,
+            next: 0,
+            buf: Vec::new(),
         }
     }
+}
+
+/// The rows of a tensor, a chunk at a time: see [`Opened::row_chunks`].
+pub struct RowChunks<'a> {
+    opened: &'a Opened,
+    tensor: &'a TensorInfo,
+    layout: &'a ClassLayout,
+    /// Rows per outer index.
+    inner: usize,
+    /// Elements per outer index.
+    block: usize,
+    /// Outer indices.
+    blocks: usize,
+    /// Outer indices per chunk.
+    per_chunk: usize,
+    /// The next outer index.
+    next: usize,
+    buf: Vec<u8>,
+}
+
+impl RowChunks<'_> {
+    /// The file bytes of one row.
+    pub fn row_bytes(&self) -> u64 {
+        let size = self.tensor.encoding.as_ref().map_or(0, |e| e.size());
+        (self.layout.classes * size) as u64
+    }
+
+    /// `rows` (values of whole rows of a chunk, class axis last) back in the input's layout
+    /// (the inverse of the reordering of [`RowChunks::next_chunk`]).
+    ///
+    /// # Errors
+    /// An internal error when `rows` is not a whole number of the tensor's blocks of rows.
+    pub fn to_input_layout<T: Copy>(&self, rows: Vec<T>) -> Result<Vec<T>> {
+        if self.inner == 1 {
+            return Ok(rows);
+        }
+        let mut shape = vec![rows.len() / self.block.max(1)];
+        shape.extend_from_slice(&self.layout.shape[self.layout.axis..]);
+        move_last_to_axis(&rows, &shape, 1).map_err(|e| CliError::Other(e.to_string()))
+    }
+
+    /// The next chunk of rows (`rows × classes`, class axis last), or `None` after the last.
+    ///
+    /// # Errors
+    /// A file error when the file shrank or cannot be read; an internal error when the
+    /// elements are not of type `E`.
+    pub fn next_chunk<E: FloatElement>(&mut self) -> Result<Option<Vec<E>>> {
+        if self.next >= self.blocks {
+            return Ok(None);
+        }
+        let count = self.per_chunk.min(self.blocks - self.next);
+        let path = &self.opened.path;
+        let data = if self.tensor.fortran_order {
+            self.opened.read_all(self.tensor)?.data
+        } else {
+            self.opened
+                .file
+                .read(
+                    self.tensor,
+                    self.next * self.block,
+                    count * self.block,
+                    &mut self.buf,
+                )
+                .map_err(|e| read_error(path, e))?
+        };
+        self.next += count;
+        let values = E::take(data)
+            .map_err(|_| CliError::Other("the elements are not of the type asked for".into()))?;
+        if self.inner == 1 {
+            return Ok(Some(values));
+        }
+        let mut shape = vec![count];
+        shape.extend_from_slice(&self.layout.shape[self.layout.axis..]);
+        move_axis_to_last(&values, &shape, 1)
+            .map(Some)
+            .map_err(|e| CliError::Other(e.to_string()))
+    }
+}
+
+/// Reads the logits of `path` whole (every picked tensor), with their names (`None` for a
+/// `.npy` file).
+///
+/// # Errors
+/// Those of [`open_logits`] and [`Opened::read_all`].
+pub fn logits(
+    path: &Path,
+    pick: Pick<'_>,
+    void_as_bf16: bool,
+) -> Result<Vec<(Option<String>, Tensor)>> {
+    let opened = open_logits(path, pick, void_as_bf16)?;
+    opened
+        .tensors
+        .iter()
+        .map(|t| Ok((t.name.clone(), opened.read_all(t)?)))
+        .collect()
 }
 
 fn tensor_context(e: CliError, name: &str) -> CliError {
@@ -178,8 +366,11 @@ fn tensor_context(e: CliError, name: &str) -> CliError {
     }
 }
 
-fn float_only(path: &Path, tensor: Tensor) -> Result<Tensor> {
-    if tensor.data.dtype().is_none() {
+fn float_only<'t>(path: &Path, tensor: &'t TensorInfo) -> Result<&'t TensorInfo> {
+    if let Err(e) = &tensor.encoding {
+        return Err(format_error(path)(e.clone()));
+    }
+    if !is_float(tensor) {
         return Err(file_error(
             path,
             format!(

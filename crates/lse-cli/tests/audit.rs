@@ -595,3 +595,140 @@ fn help_documents_every_flag() {
     std::fs::write(&f, "hello").unwrap();
     assert!(error(&[s(&f)]).contains("unknown format"));
 }
+
+/// Logits with every case the audit counts: NaN, ±inf, a fully masked row, rows past f16's and
+/// f32's overflow points and below their underflow points, ordinary rows.
+fn awkward_logits(rows: usize, classes: usize) -> Vec<f32> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut v: Vec<f32> = (0..rows * classes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 24.0 - 12.0) as f32
+        })
+        .collect();
+    v[3] = f32::NAN;
+    v[classes + 1] = f32::INFINITY;
+    v[2 * classes + 2] = f32::NEG_INFINITY;
+    v[3 * classes..4 * classes].fill(f32::NEG_INFINITY);
+    v[4 * classes] = 95.0;
+    v[5 * classes..6 * classes].fill(-120.0);
+    v
+}
+
+/// Reading a file a chunk at a time changes nothing: the report (JSON numbers written in full)
+/// is the same byte for byte whether the whole tensor is one chunk — the computation over all
+/// rows at once — or each chunk is a single row or block of rows. Last class axis and a middle
+/// one, f32 .npy and bf16/f16 .safetensors, with targets.
+#[test]
+fn reading_in_chunks_gives_the_same_report_bit_for_bit() {
+    let d = dir("chunks");
+    let (rows, classes) = (41, 23);
+    let values = awkward_logits(rows, classes);
+    let flat = npy(&d.join("flat.npy"), &[rows, classes], &values);
+    let targets: Vec<i64> = (0..rows as i64).map(|r| (r * 5) % 23).collect();
+    let labels = npy(&d.join("labels.npy"), &[rows], &targets);
+    // (N, C, T) = (41, 23, 3) with the classes on axis 1.
+    let wide = awkward_logits(rows * 3, classes);
+    let middle = npy(&d.join("middle.npy"), &[rows, classes, 3], &wide);
+    let halves: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+    let brains: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+    let st = d.join("dump.safetensors");
+    std::fs::write(
+        &st,
+        safetensors(&[
+            ("a", "BF16", &[rows, classes], le(&brains)),
+            ("b", "F16", &[rows, classes], le(&halves)),
+        ]),
+    )
+    .unwrap();
+
+    let row = (classes * 4).to_string();
+    let seven_rows = (classes * 4 * 7).to_string();
+    let cases: [Vec<&str>; 4] = [
+        vec![s(&flat), "--targets", s(&labels)],
+        vec![s(&middle), "--axis", "1"],
+        vec![s(&st), "--tensor", "a", "--targets", s(&labels)],
+        vec![s(&st)],
+    ];
+    for case in &cases {
+        let whole = text(&[case.as_slice(), &["--json"]].concat(), 1);
+        for chunk in ["1", row.as_str(), seven_rows.as_str()] {
+            let chunked = text(
+                &[case.as_slice(), &["--json", "--chunk-bytes", chunk]].concat(),
+                1,
+            );
+            assert_eq!(chunked, whole, "{case:?} in chunks of {chunk} bytes");
+        }
+    }
+    // The fixtures do exercise what the chunks must carry across: rows of every kind.
+    let report = json(&[s(&flat), "--targets", s(&labels)], 1);
+    let t = &report["tensors"][0];
+    assert_eq!(t["rows_fully_masked"], 1);
+    assert_eq!(t["rows_with_nan_or_inf"], 2);
+    assert_eq!(naive(t, "f32")["overflow_rows"], 1);
+    assert_eq!(naive(t, "f32")["underflow_rows"], 1);
+}
+
+/// Several files, or a directory of them: one line per file and the totals; the exit status is
+/// the worst: 2 when a file cannot be audited, else 1 when one holds NaN or +inf, else 0.
+#[test]
+fn several_files_and_directories_give_a_line_each_and_totals() {
+    let d = dir("many");
+    let steps = d.join("steps");
+    std::fs::create_dir_all(&steps).unwrap();
+    let clean: Vec<f32> = vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.25];
+    let mut dirty = clean.clone();
+    dirty[4] = f32::NAN;
+    npy(&steps.join("step-001.npy"), &[2, 3], &clean);
+    npy(&steps.join("step-002.npy"), &[3, 2], &dirty);
+    std::fs::write(steps.join("notes.txt"), "not a tensor").unwrap();
+
+    let out = text(&[s(&steps)], 1);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        lines[0].ends_with("step-001.npy: clean: 1 tensor, 2 rows (f32), NaN 0, +inf 0, -inf 0"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("step-002.npy: NON-FINITE: 1 tensor, 3 rows (f32), NaN 1"),
+        "{out}"
+    );
+    assert!(
+        lines[3].starts_with("total: 2 files, 1 non-finite, 0 failed; 2 tensors, 5 rows, NaN 1"),
+        "{out}"
+    );
+
+    let report = json(&[s(&steps)], 1);
+    assert_eq!(report["totals"]["files"], 2);
+    assert_eq!(report["totals"]["rows"], 5);
+    assert_eq!(report["files"][1]["tensors"][0]["nan"], 1);
+    assert_eq!(report["exit_status"], 1);
+
+    // A clean file alone in a list: status 0; a truncated file among them: status 2, and the
+    // others are still audited.
+    let first = steps.join("step-001.npy");
+    let _ = text(&[s(&first), s(&first)], 0);
+    let bytes = std::fs::read(&first).unwrap();
+    let cut = d.join("cut.npy");
+    std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
+    let out = text(&[s(&first), s(&cut)], 2);
+    assert!(
+        out.contains("cut.npy: error: ") && out.contains("the file holds"),
+        "{out}"
+    );
+    assert!(out.contains("1 failed"), "{out}");
+    let report = json(&[s(&first), s(&cut)], 2);
+    assert!(report["files"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("cut.npy"));
+
+    // A directory with no tensor file is an error of its own.
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = error(&[s(&empty)]);
+    assert!(err.contains("holds no .npy or .safetensors file"), "{err}");
+}

@@ -37,7 +37,7 @@ fn result_row<'a>(out: &'a str, run: &str) -> Vec<&'a str> {
     let header = lines
         .next()
         .unwrap_or_else(|| panic!("no results table in\n{out}"));
-    assert!(header.contains("monitor warnings"), "{header}");
+    assert!(header.contains("monitor events"), "{header}");
     let line = lines
         .take(2)
         .find(|l| l.trim_start().starts_with(&format!("{run} ")))

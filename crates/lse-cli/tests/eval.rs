@@ -735,3 +735,62 @@ fn integer_and_unsupported_inputs_are_errors() {
     ]);
     assert!(e.contains("targets must be integer class indices"), "{e}");
 }
+
+/// The per-row ops read the input and write the output a chunk of rows at a time: the output
+/// files are the same byte for byte for any chunk size (one block of rows, a few, the whole
+/// tensor), with the classes on the last axis or a middle one; an error names the row in the
+/// whole tensor, and leaves no output behind.
+#[test]
+fn per_row_ops_in_chunks_write_the_same_bytes() {
+    let d = dir("chunks");
+    let (n, c, t) = (13, 11, 3);
+    let values: Vec<f32> = (0..n * c * t)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37)
+        .collect();
+    let last = write(&d.join("last.npy"), &[n * t, c], &values, Bf16Descr::Named);
+    let middle = write(&d.join("middle.npy"), &[n, c, t], &values, Bf16Descr::Named);
+    let halves: Vec<f16> = values.iter().map(|&x| f16::from_f32(x / 4.0)).collect();
+    let half = write(&d.join("half.npy"), &[n * t, c], &halves, Bf16Descr::Named);
+    for (input, axis) in [(&last, "-1"), (&middle, "1"), (&half, "-1")] {
+        for op in ["logsumexp", "softmax", "log_softmax"] {
+            let whole = d.join("whole.npy");
+            eval_ok(&["--op", op, s(input), "--axis", axis, "--out", s(&whole)]);
+            let expected = std::fs::read(&whole).unwrap();
+            for chunk in ["1", "100", "400"] {
+                let part = d.join("part.npy");
+                let args = [op, s(input), "--axis", axis, "--out", s(&part)];
+                eval_ok(&[&["--op"], &args[..], &["--chunk-bytes", chunk]].concat());
+                assert!(
+                    std::fs::read(&part).unwrap() == expected,
+                    "{op} of {input:?} axis {axis} in chunks of {chunk} bytes"
+                );
+            }
+        }
+    }
+    let mut bad = values.clone();
+    bad[7 * c + 4] = f32::NAN;
+    let bad = write(&d.join("bad.npy"), &[n * t, c], &bad, Bf16Descr::Named);
+    let out = d.join("never.npy");
+    let e = eval_err(&[
+        "--op",
+        "softmax",
+        s(&bad),
+        "--out",
+        s(&out),
+        "--chunk-bytes",
+        "44",
+    ]);
+    assert!(e.contains("non-finite logit NaN at row 7, column 4"), "{e}");
+    assert!(!out.exists());
+    let leftovers = std::fs::read_dir(&d)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("partial")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+}

@@ -438,3 +438,43 @@ fn targets_malformed() {
         assert!(!out.exists());
     }
 }
+
+/// A file that shrinks while it is being read (another process truncates a dump that `lse audit`
+/// is reading) gives an error naming the bytes missing, not a crash: the reader uses positioned
+/// reads, which come back short, where a memory mapping would raise SIGBUS.
+#[test]
+fn a_file_that_shrinks_while_being_read_is_an_error_not_a_crash() {
+    use lse_cli::tensor_file::npy::ReadOptions;
+    use lse_cli::tensor_file::stream::{ReadError, TensorFile};
+    use lse_cli::tensor_file::{Format, TensorData};
+
+    let d = dir("shrinks");
+    let path = d.join("logits.npy");
+    let values: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+    std::fs::write(&path, encode(&[64, 64], &values, Bf16Descr::Named).unwrap()).unwrap();
+    let file = TensorFile::open(&path, Format::Npy, ReadOptions::default()).unwrap();
+    let tensor = file.tensors[0].clone();
+    let mut buf = Vec::new();
+    let first = file.read(&tensor, 0, 64, &mut buf).unwrap();
+    assert_eq!(first, TensorData::F32(values[..64].to_vec()));
+
+    // Truncated to half while open: the first half still reads, the second half is an error.
+    let opened_with = file.len;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(opened_with / 2)
+        .unwrap();
+    assert!(file.read(&tensor, 64, 64, &mut buf).is_ok());
+    let err = file.read(&tensor, 4032, 64, &mut buf).unwrap_err();
+    assert!(
+        matches!(err, ReadError::Shrunk { needed, opened_with: o } if needed == opened_with && o == opened_with),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("the file shrank while being read"),
+        "{err}"
+    );
+}

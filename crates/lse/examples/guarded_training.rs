@@ -133,7 +133,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!(
-        "skipped steps: {skipped}, final scale: {}, monitor warnings: {warnings}, \
+        "skipped steps: {skipped}, final scale: {}, monitor events: {warnings}, \
          held-out accuracy (last 100 batches): {:.1}%",
         scaler.scale(),
         100.0 * correct as f64 / (100 * BATCH) as f64

@@ -1,7 +1,9 @@
 //! The logit monitor: statistics against direct computation, the same figures from inside the
 //! fused cross-entropy, and the story it exists for — an f16 run drifting toward overflow.
 
-use lse::guard::{LogitMonitor, LogitStats, MonitorConfig, MonitorWarning};
+use lse::guard::{
+    LogitMonitor, LogitStats, MonitorConfig, MonitorEvent, MonitorWarning, WarningKind,
+};
 use lse::{cross_entropy, f16, CrossEntropyOptions, DType, NonFinite, Reduction, Targets};
 
 /// Deterministic pseudo-random values in [-1, 1) (splitmix64).
@@ -125,9 +127,9 @@ fn monitor_warns_before_a_growing_f16_run_overflows_naive_softmax() {
             naive_death = Some(step);
         }
 
-        let warnings = monitor.record(step, out.logit_stats.unwrap());
-        if first_warning.is_none() && !warnings.is_empty() {
-            first_warning = Some((step, warnings[0].clone()));
+        let events = monitor.record(step, out.logit_stats.unwrap());
+        if first_warning.is_none() && !events.is_empty() {
+            first_warning = events[0].warning().map(|w| (step, w.clone()));
         }
     }
     let death = naive_death.expect("the naive f16 loss must overflow in this run");
@@ -177,4 +179,128 @@ fn reduction_and_stats_are_independent() {
         assert_eq!(a.row_loss, b.row_loss);
         assert!(a.logit_stats.is_none() && b.logit_stats.is_some());
     }
+}
+
+/// Statistics of a one-row batch whose largest `|x|` is `peak` (and a NaN when `nan`).
+fn batch(peak: f32, nan: bool) -> LogitStats {
+    let row = [peak, 0.5, if nan { f32::NAN } else { -1.0 }];
+    LogitStats::of(&row, 3).unwrap()
+}
+
+/// Warnings come on transitions: a start, a reminder every K steps while the condition holds,
+/// a clearing; nothing in between. The expected events are worked out here from the sequence
+/// of peaks alone (near-overflow holds while the peak passes 0.75 · ln 65504 = 8.318).
+#[test]
+fn monitor_reports_starts_reminders_and_clearings_not_every_step() {
+    let config = MonitorConfig {
+        trend_window: 0,
+        reminder_interval: 10,
+        clear_after: 1,
+        ..MonitorConfig::default()
+    };
+    let mut monitor = LogitMonitor::new(config).unwrap();
+    // Steps 0..100: below the line, then above it over [20, 47), below, above over [60, 63);
+    // NaN at steps 30 and 31.
+    let peak = |step: u64| {
+        if (20..47).contains(&step) || (60..63).contains(&step) {
+            9.0
+        } else {
+            4.0
+        }
+    };
+    let mut said = Vec::new();
+    for step in 0..100u64 {
+        let nan = step == 30 || step == 31;
+        let events = monitor.record(step, batch(peak(step), nan)).to_vec();
+        let entry = monitor.history().last().unwrap();
+        // Every start and reminder carries exactly the warning of its step, as before.
+        for event in &events {
+            if let Some(warning) = event.warning() {
+                assert!(entry.warnings.contains(warning), "{event}");
+                assert_eq!(warning.step(), step);
+            }
+            said.push((event.step(), event.kind(), kind_of(event)));
+        }
+        // The condition itself is still recorded at every step it holds.
+        assert_eq!(
+            entry.warnings.len(),
+            usize::from(peak(step) > 8.318) + usize::from(nan)
+        );
+    }
+    use WarningKind::{NearOverflow, NonFinite};
+    let expected = [
+        (20, NearOverflow, "started"),
+        (30, NonFinite, "started"),
+        (30, NearOverflow, "reminder"),
+        (32, NonFinite, "cleared"),
+        (40, NearOverflow, "reminder"),
+        (47, NearOverflow, "cleared"),
+        (60, NearOverflow, "started"),
+        (63, NearOverflow, "cleared"),
+    ];
+    assert_eq!(said, expected);
+
+    let text: Vec<String> = monitor
+        .history()
+        .flat_map(|e| e.events.iter().map(ToString::to_string))
+        .collect();
+    assert!(text[0].starts_with("step 20: max |logit| = 9.0000 is 81% of the f16"));
+    assert!(text[2].ends_with("(still, since step 20)"), "{}", text[2]);
+    assert_eq!(
+        text[3],
+        "step 32: cleared: non-finite logits (held from step 30 to step 31); max |logit| = 9.0000"
+    );
+}
+
+fn kind_of(event: &MonitorEvent) -> &'static str {
+    match event {
+        MonitorEvent::Started { .. } => "started",
+        MonitorEvent::Reminder { .. } => "reminder",
+        MonitorEvent::Cleared { .. } => "cleared",
+    }
+}
+
+/// With reminders off, a condition that holds for a long run is reported once when it starts
+/// and once when it clears.
+#[test]
+fn reminders_can_be_turned_off() {
+    let config = MonitorConfig {
+        reminder_interval: 0,
+        ..MonitorConfig::default()
+    };
+    let mut monitor = LogitMonitor::new(config).unwrap();
+    let mut count = 0;
+    for step in 0..2000u64 {
+        let peak = if step < 1990 { 10.0 } else { 1.0 };
+        count += monitor.record(step, batch(peak, false)).len();
+    }
+    assert_eq!(count, 2);
+    assert!(monitor.active().is_empty());
+}
+
+/// A value hovering around the threshold is one condition, not a start and a clearing at every
+/// crossing: it clears only after `clear_after` steps without it.
+#[test]
+fn a_condition_clears_only_after_clear_after_steps_without_it() {
+    let config = MonitorConfig {
+        trend_window: 0,
+        clear_after: 5,
+        ..MonitorConfig::default()
+    };
+    let mut monitor = LogitMonitor::new(config).unwrap();
+    // Above the line at even steps 10..30, below at the odd ones and from 30 on.
+    let mut said = Vec::new();
+    for step in 0..60u64 {
+        let above = (10..30).contains(&step) && step % 2 == 0;
+        for event in monitor.record(step, batch(if above { 9.0 } else { 4.0 }, false)) {
+            said.push((event.step(), kind_of(event)));
+        }
+    }
+    // The last step above is 28: cleared at 28 + 5.
+    assert_eq!(said, [(10, "started"), (33, "cleared")]);
+    let bad = MonitorConfig {
+        clear_after: 0,
+        ..MonitorConfig::default()
+    };
+    assert!(LogitMonitor::new(bad).is_err());
 }

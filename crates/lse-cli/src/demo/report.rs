@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use lse::guard::MonitorEvent;
 use lse::DType;
 use serde_json::{json, Value};
 
@@ -350,11 +351,17 @@ impl Summary<'_> {
                     ),
                     _ => String::new(),
                 };
+                let count = |wanted: fn(&MonitorEvent) -> bool| {
+                    run.monitor_events.iter().filter(|e| wanted(e)).count()
+                };
                 format!(
-                    "LogitMonitor: first warning at step {step}{lead}: \"{text}\"; warnings at \
-                     {} of the {} steps.",
-                    run.warnings,
-                    run.losses.len()
+                    "LogitMonitor: first warning at step {step}{lead}: \"{text}\"; {} events \
+                     over the {} steps ({} started, {} reminders, {} cleared).",
+                    run.monitor_events.len(),
+                    run.losses.len(),
+                    count(|e| matches!(e, MonitorEvent::Started { .. })),
+                    count(|e| matches!(e, MonitorEvent::Reminder { .. })),
+                    count(|e| matches!(e, MonitorEvent::Cleared { .. })),
                 )
             }
         };
@@ -393,7 +400,7 @@ impl Summary<'_> {
             "final loss",
             "held-out accuracy",
             "skipped steps",
-            "monitor warnings",
+            "monitor events",
         ];
         let first = |run: &RunOutcome| {
             run.first_non_finite
@@ -419,7 +426,7 @@ impl Summary<'_> {
                 loss(o.stable.final_loss(FINAL_WINDOW)),
                 accuracy(&o.stable),
                 o.stable.skipped.len().to_string(),
-                o.stable.warnings.to_string(),
+                o.stable.monitor_events.len().to_string(),
             ],
         ];
         let widths: Vec<usize> = (0..header.len())
@@ -497,7 +504,7 @@ impl Summary<'_> {
                 "gradients_kept_from_underflow".into(),
                 json!(o.stable.rescued_from_underflow),
             );
-            map.insert("monitor_warnings".into(), json!(o.stable.warnings));
+            map.insert("monitor_events".into(), json!(o.stable.monitor_events));
             map.insert(
                 "first_monitor_warning".into(),
                 json!(o

@@ -1,8 +1,8 @@
 //! The two training runs of `lse demo`, stepped in lockstep on the same batches.
 
 use lse::guard::{
-    triage, LogitMonitor, LossScaler, LossScalerConfig, MonitorConfig, Role, TensorShapeError,
-    TensorView, TriageReport,
+    triage, LogitMonitor, LossScaler, LossScalerConfig, MonitorConfig, MonitorEvent, Role,
+    TensorShapeError, TensorView, TriageReport,
 };
 use lse::{cross_entropy_with_grad, CrossEntropyOptions, Element, GradOutput, Targets};
 
@@ -106,8 +106,8 @@ pub struct RunOutcome {
     /// Entries of the logits gradient that were nonzero at the loss scale but would have been
     /// flushed to 0 at scale 1 (stable run only).
     pub rescued_from_underflow: u64,
-    /// Warnings of the logit monitor (stable run only).
-    pub warnings: usize,
+    /// What the logit monitor reported (stable run only): starts, reminders, clearings.
+    pub monitor_events: Vec<MonitorEvent>,
     /// The first warning: its step and text.
     pub first_warning: Option<(u64, String)>,
 }
@@ -369,11 +369,11 @@ impl<E: Element> Run<E> {
             &mut self.grad,
         )?;
         if let Some(stats) = out.logit_stats.take() {
-            let warnings = guards.monitor.record(step, stats);
-            if let (None, Some(first)) = (&self.outcome.first_warning, warnings.first()) {
+            let events = guards.monitor.record(step, stats);
+            if let (None, Some(first)) = (&self.outcome.first_warning, events.first()) {
                 self.outcome.first_warning = Some((step, first.to_string()));
             }
-            self.outcome.warnings += warnings.len();
+            self.outcome.monitor_events.extend_from_slice(events);
         }
         self.gz.clear();
         let mut rescued = 0;

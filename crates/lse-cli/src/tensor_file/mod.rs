@@ -1,4 +1,5 @@
-//! Tensors in files: [`npy`] (NumPy's `.npy`, read and written) and [`safetensors`] (read).
+//! Tensors in files: [`npy`] (NumPy's `.npy`, read and written) and [`safetensors`] (read);
+//! [`stream`] reads either a piece at a time, for files larger than memory.
 //!
 //! A reader takes the whole file as a byte slice and returns a [`Tensor`]: its shape, its elements
 //! in row-major (C) order and what the file called their type. Sizes declared by a file (shape,
@@ -9,6 +10,7 @@
 pub mod layout;
 pub mod npy;
 pub mod safetensors;
+pub mod stream;
 
 use core::fmt;
 
@@ -102,6 +104,97 @@ impl TensorData {
             TensorData::BF16(v) => Some(widen(v)),
             TensorData::Int(_) => None,
         }
+    }
+}
+
+/// What an element type is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    Float,
+    BFloat,
+    Signed,
+    Unsigned,
+}
+
+/// How the elements of a tensor are stored in a file: kind, size in bytes, byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Encoding {
+    pub(crate) kind: Kind,
+    pub(crate) size: usize,
+    pub(crate) big_endian: bool,
+}
+
+impl Encoding {
+    /// Little-endian `bf16`.
+    pub(crate) const BF16_LE: Encoding = Encoding {
+        kind: Kind::BFloat,
+        size: 2,
+        big_endian: false,
+    };
+
+    /// Bytes per element.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The float dtype of the elements; `None` for integers.
+    pub fn dtype(&self) -> Option<DType> {
+        match (self.kind, self.size) {
+            (Kind::Float, 8) => Some(DType::F64),
+            (Kind::Float, 4) => Some(DType::F32),
+            (Kind::Float, _) => Some(DType::F16),
+            (Kind::BFloat, _) => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// Decodes `bytes` (a whole number of elements; a partial element at the end is ignored)
+    /// into tensor data.
+    ///
+    /// # Errors
+    /// [`FormatError::IntegerOutOfRange`] for an unsigned 64-bit value above `i64::MAX` (its
+    /// index counted from the start of `bytes`).
+    pub fn decode(&self, bytes: &[u8]) -> Result<TensorData, FormatError> {
+        let el = self;
+        macro_rules! each {
+            ($n:literal, |$a:ident| $value:expr) => {
+                bytes
+                    .chunks_exact($n)
+                    .map(|c| {
+                        let mut $a: [u8; $n] = array(c);
+                        if el.big_endian {
+                            $a.reverse();
+                        }
+                        $value
+                    })
+                    .collect()
+            };
+        }
+        Ok(match (el.kind, el.size) {
+            (Kind::Float, 8) => TensorData::F64(each!(8, |a| f64::from_le_bytes(a))),
+            (Kind::Float, 4) => TensorData::F32(each!(4, |a| f32::from_le_bytes(a))),
+            (Kind::Float, _) => TensorData::F16(each!(2, |a| f16::from_le_bytes(a))),
+            (Kind::BFloat, _) => TensorData::BF16(each!(2, |a| bf16::from_le_bytes(a))),
+            (Kind::Signed, 1) => TensorData::Int(each!(1, |a| i64::from(i8::from_le_bytes(a)))),
+            (Kind::Signed, 2) => TensorData::Int(each!(2, |a| i64::from(i16::from_le_bytes(a)))),
+            (Kind::Signed, 4) => TensorData::Int(each!(4, |a| i64::from(i32::from_le_bytes(a)))),
+            (Kind::Signed, _) => TensorData::Int(each!(8, |a| i64::from_le_bytes(a))),
+            (Kind::Unsigned, 1) => TensorData::Int(each!(1, |a| i64::from(a[0]))),
+            (Kind::Unsigned, 2) => TensorData::Int(each!(2, |a| i64::from(u16::from_le_bytes(a)))),
+            (Kind::Unsigned, 4) => TensorData::Int(each!(4, |a| i64::from(u32::from_le_bytes(a)))),
+            (Kind::Unsigned, _) => {
+                let wide: Vec<u64> = each!(8, |a| u64::from_le_bytes(a));
+                let narrow = wide
+                    .iter()
+                    .enumerate()
+                    .map(|(index, &value)| {
+                        i64::try_from(value)
+                            .map_err(|_| FormatError::IntegerOutOfRange { index, value })
+                    })
+                    .collect::<Result<Vec<i64>, _>>()?;
+                TensorData::Int(narrow)
+            }
+        })
     }
 }
 

@@ -15,8 +15,9 @@
 //! writes `bf16` with either descr ([`Bf16Descr`]).
 
 use super::layout::{element_count, fortran_to_c};
-use super::{array, shape_string, Format, FormatError, NpyElement, Tensor, TensorData};
-use lse::{bf16, f16};
+use super::{
+    array, shape_string, Encoding, Format, FormatError, Kind, NpyElement, Tensor, TensorData,
+};
 
 /// The magic string every `.npy` file starts with.
 pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -163,34 +164,13 @@ fn bad_header(message: impl Into<String>) -> FormatError {
     }
 }
 
-/// What an element type of a `.npy` file is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Float,
-    BFloat,
-    Signed,
-    Unsigned,
-}
-
-/// An element type: kind, size in bytes, byte order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Element {
-    kind: Kind,
-    size: usize,
-    big_endian: bool,
-}
-
-fn element(descr: &str, options: ReadOptions) -> Result<Element, FormatError> {
+fn element(descr: &str, options: ReadOptions) -> Result<Encoding, FormatError> {
     let unsupported = |reason: &str| FormatError::UnsupportedDtype {
         dtype: descr.to_owned(),
         reason: reason.to_owned(),
     };
     if descr == "bfloat16" {
-        return Ok(Element {
-            kind: Kind::BFloat,
-            size: 2,
-            big_endian: false,
-        });
+        return Ok(Encoding::BF16_LE);
     }
     let (order, rest) = match descr.as_bytes().first() {
         Some(&c @ (b'<' | b'>' | b'|' | b'=')) => (c, &descr[1..]),
@@ -227,7 +207,7 @@ fn element(descr: &str, options: ReadOptions) -> Result<Element, FormatError> {
         };
         return Err(unsupported(reason));
     }
-    Ok(Element {
+    Ok(Encoding {
         kind,
         size,
         big_endian,
@@ -243,23 +223,54 @@ pub struct NpyArray {
     pub tensor: Tensor,
 }
 
-/// Parses a whole `.npy` file.
+/// Where a `.npy` file's data is and how to read it: its header checked against the file's
+/// length, without reading the data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    /// The header.
+    pub header: Header,
+    /// The dimensions (each fits a `usize`, and so do their product and its size in bytes).
+    pub shape: Vec<usize>,
+    /// How the elements are stored.
+    pub encoding: Encoding,
+}
+
+/// The length of the magic string, version, header length and header of a `.npy` file whose
+/// first bytes are `head` (at least the first 12, or the whole file when shorter): the bytes
+/// [`parse_layout`] needs to see.
 ///
-/// The size the header declares (shape × element size, overflow-checked) must equal the bytes
-/// that follow the header, exactly; only then are the elements decoded (Fortran-order data is
-/// reordered to row-major). Integers are widened to `i64`.
+/// # Errors
+/// As [`parse_header`] for the magic string, the version and the header length.
+pub fn header_end(head: &[u8]) -> Result<u64, FormatError> {
+    match parse_header(head) {
+        Ok(header) => Ok(header.data_offset as u64),
+        Err(FormatError::Truncated {
+            what: "the header",
+            needed,
+            ..
+        }) => Ok(needed),
+        Err(e) => Err(e),
+    }
+}
+
+/// Parses the header of a `.npy` file of `file_len` bytes whose first bytes are `head` (all of
+/// its header: [`header_end`] bytes, or the whole file when shorter) and checks the size it
+/// declares against `file_len`. Reads no element.
 ///
 /// # Errors
 /// Those of [`parse_header`]; [`FormatError::UnsupportedDtype`] and
 /// [`FormatError::AmbiguousVoid`] for the element type; [`FormatError::SizeOverflow`] and
-/// [`FormatError::SizeMismatch`] for the size; [`FormatError::IntegerOutOfRange`] for a `u8`
-/// value above `i64::MAX`.
-pub fn parse(bytes: &[u8], options: ReadOptions) -> Result<NpyArray, FormatError> {
-    let header = parse_header(bytes)?;
-    let el = element(&header.descr, options)?;
+/// [`FormatError::SizeMismatch`] for the size.
+pub fn parse_layout(
+    head: &[u8],
+    file_len: u64,
+    options: ReadOptions,
+) -> Result<Layout, FormatError> {
+    let header = parse_header(head)?;
+    let encoding = element(&header.descr, options)?;
     let overflow = || FormatError::SizeOverflow {
         shape: header.shape.clone(),
-        element_size: el.size as u64,
+        element_size: encoding.size as u64,
     };
     let shape = header
         .shape
@@ -267,16 +278,38 @@ pub fn parse(bytes: &[u8], options: ReadOptions) -> Result<NpyArray, FormatError
         .map(|&d| usize::try_from(d).map_err(|_| overflow()))
         .collect::<Result<Vec<usize>, _>>()?;
     let count = element_count(&shape).ok_or_else(overflow)?;
-    let expected = count.checked_mul(el.size).ok_or_else(overflow)?;
-    let data = &bytes[header.data_offset..];
-    if data.len() != expected {
+    let expected = count.checked_mul(encoding.size).ok_or_else(overflow)?;
+    let actual = file_len.saturating_sub(header.data_offset as u64);
+    if actual != expected as u64 {
         return Err(FormatError::SizeMismatch {
             what: format!("shape {} of '{}'", shape_string(&shape), header.descr),
             expected: expected as u64,
-            actual: data.len() as u64,
+            actual,
         });
     }
-    let data = decode(data, el)?;
+    Ok(Layout {
+        header,
+        shape,
+        encoding,
+    })
+}
+
+/// Parses a whole `.npy` file.
+///
+/// The size the header declares (shape × element size, overflow-checked) must equal the bytes
+/// that follow the header, exactly; only then are the elements decoded (Fortran-order data is
+/// reordered to row-major). Integers are widened to `i64`.
+///
+/// # Errors
+/// Those of [`parse_layout`]; [`FormatError::IntegerOutOfRange`] for a `u8` value above
+/// `i64::MAX`.
+pub fn parse(bytes: &[u8], options: ReadOptions) -> Result<NpyArray, FormatError> {
+    let Layout {
+        header,
+        shape,
+        encoding,
+    } = parse_layout(bytes, bytes.len() as u64, options)?;
+    let data = encoding.decode(&bytes[header.data_offset..])?;
     let data = if header.fortran_order {
         reorder(data, &shape)?
     } else {
@@ -291,56 +324,17 @@ pub fn parse(bytes: &[u8], options: ReadOptions) -> Result<NpyArray, FormatError
     Ok(NpyArray { header, tensor })
 }
 
-fn reorder(data: TensorData, shape: &[usize]) -> Result<TensorData, FormatError> {
+/// `data` (Fortran order of `shape`) in row-major order.
+///
+/// # Errors
+/// [`FormatError::ShapeMismatch`] when `data` does not fill `shape`.
+pub fn reorder(data: TensorData, shape: &[usize]) -> Result<TensorData, FormatError> {
     Ok(match data {
         TensorData::F64(v) => TensorData::F64(fortran_to_c(&v, shape)?),
         TensorData::F32(v) => TensorData::F32(fortran_to_c(&v, shape)?),
         TensorData::F16(v) => TensorData::F16(fortran_to_c(&v, shape)?),
         TensorData::BF16(v) => TensorData::BF16(fortran_to_c(&v, shape)?),
         TensorData::Int(v) => TensorData::Int(fortran_to_c(&v, shape)?),
-    })
-}
-
-/// Decodes `bytes` (a whole number of `el.size` elements) into tensor data.
-fn decode(bytes: &[u8], el: Element) -> Result<TensorData, FormatError> {
-    macro_rules! each {
-        ($n:literal, |$a:ident| $value:expr) => {
-            bytes
-                .chunks_exact($n)
-                .map(|c| {
-                    let mut $a: [u8; $n] = array(c);
-                    if el.big_endian {
-                        $a.reverse();
-                    }
-                    $value
-                })
-                .collect()
-        };
-    }
-    Ok(match (el.kind, el.size) {
-        (Kind::Float, 8) => TensorData::F64(each!(8, |a| f64::from_le_bytes(a))),
-        (Kind::Float, 4) => TensorData::F32(each!(4, |a| f32::from_le_bytes(a))),
-        (Kind::Float, _) => TensorData::F16(each!(2, |a| f16::from_le_bytes(a))),
-        (Kind::BFloat, _) => TensorData::BF16(each!(2, |a| bf16::from_le_bytes(a))),
-        (Kind::Signed, 1) => TensorData::Int(each!(1, |a| i64::from(i8::from_le_bytes(a)))),
-        (Kind::Signed, 2) => TensorData::Int(each!(2, |a| i64::from(i16::from_le_bytes(a)))),
-        (Kind::Signed, 4) => TensorData::Int(each!(4, |a| i64::from(i32::from_le_bytes(a)))),
-        (Kind::Signed, _) => TensorData::Int(each!(8, |a| i64::from_le_bytes(a))),
-        (Kind::Unsigned, 1) => TensorData::Int(each!(1, |a| i64::from(a[0]))),
-        (Kind::Unsigned, 2) => TensorData::Int(each!(2, |a| i64::from(u16::from_le_bytes(a)))),
-        (Kind::Unsigned, 4) => TensorData::Int(each!(4, |a| i64::from(u32::from_le_bytes(a)))),
-        (Kind::Unsigned, _) => {
-            let wide: Vec<u64> = each!(8, |a| u64::from_le_bytes(a));
-            let narrow = wide
-                .iter()
-                .enumerate()
-                .map(|(index, &value)| {
-                    i64::try_from(value)
-                        .map_err(|_| FormatError::IntegerOutOfRange { index, value })
-                })
-                .collect::<Result<Vec<i64>, _>>()?;
-            TensorData::Int(narrow)
-        }
     })
 }
 
@@ -363,6 +357,17 @@ pub fn encode<E: NpyElement>(
             len: data.len(),
         });
     }
+    let mut out = encode_header::<E>(shape, bf16);
+    out.reserve(data.len() * E::SIZE);
+    for &x in data {
+        x.put_le(&mut out);
+    }
+    Ok(out)
+}
+
+/// The header of the file [`encode`] writes for `shape` (magic string, version, length and the
+/// padded dict): the elements follow it, little-endian, row-major.
+pub fn encode_header<E: NpyElement>(shape: &[usize], bf16: Bf16Descr) -> Vec<u8> {
     let dict = format!(
         "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
         E::descr(bf16),
@@ -377,7 +382,7 @@ pub fn encode<E: NpyElement>(
     let prefix = MAGIC.len() + 2 + len_bytes;
     let total = (prefix + dict.len() + 1).div_ceil(ALIGNMENT) * ALIGNMENT;
     let header_len = total - prefix;
-    let mut out = Vec::with_capacity(total + data.len() * E::SIZE);
+    let mut out = Vec::with_capacity(total);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[version, 0]);
     if len_bytes == 2 {
@@ -389,10 +394,7 @@ pub fn encode<E: NpyElement>(
     out.extend_from_slice(dict.as_bytes());
     out.resize(total - 1, b' ');
     out.push(b'\n');
-    for &x in data {
-        x.put_le(&mut out);
-    }
-    Ok(out)
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -661,6 +663,7 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lse::bf16;
 
     fn file(header: &str, data: &[u8]) -> Vec<u8> {
         let mut out = MAGIC.to_vec();

@@ -11,8 +11,7 @@
 use serde_json::Value;
 
 use super::layout::element_count;
-use super::{array, shape_string, Format, FormatError, Tensor, TensorData};
-use lse::{bf16, f16};
+use super::{array, shape_string, Encoding, Format, FormatError, Kind, Tensor};
 
 /// The largest header the reference implementation accepts (100 MB).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -61,6 +60,38 @@ impl Entry {
     pub fn is_float(&self) -> bool {
         matches!(self.dtype.as_str(), "F64" | "F32" | "F16" | "BF16")
     }
+
+    /// How the elements are stored: the float dtypes and the integers (little-endian).
+    ///
+    /// # Errors
+    /// [`FormatError::UnsupportedDtype`] for `BOOL`, complex and the 4-, 6- and 8-bit floats.
+    pub fn encoding(&self) -> Result<Encoding, FormatError> {
+        let (kind, size) = match self.dtype.as_str() {
+            "F64" => (Kind::Float, 8),
+            "F32" => (Kind::Float, 4),
+            "F16" => (Kind::Float, 2),
+            "BF16" => (Kind::BFloat, 2),
+            "I8" => (Kind::Signed, 1),
+            "U8" => (Kind::Unsigned, 1),
+            "I16" => (Kind::Signed, 2),
+            "U16" => (Kind::Unsigned, 2),
+            "I32" => (Kind::Signed, 4),
+            "U32" => (Kind::Unsigned, 4),
+            "I64" => (Kind::Signed, 8),
+            "U64" => (Kind::Unsigned, 8),
+            other => {
+                return Err(FormatError::UnsupportedDtype {
+                    dtype: other.to_owned(),
+                    reason: "supported: F64, F32, F16, BF16 and the integer types".to_owned(),
+                })
+            }
+        };
+        Ok(Encoding {
+            kind,
+            size,
+            big_endian: false,
+        })
+    }
 }
 
 /// A parsed safetensors file: its entries, in the order of their data, and the data section.
@@ -71,6 +102,17 @@ pub struct Safetensors<'a> {
     /// The `__metadata__` object, if any.
     pub metadata: Vec<(String, String)>,
     data: &'a [u8],
+}
+
+/// The header of a safetensors file, checked against the file's length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The tensors, sorted by their data offsets.
+    pub entries: Vec<Entry>,
+    /// The `__metadata__` object, if any.
+    pub metadata: Vec<(String, String)>,
+    /// Where the data section starts, in bytes from the start of the file.
+    pub data_start: u64,
 }
 
 fn bad(message: impl Into<String>) -> FormatError {
@@ -90,15 +132,36 @@ fn bad(message: impl Into<String>) -> FormatError {
 /// overlapping, leaving gaps, or not the tensor's size) and [`FormatError::SizeMismatch`] (data
 /// after the last tensor).
 pub fn parse(bytes: &[u8]) -> Result<Safetensors<'_>, FormatError> {
-    if bytes.len() < 8 {
+    let Header {
+        entries,
+        metadata,
+        data_start,
+    } = parse_header(bytes, bytes.len() as u64)?;
+    Ok(Safetensors {
+        entries,
+        metadata,
+        // `parse_header` checked that the data section lies within the file.
+        data: &bytes[data_start as usize..],
+    })
+}
+
+/// The length of the header-length field and the header of a safetensors file of `file_len`
+/// bytes whose first bytes are `head` (at least 8, or the whole file when shorter): the bytes
+/// [`parse_header`] needs to see.
+///
+/// # Errors
+/// [`FormatError::Truncated`] (shorter than the 8-byte length), [`FormatError::HeaderTooLong`],
+/// [`FormatError::BadHeader`] for a header over [`MAX_HEADER_LEN`].
+pub fn header_end(head: &[u8], file_len: u64) -> Result<u64, FormatError> {
+    if head.len() < 8 {
         return Err(FormatError::Truncated {
             what: "the 8-byte header length",
             needed: 8,
-            available: bytes.len() as u64,
+            available: file_len.min(head.len() as u64),
         });
     }
-    let declared = u64::from_le_bytes(array(&bytes[..8]));
-    let available = (bytes.len() - 8) as u64;
+    let declared = u64::from_le_bytes(array(&head[..8]));
+    let available = file_len.saturating_sub(8);
     if declared > available {
         return Err(FormatError::HeaderTooLong {
             declared,
@@ -110,14 +173,32 @@ pub fn parse(bytes: &[u8]) -> Result<Safetensors<'_>, FormatError> {
             "the header is {declared} bytes, more than the format's limit of {MAX_HEADER_LEN}"
         )));
     }
-    // `declared <= available`, so it fits a usize.
-    let end = 8 + declared as usize;
-    let text = std::str::from_utf8(&bytes[8..end]).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+    Ok(8 + declared)
+}
+
+/// Parses and validates the header of a safetensors file of `file_len` bytes whose first
+/// [`header_end`] bytes (at least) are `head`: every check of [`parse`], with the data section's
+/// length taken from `file_len`. Reads no tensor.
+///
+/// # Errors
+/// Those of [`parse`].
+pub fn parse_header(head: &[u8], file_len: u64) -> Result<Header, FormatError> {
+    let end = header_end(head, file_len)?;
+    // `end <= file_len` (checked) and `head` holds the header (the caller's part), so
+    // `end <= head.len()` fits a usize; a short `head` is a truncated header.
+    let Some(raw) = usize::try_from(end).ok().and_then(|end| head.get(8..end)) else {
+        return Err(FormatError::Truncated {
+            what: "the header",
+            needed: end,
+            available: head.len() as u64,
+        });
+    };
+    let data_len = file_len.saturating_sub(end);
+    let text = std::str::from_utf8(raw).map_err(|e| bad(format!("not UTF-8: {e}")))?;
     let json: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let Value::Object(map) = json else {
         return Err(bad("the header is not a JSON object"));
     };
-    let data = &bytes[end..];
     let mut entries = Vec::with_capacity(map.len());
     let mut metadata = Vec::new();
     for (name, value) in map {
@@ -149,10 +230,9 @@ pub fn parse(bytes: &[u8]) -> Result<Safetensors<'_>, FormatError> {
             end: end as u64,
             message,
         };
-        if end > data.len() {
+        if end as u64 > data_len {
             return Err(offsets_error(format!(
-                "lie outside the data section ({} bytes)",
-                data.len()
+                "lie outside the data section ({data_len} bytes)"
             )));
         }
         if end < begin {
@@ -188,17 +268,17 @@ pub fn parse(bytes: &[u8]) -> Result<Safetensors<'_>, FormatError> {
         }
         start = end;
     }
-    if start != data.len() {
+    if start as u64 != data_len {
         return Err(FormatError::SizeMismatch {
             what: "data section".to_owned(),
             expected: start as u64,
-            actual: data.len() as u64,
+            actual: data_len,
         });
     }
-    Ok(Safetensors {
+    Ok(Header {
         entries,
         metadata,
-        data,
+        data_start: end,
     })
 }
 
@@ -296,48 +376,7 @@ impl Safetensors<'_> {
     pub fn tensor(&self, name: &str) -> Result<Tensor, FormatError> {
         let e = self.entry(name)?;
         let bytes = self.bytes(name)?;
-        macro_rules! each {
-            ($n:literal, |$a:ident| $value:expr) => {
-                bytes
-                    .chunks_exact($n)
-                    .map(|c| {
-                        let $a: [u8; $n] = array(c);
-                        $value
-                    })
-                    .collect()
-            };
-        }
-        let data = match e.dtype.as_str() {
-            "F64" => TensorData::F64(each!(8, |a| f64::from_le_bytes(a))),
-            "F32" => TensorData::F32(each!(4, |a| f32::from_le_bytes(a))),
-            "F16" => TensorData::F16(each!(2, |a| f16::from_le_bytes(a))),
-            "BF16" => TensorData::BF16(each!(2, |a| bf16::from_le_bytes(a))),
-            "I8" => TensorData::Int(each!(1, |a| i64::from(i8::from_le_bytes(a)))),
-            "U8" => TensorData::Int(each!(1, |a| i64::from(a[0]))),
-            "I16" => TensorData::Int(each!(2, |a| i64::from(i16::from_le_bytes(a)))),
-            "U16" => TensorData::Int(each!(2, |a| i64::from(u16::from_le_bytes(a)))),
-            "I32" => TensorData::Int(each!(4, |a| i64::from(i32::from_le_bytes(a)))),
-            "U32" => TensorData::Int(each!(4, |a| i64::from(u32::from_le_bytes(a)))),
-            "I64" => TensorData::Int(each!(8, |a| i64::from_le_bytes(a))),
-            "U64" => {
-                let wide: Vec<u64> = each!(8, |a| u64::from_le_bytes(a));
-                TensorData::Int(
-                    wide.iter()
-                        .enumerate()
-                        .map(|(index, &value)| {
-                            i64::try_from(value)
-                                .map_err(|_| FormatError::IntegerOutOfRange { index, value })
-                        })
-                        .collect::<Result<Vec<i64>, _>>()?,
-                )
-            }
-            other => {
-                return Err(FormatError::UnsupportedDtype {
-                    dtype: other.to_owned(),
-                    reason: "supported: F64, F32, F16, BF16 and the integer types".to_owned(),
-                })
-            }
-        };
+        let data = e.encoding()?.decode(bytes)?;
         Ok(Tensor {
             shape: e.shape.clone(),
             data,
@@ -350,6 +389,7 @@ impl Safetensors<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor_file::TensorData;
 
     fn file(header: &str, data: &[u8]) -> Vec<u8> {
         let mut out = (header.len() as u64).to_le_bytes().to_vec();

@@ -6,12 +6,15 @@ use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 
+use super::state::{check_version, StateError, STATE_VERSION};
+use super::stats::f64_or_nan;
 use super::LogitStats;
 use crate::element::DType;
 use crate::error::{LseError, Result};
 
 /// When a [`LogitMonitor`] warns.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MonitorConfig {
     /// The dtype whose naive-`exp` overflow point (`ln MAX`) warnings are measured against.
     /// Default `f16` (11.09), the tightest: a run safe there is safe everywhere.
@@ -25,6 +28,13 @@ pub struct MonitorConfig {
     pub trend_horizon: f64,
     /// History entries kept (oldest dropped first). Default 10 000.
     pub capacity: usize,
+    /// While a condition holds, remind of it when at least this many steps have passed since it
+    /// was last reported (a [`MonitorEvent::Reminder`]); 0 never reminds. Default 500.
+    pub reminder_interval: u64,
+    /// A condition clears once it has not held for this many steps (at least 1: 1 clears at
+    /// the first step without it). Default 10, so that a value hovering around a threshold is
+    /// not reported as starting and clearing over and over.
+    pub clear_after: u64,
 }
 
 impl Default for MonitorConfig {
@@ -35,11 +45,74 @@ impl Default for MonitorConfig {
             trend_window: 8,
             trend_horizon: 50.0,
             capacity: 10_000,
+            reminder_interval: 500,
+            clear_after: 10,
         }
     }
 }
 
-/// A warning raised by [`LogitMonitor::record`].
+impl MonitorConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`LseError::BadOption`] for a `warn_fraction` or `trend_horizon` that is not finite and
+    /// positive, or a zero `capacity` or `clear_after`.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |name, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(LseError::BadOption {
+                    name,
+                    value,
+                    expected: "finite and > 0",
+                })
+            }
+        };
+        positive("warn_fraction", self.warn_fraction)?;
+        positive("trend_horizon", self.trend_horizon)?;
+        positive("capacity", self.capacity as f64)?;
+        positive("clear_after", self.clear_after as f64)?;
+        Ok(())
+    }
+}
+
+/// The condition a [`MonitorWarning`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    /// [`MonitorWarning::NonFinite`].
+    NonFinite,
+    /// [`MonitorWarning::NearOverflow`].
+    NearOverflow,
+    /// [`MonitorWarning::Trend`].
+    Trend,
+}
+
+impl WarningKind {
+    /// Every kind, in the order a step's events are reported.
+    pub const ALL: [WarningKind; 3] = [
+        WarningKind::NonFinite,
+        WarningKind::NearOverflow,
+        WarningKind::Trend,
+    ];
+}
+
+impl fmt::Display for WarningKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WarningKind::NonFinite => "non-finite logits",
+            WarningKind::NearOverflow => "near overflow",
+            WarningKind::Trend => "overflow trend",
+        })
+    }
+}
+
+/// A condition a [`LogitMonitor`] found at one step; the monitor reports it through
+/// [`MonitorEvent`]s.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MonitorWarning {
@@ -78,6 +151,26 @@ pub enum MonitorWarning {
     },
 }
 
+impl MonitorWarning {
+    /// The condition.
+    pub fn kind(&self) -> WarningKind {
+        match self {
+            MonitorWarning::NonFinite { .. } => WarningKind::NonFinite,
+            MonitorWarning::NearOverflow { .. } => WarningKind::NearOverflow,
+            MonitorWarning::Trend { .. } => WarningKind::Trend,
+        }
+    }
+
+    /// The step of the batch.
+    pub fn step(&self) -> u64 {
+        match self {
+            MonitorWarning::NonFinite { step, .. }
+            | MonitorWarning::NearOverflow { step, .. }
+            | MonitorWarning::Trend { step, .. } => *step,
+        }
+    }
+}
+
 impl fmt::Display for MonitorWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -111,6 +204,108 @@ impl fmt::Display for MonitorWarning {
     }
 }
 
+/// What a [`LogitMonitor`] says at a step: conditions are reported when they change, not at
+/// every step they hold. `Display` gives one line for a log (a start reads exactly as its
+/// [`MonitorWarning`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum MonitorEvent {
+    /// The condition of `warning` holds at this step and did not at the step before.
+    Started {
+        /// The condition, with this step's figures.
+        warning: MonitorWarning,
+    },
+    /// The condition of `warning` still holds, and was last reported at least
+    /// [`MonitorConfig::reminder_interval`] steps ago.
+    Reminder {
+        /// The condition, with this step's figures.
+        warning: MonitorWarning,
+        /// The step where it started.
+        since: u64,
+    },
+    /// A condition that held has not held for [`MonitorConfig::clear_after`] steps.
+    Cleared {
+        /// The condition.
+        kind: WarningKind,
+        /// This step.
+        step: u64,
+        /// The step where it started.
+        since: u64,
+        /// The last step where it held.
+        last_seen: u64,
+        /// This batch's largest finite `|x|`.
+        #[serde(deserialize_with = "f64_or_nan")]
+        max_abs: f64,
+    },
+}
+
+impl MonitorEvent {
+    /// The step the event is reported at.
+    pub fn step(&self) -> u64 {
+        match self {
+            MonitorEvent::Started { warning } | MonitorEvent::Reminder { warning, .. } => {
+                warning.step()
+            }
+            MonitorEvent::Cleared { step, .. } => *step,
+        }
+    }
+
+    /// The condition the event is about.
+    pub fn kind(&self) -> WarningKind {
+        match self {
+            MonitorEvent::Started { warning } | MonitorEvent::Reminder { warning, .. } => {
+                warning.kind()
+            }
+            MonitorEvent::Cleared { kind, .. } => *kind,
+        }
+    }
+
+    /// The warning a start or a reminder carries; `None` for a clearing.
+    pub fn warning(&self) -> Option<&MonitorWarning> {
+        match self {
+            MonitorEvent::Started { warning } | MonitorEvent::Reminder { warning, .. } => {
+                Some(warning)
+            }
+            MonitorEvent::Cleared { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for MonitorEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MonitorEvent::Started { warning } => write!(f, "{warning}"),
+            MonitorEvent::Reminder { warning, since } => {
+                write!(f, "{warning} (still, since step {since})")
+            }
+            MonitorEvent::Cleared {
+                kind,
+                step,
+                since,
+                last_seen,
+                max_abs,
+            } => write!(
+                f,
+                "step {step}: cleared: {kind} (held from step {since} to step {last_seen}); max \
+                 |logit| = {max_abs:.4}"
+            ),
+        }
+    }
+}
+
+/// A condition that holds, as a [`LogitMonitor`] tracks it between steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveWarning {
+    /// The condition.
+    pub kind: WarningKind,
+    /// The step where it started.
+    pub since: u64,
+    /// The step where it was last reported (its start or its last reminder).
+    pub last_reported: u64,
+    /// The last step where it held.
+    pub last_seen: u64,
+}
+
 /// One recorded step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MonitorEntry {
@@ -118,8 +313,23 @@ pub struct MonitorEntry {
     pub step: u64,
     /// The batch's statistics.
     pub stats: LogitStats,
-    /// What the monitor warned about at this step.
+    /// The conditions that hold at this step (reported or not).
     pub warnings: Vec<MonitorWarning>,
+    /// What the monitor reported at this step ([`LogitMonitor::record`]'s answer).
+    #[serde(default)]
+    pub events: Vec<MonitorEvent>,
+}
+
+/// The saved state of a [`LogitMonitor`] (format version 1, see [`crate::guard`]'s state
+/// section): its history, which the trend rule reads, and the conditions that hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MonitorState {
+    /// The format version, [`STATE_VERSION`].
+    pub version: u32,
+    /// The recorded steps, oldest first ([`LogitMonitor::history`]).
+    pub history: Vec<MonitorEntry>,
+    /// The conditions that hold after the last recorded step, at most one per kind.
+    pub active: Vec<ActiveWarning>,
 }
 
 /// A running history of per-batch [`LogitStats`] that warns while a run drifts toward the point
@@ -137,6 +347,7 @@ pub struct MonitorEntry {
 pub struct LogitMonitor {
     config: MonitorConfig,
     history: VecDeque<MonitorEntry>,
+    active: Vec<ActiveWarning>,
 }
 
 impl LogitMonitor {
@@ -149,29 +360,68 @@ impl LogitMonitor {
     /// # Panics
     /// Never.
     pub fn new(config: MonitorConfig) -> Result<Self> {
-        let positive = |name, value: f64| {
-            if value.is_finite() && value > 0.0 {
-                Ok(())
-            } else {
-                Err(LseError::BadOption {
-                    name,
-                    value,
-                    expected: "finite and > 0",
-                })
-            }
-        };
-        positive("warn_fraction", config.warn_fraction)?;
-        positive("trend_horizon", config.trend_horizon)?;
-        positive("capacity", config.capacity as f64)?;
+        config.validate()?;
         Ok(Self {
             config,
             history: VecDeque::new(),
+            active: Vec::new(),
         })
     }
 
-    /// Records the statistics of step `step` and returns the warnings they raise.
-    pub fn record(&mut self, step: u64, stats: LogitStats) -> &[MonitorWarning] {
+    /// The configuration.
+    pub fn config(&self) -> &MonitorConfig {
+        &self.config
+    }
+
+    /// The state to checkpoint: with the configuration, [`LogitMonitor::from_state`] rebuilds a
+    /// monitor that warns exactly as this one would.
+    pub fn state(&self) -> MonitorState {
+        MonitorState {
+            version: STATE_VERSION,
+            history: self.history.iter().cloned().collect(),
+            active: self.active.clone(),
+        }
+    }
+
+    /// A monitor with `config` that resumes from `state` (saved by [`LogitMonitor::state`]).
+    /// When the history holds more than `config.capacity` entries, the newest are kept.
+    ///
+    /// # Errors
+    /// [`StateError::UnsupportedVersion`] for a version other than [`STATE_VERSION`];
+    /// [`StateError::MonitorConfig`] for an invalid `config` (the errors of
+    /// [`LogitMonitor::new`]); [`StateError::DuplicateActiveWarning`] for a kind listed twice
+    /// in `state.active`.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn from_state(config: MonitorConfig, state: &MonitorState) -> Result<Self, StateError> {
+        check_version(state.version)?;
+        config.validate()?;
+        for (i, a) in state.active.iter().enumerate() {
+            if state.active[..i].iter().any(|b| b.kind == a.kind) {
+                return Err(StateError::DuplicateActiveWarning { kind: a.kind });
+            }
+        }
+        let skip = state.history.len().saturating_sub(config.capacity);
+        Ok(Self {
+            history: state.history[skip..].iter().cloned().collect(),
+            active: state.active.clone(),
+            config,
+        })
+    }
+
+    /// Records the statistics of step `step` and returns what the monitor reports: a
+    /// [`MonitorEvent::Started`] when a condition starts to hold, a [`MonitorEvent::Reminder`] at
+    /// most every [`MonitorConfig::reminder_interval`] steps while it holds, a
+    /// [`MonitorEvent::Cleared`] once it has not held for [`MonitorConfig::clear_after`] steps
+    /// (a condition that comes back before that simply goes on); nothing at the steps in between.
+    ///
+    /// The trend rule is not evaluated while `max |x|` is past the warn fraction (the
+    /// near-overflow warning says more): an active trend condition neither clears nor reminds
+    /// then.
+    pub fn record(&mut self, step: u64, stats: LogitStats) -> &[MonitorEvent] {
         let warnings = self.warnings_for(step, &stats);
+        let events = self.transitions(step, stats.max_abs, &warnings);
         if self.history.len() == self.config.capacity {
             self.history.pop_front();
         }
@@ -179,10 +429,75 @@ impl LogitMonitor {
             step,
             stats,
             warnings,
+            events,
         });
         self.history
             .back()
-            .map_or(&[][..], |entry| entry.warnings.as_slice())
+            .map_or(&[][..], |entry| entry.events.as_slice())
+    }
+
+    /// Compares the conditions of this step with those that held before, updates them and
+    /// returns the events.
+    fn transitions(
+        &mut self,
+        step: u64,
+        max_abs: f64,
+        warnings: &[MonitorWarning],
+    ) -> Vec<MonitorEvent> {
+        let near_overflow = warnings
+            .iter()
+            .any(|w| w.kind() == WarningKind::NearOverflow);
+        let interval = self.config.reminder_interval;
+        let mut events = Vec::new();
+        for kind in WarningKind::ALL {
+            let now = warnings.iter().find(|w| w.kind() == kind);
+            let held = self.active.iter().position(|a| a.kind == kind);
+            match (held, now) {
+                (None, Some(warning)) => {
+                    self.active.push(ActiveWarning {
+                        kind,
+                        since: step,
+                        last_reported: step,
+                        last_seen: step,
+                    });
+                    events.push(MonitorEvent::Started {
+                        warning: warning.clone(),
+                    });
+                }
+                (Some(i), Some(warning)) => {
+                    let active = &mut self.active[i];
+                    active.last_seen = step;
+                    if interval > 0 && step >= active.last_reported.saturating_add(interval) {
+                        active.last_reported = step;
+                        events.push(MonitorEvent::Reminder {
+                            warning: warning.clone(),
+                            since: active.since,
+                        });
+                    }
+                }
+                (Some(_), None) if kind == WarningKind::Trend && near_overflow => {}
+                (Some(i), None) => {
+                    let active = self.active[i];
+                    if step >= active.last_seen.saturating_add(self.config.clear_after) {
+                        self.active.remove(i);
+                        events.push(MonitorEvent::Cleared {
+                            kind,
+                            step,
+                            since: active.since,
+                            last_seen: active.last_seen,
+                            max_abs,
+                        });
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        events
+    }
+
+    /// The conditions that hold after the last recorded step.
+    pub fn active(&self) -> &[ActiveWarning] {
+        &self.active
     }
 
     fn warnings_for(&self, step: u64, stats: &LogitStats) -> Vec<MonitorWarning> {

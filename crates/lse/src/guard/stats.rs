@@ -1,5 +1,7 @@
 //! Per-batch statistics of a logits buffer.
 
+use core::marker::PhantomData;
+
 use serde::{Deserialize, Serialize};
 
 use crate::element::{DType, Element};
@@ -14,10 +16,13 @@ use crate::state::CompensatedSum;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Headroom {
     /// Against `f16` (overflow at 11.09).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub f16: f64,
     /// Against `bf16` (overflow at 88.72).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub bf16: f64,
     /// Against `f32` (overflow at 88.72).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub f32: f64,
 }
 
@@ -33,12 +38,21 @@ impl Headroom {
     }
 }
 
+/// Reads a figure that JSON may hold as `null`: serde_json writes every non-finite `f64` as
+/// `null`, and these figures are NaN when nothing finite was seen; `null` reads back as NaN, so a
+/// [`MonitorState`](super::MonitorState) written to JSON reads back.
+pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
 /// Statistics of one batch of logits: what a training loop logs to see a run drift toward
 /// overflow before it dies.
 ///
-/// Extremes are over finite logits (NaN when there is none; JSON `null`); the logsumexp figures
-/// are over rows whose logsumexp is finite. Gathered stand-alone by [`LogitStats::of`], or inside
-/// the fused cross-entropy's read pass with
+/// Extremes are over finite logits (NaN when there is none; JSON `null`, read back as NaN); the
+/// logsumexp figures are over rows whose logsumexp is finite. Gathered stand-alone by
+/// [`LogitStats::of`], or inside the fused cross-entropy's read pass with
 /// [`CrossEntropyOptions::keep_logit_stats`](crate::CrossEntropyOptions::keep_logit_stats), which
 /// sees the raw (uncapped) logits of the rows it reads (ignored rows are not read).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,10 +64,13 @@ pub struct LogitStats {
     /// Classes per row.
     pub classes: usize,
     /// Largest finite logit.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub max: f64,
     /// Smallest finite logit.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub min: f64,
     /// Largest finite `|x|`.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub max_abs: f64,
     /// NaN count.
     pub nan: u64,
@@ -62,10 +79,13 @@ pub struct LogitStats {
     /// `-inf` count (masks).
     pub neg_inf: u64,
     /// Mean of the per-row logsumexp.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub lse_mean: f64,
     /// Largest per-row logsumexp.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub lse_max: f64,
     /// Mean of `z = lse²` (what a z-loss penalises).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub z_mean: f64,
     /// Distance of `max` to naive-`exp` overflow per dtype.
     pub headroom: Headroom,
@@ -83,18 +103,9 @@ impl LogitStats {
     /// # Panics
     /// Never.
     pub fn of<E: Element>(logits: &[E], classes: usize) -> Result<Self> {
-        row_count("logits", logits.len(), classes)?;
-        let mut builder = StatsBuilder::default();
-        for row in logits.chunks_exact(classes) {
-            let scan = kernels::scan(row);
-            builder.tally(&scan);
-            let lse = match scan.first_non_finite {
-                None => kernels::logsumexp(row, &scan.state),
-                Some(_) => f64::NAN,
-            };
-            builder.row(lse);
-        }
-        Ok(builder.finish(E::DTYPE, classes))
+        let mut rows = LogitStatsAccumulator::new(classes)?;
+        rows.add(logits)?;
+        Ok(rows.finish())
     }
 
     /// `ln(MAX of dtype) − max`: the headroom against any dtype, `f64` included.
@@ -111,6 +122,60 @@ impl LogitStats {
     pub fn to_json_line(&self) -> String {
         // Serialising plain numbers and strings cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// [`LogitStats`] of rows given a piece at a time (a file read in chunks): the same figures,
+/// bit for bit, as [`LogitStats::of`] of all the rows at once, in the same order.
+#[derive(Clone, Debug)]
+pub struct LogitStatsAccumulator<E> {
+    builder: StatsBuilder,
+    classes: usize,
+    element: PhantomData<E>,
+}
+
+impl<E: Element> LogitStatsAccumulator<E> {
+    /// No row yet, of `classes` classes each.
+    ///
+    /// # Errors
+    /// [`LseError::EmptyClasses`](crate::LseError::EmptyClasses) for `classes = 0`.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn new(classes: usize) -> Result<Self> {
+        row_count("logits", 0, classes)?;
+        Ok(Self {
+            builder: StatsBuilder::default(),
+            classes,
+            element: PhantomData,
+        })
+    }
+
+    /// Adds the rows of `logits` (`rows × classes`, row-major), after those added before.
+    ///
+    /// # Errors
+    /// [`LseError::RaggedRows`](crate::LseError::RaggedRows) when `classes` does not divide
+    /// `logits.len()`; nothing is added then.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn add(&mut self, logits: &[E]) -> Result<()> {
+        row_count("logits", logits.len(), self.classes)?;
+        for row in logits.chunks_exact(self.classes) {
+            let scan = kernels::scan(row);
+            self.builder.tally(&scan);
+            let lse = match scan.first_non_finite {
+                None => kernels::logsumexp(row, &scan.state),
+                Some(_) => f64::NAN,
+            };
+            self.builder.row(lse);
+        }
+        Ok(())
+    }
+
+    /// The statistics of every row added.
+    pub fn finish(self) -> LogitStats {
+        self.builder.finish(E::DTYPE, self.classes)
     }
 }
 
