@@ -323,7 +323,10 @@ fn fused<E: Element<Stat = f32>>(
         }
     }
 
-    let chunk_rows = plan.chunk_rows.min(counted.len());
+    // As many chunks as the budget needs, of equal size (a last chunk of a few rows would run
+    // the products at a poor shape).
+    let chunks = counted.len().div_ceil(plan.chunk_rows);
+    let chunk_rows = counted.len().div_ceil(chunks.max(1));
     let mut logits = vec![0.0f32; chunk_rows * classes];
     let mut hidden_chunk = vec![0.0f32; chunk_rows * dim];
     let mut hidden_grad_chunk = vec![0.0f32; if gradient { chunk_rows * dim } else { 0 }];
@@ -353,7 +356,7 @@ fn fused<E: Element<Stat = f32>>(
         }
     }
 
-    for (chunk, rows_c) in counted.chunks(plan.chunk_rows.max(1)).enumerate() {
+    for (chunk, rows_c) in counted.chunks(chunk_rows.max(1)).enumerate() {
         let n = rows_c.len();
         let h = &mut hidden_chunk[..n * dim];
         h.par_chunks_mut(dim.max(1))
