@@ -4,8 +4,7 @@
 //! For each dtype and shape: the fused call's best and median time over `--repeats` (after a
 //! warm-up), its rate in GFLOP/s counted as `6·N·D·V` (three products of `2·N·D·V` each), the
 //! peak extra memory of the call (the growth of the process's peak resident set, reset before
-//! the call through `/proc/self/clear_refs`; `-` where that is not available; the kernel updates
-//! that peak lazily, so it can under-report: `tests/allocation.rs` counts exactly), and the fraction
+//! the call through `/proc/self/clear_refs`; `-` where that is not available), and the fraction
 //! of the matrix crate's own rate: `gemm` timed on the same three `f32` products, chunk by chunk
 //! at the chunk size the call's budget gives (`logits = H_c·Wᵀ`, `dH_c = G·W`, `dW += Gᵀ·H_c`),
 //! with nothing else in between.
