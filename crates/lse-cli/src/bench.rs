@@ -963,7 +963,7 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     }
     if let Some(shape) = args.shape.iter().find(|s| s.dim.is_some()) {
         return Err(CliError::usage(format!(
-            "shape {shape} has a hidden size: NxDxV shapes are for --op linear_cross_entropy"
+            "shape '{shape}' has a hidden size: NxDxV shapes are for --op linear_cross_entropy"
         )));
     }
     let plan = Plan::new(args, cores);

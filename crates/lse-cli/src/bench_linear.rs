@@ -64,7 +64,7 @@ pub fn run(args: &Args, threads: usize, out: &mut String) -> Result<u8> {
     for &shape in &args.shape {
         let Some(dim) = shape.dim else {
             return Err(CliError::usage(format!(
-                "--op linear_cross_entropy needs --shape NxDxV (tokens x hidden x classes), not {shape}"
+                "--op linear_cross_entropy needs --shape NxDxV (tokens x hidden x classes), not '{shape}'"
             )));
         };
         for dtype in args.dtype.iter().flat_map(|d| d.dtypes()) {
