@@ -3,7 +3,13 @@
 //!
 //! ```text
 //! cargo run --release -p lse-candle --example train_mlp
+//! cargo run --release -p lse-candle --example train_mlp -- --linear-head
 //! ```
+//!
+//! With `--linear-head` the last layer goes through `lse_candle::linear_cross_entropy`: the loss
+//! and the gradients of the hidden states, the head's weight and its bias come from the fused
+//! call, which never holds the logits (this small example still forms them to print the
+//! accuracy).
 //!
 //! The task: 8-dimensional points, 4 classes given by the signs of `x0·x1` and `x2 + x3²  − 1`
 //! (an XOR-like rule no linear model can learn). One sample in ten is "unlabeled" and carries the
@@ -11,7 +17,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::{linear, Linear, Module, Optimizer, VarBuilder, VarMap};
-use lse_candle::{cross_entropy, CrossEntropyOptions};
+use lse_candle::{cross_entropy, linear_cross_entropy, CrossEntropyOptions};
 
 const FEATURES: usize = 8;
 const HIDDEN: usize = 64;
@@ -55,15 +61,16 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl Mlp {
+    /// The hidden states the last layer (the head) reads.
+    fn hidden(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.l1.forward(xs)?.relu()?;
-        let h = self.l2.forward(&h)?.relu()?;
-        self.l3.forward(&h)
+        self.l2.forward(&h)?.relu()
     }
 }
 
 fn main() -> Result<()> {
+    let linear_head = std::env::args().any(|a| a == "--linear-head");
     let dev = Device::Cpu;
     let data = points(SAMPLES * FEATURES);
     let labels: Vec<i64> = data
@@ -91,8 +98,14 @@ fn main() -> Result<()> {
     let mut first = None;
     let mut last = f32::NAN;
     for step in 0..=STEPS {
-        let logits = model.forward(&xs)?;
-        let loss = cross_entropy(&logits, &ys, &options)?;
+        let hidden = model.hidden(&xs)?;
+        let logits = model.l3.forward(&hidden)?;
+        let loss = if linear_head {
+            let head = &model.l3;
+            linear_cross_entropy(&hidden, head.weight(), head.bias(), &ys, &options)?
+        } else {
+            cross_entropy(&logits, &ys, &options)?
+        };
         last = loss.to_scalar::<f32>()?;
         first.get_or_insert(last);
         if step % PRINT_EVERY == 0 {

@@ -25,6 +25,8 @@
 //!   weights, label smoothing, z-loss, soft-capping, reductions none / sum / mean, probability
 //!   targets, the NaN policy) through the owning [`CrossEntropyOptions`], plus a class dimension
 //!   anywhere in a tensor of any rank.
+//! - [`linear_cross_entropy`]: the loss of `hidden · weightᵀ + bias` with backward for all
+//!   three, a chunk of rows at a time, never holding the `rows × classes` logits.
 //! - [`softmax`], [`log_softmax`] and [`logsumexp`] over any dimension, with backward.
 //!
 //! Logits may be `f32`, `f64`, `f16` or `bf16`; everything is computed in `f64` and rounded once.
@@ -66,10 +68,12 @@
 
 mod common;
 mod cross_entropy;
+mod linear_cross_entropy;
 mod options;
 mod softmax;
 
 pub use cross_entropy::cross_entropy;
+pub use linear_cross_entropy::linear_cross_entropy;
 pub use lse::{EmptyMean, NonFinite, Reduction};
 pub use options::CrossEntropyOptions;
 pub use softmax::{

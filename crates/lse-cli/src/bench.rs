@@ -89,7 +89,8 @@ const MIN_SECONDS: f64 = 1e-9;
 pub struct Args {
     /// Ops to time, comma-separated: logsumexp, softmax, log_softmax, softmax_backward,
     /// log_softmax_backward, cross_entropy (loss only), cross_entropy_grad (loss and gradient),
-    /// cross_entropy_in_place, or all
+    /// cross_entropy_in_place, or all; or linear_cross_entropy alone (with --shape NxDxV: the
+    /// fused linear cross-entropy forward + backward beside the matrix crate on its products)
     #[arg(
         long,
         value_name = "OPS",
@@ -252,12 +253,18 @@ pub enum OpChoice {
     All,
     /// One op.
     One(Op),
+    /// `linear_cross_entropy`: the fused linear cross-entropy, benchmarked on its own
+    /// ([`crate::bench_linear`]).
+    LinearCrossEntropy,
 }
 
 /// The clap value parser of `--op` (one name, any case).
 fn parse_op(s: &str) -> Result<OpChoice, String> {
     if s.eq_ignore_ascii_case("all") {
         return Ok(OpChoice::All);
+    }
+    if s.eq_ignore_ascii_case("linear_cross_entropy") {
+        return Ok(OpChoice::LinearCrossEntropy);
     }
     Op::ALL
         .into_iter()
@@ -272,13 +279,15 @@ fn parse_op(s: &str) -> Result<OpChoice, String> {
         })
 }
 
-/// A `rows × classes` shape.
+/// A `rows × classes` shape (`rows × dim × classes` for the linear cross-entropy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     /// Rows.
     pub rows: usize,
     /// Classes per row.
     pub classes: usize,
+    /// The hidden size `D` of `--op linear_cross_entropy` (`NxDxV`).
+    pub dim: Option<usize>,
 }
 
 impl Shape {
@@ -290,28 +299,42 @@ impl Shape {
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.rows, self.classes)
+        match self.dim {
+            Some(dim) => write!(f, "{}x{}x{}", self.rows, dim, self.classes),
+            None => write!(f, "{}x{}", self.rows, self.classes),
+        }
     }
 }
 
-/// The clap value parser of `--shape`: `ROWSxCLASSES`, both at least 1.
+/// The clap value parser of `--shape`: `ROWSxCLASSES`, both at least 1, or `ROWSxDIMxCLASSES`
+/// (the linear cross-entropy's tokens × hidden size × classes).
 fn parse_shape(s: &str) -> Result<Shape, String> {
     let bad = |why: &str| format!("bad shape {s:?}: {why}");
-    let (rows, classes) = s
-        .trim()
-        .split_once(['x', 'X'])
-        .ok_or_else(|| bad("expected ROWSxCLASSES, like 4096x32000"))?;
+    let parts: Vec<&str> = s.trim().split(['x', 'X']).collect();
     let number = |t: &str, what: &str| {
         t.trim()
             .parse::<usize>()
             .map_err(|_| bad(&format!("{what} {t:?} is not a whole number")))
     };
-    let shape = Shape {
-        rows: number(rows, "rows")?,
-        classes: number(classes, "classes")?,
+    let shape = match parts[..] {
+        [rows, classes] => Shape {
+            rows: number(rows, "rows")?,
+            classes: number(classes, "classes")?,
+            dim: None,
+        },
+        [rows, dim, classes] => Shape {
+            rows: number(rows, "rows")?,
+            classes: number(classes, "classes")?,
+            dim: Some(number(dim, "hidden size")?),
+        },
+        _ => {
+            return Err(bad(
+                "expected ROWSxCLASSES, like 4096x32000 (or NxDxV, like 4096x1024x32000)",
+            ))
+        }
     };
-    if shape.rows == 0 || shape.classes == 0 {
-        return Err(bad("rows and classes must both be at least 1"));
+    if shape.rows == 0 || shape.classes == 0 || shape.dim == Some(0) {
+        return Err(bad("rows, classes and hidden size must all be at least 1"));
     }
     // Room for a copy of the logits in the widest dtype, so that no byte count overflows later.
     match shape.rows.checked_mul(shape.classes) {
@@ -484,6 +507,7 @@ impl Plan {
         let ops = dedup(args.op.iter().flat_map(|choice| match choice {
             OpChoice::All => Op::ALL.to_vec(),
             OpChoice::One(op) => vec![*op],
+            OpChoice::LinearCrossEntropy => vec![],
         }));
         Plan {
             ops,
@@ -655,7 +679,7 @@ impl SplitMix64 {
 }
 
 /// `len` values N(0, 1) · `scale` of stream `stream`, in parallel chunks.
-fn normal_vec<E: Element>(len: usize, stream: u64, scale: f64) -> Vec<E> {
+pub(crate) fn normal_vec<E: Element>(len: usize, stream: u64, scale: f64) -> Vec<E> {
     let mut data = vec![E::zero(); len];
     data.par_chunks_mut(FILL_CHUNK)
         .enumerate()
@@ -689,7 +713,7 @@ fn class_weights(classes: usize) -> Vec<f64> {
         .collect()
 }
 
-fn targets(rows: usize, classes: usize) -> Vec<i64> {
+pub(crate) fn targets(rows: usize, classes: usize) -> Vec<i64> {
     let mut data = vec![0i64; rows];
     data.par_chunks_mut(FILL_CHUNK)
         .enumerate()
@@ -743,7 +767,7 @@ fn timed<T>(call: impl FnOnce() -> lse::Result<T>) -> Result<f64> {
 }
 
 /// The best and the median of `times` (not empty).
-fn best_and_median(mut times: Vec<f64>) -> (f64, f64) {
+pub(crate) fn best_and_median(mut times: Vec<f64>) -> (f64, f64) {
     times.sort_by(f64::total_cmp);
     let n = times.len();
     let median = if n % 2 == 1 {
@@ -792,7 +816,7 @@ impl<'a> PerDType for DTypeCases<'a> {
     type Output = Result<Vec<CaseResult>>;
 
     fn run<E: Element>(self) -> Self::Output {
-        let Shape { rows, classes } = self.shape;
+        let Shape { rows, classes, .. } = self.shape;
         let n = self.shape.elements();
         let ops = &self.plan.ops;
         let needs = |f: fn(Op) -> bool| ops.iter().any(|&op| f(op));
@@ -929,6 +953,19 @@ fn progress_bar(cases: u64) -> ProgressBar {
 /// [`CliError::Other`] when the thread pool cannot be built; library errors are passed on.
 pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if args.op.contains(&OpChoice::LinearCrossEntropy) {
+        if args.op.len() > 1 {
+            return Err(CliError::usage(
+                "--op linear_cross_entropy runs alone (its shapes are NxDxV)",
+            ));
+        }
+        return crate::bench_linear::run(args, args.threads.unwrap_or(cores), out);
+    }
+    if let Some(shape) = args.shape.iter().find(|s| s.dim.is_some()) {
+        return Err(CliError::usage(format!(
+            "shape '{shape}' has a hidden size: NxDxV shapes are for --op linear_cross_entropy"
+        )));
+    }
     let plan = Plan::new(args, cores);
     plan.check_memory(mem_total())?;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -1121,12 +1158,16 @@ mod tests {
             parse_shape("4096x32000"),
             Ok(Shape {
                 rows: 4096,
-                classes: 32000
+                classes: 32000,
+                dim: None,
             })
         );
         assert_eq!(parse_shape("2X3").map(|s| s.elements()), Ok(6));
+        let linear = parse_shape("4x8x16").unwrap();
+        assert_eq!((linear.rows, linear.dim, linear.classes), (4, Some(8), 16));
+        assert_eq!(linear.to_string(), "4x8x16");
         for bad in [
-            "4096", "0x10", "10x0", "ax3", "3xb", "1x2x3", "", "x", "-1x3",
+            "4096", "0x10", "10x0", "ax3", "3xb", "1x2x3x4", "1x0x3", "", "x", "-1x3",
         ] {
             let e = parse_shape(bad).unwrap_err();
             assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
@@ -1190,6 +1231,7 @@ mod tests {
             shapes: vec![Shape {
                 rows: 1000,
                 classes: 1000,
+                dim: None,
             }],
             threads: 1,
             repeats: 1,

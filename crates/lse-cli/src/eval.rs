@@ -89,6 +89,10 @@ pub enum Op {
     /// Softmax cross-entropy against class targets (needs --targets)
     #[value(name = "cross_entropy", alias = "cross-entropy")]
     CrossEntropy,
+    /// The fused linear cross-entropy of hidden states INPUT through --weight [--bias] (needs
+    /// --targets)
+    #[value(name = "linear_cross_entropy", alias = "linear-cross-entropy")]
+    LinearCrossEntropy,
 }
 
 impl Op {
@@ -98,6 +102,7 @@ impl Op {
             Op::Softmax => "softmax",
             Op::LogSoftmax => "log_softmax",
             Op::CrossEntropy => "cross_entropy",
+            Op::LinearCrossEntropy => "linear_cross_entropy",
         }
     }
 }
@@ -143,7 +148,9 @@ impl From<Policy> for NonFinite {
     }
 }
 
-const CE_HEADING: &str = "Cross-entropy options (--op cross_entropy)";
+const CE_HEADING: &str = "Cross-entropy options (--op cross_entropy, linear_cross_entropy)";
+const LINEAR_HEADING: &str =
+    "Linear cross-entropy (--op linear_cross_entropy; INPUT: hidden states N x D)";
 
 /// Arguments of `lse eval`.
 #[derive(Debug, clap::Args)]
@@ -238,6 +245,30 @@ pub struct Args {
     /// Bytes of the input read at a time by the per-row ops (tests use small chunks)
     #[arg(long, value_name = "BYTES", default_value_t = crate::audit::CHUNK_BYTES, hide = true)]
     pub chunk_bytes: usize,
+
+    /// The classifier head W, classes x hidden (.npy or .safetensors, INPUT's dtype)
+    #[arg(long, value_name = "FILE", help_heading = LINEAR_HEADING)]
+    pub weight: Option<PathBuf>,
+
+    /// The head's bias, one value per class
+    #[arg(long, value_name = "FILE", help_heading = LINEAR_HEADING)]
+    pub bias: Option<PathBuf>,
+
+    /// Write the gradient of the loss with respect to the hidden states (.npy)
+    #[arg(long, value_name = "OUT.npy", help_heading = LINEAR_HEADING)]
+    pub grad_hidden: Option<PathBuf>,
+
+    /// Write the gradient with respect to the weight (.npy)
+    #[arg(long, value_name = "OUT.npy", help_heading = LINEAR_HEADING)]
+    pub grad_weight: Option<PathBuf>,
+
+    /// Write the gradient with respect to the bias (.npy)
+    #[arg(long, value_name = "OUT.npy", help_heading = LINEAR_HEADING)]
+    pub grad_bias: Option<PathBuf>,
+
+    /// Working memory of the fused call in MiB [default: 256]
+    #[arg(long, value_name = "MIB", help_heading = LINEAR_HEADING)]
+    pub budget_mib: Option<usize>,
 }
 
 impl Args {
@@ -260,7 +291,54 @@ impl Args {
             .collect()
     }
 
+    /// The cross-entropy options the flags give.
+    pub(crate) fn cross_entropy_options<'w>(
+        &self,
+        ignore_index: Option<i64>,
+        weights: Option<&'w [f64]>,
+    ) -> CrossEntropyOptions<'w> {
+        CrossEntropyOptions {
+            ignore_index,
+            weights,
+            label_smoothing: self.label_smoothing.unwrap_or(0.0),
+            z_loss: self.z_loss.unwrap_or(0.0),
+            softcap: self.softcap,
+            reduction: self.reduction.unwrap_or_default().into(),
+            non_finite: match self.non_finite {
+                Policy::Error => NonFinite::Error,
+                Policy::Propagate => NonFinite::Propagate,
+            },
+            ..CrossEntropyOptions::default()
+        }
+    }
+
+    /// The linear cross-entropy's own flags given, by name.
+    fn linear_flags(&self) -> Option<&'static str> {
+        [
+            ("--weight", self.weight.is_some()),
+            ("--bias", self.bias.is_some()),
+            ("--grad-hidden", self.grad_hidden.is_some()),
+            ("--grad-weight", self.grad_weight.is_some()),
+            ("--grad-bias", self.grad_bias.is_some()),
+            ("--budget-mib", self.budget_mib.is_some()),
+        ]
+        .into_iter()
+        .find(|&(_, given)| given)
+        .map(|(flag, _)| flag)
+    }
+
     fn check(&self) -> Result<()> {
+        if self.op != Op::LinearCrossEntropy {
+            if let Some(flag) = self.linear_flags() {
+                return Err(CliError::usage(format!(
+                    "{flag} applies to --op linear_cross_entropy only, not to --op {}",
+                    self.op.name()
+                )));
+            }
+        }
+        if self.op == Op::LinearCrossEntropy {
+            return Ok(()); // checked by `eval_linear::run`
+        }
         if self.op != Op::CrossEntropy {
             if let Some(flag) = self.ce_flags().first() {
                 return Err(CliError::usage(format!(
@@ -291,6 +369,9 @@ impl Args {
 /// Nothing is written when any error occurs before the outputs are complete.
 pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     args.check()?;
+    if args.op == Op::LinearCrossEntropy {
+        return crate::eval_linear::run(args, out);
+    }
     if args.op != Op::CrossEntropy {
         return run_per_row(args, out);
     }
@@ -589,16 +670,7 @@ impl Job<'_> {
                     .targets
                     .ok_or_else(|| CliError::usage("--op cross_entropy needs --targets FILE"))?;
                 let reduction = self.args.reduction.unwrap_or_default();
-                let options = CrossEntropyOptions {
-                    ignore_index: self.ignore,
-                    weights: self.weights,
-                    label_smoothing: self.args.label_smoothing.unwrap_or(0.0),
-                    z_loss: self.args.z_loss.unwrap_or(0.0),
-                    softcap: self.args.softcap,
-                    reduction: reduction.into(),
-                    non_finite: policy,
-                    ..CrossEntropyOptions::default()
-                };
+                let options = self.args.cross_entropy_options(self.ignore, self.weights);
                 let targets = Targets::Classes(targets);
                 let (result, grad) = if self.args.grad.is_some() {
                     let mut g = vec![E::zero(); rows.len()];
@@ -633,6 +705,11 @@ impl Job<'_> {
                     _ => self.encode(&[], &[result.loss], "loss")?,
                 };
                 (out, grad)
+            }
+            Op::LinearCrossEntropy => {
+                return Err(CliError::Other(
+                    "the linear cross-entropy is run by eval_linear".to_owned(),
+                ))
             }
         };
         Ok(Outputs {

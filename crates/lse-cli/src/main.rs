@@ -5,10 +5,12 @@
 
 mod audit;
 mod bench;
+mod bench_linear;
 mod demo;
 mod dtype;
 mod error;
 mod eval;
+mod eval_linear;
 mod explain;
 mod format;
 mod input;
@@ -32,6 +34,8 @@ struct Cli {
 }
 
 /// The subcommands: one module each.
+// `eval`'s arguments are the largest; one value is parsed per process, so boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show, number by number, where naive softmax breaks and the stable one does not

@@ -118,6 +118,15 @@ pub enum LseError {
         reduction: crate::Reduction,
     },
 
+    /// A working-memory budget (the linear cross-entropy's `budget_bytes`) too small for one row.
+    #[error("a working-memory budget of {budget} bytes cannot hold one row: it needs at least {minimum}")]
+    BudgetTooSmall {
+        /// The budget given.
+        budget: usize,
+        /// The smallest budget that works for these shapes.
+        minimum: usize,
+    },
+
     /// A mean reduction with nothing to average (every row ignored, or a zero total weight),
     /// under [`EmptyMean::Error`](crate::EmptyMean::Error).
     #[error(

@@ -34,6 +34,7 @@ mod element;
 mod error;
 pub mod guard;
 pub(crate) mod kernels;
+mod matmul;
 pub mod naive;
 #[cfg(feature = "ndarray")]
 pub mod nd;
@@ -46,6 +47,10 @@ pub use kernels::{active_kernel, set_kernel, Kernel};
 pub use ops::cross_entropy::{
     cross_entropy, cross_entropy_in_place, cross_entropy_with_grad, CrossEntropyOptions,
     CrossEntropyOutput, EmptyMean, GradOutput, Reduction, Targets,
+};
+pub use ops::linear_cross_entropy::{
+    linear_cross_entropy, linear_cross_entropy_with_grad, LinearCrossEntropyOptions,
+    LinearGradients, LinearHead, DEFAULT_LINEAR_BUDGET_BYTES,
 };
 pub use ops::logsumexp::{logsumexp, logsumexp_with};
 pub use ops::softmax::{

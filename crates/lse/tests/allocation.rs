@@ -287,3 +287,69 @@ fn counter_sees_a_rows_times_classes_buffer() {
     println!("cross-entropy + a bf16 probability buffer: {usage:?}");
     assert!(usage.allocated >= bound::<bf16>(ROWS, CLASSES));
 }
+
+/// The fused linear cross-entropy at a language-model shape (8192 tokens, 131072 classes, a
+/// small hidden size) stays within its working-memory budget plus `O(rows + classes)`: the
+/// 4.3 GB of `f32` logits are never allocated. Besides the budget, it keeps the counted-row
+/// list (8 B a row) and `db`'s `f64` sums (8 B a class); the matrix crate packs operands in
+/// buffers of a few MiB at most (one `k × n` panel of the product: `dim × classes` here).
+#[test]
+fn linear_cross_entropy_stays_within_its_budget() {
+    use lse::{LinearCrossEntropyOptions, LinearGradients, LinearHead};
+    let _serial = serial();
+    let (rows, dim, classes) = (8192, 4, 131_072);
+    let budget = 32 << 20;
+    let run = |rows: usize, classes: usize| {
+        let hidden = logits::<f32>(rows, dim);
+        let weight = logits::<f32>(classes, dim);
+        let targets: Vec<i64> = (0..rows as i64)
+            .map(|r| r * 7919 % classes as i64)
+            .collect();
+        let (mut dh, mut dw, mut db) = (
+            vec![0.0; hidden.len()],
+            vec![0.0; weight.len()],
+            vec![0.0; classes],
+        );
+        let options = LinearCrossEntropyOptions {
+            budget_bytes: budget,
+            ..Default::default()
+        };
+        let head = LinearHead {
+            weight: &weight,
+            bias: None,
+            classes,
+        };
+        measure(|| {
+            let grads = LinearGradients {
+                hidden: &mut dh,
+                weight: &mut dw,
+                bias: Some(&mut db),
+            };
+            lse::linear_cross_entropy_with_grad(
+                &hidden,
+                head,
+                &targets,
+                &options,
+                GradOutput::default(),
+                grads,
+            )
+            .expect("finite")
+            .loss
+        })
+    };
+    run(256, 4096); // warm-up: rayon's pool, thread-local rows
+    let (loss, usage) = run(rows, classes);
+    assert!(loss.is_finite());
+    let logits_bytes = rows * classes * 4;
+    let linear_terms = 8 * (rows + classes);
+    let packing = 4 * dim * classes + (4 << 20);
+    println!(
+        "linear cross-entropy {rows}x{dim}x{classes}: peak {} B (budget {budget} B, logits would be {logits_bytes} B)",
+        usage.peak_above_start
+    );
+    assert!(
+        usage.peak_above_start <= budget + linear_terms + packing,
+        "peak {} B over budget {budget} + O(N + V) {linear_terms} + packing {packing}",
+        usage.peak_above_start
+    );
+}

@@ -148,6 +148,7 @@ pub struct CrossEntropyOutput<S> {
 
 /// The checked, per-call state of a cross-entropy call.
 struct Batch<'a, E: Element> {
+    rows: usize,
     classes: usize,
     targets: Targets<'a, E>,
     config: CeConfig<'a>,
@@ -161,6 +162,8 @@ struct Batch<'a, E: Element> {
     row_loss: Option<Vec<E::Stat>>,
     row_lse: Option<Vec<E::Stat>>,
     stats: Option<StatsBuilder>,
+    /// Rows `0..recorded` have their values in `total`, `row_loss`, `row_lse` and `stats`.
+    recorded: usize,
 }
 
 fn check_option(name: &'static str, value: f64, ok: bool, expected: &'static str) -> Result<()> {
@@ -278,6 +281,7 @@ impl<'a, E: Element> Batch<'a, E> {
         }
         let keep_rows = |keep: bool| keep.then(|| vec![E::Stat::zero(); rows]);
         Ok(Self {
+            rows,
             classes,
             targets,
             config: CeConfig {
@@ -300,6 +304,7 @@ impl<'a, E: Element> Batch<'a, E> {
             row_loss: keep_rows(o.keep_row_loss || o.reduction == Reduction::None),
             row_lse: keep_rows(o.keep_row_lse),
             stats: o.keep_logit_stats.then(StatsBuilder::default),
+            recorded: 0,
         })
     }
 
@@ -514,35 +519,52 @@ impl<'a, E: Element> Batch<'a, E> {
         })
     }
 
-    /// A task's rows, in order; stops at the first row with an error.
-    fn task<'r>(
-        &self,
-        first_row: usize,
-        rows: impl Iterator<Item = RowIo<'r, E>>,
-    ) -> Result<TaskOutcome> {
+    /// A task's rows `(index, io)`, in order; stops at the first row with an error.
+    fn task<'r>(&self, rows: impl Iterator<Item = (usize, RowIo<'r, E>)>) -> Result<TaskOutcome> {
         let mut outcome = TaskOutcome {
             values: Vec::new(),
             tally: self.stats.as_ref().map(|_| ElementTally::default()),
         };
-        for (i, io) in rows.enumerate() {
-            let values = self.row(first_row + i, io, outcome.tally.as_mut())?;
+        for (r, io) in rows {
+            let values = self.row(r, io, outcome.tally.as_mut())?;
             outcome.values.push(values);
         }
         Ok(outcome)
     }
 
-    /// Runs the rows of `logits` on rayon's pool in tasks of whole rows, the gradient going
-    /// where `grad` says, then reduces the tasks' outcomes in row order (so the loss is bitwise
-    /// the same for any number of threads). The error is that of the smallest failing row.
+    /// Runs all the rows of `logits` and reduces them.
     fn run(mut self, logits: Logits<'_, E>) -> Result<CrossEntropyOutput<E::Stat>> {
+        self.process(&|i| i, logits)?;
+        Ok(self.finish())
+    }
+
+    /// Runs the rows of `logits` (row `i` of the buffer is row `index(i)` of the batch; `index`
+    /// increasing and past every row recorded so far) on rayon's pool in tasks of whole rows,
+    /// the gradient going where `logits` says, then records the tasks' outcomes in row order
+    /// (so the loss is bitwise the same for any number of threads). Rows skipped by `index` are
+    /// recorded as ignored. The error is that of the smallest failing row.
+    fn process(
+        &mut self,
+        index: &(dyn Fn(usize) -> usize + Sync),
+        logits: Logits<'_, E>,
+    ) -> Result<()> {
         let rows_per = rows_per_task(self.classes);
         let (per, classes) = (rows_per * self.classes, self.classes);
-        let this = &self;
+        let this = &*self;
+        // Row `i` of task `t`, with its batch index.
+        let at = |t: usize| move |(i, io)| (index(t * rows_per + i), io);
         let outcomes: Vec<Result<TaskOutcome>> = match logits {
             Logits::Loss(x) => x
                 .par_chunks(per)
                 .enumerate()
-                .map(|(t, x)| this.task(t * rows_per, x.chunks_exact(classes).map(RowIo::Loss)))
+                .map(|(t, x)| {
+                    this.task(
+                        x.chunks_exact(classes)
+                            .map(RowIo::Loss)
+                            .enumerate()
+                            .map(at(t)),
+                    )
+                })
                 .collect(),
             Logits::Grad(x, g) => x
                 .par_chunks(per)
@@ -550,7 +572,7 @@ impl<'a, E: Element> Batch<'a, E> {
                 .enumerate()
                 .map(|(t, (x, g))| {
                     let rows = x.chunks_exact(classes).zip(g.chunks_exact_mut(classes));
-                    this.task(t * rows_per, rows.map(|(x, g)| RowIo::Grad(x, g)))
+                    this.task(rows.map(|(x, g)| RowIo::Grad(x, g)).enumerate().map(at(t)))
                 })
                 .collect(),
             Logits::InPlace(x) => x
@@ -558,28 +580,40 @@ impl<'a, E: Element> Batch<'a, E> {
                 .enumerate()
                 .map(|(t, x)| {
                     this.task(
-                        t * rows_per,
-                        x.chunks_exact_mut(classes).map(RowIo::InPlace),
+                        x.chunks_exact_mut(classes)
+                            .map(RowIo::InPlace)
+                            .enumerate()
+                            .map(at(t)),
                     )
                 })
                 .collect(),
         };
-        let mut r = 0;
+        let mut i = 0;
         for outcome in outcomes {
             let outcome = outcome?;
             if let (Some(stats), Some(tally)) = (self.stats.as_mut(), outcome.tally.as_ref()) {
                 stats.merge_tally(tally);
             }
             for values in outcome.values {
-                self.record(r, values);
-                r += 1;
+                self.record_ignored_before(index(i));
+                self.record(values);
+                i += 1;
             }
         }
-        Ok(self.finish())
+        Ok(())
     }
 
-    /// Records the loss and lse of row `r` (`None`: ignored).
-    fn record(&mut self, r: usize, values: Option<RowValues>) {
+    /// Records the rows from the next unrecorded one up to `r` (excluded) as ignored.
+    fn record_ignored_before(&mut self, r: usize) {
+        while self.recorded < r {
+            self.record(None);
+        }
+    }
+
+    /// Records the loss and lse of the next row (`None`: ignored).
+    fn record(&mut self, values: Option<RowValues>) {
+        let r = self.recorded;
+        self.recorded += 1;
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), values) {
             stats.row(v.lse);
         }
@@ -597,7 +631,8 @@ impl<'a, E: Element> Batch<'a, E> {
         }
     }
 
-    fn finish(self) -> CrossEntropyOutput<E::Stat> {
+    fn finish(mut self) -> CrossEntropyOutput<E::Stat> {
+        self.record_ignored_before(self.rows);
         let sum = self.total.value();
         let loss = match self.options.reduction {
             // A propagated NaN row still poisons the loss, even with nothing to average.
@@ -751,6 +786,51 @@ impl<E: Element> RowIo<'_, E> {
             RowIo::Loss(_) => {}
             RowIo::Grad(_, g) | RowIo::InPlace(g) => g.fill(E::zero()),
         }
+    }
+}
+
+/// A cross-entropy over class targets whose logits arrive a chunk of rows at a time (the fused
+/// linear cross-entropy forms them so): the same checks, per-row work, gradient scale,
+/// reduction and statistics as one [`cross_entropy_in_place`] call over all rows.
+pub(crate) struct ChunkedCrossEntropy<'a, E: Element> {
+    batch: Batch<'a, E>,
+}
+
+impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
+    /// Checks everything but the logits (as [`cross_entropy_with_grad`] does) for `rows` rows
+    /// of `classes` logits.
+    pub(crate) fn new(
+        classes: usize,
+        targets: &'a [i64],
+        options: &'a CrossEntropyOptions<'a>,
+        grad_output: GradOutput<'a, E::Stat>,
+    ) -> Result<Self> {
+        let len = targets.len().saturating_mul(classes);
+        let batch = Batch::new(
+            len,
+            classes,
+            Targets::Classes(targets),
+            options,
+            grad_output,
+        )?;
+        Ok(Self { batch })
+    }
+
+    /// Rows `rows` (increasing, after those of earlier calls), whose logits are the rows of
+    /// `logits` in order: their losses are recorded and, with `gradient`, their scaled gradient
+    /// is written over them. Rows skipped between calls count as ignored.
+    pub(crate) fn chunk(&mut self, rows: &[usize], logits: &mut [E], gradient: bool) -> Result<()> {
+        let logits = if gradient {
+            Logits::InPlace(logits)
+        } else {
+            Logits::Loss(logits)
+        };
+        self.batch.process(&|i| rows[i], logits)
+    }
+
+    /// The reduced loss and what was asked for besides.
+    pub(crate) fn finish(self) -> CrossEntropyOutput<E::Stat> {
+        self.batch.finish()
     }
 }
 

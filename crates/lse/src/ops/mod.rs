@@ -2,6 +2,7 @@
 //! in [`crate::kernels`].
 
 pub(crate) mod cross_entropy;
+pub(crate) mod linear_cross_entropy;
 pub(crate) mod logsumexp;
 pub(crate) mod softmax;
 

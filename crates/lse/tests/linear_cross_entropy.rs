@@ -1,0 +1,885 @@
+//! The fused linear cross-entropy against independent references.
+//!
+//! * An unfused `f64` reference: the logits `H·Wᵀ + b` by an `f64` matrix product (the `f32`,
+//!   `f16` and `bf16` inputs widened exactly), the `f64` cross-entropy with its gradient `G`, and
+//!   `dH = G·W`, `dW = Gᵀ·H`, `db = Σ_rows G` in `f64`. Every result must lie within the a-priori
+//!   error bound of the `f32` products the fused path runs (see [`Bounds`]); the tests print the
+//!   largest error as a fraction of its bound.
+//! * Central differences of the fused loss itself on tiny shapes.
+//! * Extreme logits, chunk counts, ignored rows, bad input, thread counts.
+
+// The reference's matrix products read best as index arithmetic.
+#![allow(clippy::needless_range_loop)]
+
+use lse::{
+    bf16, f16, linear_cross_entropy, linear_cross_entropy_with_grad, CrossEntropyOptions,
+    CrossEntropyOutput, Element, EmptyMean, GradOutput, LinearCrossEntropyOptions, LinearGradients,
+    LinearHead, LseError, NonFinite, Reduction, Targets,
+};
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    fn signed(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+}
+
+/// One problem: `hidden` is `rows × dim`, `weight` `classes × dim`.
+#[derive(Clone, Debug)]
+struct Problem<E> {
+    dim: usize,
+    classes: usize,
+    hidden: Vec<E>,
+    weight: Vec<E>,
+    bias: Option<Vec<E>>,
+    targets: Vec<i64>,
+}
+
+impl<E: Element<Stat = f32>> Problem<E> {
+    /// Entries of `H` uniform in `±h_scale`, of `W` and `b` in `±1`; every `ignore_every`-th
+    /// row has target -100, row 1 targets the last class.
+    fn new(seed: u64, [rows, dim, classes]: [usize; 3], h_scale: f64, bias: bool) -> Self {
+        let mut rng = Rng(seed);
+        let mut values = |n: usize, scale: f64| -> Vec<E> {
+            (0..n).map(|_| E::from_f64(scale * rng.signed())).collect()
+        };
+        let hidden = values(rows * dim, h_scale);
+        let weight = values(classes * dim, 1.0);
+        let bias = bias.then(|| values(classes, 1.0));
+        let mut rng = Rng(seed ^ 0x5555);
+        let targets = (0..rows)
+            .map(|r| match r {
+                1 => classes as i64 - 1,
+                _ if r % 5 == 3 => -100,
+                _ => (rng.next() % classes as u64) as i64,
+            })
+            .collect();
+        Self {
+            dim,
+            classes,
+            hidden,
+            weight,
+            bias,
+            targets,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.targets.len()
+    }
+
+    fn head(&self) -> LinearHead<'_, E> {
+        LinearHead {
+            weight: &self.weight,
+            bias: self.bias.as_deref(),
+            classes: self.classes,
+        }
+    }
+
+    fn wide(x: &[E]) -> Vec<f64> {
+        x.iter().map(|v| v.to_f64()).collect()
+    }
+}
+
+/// The fused call's outputs, widened.
+struct Fused {
+    out: CrossEntropyOutput<f32>,
+    dh: Vec<f64>,
+    dw: Vec<f64>,
+    db: Vec<f64>,
+}
+
+fn fused<E: Element<Stat = f32>>(
+    p: &Problem<E>,
+    options: &LinearCrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, f32>,
+) -> Fused {
+    let mut dh = vec![E::from_f64(7.0); p.hidden.len()];
+    let mut dw = vec![E::from_f64(7.0); p.weight.len()];
+    let mut db = vec![E::from_f64(7.0); p.classes];
+    let grads = LinearGradients {
+        hidden: &mut dh,
+        weight: &mut dw,
+        bias: Some(&mut db),
+    };
+    let out = linear_cross_entropy_with_grad(
+        &p.hidden,
+        p.head(),
+        &p.targets,
+        options,
+        grad_output,
+        grads,
+    )
+    .unwrap();
+    let wide = Problem::<E>::wide;
+    Fused {
+        out,
+        dh: wide(&dh),
+        dw: wide(&dw),
+        db: wide(&db),
+    }
+}
+
+/// The unfused `f64` reference and the error bound of each output.
+struct Reference {
+    out: CrossEntropyOutput<f64>,
+    dh: Vec<f64>,
+    dw: Vec<f64>,
+    db: Vec<f64>,
+    bounds: Bounds,
+}
+
+/// A-priori bounds on `|fused − reference|`, from the standard bound of an `f32` product of
+/// inner length `k`, `|fl(A·B) − A·B| ≤ γ_k·|A|·|B|` with `γ_k = k·u/(1 − k·u)`, `u = 2⁻²⁴`:
+///
+/// * logits of row `r`: `|Δx_rc| ≤ X_r = γ_{D+1} · max_c (|H||W|ᵀ + |b|)_rc`;
+/// * row loss: `|Δℓ_r| ≤ κ₁·X_r + 2u|ℓ_r|`, with `κ₁ = 2·w_max + 2z|lse_r|` the `ℓ¹` norm of
+///   `∂ℓ/∂x` (class weights `w`, z-loss `z`; soft-capping and smoothing do not raise it);
+/// * gradient row (after the scale `s_r`): `‖ΔG_r‖₁ ≤ s_r·(κ₂ + κ₁/cap)·X_r + 2u‖G_r‖₁`, with
+///   `κ₂ = 2·w_max + 2z(1 + 2|lse_r|)` bounding the Hessian's `∞`-norm;
+/// * `dH_rd ≤ ‖ΔG_r‖₁·max_c|W_cd| + γ_V(|G||W|)_rd`, `dW_cd ≤ Σ_r ‖ΔG_r‖₁|H_rd| +
+///   γ_N(|G|ᵀ|H|)_cd`, `db_c ≤ Σ_r ‖ΔG_r‖₁ + γ_N Σ_r|G_rc|`, each plus one rounding to `E`.
+struct Bounds {
+    loss: f64,
+    row_loss: Vec<f64>,
+    dh: Vec<f64>,
+    dw: Vec<f64>,
+    db: Vec<f64>,
+}
+
+const U32: f64 = 1.0 / (1u64 << 24) as f64;
+
+fn gamma(k: usize) -> f64 {
+    let ku = k as f64 * U32;
+    ku / (1.0 - ku)
+}
+
+fn reference<E: Element<Stat = f32>>(
+    p: &Problem<E>,
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, f64>,
+) -> Reference {
+    let (n, d, v) = (p.rows(), p.dim, p.classes);
+    let h = Problem::<E>::wide(&p.hidden);
+    let w = Problem::<E>::wide(&p.weight);
+    let b = p.bias.as_deref().map_or(vec![0.0; v], Problem::<E>::wide);
+    let mut x = vec![0.0; n * v];
+    let mut magnitude = vec![0.0f64; n];
+    for r in 0..n {
+        for c in 0..v {
+            let (mut dot, mut abs) = (b[c], b[c].abs());
+            for k in 0..d {
+                dot += h[r * d + k] * w[c * d + k];
+                abs += (h[r * d + k] * w[c * d + k]).abs();
+            }
+            x[r * v + c] = dot;
+            magnitude[r] = magnitude[r].max(abs);
+        }
+    }
+    let opts = CrossEntropyOptions {
+        keep_row_loss: true,
+        keep_row_lse: true,
+        ..*options
+    };
+    let mut g = vec![0.0; n * v];
+    let out = lse::cross_entropy_with_grad(
+        &x,
+        v,
+        Targets::Classes(&p.targets),
+        &opts,
+        grad_output,
+        &mut g,
+    )
+    .unwrap();
+    let mut dh = vec![0.0; n * d];
+    let mut dw = vec![0.0; v * d];
+    let mut db = vec![0.0; v];
+    let mut dh_abs = vec![0.0; n * d];
+    let mut dw_abs = vec![0.0; v * d];
+    let mut db_abs = vec![0.0; v];
+    for r in 0..n {
+        for c in 0..v {
+            let grc = g[r * v + c];
+            db[c] += grc;
+            db_abs[c] += grc.abs();
+            for k in 0..d {
+                dh[r * d + k] += grc * w[c * d + k];
+                dh_abs[r * d + k] += (grc * w[c * d + k]).abs();
+                dw[c * d + k] += grc * h[r * d + k];
+                dw_abs[c * d + k] += (grc * h[r * d + k]).abs();
+            }
+        }
+    }
+
+    // The bounds.
+    let w_max = options
+        .weights
+        .map_or(1.0, |ws| ws.iter().copied().fold(0.0, f64::max));
+    let z = options.z_loss;
+    let inv_cap = options.softcap.map_or(0.0, |cap| 1.0 / cap);
+    let row_lse = out.row_lse.as_ref().unwrap();
+    let row_loss = out.row_loss.as_ref().unwrap();
+    let reduction = match options.reduction {
+        Reduction::Mean if out.denominator > 0.0 => 1.0 / out.denominator,
+        Reduction::Mean => 0.0,
+        _ => 1.0,
+    };
+    let caller = |r: usize| match grad_output {
+        GradOutput::Scalar(s) => s.abs(),
+        GradOutput::PerRow(s) => s[r].abs(),
+    };
+    let mut loss_bound = 2.0 * U32 * out.loss.abs();
+    let mut row_loss_bound = vec![0.0; n];
+    let mut grad_row = vec![0.0; n];
+    for r in 0..n {
+        if row_lse[r].is_nan() {
+            continue; // ignored
+        }
+        let x_r = gamma(d + 1) * magnitude[r];
+        let lse = row_lse[r].abs();
+        let k1 = 2.0 * w_max + 2.0 * z * lse;
+        let k2 = 2.0 * w_max + 2.0 * z * (1.0 + 2.0 * lse);
+        row_loss_bound[r] = k1 * x_r + 2.0 * U32 * row_loss[r].abs();
+        loss_bound += reduction * row_loss_bound[r];
+        let g_l1: f64 = g[r * v..(r + 1) * v].iter().map(|x| x.abs()).sum();
+        grad_row[r] = reduction * caller(r) * (k2 + k1 * inv_cap) * x_r + 2.0 * U32 * g_l1;
+    }
+    let u_e = E::DTYPE.unit_roundoff();
+    let out_rounding = |x: f64| if u_e > U32 { u_e * x.abs() } else { 0.0 };
+    let mut bounds = Bounds {
+        loss: loss_bound,
+        row_loss: row_loss_bound,
+        dh: vec![0.0; n * d],
+        dw: vec![0.0; v * d],
+        db: vec![0.0; v],
+    };
+    let w_col_max: Vec<f64> = (0..d)
+        .map(|k| (0..v).map(|c| w[c * d + k].abs()).fold(0.0, f64::max))
+        .collect();
+    for r in 0..n {
+        for k in 0..d {
+            let i = r * d + k;
+            bounds.dh[i] = grad_row[r] * w_col_max[k] + gamma(v) * dh_abs[i] + out_rounding(dh[i]);
+        }
+    }
+    for c in 0..v {
+        let grad_sum: f64 = grad_row.iter().sum();
+        bounds.db[c] = grad_sum + gamma(n) * db_abs[c] + out_rounding(db[c]);
+        for k in 0..d {
+            let i = c * d + k;
+            let spread: f64 = (0..n).map(|r| grad_row[r] * h[r * d + k].abs()).sum();
+            bounds.dw[i] = spread + gamma(n) * dw_abs[i] + out_rounding(dw[i]);
+        }
+    }
+    Reference {
+        out,
+        dh,
+        dw,
+        db,
+        bounds,
+    }
+}
+
+/// The largest `|got − want| / bound` over the entries; fails when one exceeds 1.
+fn within(what: &str, got: &[f64], want: &[f64], bound: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0.0f64;
+    for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
+        let err = (g - w).abs();
+        assert!(
+            err <= b || (g.is_nan() && w.is_nan()),
+            "{what}[{i}]: got {g:e}, want {w:e}, error {err:e} > bound {b:e}"
+        );
+        if b > 0.0 {
+            worst = worst.max(err / b);
+        }
+    }
+    worst
+}
+
+/// Checks every output of the fused call against the reference; returns the worst error as a
+/// fraction of its bound.
+fn check<E: Element<Stat = f32>>(
+    p: &Problem<E>,
+    options: &CrossEntropyOptions<'_>,
+    budget_bytes: usize,
+    per_row: Option<&[f32]>,
+) -> f64 {
+    let linear = LinearCrossEntropyOptions {
+        cross_entropy: CrossEntropyOptions {
+            keep_row_loss: true,
+            keep_row_lse: true,
+            ..*options
+        },
+        budget_bytes,
+    };
+    let wide_row: Vec<f64> = per_row.map_or(Vec::new(), |g| g.iter().map(|&x| x.into()).collect());
+    let (ours, theirs) = match per_row {
+        Some(g) => (GradOutput::PerRow(g), GradOutput::PerRow(&wide_row[..])),
+        None => (GradOutput::Scalar(0.75f32), GradOutput::Scalar(0.75f64)),
+    };
+    let got = fused(p, &linear, ours);
+    let want = reference(p, options, theirs);
+    let b = &want.bounds;
+    let row_loss: Vec<f64> = got
+        .out
+        .row_loss
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|&x| x.into())
+        .collect();
+    let mut worst = within("loss", &[got.out.loss.into()], &[want.out.loss], &[b.loss]);
+    worst = worst.max(within(
+        "row loss",
+        &row_loss,
+        want.out.row_loss.as_ref().unwrap(),
+        &b.row_loss,
+    ));
+    worst = worst.max(within("dH", &got.dh, &want.dh, &b.dh));
+    worst = worst.max(within("dW", &got.dw, &want.dw, &b.dw));
+    worst = worst.max(within("db", &got.db, &want.db, &b.db));
+    assert_eq!(got.out.counted_rows, want.out.counted_rows);
+    assert_eq!(got.out.denominator, want.out.denominator);
+    // The loss-only call gives the same loss bits.
+    let loss_only = linear_cross_entropy(&p.hidden, p.head(), &p.targets, &linear).unwrap();
+    assert_eq!(loss_only.loss.to_bits(), got.out.loss.to_bits());
+    worst
+}
+
+/// Every option set a class-target cross-entropy has, on shapes that split into several chunks
+/// (and several weight blocks for half types).
+fn option_sets(weights: &[f64]) -> Vec<(&'static str, CrossEntropyOptions<'_>)> {
+    vec![
+        ("default", CrossEntropyOptions::default()),
+        (
+            "weights+smoothing",
+            CrossEntropyOptions {
+                weights: Some(weights),
+                label_smoothing: 0.1,
+                ..Default::default()
+            },
+        ),
+        (
+            "z-loss+softcap",
+            CrossEntropyOptions {
+                z_loss: 1e-3,
+                softcap: Some(5.0),
+                ..Default::default()
+            },
+        ),
+        (
+            "sum, ignore index -100",
+            CrossEntropyOptions {
+                reduction: Reduction::Sum,
+                ignore_index: Some(-100),
+                ..Default::default()
+            },
+        ),
+        (
+            "none, every option",
+            CrossEntropyOptions {
+                reduction: Reduction::None,
+                weights: Some(weights),
+                label_smoothing: 0.2,
+                z_loss: 1e-4,
+                softcap: Some(30.0),
+                keep_logit_stats: true,
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+const SHAPE: [usize; 3] = [37, 24, 50];
+
+/// A budget for `chunks` chunks of [`SHAPE`]'s 30 counted rows (with a gradient; the weight
+/// block takes a quarter of the budget for half types).
+fn budget_for<E: Element>(chunk_rows: usize, [_, dim, classes]: [usize; 3]) -> usize {
+    let row = 4 * (classes + 2 * dim);
+    if E::DTYPE == lse::DType::F32 {
+        row * chunk_rows
+    } else {
+        // rows·row ≤ 3/4·budget, and the budget/4 block holds classes/3 of the weight.
+        (row * chunk_rows * 4).div_ceil(3)
+    }
+}
+
+fn every_option_matches_reference<E: Element<Stat = f32>>() {
+    let p = Problem::<E>::new(1, SHAPE, 1.5, true);
+    let weights: Vec<f64> = (0..SHAPE[2]).map(|c| 0.5 + (c % 7) as f64 / 4.0).collect();
+    let per_row: Vec<f32> = (0..SHAPE[0]).map(|r| 0.5 + r as f32 / 16.0).collect();
+    let mut worst = 0.0f64;
+    for (name, options) in option_sets(&weights) {
+        for chunk_rows in [30, 7] {
+            let budget = budget_for::<E>(chunk_rows, SHAPE);
+            let g = (options.reduction == Reduction::None).then_some(&per_row[..]);
+            let ratio = check(&p, &options, budget, g);
+            println!(
+                "{} {name} chunk {chunk_rows}: worst error / bound {ratio:.3}",
+                E::DTYPE
+            );
+            worst = worst.max(ratio);
+        }
+    }
+    assert!(
+        worst > 0.0,
+        "the comparison saw no error at all: suspicious"
+    );
+}
+
+#[test]
+fn every_option_matches_reference_f32() {
+    every_option_matches_reference::<f32>();
+}
+
+#[test]
+fn every_option_matches_reference_bf16() {
+    every_option_matches_reference::<bf16>();
+}
+
+#[test]
+fn every_option_matches_reference_f16() {
+    every_option_matches_reference::<f16>();
+}
+
+/// Budgets that force 1, 2, 7 and one-row chunks: every result within the bound, and the loss
+/// bits are the same whatever the chunking (each row's logits come from the same products).
+#[test]
+fn chunk_counts_stay_within_bound() {
+    let p = Problem::<f32>::new(2, SHAPE, 1.0, true);
+    let options = CrossEntropyOptions::default();
+    let counted: usize = 30;
+    for chunks in [1, 2, 7, counted] {
+        let chunk_rows = counted.div_ceil(chunks);
+        check(&p, &options, budget_for::<f32>(chunk_rows, SHAPE), None);
+    }
+}
+
+/// dW's error does not grow with the number of chunks: 1 vs 64 chunks of a 512-row batch.
+#[test]
+fn weight_gradient_error_does_not_grow_with_chunks() {
+    let shape = [512, 16, 64];
+    let mut p = Problem::<f32>::new(3, shape, 1.0, false);
+    p.targets
+        .iter_mut()
+        .filter(|t| **t < 0)
+        .for_each(|t| *t = 0);
+    let options = CrossEntropyOptions::default();
+    let want = reference(&p, &options, GradOutput::Scalar(1.0));
+    let error = |chunks: usize| {
+        let linear = LinearCrossEntropyOptions {
+            budget_bytes: budget_for::<f32>(512 / chunks, shape),
+            ..Default::default()
+        };
+        let got = fused(&p, &linear, GradOutput::Scalar(1.0));
+        within("dW", &got.dw, &want.dw, &want.bounds.dw);
+        let err: f64 = got
+            .dw
+            .iter()
+            .zip(&want.dw)
+            .map(|(g, w)| (g - w).abs())
+            .sum();
+        err / want.dw.iter().map(|w| w.abs()).sum::<f64>()
+    };
+    let (one, many) = (error(1), error(64));
+    println!("dW relative L1 error: 1 chunk {one:.3e}, 64 chunks {many:.3e}");
+    assert!(many <= 2.0 * one, "64 chunks: {many:e} vs 1 chunk: {one:e}");
+}
+
+/// Central differences of the fused `f32` loss itself on tiny shapes.
+#[test]
+fn gradients_match_central_differences() {
+    let weights = [0.5, 1.0, 2.0, 1.5, 0.25];
+    let option_sets = [
+        CrossEntropyOptions::default(),
+        CrossEntropyOptions {
+            weights: Some(&weights),
+            label_smoothing: 0.1,
+            z_loss: 0.01,
+            softcap: Some(2.0),
+            reduction: Reduction::Sum,
+            ..Default::default()
+        },
+    ];
+    for options in option_sets {
+        let p = Problem::<f32>::new(4, [4, 3, 5], 1.0, true);
+        let linear = LinearCrossEntropyOptions {
+            cross_entropy: options,
+            budget_bytes: budget_for::<f32>(2, [4, 3, 5]),
+        };
+        let got = fused(&p, &linear, GradOutput::Scalar(1.0));
+        let loss = |q: &Problem<f32>| -> f64 {
+            linear_cross_entropy(&q.hidden, q.head(), &q.targets, &linear)
+                .unwrap()
+                .loss
+                .into()
+        };
+        let check_param = |what: &str, analytic: &[f64], pick: Pick| {
+            for (i, &want) in analytic.iter().enumerate() {
+                let h = 1e-2;
+                let mut q = p.clone();
+                let x = pick(&mut q)[i];
+                pick(&mut q)[i] = x + h as f32;
+                let up = loss(&q);
+                pick(&mut q)[i] = x - h as f32;
+                let down = loss(&q);
+                let numeric = (up - down) / (2.0 * h);
+                let err = (numeric - want).abs();
+                assert!(
+                    err <= 2e-3 * (1.0 + want.abs()),
+                    "{what}[{i}]: analytic {want} numeric {numeric}"
+                );
+            }
+        };
+        check_param("dH", &got.dh, |q| &mut q.hidden);
+        check_param("dW", &got.dw, |q| &mut q.weight);
+        check_param("db", &got.db, |q| q.bias.as_mut().unwrap());
+    }
+}
+
+/// Which parameter of a problem a central difference moves.
+type Pick = fn(&mut Problem<f32>) -> &mut Vec<f32>;
+
+/// Hidden states whose logits pass ±1e4 (f32) and f16's overflow point 11.09: finite loss and
+/// gradients, within the bound.
+#[test]
+fn extreme_logits_stay_finite() {
+    let p = Problem::<f32>::new(5, SHAPE, 5e3, true);
+    let big = reference(&p, &CrossEntropyOptions::default(), GradOutput::Scalar(1.0));
+    let max_logit = big
+        .out
+        .row_lse
+        .as_ref()
+        .unwrap()
+        .iter()
+        .fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(max_logit > 1e4, "the case must reach 1e4: {max_logit}");
+    check(
+        &p,
+        &CrossEntropyOptions::default(),
+        budget_for::<f32>(7, SHAPE),
+        None,
+    );
+
+    let p = Problem::<f16>::new(6, SHAPE, 4.0, true);
+    let got = fused(
+        &p,
+        &LinearCrossEntropyOptions::default(),
+        GradOutput::Scalar(1.0),
+    );
+    let lse_max = reference(&p, &CrossEntropyOptions::default(), GradOutput::Scalar(1.0))
+        .out
+        .row_lse
+        .unwrap()
+        .iter()
+        .fold(0.0f64, |m, x| m.max(*x));
+    assert!(lse_max > 11.09, "the f16 case must pass 11.09: {lse_max}");
+    assert!(got.out.loss.is_finite());
+    assert!(got
+        .dh
+        .iter()
+        .chain(&got.dw)
+        .chain(&got.db)
+        .all(|x| x.is_finite()));
+    check(
+        &p,
+        &CrossEntropyOptions::default(),
+        budget_for::<f16>(7, SHAPE),
+        None,
+    );
+}
+
+/// An all-ignored batch: the loss per the empty-mean policy, every gradient 0.
+#[test]
+fn all_ignored_batch() {
+    let mut p = Problem::<bf16>::new(7, SHAPE, 1.0, true);
+    p.targets.iter_mut().for_each(|t| *t = -100);
+    p.hidden[0] = bf16::NAN; // ignored rows are never read
+    for (policy, want) in [(EmptyMean::Zero, Some(0.0)), (EmptyMean::Nan, None)] {
+        let linear = LinearCrossEntropyOptions {
+            cross_entropy: CrossEntropyOptions {
+                empty_mean: policy,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let got = fused(&p, &linear, GradOutput::Scalar(1.0));
+        match want {
+            Some(w) => assert_eq!(got.out.loss, w),
+            None => assert!(got.out.loss.is_nan()),
+        }
+        assert_eq!(got.out.counted_rows, 0);
+        assert!(got
+            .dh
+            .iter()
+            .chain(&got.dw)
+            .chain(&got.db)
+            .all(|&x| x == 0.0));
+    }
+    let linear = LinearCrossEntropyOptions {
+        cross_entropy: CrossEntropyOptions {
+            empty_mean: EmptyMean::Error,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = linear_cross_entropy(&p.hidden, p.head(), &p.targets, &linear).unwrap_err();
+    assert_eq!(err, LseError::EmptyMean { rows: SHAPE[0] });
+}
+
+/// Ignored rows get a zero dH row and cost nothing, whatever their hidden state holds.
+#[test]
+fn ignored_rows_are_never_read() {
+    let mut p = Problem::<f32>::new(8, SHAPE, 1.0, false);
+    let clean = fused(
+        &p,
+        &LinearCrossEntropyOptions::default(),
+        GradOutput::Scalar(1.0),
+    );
+    assert_eq!(p.targets[3], -100);
+    p.hidden[3 * SHAPE[1] + 2] = f32::NAN;
+    let dirty = fused(
+        &p,
+        &LinearCrossEntropyOptions::default(),
+        GradOutput::Scalar(1.0),
+    );
+    assert_eq!(clean.out.loss.to_bits(), dirty.out.loss.to_bits());
+    assert_eq!(clean.dw, dirty.dw);
+    assert!(dirty.dh[3 * SHAPE[1]..4 * SHAPE[1]]
+        .iter()
+        .all(|&x| x == 0.0));
+    assert!(dirty.db.iter().zip(&clean.db).all(|(a, b)| a == b));
+}
+
+fn expect_error<E: Element<Stat = f32>>(
+    p: &Problem<E>,
+    options: &LinearCrossEntropyOptions<'_>,
+    want: &LseError,
+) {
+    let before = p.clone();
+    let err = linear_cross_entropy(&p.hidden, p.head(), &p.targets, options).unwrap_err();
+    assert_eq!(&err, want);
+    let mut dh = vec![E::zero(); p.hidden.len()];
+    let mut dw = vec![E::zero(); p.weight.len()];
+    let grads = LinearGradients {
+        hidden: &mut dh,
+        weight: &mut dw,
+        bias: None,
+    };
+    let err = linear_cross_entropy_with_grad(
+        &p.hidden,
+        p.head(),
+        &p.targets,
+        options,
+        GradOutput::Scalar(1.0),
+        grads,
+    )
+    .unwrap_err();
+    assert_eq!(&err, want);
+    // Inputs untouched (bitwise: NaN payloads too).
+    let bits = |x: &[E]| x.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&before.hidden), bits(&p.hidden));
+    assert_eq!(bits(&before.weight), bits(&p.weight));
+    assert_eq!(before.targets, p.targets);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let [rows, dim, classes] = SHAPE;
+    let base = Problem::<bf16>::new(9, SHAPE, 1.0, true);
+    let opts = LinearCrossEntropyOptions::default();
+
+    let mut p = base.clone();
+    p.hidden.pop();
+    expect_error(
+        &p,
+        &opts,
+        &LseError::LengthMismatch {
+            what: "hidden",
+            expected: rows * dim,
+            actual: rows * dim - 1,
+        },
+    );
+    let mut p = base.clone();
+    p.weight.pop();
+    expect_error(
+        &p,
+        &opts,
+        &LseError::RaggedRows {
+            what: "weight",
+            len: classes * dim - 1,
+            classes,
+        },
+    );
+    let mut p = base.clone();
+    p.bias.as_mut().unwrap().pop();
+    expect_error(
+        &p,
+        &opts,
+        &LseError::LengthMismatch {
+            what: "bias",
+            expected: classes,
+            actual: classes - 1,
+        },
+    );
+    let mut p = base.clone();
+    p.targets[4] = classes as i64;
+    expect_error(
+        &p,
+        &opts,
+        &LseError::TargetOutOfRange {
+            row: 4,
+            value: classes as i64,
+            classes,
+        },
+    );
+
+    // One row and one class of the weight in f32 (and, with a gradient, one dH row) is the
+    // least budget; 0 is too small.
+    for budget in [0, 4 * (classes + dim) + 4 * dim - 1] {
+        let options = LinearCrossEntropyOptions {
+            budget_bytes: budget,
+            ..Default::default()
+        };
+        let err =
+            linear_cross_entropy(&base.hidden, base.head(), &base.targets, &options).unwrap_err();
+        assert_eq!(
+            err,
+            LseError::BudgetTooSmall {
+                budget,
+                minimum: 4 * (classes + dim) + 4 * dim
+            }
+        );
+    }
+    let least = LinearCrossEntropyOptions {
+        budget_bytes: 4 * (classes + dim) + 4 * dim,
+        ..Default::default()
+    };
+    linear_cross_entropy(&base.hidden, base.head(), &base.targets, &least).unwrap();
+}
+
+/// `LseError` compares NaN values as unequal: compare the error's fields instead.
+fn nonfinite_at(err: LseError) -> (&'static str, usize, usize) {
+    match err {
+        LseError::NonFinite {
+            what,
+            row,
+            column,
+            value,
+        } => {
+            assert!(!value.is_finite());
+            (what, row, column)
+        }
+        other => panic!("expected NonFinite, got {other:?}"),
+    }
+}
+
+#[test]
+fn non_finite_inputs_follow_the_policy() {
+    let dim = SHAPE[1];
+    let base = Problem::<f32>::new(10, SHAPE, 1.0, true);
+    let propagate = LinearCrossEntropyOptions {
+        cross_entropy: CrossEntropyOptions {
+            non_finite: NonFinite::Propagate,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cases: [(&str, usize, usize, f32); 4] = [
+        ("hidden", 5, 7, f32::NAN),
+        ("weight", 11, 3, f32::NAN),
+        ("weight", 12, 0, f32::INFINITY),
+        ("bias", 0, 9, f32::NAN),
+    ];
+    for (what, row, column, value) in cases {
+        let mut p = base.clone();
+        match what {
+            "hidden" => p.hidden[row * dim + column] = value,
+            "weight" => p.weight[row * dim + column] = value,
+            _ => p.bias.as_mut().unwrap()[column] = value,
+        }
+        let before = p.clone();
+        let err =
+            linear_cross_entropy(&p.hidden, p.head(), &p.targets, &Default::default()).unwrap_err();
+        assert_eq!(nonfinite_at(err), (what, row, column));
+        assert_eq!(
+            before
+                .hidden
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            p.hidden.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        let got = fused(&p, &propagate, GradOutput::Scalar(1.0));
+        assert!(
+            got.out.loss.is_nan(),
+            "{what}: NaN propagates into the loss"
+        );
+    }
+    // A logit that the f32 product makes infinite is named as a logit.
+    let mut p = base.clone();
+    p.hidden[2 * dim..3 * dim].fill(1e30);
+    p.weight[4 * dim..5 * dim].fill(1e30);
+    let err =
+        linear_cross_entropy(&p.hidden, p.head(), &p.targets, &Default::default()).unwrap_err();
+    assert_eq!(nonfinite_at(err), ("logit", 2, 4));
+}
+
+/// Bitwise the same for rayon pools of 1, 2 and 3 threads, at a budget that makes several
+/// chunks (and several weight blocks for bf16).
+#[test]
+fn bitwise_identical_across_thread_counts() {
+    fn bits<E: Element<Stat = f32>>(shape: [usize; 3], budget: usize) -> Vec<Vec<u64>> {
+        let p = Problem::<E>::new(11, shape, 2.0, true);
+        let weights: Vec<f64> = (0..shape[2]).map(|c| 1.0 + (c % 3) as f64).collect();
+        let linear = LinearCrossEntropyOptions {
+            cross_entropy: CrossEntropyOptions {
+                weights: Some(&weights),
+                label_smoothing: 0.05,
+                keep_row_lse: true,
+                ..Default::default()
+            },
+            budget_bytes: budget,
+        };
+        let got = fused(&p, &linear, GradOutput::Scalar(1.0));
+        let to_bits = |x: &[f64]| x.iter().map(|v| v.to_bits()).collect();
+        let lse: Vec<f64> = got.out.row_lse.unwrap().iter().map(|&x| x.into()).collect();
+        vec![
+            vec![got.out.loss.to_bits().into()],
+            to_bits(&lse),
+            to_bits(&got.dh),
+            to_bits(&got.dw),
+            to_bits(&got.db),
+        ]
+    }
+    fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+    let shape = [256, 64, 4096];
+    let budget = 4 * (4096 + 128) * 60;
+    let one = in_pool(1, || {
+        (bits::<f32>(shape, budget), bits::<bf16>(shape, budget))
+    });
+    for threads in [2, 3] {
+        let many = in_pool(threads, || {
+            (bits::<f32>(shape, budget), bits::<bf16>(shape, budget))
+        });
+        assert!(one == many, "{threads} threads differ from 1");
+    }
+}
