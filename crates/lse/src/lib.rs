@@ -48,6 +48,7 @@ pub use ops::cross_entropy::{
     CrossEntropyOutput, EmptyMean, GradOutput, Reduction, Targets,
 };
 pub use ops::logsumexp::{logsumexp, logsumexp_with};
+pub use ops::sharded;
 pub use ops::softmax::{
     log_softmax, log_softmax_backward, log_softmax_with, softmax, softmax_backward, softmax_with,
 };

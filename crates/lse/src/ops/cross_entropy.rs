@@ -146,11 +146,12 @@ pub struct CrossEntropyOutput<S> {
     pub logit_stats: Option<LogitStats>,
 }
 
-/// The checked, per-call state of a cross-entropy call.
-struct Batch<'a, E: Element> {
+/// The checked, per-call state of a cross-entropy call (also the reduction of a split
+/// vocabulary's rows, [`crate::sharded`]).
+pub(crate) struct Batch<'a, E: Element> {
     classes: usize,
     targets: Targets<'a, E>,
-    config: CeConfig<'a>,
+    pub(crate) config: CeConfig<'a>,
     options: &'a CrossEntropyOptions<'a>,
     /// `Σ w[target]` of non-ignored rows (see [`CrossEntropyOutput::denominator`]).
     denominator: f64,
@@ -178,7 +179,7 @@ fn check_option(name: &'static str, value: f64, ok: bool, expected: &'static str
 impl<'a, E: Element> Batch<'a, E> {
     /// Validates everything that does not need the logits: shapes, options, weights, class
     /// targets and the incoming gradient. Nothing has been written when this fails.
-    fn new(
+    pub(crate) fn new(
         len: usize,
         classes: usize,
         targets: Targets<'a, E>,
@@ -309,7 +310,7 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// The factors the gradient of row `r`'s loss is multiplied by.
-    fn grad_scale(&self, r: usize) -> GradScale {
+    pub(crate) fn grad_scale(&self, r: usize) -> GradScale {
         let caller: f64 = match self.grad_output {
             GradOutput::Scalar(g) => g.into(),
             GradOutput::PerRow(gs) => gs[r].into(),
@@ -579,7 +580,7 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// Records the loss and lse of row `r` (`None`: ignored).
-    fn record(&mut self, r: usize, values: Option<RowValues>) {
+    pub(crate) fn record(&mut self, r: usize, values: Option<RowValues>) {
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), values) {
             stats.row(v.lse);
         }
@@ -597,7 +598,7 @@ impl<'a, E: Element> Batch<'a, E> {
         }
     }
 
-    fn finish(self) -> CrossEntropyOutput<E::Stat> {
+    pub(crate) fn finish(self) -> CrossEntropyOutput<E::Stat> {
         let sum = self.total.value();
         let loss = match self.options.reduction {
             // A propagated NaN row still poisons the loss, even with nothing to average.

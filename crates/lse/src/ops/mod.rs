@@ -3,6 +3,7 @@
 
 pub(crate) mod cross_entropy;
 pub(crate) mod logsumexp;
+pub mod sharded;
 pub(crate) mod softmax;
 
 use rayon::prelude::*;
