@@ -222,11 +222,11 @@ fn ulps(a: f64, b: f64, bits: u32) -> f64 {
 }
 
 /// Runs every cut and merge order of every option set, returning the largest distances from the
-/// one-shard result: (loss ulps, gradient normwise ulps).
-fn worst_over_splits<E: Element>(mantissa: u32) -> (f64, f64) {
+/// one-shard result: (reduced loss ulps, row loss and lse ulps, gradient normwise ulps).
+fn worst_over_splits<E: Element>(mantissa: u32) -> (f64, f64, f64) {
     let (logits, targets) = rows();
     let x: Vec<E> = logits.iter().map(|&v| E::from_f64(v)).collect();
-    let (mut loss_worst, mut grad_worst) = (0.0f64, 0.0f64);
+    let (mut reduced_worst, mut loss_worst, mut grad_worst) = (0.0f64, 0.0f64, 0.0f64);
     for (name, opts) in option_sets() {
         let whole = split_ce(&x, &targets, &opts, &[0, CLASSES], &[0], false).unwrap();
         for cut in cuts() {
@@ -239,14 +239,13 @@ fn worst_over_splits<E: Element>(mantissa: u32) -> (f64, f64) {
                     bits.iter().all(|b| b.to_bits() == bits[0].to_bits()),
                     "{what}: shards disagree {bits:?}"
                 );
-                let pairs = [(s.losses[0], whole.losses[0])]
-                    .into_iter()
-                    .chain(
-                        s.row_loss
-                            .iter()
-                            .copied()
-                            .zip(whole.row_loss.iter().copied()),
-                    )
+                reduced_worst =
+                    reduced_worst.max(ulps(s.losses[0].into(), whole.losses[0].into(), mantissa));
+                let pairs = s
+                    .row_loss
+                    .iter()
+                    .copied()
+                    .zip(whole.row_loss.iter().copied())
                     .chain(s.row_lse.iter().copied().zip(whole.row_lse.iter().copied()));
                 for (a, b) in pairs {
                     let u = ulps(a.into(), b.into(), mantissa);
@@ -272,30 +271,34 @@ fn worst_over_splits<E: Element>(mantissa: u32) -> (f64, f64) {
             }
         }
     }
-    (loss_worst, grad_worst)
+    (reduced_worst, loss_worst, grad_worst)
 }
 
 #[test]
 fn every_split_and_merge_order_gives_the_one_shard_result_f32() {
-    // The stated bound: one ulp of f32 for loss, row losses and lse (the f64 values differ by a
-    // few f64 ulps; rounding to f32 at most once lands on the neighbour), and one ulp of the
-    // row's largest gradient entry for the gradient.
-    let (loss, grad) = worst_over_splits::<f32>(24);
-    assert!(loss <= 1.0, "loss {loss} ulp");
+    // The stated bound: one ulp of f32 for the reduced loss, row losses and lse (the f64 values
+    // differ by a few f64 ulps; rounding to f32 at most once lands on the neighbour), and one
+    // ulp of the row's largest gradient entry for the gradient. Measured: 0 (bitwise).
+    let (reduced, rows, grad) = worst_over_splits::<f32>(24);
+    assert!(
+        reduced <= 1.0 && rows <= 1.0,
+        "loss {reduced}, rows {rows} ulp"
+    );
     assert!(grad <= 1.0, "gradient {grad} ulp");
 }
 
+/// For `f64` outputs the merge's own roundings (the exp that moves a state to the larger max,
+/// the distance shift) are of the output's own size: the stated bound is two ulp for the
+/// losses and lse (measured 2, in 4 of the ~2400 split/order cases, all with label smoothing;
+/// every other case within 1) and one ulp of the row's largest entry for the gradient
+/// (measured 0).
 #[test]
 fn every_split_and_merge_order_gives_the_one_shard_result_f64() {
-    let (loss, grad) = worst_over_splits::<f64>(53);
-    assert!(loss <= F64_LOSS_ULPS, "loss {loss} ulp");
-    assert!(grad <= F64_LOSS_ULPS, "gradient {grad} ulp");
+    let (reduced, rows, grad) = worst_over_splits::<f64>(53);
+    assert!(rows <= 2.0, "row loss or lse {rows} ulp");
+    assert!(reduced <= 2.0, "reduced loss {reduced} ulp");
+    assert!(grad <= 1.0, "gradient {grad} ulp");
 }
-
-/// The bound for `f64` outputs, where the merge's own roundings (the exp that moves a state to
-/// the larger max, the distance shift) are of the output's own size: measured 2 ulp on these
-/// rows (a row loss and lse), gradient 0.
-const F64_LOSS_ULPS: f64 = 2.0;
 
 #[test]
 fn merge_is_commutative_to_the_bit_with_empty_as_identity() {

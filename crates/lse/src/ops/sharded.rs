@@ -158,14 +158,14 @@ pub struct RowPartial {
     /// `s'` as a compensated sum: rounded part and carried error.
     rest: f64,
     rest_carry: f64,
-    /// `Σ_live w_c (m − x_c)` (only gathered with label smoothing).
+    /// `Σ_live w_c (m − x_c)` (only gathered with label smoothing or class weights), as a
+    /// compensated sum: rounded part and carried error.
     distance: f64,
+    distance_carry: f64,
     /// `Σ_live w_c` (the live class count when unweighted).
     live_weight: f64,
     /// The (soft-capped) target logit, when [`Self::TARGET`] is set.
     target: f64,
-    /// Reserved, 0: keeps the `f64` block even and the layout stable.
-    reserved: f64,
     /// Live (finite-logit) classes.
     live: u64,
     /// Global column of the first NaN or `+inf` logit; `u64::MAX` when none.
@@ -194,9 +194,9 @@ impl RowPartial {
         rest: 0.0,
         rest_carry: 0.0,
         distance: 0.0,
+        distance_carry: 0.0,
         live_weight: 0.0,
         target: f64::NEG_INFINITY,
-        reserved: 0.0,
         live: 0,
         fault_column: NO_FAULT,
         flags: 0,
@@ -229,9 +229,9 @@ impl RowPartial {
                 p.rest,
                 p.rest_carry,
                 p.distance,
+                p.distance_carry,
                 p.live_weight,
                 p.target,
-                p.reserved,
             ]
         };
         let (a, b) = (floats(self), floats(other));
@@ -262,12 +262,12 @@ impl RowPartial {
             (other, self)
         };
         let (max, rest, rest_carry) = high.state().merge(low.state()).raw_parts();
-        let mut distance = CompensatedSum::ZERO;
-        distance.add(high.distance);
+        let mut distance = high.distance_sum();
         if low.max > f64::NEG_INFINITY {
-            distance.add(low.distance);
+            distance.add_sum(low.distance_sum());
             add_distance(&mut distance, low.live_weight, high.max, low.max);
         }
+        let (distance, distance_carry) = distance.parts();
         let with_target = if low.flags & Self::TARGET != 0 {
             low
         } else {
@@ -282,16 +282,21 @@ impl RowPartial {
             max,
             rest,
             rest_carry,
-            distance: distance.value(),
+            distance,
+            distance_carry,
             live_weight: high.live_weight + low.live_weight,
             target: with_target.target,
-            reserved: 0.0,
             live: high.live + low.live,
             fault_column: with_fault.fault_column,
             flags: (with_target.flags & Self::TARGET)
                 | (with_fault.flags & Self::FAULT_IS_INF)
                 | ((high.flags | low.flags) & Self::FAILED),
         }
+    }
+
+    /// `Σ_live w_c (m − x_c)` as the compensated sum it travels as.
+    fn distance_sum(&self) -> CompensatedSum {
+        CompensatedSum::from_parts(self.distance, self.distance_carry)
     }
 
     /// `acc[r] ← acc[r].merge(other[r])` for every row: the reduction an all-reduce applies.
@@ -359,7 +364,7 @@ impl RowPartial {
                     add_distance(&mut distance, w, max, mapped);
                 }
             }
-            partial.distance = distance.value();
+            (partial.distance, partial.distance_carry) = distance.parts();
             partial.live_weight = live_weight.value();
         }
         partial
@@ -689,6 +694,7 @@ fn row_values<E: Element>(
     let share = plan.smoothing_share();
     if share > 0.0 {
         distance.add(share * merged.distance);
+        distance.add(share * merged.distance_carry);
     }
     RowValues {
         loss: plan.loss(distance.value()),
