@@ -136,6 +136,28 @@ pub enum LseError {
         /// The number of rows in the batch.
         rows: usize,
     },
+
+    /// A vocabulary shard whose column range is not inside the classes
+    /// ([`sharded::Shard`](crate::sharded::Shard)).
+    #[error("shard columns [{start}, {stop}) do not lie in 0..{classes}")]
+    BadShard {
+        /// First column of the shard.
+        start: usize,
+        /// One past its last column.
+        stop: usize,
+        /// The number of classes of the whole row.
+        classes: usize,
+    },
+
+    /// Merged shard partials in which no shard held a row's target class: the shards do not
+    /// cover the classes.
+    #[error("no shard held class {class}, the target of row {row}")]
+    UncoveredTarget {
+        /// The row.
+        row: usize,
+        /// Its target class.
+        class: usize,
+    },
 }
 
 /// Shorthand for results of this crate.

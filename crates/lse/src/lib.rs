@@ -53,6 +53,7 @@ pub use ops::linear_cross_entropy::{
     LinearGradients, LinearHead, DEFAULT_LINEAR_BUDGET_BYTES,
 };
 pub use ops::logsumexp::{logsumexp, logsumexp_with};
+pub use ops::sharded;
 pub use ops::softmax::{
     log_softmax, log_softmax_backward, log_softmax_with, softmax, softmax_backward, softmax_with,
 };

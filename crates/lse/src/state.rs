@@ -91,6 +91,18 @@ impl CompensatedSum {
         self.sum + self.carry
     }
 
+    /// The rounded sum and the error it carries, for a copy that travels (vocabulary shards).
+    #[inline]
+    pub(crate) fn parts(self) -> (f64, f64) {
+        (self.sum, self.carry)
+    }
+
+    /// The sum [`Self::parts`] returned.
+    #[inline]
+    pub(crate) fn from_parts(sum: f64, carry: f64) -> Self {
+        Self { sum, carry }
+    }
+
     /// `self · factor` (factor finite and ≥ 0), keeping the product's rounding error.
     #[inline]
     fn scaled(self, factor: f64) -> Self {
@@ -145,6 +157,20 @@ impl RowState {
     #[inline]
     pub(crate) fn from_parts(max: f64, rest: CompensatedSum) -> Self {
         Self { max, rest }
+    }
+
+    /// The maximum and `s'` as the rounded sum and its carried error: the state as plain numbers
+    /// (for a vocabulary shard's partial, which must cross process boundaries).
+    #[inline]
+    pub(crate) fn raw_parts(&self) -> (f64, f64, f64) {
+        let (sum, carry) = self.rest.parts();
+        (self.max, sum, carry)
+    }
+
+    /// The state [`Self::raw_parts`] returned.
+    #[inline]
+    pub(crate) fn from_raw_parts(max: f64, sum: f64, carry: f64) -> Self {
+        Self::from_parts(max, CompensatedSum::from_parts(sum, carry))
     }
 
     /// Folds one element. `x` must not be NaN or `+inf`; `-inf` is ignored.

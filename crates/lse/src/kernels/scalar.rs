@@ -239,7 +239,7 @@ pub(crate) fn log_softmax_backward_row<E: Element>(y: &[E], dy: &[E], total: f64
 
 /// Adds `mass · (max − mapped)` to `sum`, exactly split; nothing for zero mass or a masked class.
 #[inline]
-fn add_distance(sum: &mut CompensatedSum, mass: f64, max: f64, mapped: f64) {
+pub(crate) fn add_distance(sum: &mut CompensatedSum, mass: f64, max: f64, mapped: f64) {
     if mass > 0.0 && mapped > f64::NEG_INFINITY {
         let (hi, lo) = exact_difference(max, mapped);
         sum.add(saturate(mass * hi));
@@ -447,6 +447,71 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         Ok(plan)
     }
 
+    /// The plan of a class-target row whose read pass ran elsewhere, in pieces (the shards of a
+    /// split vocabulary), from what the merged pieces know: the row's `state`, the target's
+    /// column in this piece (`None` when another piece holds it) and weight, and the live
+    /// (finite-logit) class count and weight of the whole row. `config.weights` are this
+    /// piece's; the gradient of its columns is then [`Self::write_gradient`]'s.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_merged(
+        config: CeConfig<'w>,
+        state: RowState,
+        target: Option<usize>,
+        target_weight: f64,
+        live: u64,
+        live_weight: f64,
+        poisoned: bool,
+        infinite_loss: bool,
+    ) -> Self {
+        let mut kept_mass = CompensatedSum::ZERO;
+        kept_mass.add(target_weight);
+        CeRow {
+            config,
+            // No column of this piece equals usize::MAX: every class is "another class".
+            target: RowTarget::Class(target.unwrap_or(usize::MAX)),
+            max: state.max(),
+            denominator: state.denominator(),
+            log1p_sum: state.log1p_sum(),
+            lse: state.logsumexp(),
+            smoothing_share: if live > 0 {
+                config.smoothing / live as f64
+            } else {
+                0.0
+            },
+            kept_mass,
+            probability_max: 1.0,
+            live_weight,
+            rest: state.sum_excluding_max(),
+            target_distance: CompensatedSum::ZERO,
+            poisoned,
+            infinite_loss,
+        }
+    }
+
+    /// `ε / K`, the smoothing mass of each live class.
+    pub(crate) fn smoothing_share(&self) -> f64 {
+        self.smoothing_share
+    }
+
+    /// Calls `write(c, dloss/dx_c · scale)` for every class of `logits` (NaN for a poisoned
+    /// row): the gradient half of [`Self::finish`].
+    pub(crate) fn write_gradient(
+        &self,
+        logits: &[E],
+        scale: GradScale,
+        mut write: impl FnMut(usize, E),
+    ) {
+        let dtype_max = E::MAX.to_f64();
+        for (c, &x) in logits.iter().enumerate() {
+            let g = if self.poisoned {
+                f64::NAN
+            } else {
+                self.gradient(c, x.to_f64(), scale, dtype_max)
+            };
+            write(c, E::from_f64(g));
+        }
+    }
+
     /// True when the loss needs a sweep over every class (smoothing or probability targets);
     /// otherwise only the target class contributes.
     fn loss_needs_every_class(&self) -> bool {
@@ -522,7 +587,7 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     }
 
     /// The row loss from `distance = Σ_c a_c (m − x_c)`.
-    fn loss(&self, distance: f64) -> f64 {
+    pub(crate) fn loss(&self, distance: f64) -> f64 {
         if self.infinite_loss {
             f64::INFINITY
         } else if self.denominator == 0.0 {

@@ -146,12 +146,13 @@ pub struct CrossEntropyOutput<S> {
     pub logit_stats: Option<LogitStats>,
 }
 
-/// The checked, per-call state of a cross-entropy call.
-struct Batch<'a, E: Element> {
+/// The checked, per-call state of a cross-entropy call (also the reduction of a split
+/// vocabulary's rows, [`crate::sharded`]).
+pub(crate) struct Batch<'a, E: Element> {
     rows: usize,
     classes: usize,
     targets: Targets<'a, E>,
-    config: CeConfig<'a>,
+    pub(crate) config: CeConfig<'a>,
     options: &'a CrossEntropyOptions<'a>,
     /// `Σ w[target]` of non-ignored rows (see [`CrossEntropyOutput::denominator`]).
     denominator: f64,
@@ -181,7 +182,7 @@ fn check_option(name: &'static str, value: f64, ok: bool, expected: &'static str
 impl<'a, E: Element> Batch<'a, E> {
     /// Validates everything that does not need the logits: shapes, options, weights, class
     /// targets and the incoming gradient. Nothing has been written when this fails.
-    fn new(
+    pub(crate) fn new(
         len: usize,
         classes: usize,
         targets: Targets<'a, E>,
@@ -314,7 +315,7 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// The factors the gradient of row `r`'s loss is multiplied by.
-    fn grad_scale(&self, r: usize) -> GradScale {
+    pub(crate) fn grad_scale(&self, r: usize) -> GradScale {
         let caller: f64 = match self.grad_output {
             GradOutput::Scalar(g) => g.into(),
             GradOutput::PerRow(gs) => gs[r].into(),
@@ -611,7 +612,7 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// Records the loss and lse of the next row (`None`: ignored).
-    fn record(&mut self, values: Option<RowValues>) {
+    pub(crate) fn record(&mut self, values: Option<RowValues>) {
         let r = self.recorded;
         self.recorded += 1;
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), values) {
@@ -631,7 +632,7 @@ impl<'a, E: Element> Batch<'a, E> {
         }
     }
 
-    fn finish(mut self) -> CrossEntropyOutput<E::Stat> {
+    pub(crate) fn finish(mut self) -> CrossEntropyOutput<E::Stat> {
         self.record_ignored_before(self.rows);
         let sum = self.total.value();
         let loss = match self.options.reduction {

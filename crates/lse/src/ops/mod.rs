@@ -4,6 +4,7 @@
 pub(crate) mod cross_entropy;
 pub(crate) mod linear_cross_entropy;
 pub(crate) mod logsumexp;
+pub mod sharded;
 pub(crate) mod softmax;
 
 use rayon::prelude::*;

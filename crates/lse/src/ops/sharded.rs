@@ -1,0 +1,829 @@
+//! A split vocabulary: the classes of every row spread over shards (processes, devices), each
+//! holding the columns `[start, stop)`, as tensor-parallel training splits a language-model head.
+//!
+//! Three steps, of which only the middle one needs the other shards (DESIGN §5):
+//!
+//! 1. **Partials** — each shard reduces each row of its columns to a [`RowPartial`]: the §1 state
+//!    `(m, s')` of its (soft-capped) logits, the target logit when the target class is one of its
+//!    columns, its live (finite-logit) class count and weight and `Σ w_c (m − x_c)` over them
+//!    (label smoothing), and the first NaN or `+inf` it saw.
+//! 2. **Merge** — [`RowPartial::merge`] combines two partials of the same row. It is commutative
+//!    to the bit (the two are put in a fixed order first: by `m`, then `s'`, then every other
+//!    field), [`RowPartial::EMPTY`] is its identity to the bit, and no `−inf − (−inf)` is ever
+//!    formed. It is associative up to rounding: two reduction trees give states that differ by
+//!    a few `f64` ulps of `s'`, which the finished `f32`/`f16`/`bf16` results absorb to within
+//!    one ulp of their type (usually bitwise). One all-reduce of `rows` partials with this
+//!    operation (a user-defined MPI operation, say) replaces Megatron-LM's three.
+//! 3. **Finish** — every shard turns the merged partials into the loss (or logsumexp), and its
+//!    own columns' gradient (or softmax, log_softmax), with no further communication. Every
+//!    shard that holds the same merged partials computes bitwise the same loss.
+//!
+//! Errors that depend on the logits (NaN, `+inf`, target mass on a `-inf` logit) travel in the
+//! partials and are reported by the finish, identically on every shard, naming the row and the
+//! global column: a shard never fails alone in step 1 over its logits' values, so no shard is
+//! left waiting for another in step 2.
+//!
+//! ```
+//! use lse::sharded::{self, RowPartial, Shard};
+//! use lse::CrossEntropyOptions;
+//!
+//! // One row of 5 classes, split 3 + 2; target class 3 lives in the second shard.
+//! let row = [2.0f32, 1.0, 0.5, 3.0, -1.0];
+//! let targets = [3i64];
+//! let opts = CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() };
+//! let (a, b) = (Shard::new(0, 3, 5)?, Shard::new(3, 5, 5)?);
+//! let mut pa = [RowPartial::EMPTY];
+//! let mut pb = [RowPartial::EMPTY];
+//! sharded::cross_entropy_partials(&row[..3], a, &targets, &opts, &mut pa)?;
+//! sharded::cross_entropy_partials(&row[3..], b, &targets, &opts, &mut pb)?;
+//! let merged = [pa[0].merge(pb[0])]; // what an all-reduce would hand every shard
+//! let split = sharded::cross_entropy_finish::<f32>(&merged, 5, &targets, &opts)?;
+//! let whole = lse::cross_entropy(&row, 5, lse::Targets::Classes(&targets), &opts)?;
+//! assert!((split.loss - whole.loss).abs() <= f32::EPSILON * whole.loss);
+//! # Ok::<(), lse::LseError>(())
+//! ```
+
+use core::cmp::Ordering;
+
+use rayon::prelude::*;
+
+use super::cross_entropy::{Batch, CrossEntropyOptions, CrossEntropyOutput, GradOutput, Targets};
+use super::{expect_len, rows_per_task, NonFinite};
+use crate::element::{DType, Element};
+use crate::error::{LseError, Result};
+use crate::kernels::{
+    self,
+    scalar::{add_distance, CeConfig, CeRow, LogitMap, RowScan, RowValues},
+};
+use crate::state::{CompensatedSum, RowState};
+
+/// The columns `[start, stop)` of a row of `classes` classes that one shard holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shard {
+    start: usize,
+    stop: usize,
+    classes: usize,
+}
+
+impl Shard {
+    /// The shard of columns `[start, stop)` of `classes` (an empty range is allowed: a shard
+    /// with no columns contributes [`RowPartial::EMPTY`]).
+    ///
+    /// # Errors
+    /// [`LseError::EmptyClasses`] when `classes == 0`, [`LseError::BadShard`] unless
+    /// `start ≤ stop ≤ classes`.
+    pub fn new(start: usize, stop: usize, classes: usize) -> Result<Self> {
+        if classes == 0 {
+            return Err(LseError::EmptyClasses);
+        }
+        if start > stop || stop > classes {
+            return Err(LseError::BadShard {
+                start,
+                stop,
+                classes,
+            });
+        }
+        Ok(Self {
+            start,
+            stop,
+            classes,
+        })
+    }
+
+    /// Shard `index` of `count` near-equal shards of `classes` columns: the first
+    /// `classes % count` shards hold one column more than the others.
+    ///
+    /// # Errors
+    /// [`LseError::EmptyClasses`] when `classes == 0`, [`LseError::BadShard`] when
+    /// `index ≥ count`.
+    pub fn split_evenly(index: usize, count: usize, classes: usize) -> Result<Self> {
+        if index >= count {
+            return Err(LseError::BadShard {
+                start: index,
+                stop: count,
+                classes,
+            });
+        }
+        let (base, extra) = (classes / count, classes % count);
+        let start = index * base + index.min(extra);
+        let stop = start + base + usize::from(index < extra);
+        Self::new(start, stop, classes)
+    }
+
+    /// First global column held.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// One past the last global column held.
+    pub fn stop(&self) -> usize {
+        self.stop
+    }
+
+    /// Columns held.
+    pub fn width(&self) -> usize {
+        self.stop - self.start
+    }
+
+    /// Classes of the whole row.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The local column of global class `class`, if this shard holds it.
+    fn local(&self, class: usize) -> Option<usize> {
+        (self.start..self.stop)
+            .contains(&class)
+            .then(|| class - self.start)
+    }
+
+    /// The number of rows of a row-major `logits` buffer of this shard's width, which must be
+    /// `rows`.
+    fn check_rows(&self, len: usize, rows: usize) -> Result<()> {
+        expect_len("shard logits", rows * self.width(), len)
+    }
+}
+
+/// What one shard knows about one row, and what the merge of several shards' partials knows.
+///
+/// `#[repr(C)]` and [`Copy`], made of [`Self::F64_FIELDS`] `f64`s followed by
+/// [`Self::U64_FIELDS`] `u64`s and nothing else ([`Self::BYTES`] bytes), so that a transport
+/// (an MPI datatype, a device buffer) can carry it as plain data. Its fields are private: build
+/// partials with the `*_partials` functions and combine them with [`Self::merge`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowPartial {
+    /// `m`, the max of the (soft-capped) finite logits.
+    max: f64,
+    /// `s'` as a compensated sum: rounded part and carried error.
+    rest: f64,
+    rest_carry: f64,
+    /// `Σ_live w_c (m − x_c)` (only gathered with label smoothing or class weights), as a
+    /// compensated sum: rounded part and carried error.
+    distance: f64,
+    distance_carry: f64,
+    /// `Σ_live w_c` (the live class count when unweighted).
+    live_weight: f64,
+    /// The (soft-capped) target logit, when [`Self::TARGET`] is set.
+    target: f64,
+    /// Live (finite-logit) classes.
+    live: u64,
+    /// Global column of the first NaN or `+inf` logit; `u64::MAX` when none.
+    fault_column: u64,
+    /// [`Self::TARGET`], [`Self::FAULT_IS_INF`], [`Self::FAILED`].
+    flags: u64,
+}
+
+const NO_FAULT: u64 = u64::MAX;
+
+impl RowPartial {
+    /// `f64` fields at the start of the layout.
+    pub const F64_FIELDS: usize = 7;
+    /// `u64` fields after them.
+    pub const U64_FIELDS: usize = 3;
+    /// The size of one partial: what one row costs on the wire.
+    pub const BYTES: usize = 8 * (Self::F64_FIELDS + Self::U64_FIELDS);
+
+    const TARGET: u64 = 1;
+    const FAULT_IS_INF: u64 = 2;
+    const FAILED: u64 = 4;
+
+    /// The partial of no columns: the identity of [`Self::merge`].
+    pub const EMPTY: Self = Self {
+        max: f64::NEG_INFINITY,
+        rest: 0.0,
+        rest_carry: 0.0,
+        distance: 0.0,
+        distance_carry: 0.0,
+        live_weight: 0.0,
+        target: f64::NEG_INFINITY,
+        live: 0,
+        fault_column: NO_FAULT,
+        flags: 0,
+    };
+
+    /// A partial that says "this shard could not compute its part" (bad arguments on one
+    /// process): merged into anything it stays marked, so every shard learns of it from the
+    /// same collective instead of waiting for a shard that has given up.
+    pub const FAILED_SHARD: Self = Self {
+        flags: Self::FAILED,
+        ..Self::EMPTY
+    };
+
+    /// True when a [`Self::FAILED_SHARD`] went into this partial.
+    pub fn is_failed(&self) -> bool {
+        self.flags & Self::FAILED != 0
+    }
+
+    /// The row's state `(m, s')` so far.
+    pub fn state(&self) -> RowState {
+        RowState::from_raw_parts(self.max, self.rest, self.rest_carry)
+    }
+
+    /// A total order on every field (bits of the floats, by `f64::total_cmp`): `m` first, then
+    /// `s'`. The merge puts its operands in this order, which makes it commutative to the bit.
+    fn order(&self, other: &Self) -> Ordering {
+        let floats = |p: &Self| {
+            [
+                p.max,
+                p.rest,
+                p.rest_carry,
+                p.distance,
+                p.distance_carry,
+                p.live_weight,
+                p.target,
+            ]
+        };
+        let (a, b) = (floats(self), floats(other));
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| x.total_cmp(y))
+            .chain([
+                self.live.cmp(&other.live),
+                self.fault_column.cmp(&other.fault_column),
+                self.flags.cmp(&other.flags),
+            ])
+            .find(|o| o.is_ne())
+            .unwrap_or(Ordering::Equal)
+    }
+
+    /// Combines the partials of two disjoint sets of columns of the same row.
+    ///
+    /// Commutative to the bit, with [`Self::EMPTY`] as its identity to the bit; associative up
+    /// to the rounding of `s'` and of the smoothing distance (a few `f64` ulps). The state is
+    /// merged by [`RowState::merge`] with the larger operand as its base; the distance of the
+    /// smaller one is moved to the larger max as `Σ w (m_hi − x) = Σ w (m_lo − x) + W·(m_hi −
+    /// m_lo)`, all terms ≥ 0 and the difference split exactly, so nothing cancels.
+    #[must_use]
+    pub fn merge(self, other: Self) -> Self {
+        let (high, low) = if self.order(&other).is_ge() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let (max, rest, rest_carry) = high.state().merge(low.state()).raw_parts();
+        let mut distance = high.distance_sum();
+        if low.max > f64::NEG_INFINITY {
+            distance.add_sum(low.distance_sum());
+            add_distance(&mut distance, low.live_weight, high.max, low.max);
+        }
+        let (distance, distance_carry) = distance.parts();
+        let with_target = if low.flags & Self::TARGET != 0 {
+            low
+        } else {
+            high
+        };
+        let with_fault = if low.fault_column < high.fault_column {
+            low
+        } else {
+            high
+        };
+        Self {
+            max,
+            rest,
+            rest_carry,
+            distance,
+            distance_carry,
+            live_weight: high.live_weight + low.live_weight,
+            target: with_target.target,
+            live: high.live + low.live,
+            fault_column: with_fault.fault_column,
+            flags: (with_target.flags & Self::TARGET)
+                | (with_fault.flags & Self::FAULT_IS_INF)
+                | ((high.flags | low.flags) & Self::FAILED),
+        }
+    }
+
+    /// `Σ_live w_c (m − x_c)` as the compensated sum it travels as.
+    fn distance_sum(&self) -> CompensatedSum {
+        CompensatedSum::from_parts(self.distance, self.distance_carry)
+    }
+
+    /// `acc[r] ← acc[r].merge(other[r])` for every row: the reduction an all-reduce applies.
+    ///
+    /// # Panics
+    /// When the slices differ in length.
+    pub fn merge_rows(acc: &mut [Self], other: &[Self]) {
+        assert_eq!(
+            acc.len(),
+            other.len(),
+            "merging partials of different row counts"
+        );
+        for (a, &b) in acc.iter_mut().zip(other) {
+            *a = a.merge(b);
+        }
+    }
+
+    /// The first NaN or `+inf` the row's shards saw, as an error of row `row`.
+    fn fault(&self, row: usize) -> Option<LseError> {
+        (self.fault_column != NO_FAULT).then_some(LseError::NonFinite {
+            what: "logit",
+            row,
+            column: self.fault_column as usize,
+            value: if self.flags & Self::FAULT_IS_INF != 0 {
+                f64::INFINITY
+            } else {
+                f64::NAN
+            },
+        })
+    }
+
+    /// The partial of one shard's row from its read pass; `sweep` adds the label-smoothing
+    /// distance and live weight (a second pass, only with smoothing or class weights).
+    fn of_row<E: Element>(
+        row: &[E],
+        shard: Shard,
+        scan: &RowScan,
+        map: LogitMap,
+        weights: Option<&[f64]>,
+        sweep: bool,
+    ) -> Self {
+        let (max, rest, rest_carry) = scan.state.raw_parts();
+        let mut partial = Self {
+            max,
+            rest,
+            rest_carry,
+            live: (row.len() - scan.masked - scan.nan - scan.pos_inf) as u64,
+            ..Self::EMPTY
+        };
+        partial.live_weight = partial.live as f64;
+        if let Some(column) = scan.first_non_finite {
+            partial.fault_column = (shard.start + column) as u64;
+            if row[column].to_f64() == f64::INFINITY {
+                partial.flags |= Self::FAULT_IS_INF;
+            }
+        }
+        if sweep && partial.fault_column == NO_FAULT && max > f64::NEG_INFINITY {
+            let weights = weights.map(|w| &w[shard.start..shard.stop]);
+            let (mut distance, mut live_weight) = (CompensatedSum::ZERO, CompensatedSum::ZERO);
+            for (c, &x) in row.iter().enumerate() {
+                let mapped = map.apply(x.to_f64());
+                if mapped > f64::NEG_INFINITY {
+                    let w = weights.map_or(1.0, |w| w[c]);
+                    live_weight.add(w);
+                    add_distance(&mut distance, w, max, mapped);
+                }
+            }
+            (partial.distance, partial.distance_carry) = distance.parts();
+            partial.live_weight = live_weight.value();
+        }
+        partial
+    }
+}
+
+/// The read pass of a shard's row: the scalar kernel for `f64` (full `f64` accuracy), else the
+/// vector kernel's exp in `f64` lanes (good to about 2^-50, far below an `f32` ulp).
+fn scan<E: Element>(row: &[E], map: LogitMap) -> RowScan {
+    if E::DTYPE == DType::F64 {
+        kernels::scan_exact(row, map)
+    } else {
+        kernels::scan_wide(row, map)
+    }
+}
+
+/// Runs `f(r, logits_row, item)` for every row on rayon's pool, in tasks of whole rows.
+fn par_shard_rows<E: Element, T: Send>(
+    logits: &[E],
+    width: usize,
+    items: &mut [T],
+    f: impl Fn(usize, &[E], &mut T) + Sync,
+) {
+    let per_task = rows_per_task(width);
+    // A shard of no columns still has rows: give each an empty slice.
+    let empty: [E; 0] = [];
+    items
+        .par_iter_mut()
+        .with_min_len(per_task)
+        .enumerate()
+        .for_each(|(r, item)| {
+            let row = if width == 0 {
+                &empty[..]
+            } else {
+                &logits[r * width..(r + 1) * width]
+            };
+            f(r, row, item);
+        });
+}
+
+/// Step 1 of a split logsumexp, softmax or log_softmax: the partial of every row of this shard's
+/// `logits` (`partials.len()` rows × `shard.width()` columns, row-major).
+///
+/// NaN and `+inf` are not errors here: they travel in the partials, and the finishing calls
+/// apply the policy identically on every shard.
+///
+/// # Errors
+/// [`LseError::LengthMismatch`] when `logits` does not hold `partials.len()` rows of the shard's
+/// width. Nothing is written then.
+///
+/// # Panics
+/// Never.
+pub fn logsumexp_partials<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    partials: &mut [RowPartial],
+) -> Result<()> {
+    shard.check_rows(logits.len(), partials.len())?;
+    par_shard_rows(logits, shard.width(), partials, |_, row, p| {
+        *p = RowPartial::of_row(
+            row,
+            shard,
+            &scan(row, LogitMap::Identity),
+            LogitMap::Identity,
+            None,
+            false,
+        );
+    });
+    Ok(())
+}
+
+/// Step 3 of a split logsumexp: each row's `m + log1p(s')` from the merged partials (`-inf` for a
+/// fully masked row), into `out`.
+///
+/// # Errors
+/// [`LseError::LengthMismatch`] when `out` is not one value per partial; [`LseError::NonFinite`]
+/// (naming the row and the global column of the first NaN or `+inf`) under
+/// [`NonFinite::Error`]; under [`NonFinite::Propagate`] such a row gives NaN.
+///
+/// # Panics
+/// Never.
+pub fn logsumexp_finish<E: Element>(
+    merged: &[RowPartial],
+    out: &mut [E::Stat],
+    policy: NonFinite,
+) -> Result<()> {
+    expect_len("logsumexp output", merged.len(), out.len())?;
+    first_fault(merged, policy)?;
+    for (o, p) in out.iter_mut().zip(merged) {
+        let value = if p.fault_column != NO_FAULT {
+            f64::NAN
+        } else {
+            p.state().logsumexp()
+        };
+        *o = E::Stat::from_f64(value);
+    }
+    Ok(())
+}
+
+/// Under [`NonFinite::Error`], the error of the first row whose shards saw NaN or `+inf`.
+fn first_fault(merged: &[RowPartial], policy: NonFinite) -> Result<()> {
+    if policy == NonFinite::Error {
+        if let Some(error) = merged.iter().enumerate().find_map(|(r, p)| p.fault(r)) {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Step 3 of a split softmax: this shard's columns of `softmax(x)` from its `logits` and the
+/// merged partials, into `out` (same shape as `logits`). A fully masked row gives zeros.
+///
+/// # Errors
+/// [`LseError::LengthMismatch`] for shapes; [`LseError::NonFinite`] under [`NonFinite::Error`]
+/// (under [`NonFinite::Propagate`] the row is NaN).
+///
+/// # Panics
+/// Never.
+pub fn softmax_shard<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    merged: &[RowPartial],
+    out: &mut [E],
+    policy: NonFinite,
+) -> Result<()> {
+    write_shard(logits, shard, merged, out, policy, kernels::softmax)
+}
+
+/// Step 3 of a split log_softmax: this shard's columns of `log_softmax(x)`, as
+/// [`softmax_shard`]. A fully masked row gives `-inf`.
+///
+/// # Errors
+/// As [`softmax_shard`].
+///
+/// # Panics
+/// Never.
+pub fn log_softmax_shard<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    merged: &[RowPartial],
+    out: &mut [E],
+    policy: NonFinite,
+) -> Result<()> {
+    write_shard(logits, shard, merged, out, policy, kernels::log_softmax)
+}
+
+fn write_shard<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    merged: &[RowPartial],
+    out: &mut [E],
+    policy: NonFinite,
+    write: fn(&[E], &RowState, &mut [E]),
+) -> Result<()> {
+    shard.check_rows(logits.len(), merged.len())?;
+    expect_len("output", logits.len(), out.len())?;
+    first_fault(merged, policy)?;
+    let width = shard.width();
+    if width == 0 {
+        return Ok(());
+    }
+    logits
+        .par_chunks(width)
+        .zip(out.par_chunks_mut(width))
+        .zip(merged.par_iter())
+        .with_min_len(rows_per_task(width))
+        .for_each(|((row, o), p)| {
+            if p.fault_column != NO_FAULT {
+                o.fill(E::from_f64(f64::NAN));
+            } else {
+                write(row, &p.state(), o);
+            }
+        });
+    Ok(())
+}
+
+/// The options a split cross-entropy honours: logit statistics are of one shard only, so they
+/// are not gathered.
+fn split_options<'a>(options: &CrossEntropyOptions<'a>) -> CrossEntropyOptions<'a> {
+    CrossEntropyOptions {
+        keep_logit_stats: false,
+        ..*options
+    }
+}
+
+/// Step 1 of a split cross-entropy: the partial of every row of this shard's `logits`
+/// (`targets.len()` rows × `shard.width()` columns, row-major) into `partials`.
+///
+/// `targets` are the global class indices of every row (the same on every shard), `options` the
+/// same on every shard; `options.weights`, when given, holds the weights of all
+/// `shard.classes()` classes. Label smoothing spreads `ε` over the live classes of the whole
+/// row, never of one shard. Probability targets and logit statistics are not offered here.
+/// Ignored rows are not read (their partial is [`RowPartial::EMPTY`]).
+///
+/// # Errors
+/// What [`crate::cross_entropy`] finds without the logits — [`LseError::BadOption`],
+/// [`LseError::BadWeight`], [`LseError::LengthMismatch`] for the weights,
+/// [`LseError::TargetOutOfRange`], [`LseError::EmptyMean`] — the same on every shard that is
+/// given the same arguments, and [`LseError::LengthMismatch`] when `logits` or `partials` do
+/// not have `targets.len()` rows. NaN, `+inf` and masked targets are reported by
+/// [`cross_entropy_finish`]. Nothing is written on error.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_partials<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    targets: &[i64],
+    options: &CrossEntropyOptions<'_>,
+    partials: &mut [RowPartial],
+) -> Result<()> {
+    let options = split_options(options);
+    let batch = checked_batch::<E>(shard.classes, targets, &options, GradOutput::default())?;
+    shard.check_rows(logits.len(), targets.len())?;
+    expect_len("partials", targets.len(), partials.len())?;
+    let config = batch.config;
+    let sweep = config.smoothing > 0.0 || config.weights.is_some();
+    par_shard_rows(logits, shard.width(), partials, |r, row, p| {
+        let target = targets[r];
+        if Some(target) == options.ignore_index {
+            *p = RowPartial::EMPTY;
+            return;
+        }
+        *p = RowPartial::of_row(
+            row,
+            shard,
+            &scan(row, config.map),
+            config.map,
+            config.weights,
+            sweep,
+        );
+        // In range: checked by the batch.
+        if let Some(local) = shard.local(target as usize) {
+            p.target = config.map.apply(row[local].to_f64());
+            p.flags |= RowPartial::TARGET;
+        }
+    });
+    Ok(())
+}
+
+/// The argument checks of [`crate::cross_entropy`] for `targets.len()` rows of `classes`.
+fn checked_batch<'a, E: Element>(
+    classes: usize,
+    targets: &'a [i64],
+    options: &'a CrossEntropyOptions<'a>,
+    grad_output: GradOutput<'a, E::Stat>,
+) -> Result<Batch<'a, E>> {
+    Batch::new(
+        targets.len() * classes,
+        classes,
+        Targets::Classes(targets),
+        options,
+        grad_output,
+    )
+}
+
+/// The cross-entropy plan of row `r` (target `target`) from its merged partial, with the
+/// weights of `shard`'s columns when its gradient is to be written (`None`: the loss alone).
+fn merged_plan<'w, E: Element>(
+    r: usize,
+    target: usize,
+    merged: &RowPartial,
+    config: CeConfig<'w>,
+    shard: Option<Shard>,
+) -> Result<CeRow<'static, 'w, E>> {
+    if merged.flags & RowPartial::TARGET == 0 {
+        return Err(LseError::UncoveredTarget {
+            row: r,
+            class: target,
+        });
+    }
+    let poisoned = merged.fault_column != NO_FAULT;
+    if let (true, Some(error)) = (!config.propagate_non_finite, merged.fault(r)) {
+        return Err(error);
+    }
+    let target_weight = config.weights.map_or(1.0, |w| w[target]);
+    let keep = 1.0 - config.smoothing;
+    let masked_target =
+        !poisoned && merged.target == f64::NEG_INFINITY && keep * target_weight > 0.0;
+    if masked_target && !config.propagate_non_finite {
+        return Err(LseError::MaskedTarget {
+            row: r,
+            class: target,
+        });
+    }
+    let piece = CeConfig {
+        weights: match shard {
+            Some(s) => config.weights.map(|w| &w[s.start..s.stop]),
+            None => config.weights,
+        },
+        ..config
+    };
+    Ok(CeRow::from_merged(
+        piece,
+        merged.state(),
+        shard.and_then(|s| s.local(target)),
+        target_weight,
+        merged.live,
+        merged.live_weight,
+        poisoned,
+        masked_target,
+    ))
+}
+
+/// The loss and lse of a row from its plan: the loss's distance term is the target's
+/// `(1 − ε)·w_y·(m − x_y)` plus `(ε/K)·Σ_live w_c (m − x_c)` from the merged partial.
+fn row_values<E: Element>(
+    plan: &CeRow<'_, '_, E>,
+    merged: &RowPartial,
+    config: &CeConfig<'_>,
+    target: usize,
+) -> RowValues {
+    if merged.fault_column != NO_FAULT {
+        return RowValues {
+            loss: f64::NAN,
+            lse: f64::NAN,
+        };
+    }
+    let weight = config.weights.map_or(1.0, |w| w[target]);
+    let mut distance = CompensatedSum::ZERO;
+    add_distance(
+        &mut distance,
+        (1.0 - config.smoothing) * weight,
+        merged.max,
+        merged.target,
+    );
+    let share = plan.smoothing_share();
+    if share > 0.0 {
+        distance.add(share * merged.distance);
+        distance.add(share * merged.distance_carry);
+    }
+    RowValues {
+        loss: plan.loss(distance.value()),
+        lse: merged.state().logsumexp(),
+    }
+}
+
+/// Finishes every row (in parallel, writing this shard's gradient rows when `grad` is given)
+/// and reduces them in row order, as [`crate::cross_entropy`] does. The error is that of the
+/// smallest failing row.
+fn finish_rows<E: Element>(
+    merged: &[RowPartial],
+    classes: usize,
+    targets: &[i64],
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, E::Stat>,
+    grad: Option<(&[E], Shard, &mut [E])>,
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    let options = split_options(options);
+    let mut batch = checked_batch::<E>(classes, targets, &options, grad_output)?;
+    expect_len("merged partials", targets.len(), merged.len())?;
+    let config = batch.config;
+    let row =
+        |r: usize, shard: Option<Shard>| -> Result<Option<(CeRow<'static, '_, E>, RowValues)>> {
+            let target = targets[r];
+            if Some(target) == options.ignore_index {
+                return Ok(None);
+            }
+            // In range: checked by the batch.
+            let target = target as usize;
+            let plan = merged_plan::<E>(r, target, &merged[r], config, shard)?;
+            let values = row_values(&plan, &merged[r], &config, target);
+            Ok(Some((plan, values)))
+        };
+    let rows: Vec<Result<Option<RowValues>>> = match grad {
+        Some((logits, shard, grad)) if shard.width() == 0 => {
+            // No columns, no gradient: the loss alone (after the shape checks).
+            shard.check_rows(logits.len(), targets.len())?;
+            expect_len("gradient", 0, grad.len())?;
+            (0..merged.len())
+                .into_par_iter()
+                .map(|r| Ok(row(r, None)?.map(|(_, v)| v)))
+                .collect()
+        }
+        None => (0..merged.len())
+            .into_par_iter()
+            .map(|r| Ok(row(r, None)?.map(|(_, v)| v)))
+            .collect(),
+        Some((logits, shard, grad)) => {
+            shard.check_rows(logits.len(), targets.len())?;
+            expect_len("gradient", logits.len(), grad.len())?;
+            let width = shard.width();
+            let batch = &batch;
+            grad.par_chunks_mut(width)
+                .zip(logits.par_chunks(width))
+                .enumerate()
+                .with_min_len(rows_per_task(width))
+                .map(|(r, (g, x))| {
+                    let Some((plan, values)) = row(r, Some(shard))? else {
+                        g.fill(E::zero());
+                        return Ok(None);
+                    };
+                    plan.write_gradient(x, batch.grad_scale(r), |c, v| g[c] = v);
+                    Ok(Some(values))
+                })
+                .collect()
+        }
+    };
+    for values in rows {
+        batch.record(values?);
+    }
+    Ok(batch.finish())
+}
+
+/// Step 3 of a split cross-entropy, loss only: the reduced loss (and, as asked, per-row losses
+/// and logsumexp) of `classes` classes from the merged partials of every row. Bitwise the same
+/// on every shard that holds the same merged partials and arguments.
+///
+/// # Errors
+/// As [`cross_entropy_partials`]; [`LseError::LengthMismatch`] when `merged` does not hold
+/// `targets.len()` rows; [`LseError::NonFinite`] (global column) and [`LseError::MaskedTarget`]
+/// as [`crate::cross_entropy`] reports them; [`LseError::UncoveredTarget`] when no shard held a
+/// row's target class.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_finish<E: Element>(
+    merged: &[RowPartial],
+    classes: usize,
+    targets: &[i64],
+    options: &CrossEntropyOptions<'_>,
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    finish_rows::<E>(
+        merged,
+        classes,
+        targets,
+        options,
+        GradOutput::default(),
+        None,
+    )
+}
+
+/// Step 3 of a split cross-entropy with this shard's gradient: [`cross_entropy_finish`]'s
+/// output, and `∂(grad_output · loss)/∂logits` of the shard's columns into `grad` (the shape of
+/// `logits`), from the merged partials alone — no further communication. Ignored rows get 0,
+/// `-inf` logits 0, poisoned rows (under [`NonFinite::Propagate`]) NaN.
+///
+/// # Errors
+/// As [`cross_entropy_finish`], and [`LseError::LengthMismatch`] for `logits` or `grad`,
+/// [`LseError::PerRowGradient`] / [`LseError::NonFinite`] for `grad_output` as
+/// [`crate::cross_entropy_with_grad`]. On error `grad` is unspecified.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_shard_grad<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    merged: &[RowPartial],
+    targets: &[i64],
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, E::Stat>,
+    grad: &mut [E],
+) -> Result<CrossEntropyOutput<E::Stat>> {
+    finish_rows::<E>(
+        merged,
+        shard.classes,
+        targets,
+        options,
+        grad_output,
+        Some((logits, shard, grad)),
+    )
+}
