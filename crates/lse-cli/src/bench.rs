@@ -126,8 +126,8 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub threads: Option<usize>,
 
-    /// Kernel family: auto (the fastest this CPU supports), scalar or avx2 (falls back to scalar
-    /// on a CPU without AVX2 and FMA; the report names the kernel that ran)
+    /// Kernel family: auto (the fastest this CPU supports), scalar, avx2 or avx512 (a family the
+    /// CPU lacks falls back to the widest it has; the report names the kernel that ran)
     #[arg(long, value_name = "KERNEL", value_enum, default_value_t = KernelChoice::Auto)]
     pub kernel: KernelChoice,
 
@@ -358,8 +358,10 @@ pub enum KernelChoice {
     Auto,
     /// The portable scalar reference.
     Scalar,
-    /// AVX2 + FMA (scalar on a CPU without them).
+    /// AVX2 + FMA + F16C.
     Avx2,
+    /// AVX-512 F/BW/DQ/VL.
+    Avx512,
 }
 
 impl KernelChoice {
@@ -369,6 +371,7 @@ impl KernelChoice {
             KernelChoice::Auto => lse::Kernel::Auto,
             KernelChoice::Scalar => lse::Kernel::Scalar,
             KernelChoice::Avx2 => lse::Kernel::Avx2,
+            KernelChoice::Avx512 => lse::Kernel::Avx512,
         }
     }
 }
@@ -414,7 +417,7 @@ pub struct Report {
     pub machine: Machine,
     /// Threads of the pool every timing ran in.
     pub threads: usize,
-    /// The kernel family that ran (`avx2` or `scalar`).
+    /// The kernel family that ran (`avx512`, `avx2` or `scalar`).
     pub kernel: &'static str,
     /// The cross-entropy options every cross-entropy case ran with (`default` for none).
     pub ce_options: String,

@@ -242,7 +242,7 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     }
     let bar = progress_bar(config.steps);
     let update = |p: Progress| {
-        if p.step % 20 == 0 || p.step == config.steps {
+        if p.step.is_multiple_of(20) || p.step == config.steps {
             let naive = match p.naive_failed_at {
                 Some(step) => format!("naive: non-finite at step {step}"),
                 None => "naive: finite".to_owned(),

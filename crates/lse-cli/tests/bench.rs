@@ -104,7 +104,10 @@ fn json_reports_every_op_and_dtype_consistently() {
     let threads = doc["threads"].as_u64().expect("threads");
     assert_eq!(threads, cores);
     let kernel = doc["kernel"].as_str().expect("kernel");
-    assert!(["avx2", "scalar"].contains(&kernel), "kernel {kernel}");
+    assert!(
+        ["avx512", "avx2", "scalar"].contains(&kernel),
+        "kernel {kernel}"
+    );
     let copy_gbs = positive_finite(&doc, "copy_gbs");
 
     let results = doc["results"].as_array().expect("results");

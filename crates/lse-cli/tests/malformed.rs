@@ -18,7 +18,7 @@ fn dir(test: &str) -> PathBuf {
 /// A `.npy` file (version 1.0) with the header dict `dict` and the bytes `data`.
 fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
     let mut header = dict.to_owned();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

@@ -20,7 +20,7 @@
 //! Environment:
 //! - `LSE_BENCH_THREADS=n` runs every case inside a rayon pool of `n` threads (default: rayon's
 //!   global pool, one thread per core).
-//! - `LSE_BENCH_KERNEL=auto|scalar|avx2` pins the kernel family with [`lse::set_kernel`]
+//! - `LSE_BENCH_KERNEL=auto|scalar|avx2|avx512` pins the kernel family with [`lse::set_kernel`]
 //!   (default `auto`); the kernel that actually runs is printed first.
 //!
 //! Inputs are deterministic pseudo-random logits `3 · N(0, 1)` and uniformly random class
@@ -284,7 +284,8 @@ fn configure_kernel() {
         Err(_) | Ok("") | Ok("auto") => Kernel::Auto,
         Ok("scalar") => Kernel::Scalar,
         Ok("avx2") => Kernel::Avx2,
-        Ok(other) => panic!("LSE_BENCH_KERNEL={other:?}: expected auto, scalar or avx2"),
+        Ok("avx512") => Kernel::Avx512,
+        Ok(other) => panic!("LSE_BENCH_KERNEL={other:?}: expected auto, scalar, avx2 or avx512"),
     };
     lse::set_kernel(kernel);
     eprintln!(

@@ -31,7 +31,7 @@ impl Schedule {
             Schedule::Always => true,
             Schedule::Never => false,
             Schedule::FirstThenEvery { first, every } => {
-                batch < first || (every != 0 && batch % every == 0)
+                batch < first || (every != 0 && batch.is_multiple_of(every))
             }
         }
     }

@@ -216,7 +216,7 @@ pub(crate) fn check_shape(
             tensor: tensor.to_owned(),
             len,
         })
-    } else if len % columns != 0 {
+    } else if !len.is_multiple_of(columns) {
         Err(TensorShapeError::Ragged {
             tensor: tensor.to_owned(),
             len,

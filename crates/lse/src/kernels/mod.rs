@@ -18,42 +18,71 @@ use crate::state::{CompensatedSum, RowState};
 use scalar::LogitMap;
 pub(crate) use scalar::RowScan;
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2;
 pub(crate) mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vector;
 
 /// A family of row kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// The fastest kernel this CPU supports (the default).
+    /// The fastest kernel this CPU supports (the default), or the family the `LSE_KERNEL`
+    /// environment variable names (`scalar`, `avx2`, `avx512`) when it is set.
     Auto,
     /// The portable scalar reference: every element widened to `f64`, each result rounded once.
     Scalar,
-    /// x86-64 AVX2 + FMA (+ F16C for `f16`), selected only where the CPU has them.
+    /// x86-64 AVX2 + FMA + F16C, selected only where the CPU has them.
     Avx2,
+    /// x86-64 AVX-512 F/BW/DQ/VL (with AVX2, FMA, F16C; and the AVX512-BF16 conversion where
+    /// the CPU has it), selected only where the CPU has them.
+    Avx512,
 }
 
 impl Kernel {
-    /// The lower-case name (`auto`, `scalar`, `avx2`).
+    /// Every family, [`Kernel::Auto`] first.
+    pub const ALL: [Kernel; 4] = [Kernel::Auto, Kernel::Scalar, Kernel::Avx2, Kernel::Avx512];
+
+    /// The lower-case name (`auto`, `scalar`, `avx2`, `avx512`).
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Auto => "auto",
             Kernel::Scalar => "scalar",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
         }
+    }
+
+    /// True when this CPU runs the family ([`Kernel::Auto`] and [`Kernel::Scalar`] always).
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Auto | Kernel::Scalar => true,
+            Kernel::Avx2 => detected().avx2,
+            Kernel::Avx512 => detected().avx512,
+        }
+    }
+
+    /// The families this CPU runs, without [`Kernel::Auto`]: the scalar reference first.
+    pub fn supported() -> Vec<Kernel> {
+        Kernel::ALL[1..]
+            .iter()
+            .copied()
+            .filter(|k| k.is_supported())
+            .collect()
     }
 }
 
 const AUTO: u8 = 0;
 const SCALAR: u8 = 1;
 const AVX2: u8 = 2;
+const AVX512: u8 = 3;
 
 static REQUESTED: AtomicU8 = AtomicU8::new(AUTO);
 
 /// Pins the kernel family for the whole process (default [`Kernel::Auto`]).
 ///
-/// Requesting [`Kernel::Avx2`] on a CPU without AVX2 and FMA falls back to the scalar kernel;
-/// [`active_kernel`] says what runs. Results differ between families only by the rounding of
+/// Requesting a family this CPU lacks ([`Kernel::is_supported`]) runs the widest one it has
+/// instead; [`active_kernel`] says what runs. Results differ between families only by the rounding of
 /// intermediate values (both meet the same accuracy bounds); for one family they are bitwise
 /// identical whatever the number of threads.
 pub fn set_kernel(kernel: Kernel) {
@@ -61,34 +90,94 @@ pub fn set_kernel(kernel: Kernel) {
         Kernel::Auto => AUTO,
         Kernel::Scalar => SCALAR,
         Kernel::Avx2 => AVX2,
+        Kernel::Avx512 => AVX512,
     };
     REQUESTED.store(code, Ordering::Relaxed);
 }
 
-/// The kernel family that runs now: [`Kernel::Scalar`] or [`Kernel::Avx2`].
+/// The kernel family that runs now: [`Kernel::Scalar`], [`Kernel::Avx2`] or [`Kernel::Avx512`].
 pub fn active_kernel() -> Kernel {
-    match REQUESTED.load(Ordering::Relaxed) {
+    let cpu = detected();
+    let requested = match REQUESTED.load(Ordering::Relaxed) {
         SCALAR => Kernel::Scalar,
-        _ if avx2_available() => Kernel::Avx2,
+        AVX2 => Kernel::Avx2,
+        AVX512 => Kernel::Avx512,
+        _ => from_environment().unwrap_or(Kernel::Auto),
+    };
+    match requested {
+        Kernel::Scalar => Kernel::Scalar,
+        Kernel::Avx2 if cpu.avx2 => Kernel::Avx2,
+        _ if cpu.avx512 => Kernel::Avx512,
+        _ if cpu.avx2 => Kernel::Avx2,
         _ => Kernel::Scalar,
     }
 }
 
-/// AVX2 + FMA + F16C, detected once.
-fn avx2_available() -> bool {
+/// The family the `LSE_KERNEL` environment variable names (`scalar`, `avx2`, `avx512`), read
+/// once: what [`Kernel::Auto`] runs when it is set, so that one test binary can be run on each
+/// family (as PyTorch's `ATEN_CPU_CAPABILITY`).
+fn from_environment() -> Option<Kernel> {
+    static CHOICE: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let name = std::env::var("LSE_KERNEL").ok()?;
+        Kernel::ALL.into_iter().find(|k| k.name() == name)
+    })
+}
+
+/// The vector instruction sets this CPU has, detected once.
+#[derive(Clone, Copy, Default)]
+struct Detected {
+    /// AVX2 + FMA + F16C.
+    avx2: bool,
+    /// AVX-512 F/BW/DQ/VL besides AVX2.
+    avx512: bool,
+    /// AVX512-BF16 besides AVX-512.
+    avx512_bf16: bool,
+}
+
+fn detected() -> Detected {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static DETECTED: OnceLock<bool> = OnceLock::new();
+        static DETECTED: OnceLock<Detected> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
+            let avx2 = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("popcnt")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
+            Detected {
+                avx2,
+                avx512,
+                avx512_bf16: avx512 && is_x86_feature_detected!("avx512bf16"),
+            }
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Detected::default()
+    }
+}
+
+/// The instruction set the vector kernel runs in (the vector entry points are reached only
+/// while [`active_kernel`] is a vector family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VectorIsa {
+    Avx2,
+    Avx512,
+    /// AVX-512 with the AVX512-BF16 conversion.
+    Avx512Bf16,
+}
+
+pub(crate) fn vector_isa() -> VectorIsa {
+    match active_kernel() {
+        Kernel::Avx512 if detected().avx512_bf16 => VectorIsa::Avx512Bf16,
+        Kernel::Avx512 => VectorIsa::Avx512,
+        _ => VectorIsa::Avx2,
     }
 }
 
@@ -99,7 +188,7 @@ fn avx2_available() -> bool {
 pub(crate) const CHUNK: usize = 32 * 1024;
 
 fn fast() -> bool {
-    active_kernel() == Kernel::Avx2
+    active_kernel() != Kernel::Scalar
 }
 
 /// The read pass over one row with the active kernel.
@@ -128,7 +217,7 @@ fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool, tally: bool, wide
     let piece = |part: &[E]| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            if let Some(scan) = avx2::scan(part, tally, wide, map) {
+            if let Some(scan) = vector::scan(part, tally, wide, map) {
                 return scan;
             }
         }
@@ -159,7 +248,7 @@ pub(crate) struct BlockMaxima {
 
 /// The vector read pass's block length (the scalar kernel has no blocks).
 #[cfg(target_arch = "x86_64")]
-const VECTOR_BLOCK: usize = avx2::BLOCK;
+const VECTOR_BLOCK: usize = vector::BLOCK;
 #[cfg(not(target_arch = "x86_64"))]
 const VECTOR_BLOCK: usize = 2048;
 
@@ -197,7 +286,7 @@ impl BlockMaxima {
 pub(crate) fn caches<E: Element>(len: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        fast() && avx2::caches::<E>(len)
+        fast() && vector::caches::<E>(len)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -278,7 +367,7 @@ pub(crate) fn scan_caching<E: Element>(
     tally: bool,
 ) -> RowScan {
     #[cfg(target_arch = "x86_64")]
-    if let Some(scan) = avx2::scan_caching(row, cache, maxima, map, tally) {
+    if let Some(scan) = vector::scan_caching(row, cache, maxima, map, tally) {
         return scan;
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -299,7 +388,7 @@ pub(crate) fn rescale<E: Element>(
     c: f64,
 ) {
     #[cfg(target_arch = "x86_64")]
-    avx2::rescale(out, scratch.map(Scratch::as_slice), maxima, max, c);
+    vector::rescale(out, scratch.map(Scratch::as_slice), maxima, max, c);
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (out, scratch, maxima, max, c);
@@ -401,7 +490,7 @@ pub(crate) fn softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]) {
     by_pieces(row, out, |x, o| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            return avx2::softmax(x, state.max(), state.denominator(), o);
+            return vector::softmax(x, state.max(), state.denominator(), o);
         }
         let _ = vector;
         scalar::softmax_row(x, state, o);
@@ -418,7 +507,7 @@ pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]
     by_pieces(row, out, |x, o| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            return avx2::log_softmax(x, state.max(), state.log1p_sum(), o);
+            return vector::log_softmax(x, state.max(), state.log1p_sum(), o);
         }
         let _ = vector;
         scalar::log_softmax_row(x, state, o);
@@ -432,7 +521,7 @@ fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     let piece = |(y, dy): (&[E], &[E])| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            return avx2::backward_dot(y, dy, weighted);
+            return vector::backward_dot(y, dy, weighted);
         }
         let _ = vector;
         scalar::backward_dot(y, dy, weighted)
@@ -467,7 +556,7 @@ pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
     by_piece_pairs(y, dy, dx, |y, dy, dx| {
         #[cfg(target_arch = "x86_64")]
         if vector {
-            return avx2::softmax_backward(y, dy, dot, dx);
+            return vector::softmax_backward(y, dy, dot, dx);
         }
         let _ = vector;
         scalar::softmax_backward_row(y, dy, dot, dx);
@@ -480,7 +569,7 @@ pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) 
     let vector = fast();
     by_piece_pairs(y, dy, dx, |y, dy, dx| {
         #[cfg(target_arch = "x86_64")]
-        if vector && avx2::log_softmax_backward(y, dy, total, dx) {
+        if vector && vector::log_softmax_backward(y, dy, total, dx) {
             return;
         }
         let _ = vector;
@@ -503,9 +592,10 @@ pub(crate) fn ce_grad<E: Element>(
     #[cfg(target_arch = "x86_64")]
     {
         if x.len() <= CHUNK {
-            return avx2::ce_grad(x, g, w);
+            return vector::ce_grad(x, g, w);
         }
-        let one = |i: usize, x: &[E], g: Option<&mut [E]>| avx2::ce_grad(x, g, &w.from(i * CHUNK));
+        let one =
+            |i: usize, x: &[E], g: Option<&mut [E]>| vector::ce_grad(x, g, &w.from(i * CHUNK));
         let passes: Vec<MassesPass> = match g {
             Some(g) => x
                 .par_chunks(CHUNK)
@@ -539,9 +629,9 @@ pub(crate) fn ce_grad_in_place<E: Element>(
     #[cfg(target_arch = "x86_64")]
     {
         if x.len() <= CHUNK {
-            return avx2::ce_grad_in_place(x, w);
+            return vector::ce_grad_in_place(x, w);
         }
-        let one = |(i, x): (usize, &mut [E])| avx2::ce_grad_in_place(x, &w.from(i * CHUNK));
+        let one = |(i, x): (usize, &mut [E])| vector::ce_grad_in_place(x, &w.from(i * CHUNK));
         MassesPass::fold(x.par_chunks_mut(CHUNK).enumerate().map(one).collect())
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -565,7 +655,7 @@ pub(crate) fn live_distance<E: Element>(
     {
         let one = |x: &[E], offset: usize| {
             let masses = masses.map(|m| m.from(offset));
-            avx2::live_distance(x, max, masses.as_ref(), map)
+            vector::live_distance(x, max, masses.as_ref(), map)
         };
         if x.len() <= CHUNK {
             return one(x, 0);
@@ -591,7 +681,7 @@ pub(crate) fn probability_mass<E: Element>(
 ) -> Option<(CompensatedSum, f64)> {
     #[cfg(target_arch = "x86_64")]
     if fast() {
-        return avx2::probability_mass(q, weights);
+        return vector::probability_mass(q, weights);
     }
     let _ = (q, weights);
     None

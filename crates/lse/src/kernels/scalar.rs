@@ -29,7 +29,7 @@ impl LogitMap {
     /// Soft-capping is computed from `v = exp(−2|x|/cap)` and `u = expm1(−2|x|/cap)`, both from
     /// one Cody–Waite reduction and [`EXPM1_POLY_F64`]: `tanh(|x|/cap) = −u / (1 + v)` and
     /// `1 − tanh² = 4v / (1 + v)²`, so neither `1 − t²` nor an overflowing `cosh` is formed. The
-    /// vector kernel runs these operations step for step in `f64` lanes (`avx2::softcap_f64`),
+    /// vector kernel runs these operations step for step in `f64` lanes (`vector::softcap`),
     /// so both kernels map a logit to the same bits: a row's mapped max, found by one, is then
     /// exactly the mapped logit the other compares with. The mapped value is within about 3 ulp
     /// of `cap · tanh(x/cap)`.

@@ -64,7 +64,7 @@ pub(crate) fn row_count(what: &'static str, len: usize, classes: usize) -> Resul
     if classes == 0 {
         return Err(LseError::EmptyClasses);
     }
-    if len % classes != 0 {
+    if !len.is_multiple_of(classes) {
         return Err(LseError::RaggedRows { what, len, classes });
     }
     Ok(len / classes)

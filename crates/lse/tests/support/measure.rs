@@ -192,7 +192,7 @@ impl Dist {
                 }
             }
             Dist::NegativeMax => {
-                if r % 2 == 0 {
+                if r.is_multiple_of(2) {
                     let shift = -(c as f64).ln();
                     x.iter_mut().for_each(|v| *v = shift + 1e-3 * *v);
                 } else {

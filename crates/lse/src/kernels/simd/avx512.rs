@@ -1,0 +1,153 @@
+//! x86-64 AVX-512 (F, BW, DQ, VL): `f32x16` steps, `f64` as two `f64x8`, `k` registers as
+//! masks. `Avx512<true>` narrows `bf16` with the AVX512-BF16 instruction.
+
+use core::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use super::{x86_float_ops, Float, Isa, Mask, Pair};
+
+/// AVX-512 F/BW/DQ/VL, with the AVX512-BF16 conversion when `BF16`.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512<const BF16: bool>;
+
+/// Runs `f` with AVX-512 F/BW/DQ/VL (and what AVX2 has) enabled.
+///
+/// # Safety
+/// The CPU has those features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,popcnt")]
+pub(crate) unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// [`run`] with AVX512-BF16 too.
+///
+/// # Safety
+/// The CPU has those features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,popcnt")]
+pub(crate) unsafe fn run_bf16<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// [`Mask`] of a `k` register: one bit per lane.
+#[rustfmt::skip]
+macro_rules! kmask {
+    ($t:ty) => {
+        impl Mask for $t {
+            type Count = usize;
+            #[inline(always)] unsafe fn none() -> Self { 0 }
+            #[inline(always)] unsafe fn or(self, o: Self) -> Self { self | o }
+            #[inline(always)] unsafe fn and(self, o: Self) -> Self { self & o }
+            #[inline(always)] unsafe fn not(self) -> Self { !self }
+            #[inline(always)] unsafe fn any(self) -> bool { self != 0 }
+            #[inline(always)] unsafe fn count_zero() -> usize { 0 }
+            #[inline(always)] unsafe fn count(self, c: usize) -> usize { c + self.count_ones() as usize }
+            #[inline(always)] unsafe fn total(c: usize) -> usize { c }
+        }
+    };
+}
+kmask!(u8);
+kmask!(u16);
+
+#[rustfmt::skip]
+impl Float for __m512 {
+    type Scalar = f32;
+    type Mask = u16;
+    const LANES: usize = 16;
+    x86_float_ops!(f32, set1: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
+        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, div: _mm512_div_ps,
+        min: _mm512_min_ps, max: _mm512_max_ps, fmadd: _mm512_fmadd_ps, fmsub: _mm512_fmsub_ps,
+        fnmadd: _mm512_fnmadd_ps, round: _mm512_roundscale_ps, and: _mm512_and_ps,
+        andnot: _mm512_andnot_ps, or: _mm512_or_ps, xor: _mm512_xor_ps,
+        cmp: _mm512_cmp_ps_mask);
+    #[inline(always)]
+    unsafe fn select(self, other: Self, mask: u16) -> Self {
+        _mm512_mask_blend_ps(mask, self, other)
+    }
+    #[inline(always)] unsafe fn keep(self, mask: u16) -> Self { _mm512_maskz_mov_ps(mask, self) }
+    #[inline(always)]
+    unsafe fn zero_where(self, mask: u16) -> Self { _mm512_maskz_mov_ps(!mask, self) }
+    #[inline(always)] unsafe fn reduce_max(self) -> f64 { f64::from(_mm512_reduce_max_ps(self)) }
+    #[inline(always)] unsafe fn reduce_min(self) -> f64 { f64::from(_mm512_reduce_min_ps(self)) }
+    #[inline(always)] unsafe fn reduce_sum(self) -> f64 { f64::from(_mm512_reduce_add_ps(self)) }
+    #[inline(always)]
+    unsafe fn exponent(self, bias: i32) -> Self {
+        let biased = _mm512_add_epi32(_mm512_castps_si512(self), _mm512_set1_epi32(bias));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased))
+    }
+}
+
+#[rustfmt::skip]
+impl Float for __m512d {
+    type Scalar = f64;
+    type Mask = u8;
+    const LANES: usize = 8;
+    x86_float_ops!(f64, set1: _mm512_set1_pd, load: _mm512_loadu_pd, store: _mm512_storeu_pd,
+        add: _mm512_add_pd, sub: _mm512_sub_pd, mul: _mm512_mul_pd, div: _mm512_div_pd,
+        min: _mm512_min_pd, max: _mm512_max_pd, fmadd: _mm512_fmadd_pd, fmsub: _mm512_fmsub_pd,
+        fnmadd: _mm512_fnmadd_pd, round: _mm512_roundscale_pd, and: _mm512_and_pd,
+        andnot: _mm512_andnot_pd, or: _mm512_or_pd, xor: _mm512_xor_pd,
+        cmp: _mm512_cmp_pd_mask);
+    #[inline(always)]
+    unsafe fn select(self, other: Self, mask: u8) -> Self {
+        _mm512_mask_blend_pd(mask, self, other)
+    }
+    #[inline(always)] unsafe fn keep(self, mask: u8) -> Self { _mm512_maskz_mov_pd(mask, self) }
+    #[inline(always)]
+    unsafe fn zero_where(self, mask: u8) -> Self { _mm512_maskz_mov_pd(!mask, self) }
+    #[inline(always)] unsafe fn reduce_max(self) -> f64 { _mm512_reduce_max_pd(self) }
+    #[inline(always)] unsafe fn reduce_min(self) -> f64 { _mm512_reduce_min_pd(self) }
+    #[inline(always)] unsafe fn reduce_sum(self) -> f64 { _mm512_reduce_add_pd(self) }
+    #[inline(always)]
+    unsafe fn exponent(self, bias: i32) -> Self {
+        let biased = _mm512_add_epi64(_mm512_castpd_si512(self), _mm512_set1_epi64(bias.into()));
+        _mm512_castsi512_pd(_mm512_slli_epi64::<52>(biased))
+    }
+}
+
+#[rustfmt::skip]
+impl<const BF16: bool> Isa for Avx512<BF16> {
+    const LANES: usize = 16;
+    type F32 = __m512;
+    type Wide = Pair<__m512d>;
+    #[inline(always)]
+    unsafe fn widen(v: __m512) -> Pair<__m512d> {
+        Pair::new(
+            _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+            _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn narrow(v: Pair<__m512d>) -> __m512 {
+        let lo = _mm512_castps256_ps512(_mm512_cvtpd_ps(v.lo));
+        _mm512_insertf32x8::<1>(lo, _mm512_cvtpd_ps(v.hi))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> __m512 { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    #[inline(always)]
+    unsafe fn store_f16(p: *mut f16, v: __m512) {
+        let halves = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm256_storeu_si256(p.cast(), halves);
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16) -> __m512 {
+        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(p: *mut bf16, v: __m512) {
+        // The instruction reads subnormal inputs as zero: those take the integer rounding.
+        if BF16 && _mm512_fpclass_ps_mask::<0x20>(v) == 0 {
+            let halves = core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+            return _mm256_storeu_si256(p.cast(), halves);
+        }
+        // Round to nearest even on the upper 16 bits.
+        let bits = _mm512_castps_si512(v);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        let top = _mm512_srli_epi32::<16>(rounded);
+        _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(top));
+    }
+}
+
+super::super::vector::steps!([const BF16: bool] Avx512<BF16>, __m512, __m512d);

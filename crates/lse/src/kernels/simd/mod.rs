@@ -1,0 +1,256 @@
+//! The instruction sets behind one interface: [`Float`] vectors of `f32` or `f64` lanes with
+//! their [`Mask`]s, and an [`Isa`] that names its `f32` vector, its `f64` pair of the same
+//! element count, and the conversions between them and `f16`/`bf16` memory. The kernel body
+//! ([`super::vector`]) is written once over these; each instruction set implements them with
+//! its intrinsics, every method `#[inline(always)]`, so that under the one
+//! `#[target_feature]` entry per instruction set no intrinsic is left as a call.
+//!
+//! A port adds an implementation: aarch64 NEON would give `float32x4_t` pairs as its `F32`
+//! (8 lanes, like AVX2) and `float64x2_t` quadruples as `F64`, masks as the compare results
+//! (`uint32x4_t`), `vcvt_f32_f16`/`vcvt_f16_f32` for `f16` and a 16-bit shift for `bf16`,
+//! `vfmaq`, `vrndnq`/`vrndmq`, `vshlq_n` on the reinterpreted bits for 2^k, and
+//! `vmaxvq`/`vaddvq` for the reductions.
+
+use half::{bf16, f16};
+
+use super::vector::{Step, SweepLanes};
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+
+/// The most elements one step of any instruction set covers (AVX-512: 16).
+pub(crate) const MAX_LANES: usize = 16;
+
+/// The lanes a compare selected.
+pub(crate) trait Mask: Copy {
+    /// Per-lane counters of set lanes.
+    type Count: Copy;
+    unsafe fn none() -> Self;
+    unsafe fn or(self, other: Self) -> Self;
+    unsafe fn and(self, other: Self) -> Self;
+    unsafe fn not(self) -> Self;
+    /// True when some lane is set.
+    unsafe fn any(self) -> bool;
+    unsafe fn count_zero() -> Self::Count;
+    /// `count` plus one in each set lane.
+    unsafe fn count(self, count: Self::Count) -> Self::Count;
+    unsafe fn total(count: Self::Count) -> usize;
+}
+
+/// A vector of `f32` or `f64` lanes. `min` and `max` are x86's: the second operand when one is
+/// NaN. Reductions combine the lanes in a fixed order, so their bits depend on the instruction
+/// set alone.
+pub(crate) trait Float: Copy {
+    type Scalar: Copy + Default;
+    type Mask: Mask;
+    const LANES: usize;
+    /// Every lane `v` rounded to the lanes' type.
+    unsafe fn splat(v: f64) -> Self;
+    unsafe fn load(p: *const Self::Scalar) -> Self;
+    unsafe fn store(self, p: *mut Self::Scalar);
+    unsafe fn add(self, o: Self) -> Self;
+    unsafe fn sub(self, o: Self) -> Self;
+    unsafe fn mul(self, o: Self) -> Self;
+    unsafe fn div(self, o: Self) -> Self;
+    unsafe fn min(self, o: Self) -> Self;
+    unsafe fn max(self, o: Self) -> Self;
+    /// `self · b + c`, rounded once.
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    /// `self · b − c`, rounded once.
+    unsafe fn mul_sub(self, b: Self, c: Self) -> Self;
+    /// `c − self · b`, rounded once.
+    unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self;
+    /// To the nearest integer, ties to even.
+    unsafe fn round(self) -> Self;
+    unsafe fn floor(self) -> Self;
+    unsafe fn abs(self) -> Self;
+    unsafe fn neg(self) -> Self;
+    /// `|self|` with the sign of `sign`.
+    unsafe fn copysign(self, sign: Self) -> Self;
+    unsafe fn eq(self, o: Self) -> Self::Mask;
+    /// Ordered `≠`: false for NaN.
+    unsafe fn ne(self, o: Self) -> Self::Mask;
+    unsafe fn lt(self, o: Self) -> Self::Mask;
+    unsafe fn gt(self, o: Self) -> Self::Mask;
+    unsafe fn ge(self, o: Self) -> Self::Mask;
+    /// `!(self ≤ bound)`: above `bound`, or NaN.
+    unsafe fn nan_or_above(self, bound: Self) -> Self::Mask;
+    /// `other` where `mask`, else `self`.
+    unsafe fn select(self, other: Self, mask: Self::Mask) -> Self;
+    /// `self` where `mask`, else `+0`.
+    unsafe fn keep(self, mask: Self::Mask) -> Self;
+    /// `+0` where `mask`, else `self`.
+    unsafe fn zero_where(self, mask: Self::Mask) -> Self;
+    unsafe fn reduce_max(self) -> f64;
+    unsafe fn reduce_min(self) -> f64;
+    unsafe fn reduce_sum(self) -> f64;
+    /// The bits of each lane plus `bias`, shifted into the exponent field: `2^k` from lanes
+    /// whose low mantissa bits hold the biased exponent `k` (after adding a rounding constant).
+    unsafe fn exponent(self, bias: i32) -> Self;
+}
+
+/// An instruction set: the vectors one step of a row is computed in.
+pub(crate) trait Isa: Copy {
+    /// Row elements per step.
+    const LANES: usize;
+    /// `LANES` `f32` lanes.
+    type F32: Float<Scalar = f32> + Step<Self>;
+    /// `LANES` `f64` lanes (a [`Pair`] of the instruction set's `f64` vector).
+    type Wide: Float<Scalar = f64> + Step<Self> + SweepLanes<Self, Self::F32>;
+    /// The lanes as `f64` (exact).
+    unsafe fn widen(v: Self::F32) -> Self::Wide;
+    /// Rounded to `f32`, to nearest even.
+    unsafe fn narrow(v: Self::Wide) -> Self::F32;
+    unsafe fn load_f16(p: *const f16) -> Self::F32;
+    /// Rounded to `f16`, to nearest even.
+    unsafe fn store_f16(p: *mut f16, v: Self::F32);
+    unsafe fn load_bf16(p: *const bf16) -> Self::F32;
+    /// Rounded to `bf16`, to nearest even (outputs are never NaN).
+    unsafe fn store_bf16(p: *mut bf16, v: Self::F32);
+}
+
+/// Two vectors as one of twice the lanes (`lo` first).
+#[derive(Clone, Copy)]
+pub(crate) struct Pair<T> {
+    pub(crate) lo: T,
+    pub(crate) hi: T,
+}
+
+impl<T> Pair<T> {
+    #[inline(always)]
+    pub(crate) fn new(lo: T, hi: T) -> Self {
+        Pair { lo, hi }
+    }
+}
+
+/// Methods of a [`Pair`] that apply the same method to both halves (arguments: halves too).
+#[rustfmt::skip]
+macro_rules! pairwise {
+    ($(fn $name:ident($($arg:ident: $t:ty),*) -> $ret:ty;)*) => {$(
+        #[inline(always)]
+        unsafe fn $name(self, $($arg: $t),*) -> $ret {
+            Pair { lo: self.lo.$name($($arg.lo),*), hi: self.hi.$name($($arg.hi),*) }
+        }
+    )*};
+}
+
+impl<M: Mask> Mask for Pair<M> {
+    type Count = (M::Count, M::Count);
+    pairwise! {
+        fn or(o: Self) -> Self; fn and(o: Self) -> Self; fn not() -> Self;
+    }
+    #[inline(always)]
+    unsafe fn none() -> Self {
+        Pair::new(M::none(), M::none())
+    }
+    #[inline(always)]
+    unsafe fn any(self) -> bool {
+        self.lo.or(self.hi).any()
+    }
+    #[inline(always)]
+    unsafe fn count_zero() -> Self::Count {
+        (M::count_zero(), M::count_zero())
+    }
+    #[inline(always)]
+    unsafe fn count(self, c: Self::Count) -> Self::Count {
+        (self.lo.count(c.0), self.hi.count(c.1))
+    }
+    #[inline(always)]
+    unsafe fn total(c: Self::Count) -> usize {
+        M::total(c.0) + M::total(c.1)
+    }
+}
+
+impl<T: Float> Float for Pair<T> {
+    type Scalar = T::Scalar;
+    type Mask = Pair<T::Mask>;
+    const LANES: usize = 2 * T::LANES;
+    pairwise! {
+        fn add(o: Self) -> Self; fn sub(o: Self) -> Self; fn mul(o: Self) -> Self;
+        fn div(o: Self) -> Self; fn min(o: Self) -> Self; fn max(o: Self) -> Self;
+        fn mul_add(b: Self, c: Self) -> Self; fn mul_sub(b: Self, c: Self) -> Self;
+        fn neg_mul_add(b: Self, c: Self) -> Self; fn round() -> Self; fn floor() -> Self;
+        fn abs() -> Self; fn neg() -> Self; fn copysign(sign: Self) -> Self;
+        fn eq(o: Self) -> Self::Mask; fn ne(o: Self) -> Self::Mask; fn lt(o: Self) -> Self::Mask;
+        fn gt(o: Self) -> Self::Mask; fn ge(o: Self) -> Self::Mask;
+        fn nan_or_above(o: Self) -> Self::Mask; fn select(o: Self, mask: Self::Mask) -> Self;
+        fn keep(mask: Self::Mask) -> Self; fn zero_where(mask: Self::Mask) -> Self;
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f64) -> Self {
+        let v = T::splat(v);
+        Pair::new(v, v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const T::Scalar) -> Self {
+        Pair::new(T::load(p), T::load(p.add(T::LANES)))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut T::Scalar) {
+        self.lo.store(p);
+        self.hi.store(p.add(T::LANES));
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f64 {
+        self.lo.max(self.hi).reduce_max()
+    }
+    #[inline(always)]
+    unsafe fn reduce_min(self) -> f64 {
+        self.lo.min(self.hi).reduce_min()
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(self) -> f64 {
+        self.lo.add(self.hi).reduce_sum()
+    }
+    #[inline(always)]
+    unsafe fn exponent(self, bias: i32) -> Self {
+        Pair::new(self.lo.exponent(bias), self.hi.exponent(bias))
+    }
+}
+
+/// The [`Float`] methods whose intrinsics have the same shape in every x86 instruction set:
+/// `$p` names them (`_mm256_…_pd`), `$s` is the lanes' scalar type.
+#[cfg(target_arch = "x86_64")]
+#[rustfmt::skip]
+macro_rules! x86_float_ops {
+    ($s:ty, set1: $set1:ident, load: $load:ident, store: $store:ident, add: $add:ident,
+     sub: $sub:ident, mul: $mul:ident, div: $div:ident, min: $min:ident, max: $max:ident,
+     fmadd: $fmadd:ident, fmsub: $fmsub:ident, fnmadd: $fnmadd:ident, round: $round:ident,
+     and: $and:ident, andnot: $andnot:ident, or: $or:ident, xor: $xor:ident, cmp: $cmp:ident) => {
+        #[inline(always)] unsafe fn splat(v: f64) -> Self { $set1(v as $s) }
+        #[inline(always)] unsafe fn load(p: *const $s) -> Self { $load(p) }
+        #[inline(always)] unsafe fn store(self, p: *mut $s) { $store(p, self) }
+        #[inline(always)] unsafe fn add(self, o: Self) -> Self { $add(self, o) }
+        #[inline(always)] unsafe fn sub(self, o: Self) -> Self { $sub(self, o) }
+        #[inline(always)] unsafe fn mul(self, o: Self) -> Self { $mul(self, o) }
+        #[inline(always)] unsafe fn div(self, o: Self) -> Self { $div(self, o) }
+        #[inline(always)] unsafe fn min(self, o: Self) -> Self { $min(self, o) }
+        #[inline(always)] unsafe fn max(self, o: Self) -> Self { $max(self, o) }
+        #[inline(always)] unsafe fn mul_add(self, b: Self, c: Self) -> Self { $fmadd(self, b, c) }
+        #[inline(always)] unsafe fn mul_sub(self, b: Self, c: Self) -> Self { $fmsub(self, b, c) }
+        #[inline(always)]
+        unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self { $fnmadd(self, b, c) }
+        #[inline(always)]
+        unsafe fn round(self) -> Self { $round::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self) }
+        #[inline(always)]
+        unsafe fn floor(self) -> Self { $round::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(self) }
+        #[inline(always)] unsafe fn abs(self) -> Self { $andnot($set1(-0.0), self) }
+        #[inline(always)] unsafe fn neg(self) -> Self { $xor(self, $set1(-0.0)) }
+        #[inline(always)]
+        unsafe fn copysign(self, sign: Self) -> Self {
+            let bit = $set1(-0.0);
+            $or($andnot(bit, self), $and(bit, sign))
+        }
+        #[inline(always)] unsafe fn eq(self, o: Self) -> Self::Mask { $cmp::<_CMP_EQ_OQ>(self, o) }
+        #[inline(always)] unsafe fn ne(self, o: Self) -> Self::Mask { $cmp::<_CMP_NEQ_OQ>(self, o) }
+        #[inline(always)] unsafe fn lt(self, o: Self) -> Self::Mask { $cmp::<_CMP_LT_OQ>(self, o) }
+        #[inline(always)] unsafe fn gt(self, o: Self) -> Self::Mask { $cmp::<_CMP_GT_OQ>(self, o) }
+        #[inline(always)] unsafe fn ge(self, o: Self) -> Self::Mask { $cmp::<_CMP_GE_OQ>(self, o) }
+        #[inline(always)]
+        unsafe fn nan_or_above(self, o: Self) -> Self::Mask { $cmp::<_CMP_NLE_UQ>(self, o) }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use x86_float_ops;

@@ -1,0 +1,1433 @@
+//! The vector kernels for all four dtypes, written once over an instruction set ([`Isa`]).
+//!
+//! Every kernel works on one step of `I::LANES` elements (AVX2: 8, AVX-512: 16): `f32`, `f16`
+//! and `bf16` are widened into the instruction set's `f32` vector (`bf16` by a 16-bit shift,
+//! `f16` by its conversion instruction), `f64` is held as a pair of its `f64` vectors — never a
+//! whole-row copy. The read pass works on blocks of [`BLOCK`] elements that stay in L1: a max
+//! sweep, then an exp sweep over the same block, folded into the row's [`RowState`] with the §1
+//! merge — one pass over memory, no per-lane rescaling, and the same result for any split of
+//! the row into whole blocks.
+//!
+//! Accuracy comes from three choices. `x − m` is split exactly by TwoSum, so the exp's argument
+//! carries no rounding error of the subtraction; the exp rounds once (for `f32` lanes its result
+//! is scaled by 2^64 so that terms down to `e^-128` stay normal: within 0.6 ulp of `f32`; for
+//! `f64` rows within about 0.5 ulp of `f64`); and sums are accumulated in `f64` (compensated for
+//! `f64` rows), excluding the block's maxima (counted apart) so that `s'` keeps its digits when
+//! it is tiny. Every output is formed in `f64` and rounded once to its dtype (for `f16`/`bf16`
+//! through `f32`, an error of at most 2^-13 ulp of those).
+//!
+//! Two things keep the arithmetic, not the memory, the limit: the exp sweep prefetches the
+//! block after next, so the max sweep finds it in cache; and for `f32` rows up to
+//! [`MAX_CACHED_LEN`] the read pass leaves its exp terms in the output row, so that the write
+//! pass of softmax and of the plain cross-entropy gradient is one multiply per element.
+//!
+//! Each entry point runs its body under the `#[target_feature]` entry of the active
+//! instruction set ([`on_isa!`]); everything below is `#[inline(always)]`.
+
+use half::{bf16, f16};
+
+use super::scalar::{
+    ClassMasses, FastWrite, LogitMap, RowScan, EXPM1_POLY_F64, LN2_HI, LN2_LO, SOFTCAP_FLOOR,
+};
+use super::simd::avx2::{self, Avx2};
+use super::simd::avx512::{self, Avx512};
+use super::simd::{Float, Isa, Mask, MAX_LANES};
+use super::{BlockMaxima, MassesPass, VectorIsa, MAX_CACHED_LEN};
+use crate::element::{DType, Element};
+use crate::state::{CompensatedSum, RowState};
+
+/// Elements per read-pass block: 8 KiB of `f32`, well inside L1 between its two sweeps.
+pub(crate) const BLOCK: usize = 2048;
+
+/// `P(r) ≈ (e^r − 1 − r)/r²` on `|r| ≤ ln2/2`: a degree-4 Chebyshev fit, so that
+/// `q = r + r²·P(r)` is within 1.1e-8 of `e^r − 1` relative to `e^r` (0.17 ulp of `f32`).
+const EXPM1_POLY: [f32; 5] = [
+    0.5,
+    0.166_665_77,
+    0.041_666_465,
+    0.008_363_185,
+    0.001_393_366,
+];
+
+/// log2 of the scale of the `f32`-lane exp's results.
+const F32_EXP_SCALE_LOG2: i32 = 64;
+/// 2^64.
+pub(crate) const F32_EXP_SCALE: f64 = 18_446_744_073_709_551_616.0;
+
+/// The lanes one step of a row is computed in: the instruction set's `f32` vector, or its
+/// `f64` pair.
+pub(crate) trait Step<I: Isa>: Float {
+    /// True when the exp sweep's sums carry a compensation term (`f64` rows: their terms have
+    /// no spare precision for a plain `f64` sum to hide its rounding in).
+    const COMPENSATED: bool;
+    /// A bound on the relative error of `c · exp(x − m)` formed from this vector's exp and a
+    /// state `S` summed from it: the exp's own error plus that of `S` inside `c`.
+    const EXP_ERROR: f64;
+    /// The factor [`Step::exp_shifted`] scales its results by, so that they stay normal
+    /// numbers of the lanes' type: callers multiply by its inverse, exactly, in `f64`.
+    const EXP_SCALE: f64;
+    /// The lanes as `f64` (exact).
+    unsafe fn widen(self) -> I::Wide;
+    /// `exp(x − m) · EXP_SCALE` for `x ≤ m`, in the same lanes; exactly 0 where `exp(x − m)`
+    /// is far below anything the row's dtype can show (so for `x = −inf`) and, with
+    /// `ZERO_TIES`, where `x = m`.
+    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> Self;
+    /// Stores the first `n` exp terms as `f32` with `EXP_SCALE` where `ties` (the terms a
+    /// `ZERO_TIES` exp left out of the sum): what a cached row's write pass rescales.
+    unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask);
+}
+
+/// The lanes an exp sweep computes in, from a row's vector `V`: `V` itself, or `f64` lanes
+/// for rows whose outputs need the `f64` exp's accuracy (an `f32` lane's exp is within 0.6 ulp
+/// of `f32`; a gradient that cancels needs more).
+pub(crate) trait SweepLanes<I: Isa, V>: Step<I> {
+    unsafe fn from_row(v: V) -> Self;
+}
+
+impl<I: Isa, V: Step<I>> SweepLanes<I, V> for V {
+    #[inline(always)]
+    unsafe fn from_row(v: V) -> Self {
+        v
+    }
+}
+
+/// [`Step`] for an instruction set's `$f32` vector and its pair of `$f64` vectors.
+#[rustfmt::skip]
+macro_rules! steps {
+    ([$($generics:tt)*] $isa:ty, $f32:ty, $f64:ty) => {
+        impl<$($generics)*> $crate::kernels::vector::Step<$isa> for $f32 {
+            const COMPENSATED: bool = false;
+            // 0.6 ulp of f32 for the exp, as much for S, and the f64 products: 2.4·2^-24.
+            const EXP_ERROR: f64 = 1.7e-7;
+            const EXP_SCALE: f64 = $crate::kernels::vector::F32_EXP_SCALE;
+            #[inline(always)]
+            unsafe fn widen(self) -> Pair<$f64> { <$isa as Isa>::widen(self) }
+            #[inline(always)]
+            unsafe fn exp_shifted<const Z: bool>(self, m: Self, neg_m: Self) -> Self {
+                $crate::kernels::vector::exp_f32::<Self, Z>(self, m, neg_m)
+            }
+            #[inline(always)]
+            unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask) {
+                let scale = Self::splat($crate::kernels::vector::F32_EXP_SCALE);
+                $crate::kernels::vector::store_f32_first(p, n, e.select(scale, ties));
+            }
+        }
+        impl<$($generics)*> $crate::kernels::vector::Step<$isa> for Pair<$f64> {
+            const COMPENSATED: bool = true;
+            // About 0.5 ulp of f64 each for the exp and for the compensated S, and the products.
+            const EXP_ERROR: f64 = 4.5e-16;
+            const EXP_SCALE: f64 = 1.0;
+            #[inline(always)] unsafe fn widen(self) -> Self { self }
+            #[inline(always)]
+            unsafe fn exp_shifted<const Z: bool>(self, m: Self, neg_m: Self) -> Self {
+                $crate::kernels::vector::exp_f64::<Self, Z>(self, m, neg_m)
+            }
+            #[inline(always)]
+            unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask) {
+                let scale = Self::splat($crate::kernels::vector::F32_EXP_SCALE);
+                let v = e.select(Self::splat(1.0), ties).mul(scale);
+                $crate::kernels::vector::store_first::<$isa, f32>(p, n, v);
+            }
+        }
+        impl<$($generics)*> $crate::kernels::vector::SweepLanes<$isa, $f32> for Pair<$f64> {
+            #[inline(always)] unsafe fn from_row(v: $f32) -> Self { <$isa as Isa>::widen(v) }
+        }
+    };
+}
+pub(crate) use steps;
+
+/// Storage types whose rows the kernels read and write one step at a time.
+pub(crate) trait Lanes: Element {
+    type V<I: Isa>: Step<I>;
+    /// Loads one step at `p`.
+    unsafe fn load<I: Isa>(p: *const Self) -> Self::V<I>;
+    /// Stores one step of results given as `f64`, rounded to `Self`.
+    unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide);
+    /// True for the half types, whose outputs are rounded through `f32` anyway: a product
+    /// formed in `f32` (2^-24 relative) moves them by at most 2^-16 of their ulp.
+    const HALF: bool = false;
+    /// Stores one step of `f32` results, rounded to `Self` (half types only).
+    unsafe fn store_f32<I: Isa>(_p: *mut Self, _v: I::F32) {
+        unreachable!("only half types store from f32 lanes")
+    }
+    /// True when the read pass can leave each `exp(x − m_b)` (an `f32` lane) in an `f32`
+    /// buffer for the write pass to rescale ([`Step::store_exp`]): the `f32` lanes of `f32`,
+    /// `f16` and `bf16` rows, whose cached terms keep every output within the §3 bounds. For
+    /// `f64` rows the cache would add a rounding the plain write pass does not have.
+    const CACHES: bool = false;
+}
+
+impl Lanes for f32 {
+    type V<I: Isa> = I::F32;
+    const CACHES: bool = true;
+    #[inline(always)]
+    unsafe fn load<I: Isa>(p: *const Self) -> I::F32 {
+        I::F32::load(p)
+    }
+    #[inline(always)]
+    unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
+        I::narrow(v).store(p);
+    }
+}
+
+/// [`Lanes`] of a half type, converted by the instruction set's `$load` and `$store`.
+macro_rules! half_lanes {
+    ($t:ty, $load:ident, $store:ident) => {
+        impl Lanes for $t {
+            type V<I: Isa> = I::F32;
+            const CACHES: bool = true;
+            const HALF: bool = true;
+            #[inline(always)]
+            unsafe fn load<I: Isa>(p: *const Self) -> I::F32 {
+                I::$load(p)
+            }
+            #[inline(always)]
+            unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
+                I::$store(p, I::narrow(v));
+            }
+            #[inline(always)]
+            unsafe fn store_f32<I: Isa>(p: *mut Self, v: I::F32) {
+                I::$store(p, v);
+            }
+        }
+    };
+}
+half_lanes!(f16, load_f16, store_f16);
+half_lanes!(bf16, load_bf16, store_bf16);
+
+impl Lanes for f64 {
+    type V<I: Isa> = I::Wide;
+    #[inline(always)]
+    unsafe fn load<I: Isa>(p: *const Self) -> I::Wide {
+        I::Wide::load(p)
+    }
+    #[inline(always)]
+    unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
+        v.store(p);
+    }
+}
+
+/// Stores the first `n` lanes of `v` at `p`.
+#[inline(always)]
+pub(crate) unsafe fn store_f32_first<F: Float<Scalar = f32>>(p: *mut f32, n: usize, v: F) {
+    if n == F::LANES {
+        v.store(p);
+    } else {
+        let mut buf = [0f32; MAX_LANES];
+        v.store(buf.as_mut_ptr());
+        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    }
+}
+
+/// `f32` lanes of the first `n` elements of the `f32` buffer at `p`.
+#[inline(always)]
+unsafe fn load_cached<F: Float<Scalar = f32>>(p: *const f32, n: usize) -> F {
+    if n == F::LANES {
+        F::load(p)
+    } else {
+        let mut buf = [0f32; MAX_LANES];
+        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        F::load(buf.as_ptr())
+    }
+}
+
+/// `x − m = s + err` exactly (TwoSum); `s = k·ln2 + r` with Cody–Waite's two-part `ln 2`
+/// (`k·LN2_HI` is exact for |k| < 2^15), `k` rounded by adding 1.5·2^23 (whose low mantissa
+/// bits then hold it), `|r| ≤ ln2/2`; `q = e^r − 1 = r + r²·P(r)` with [`EXPM1_POLY`]; the
+/// result `(1 + q)·2^(k+64)` by one fused multiply-add, so it rounds once: within 2^-24 +
+/// 1.1e-8 of `e^{x−m}·2^64` relative (0.6 ulp of `f32`). The 2^64 keeps every result down to
+/// `e^-128` a normal `f32` (a tiny loss is a sum of such terms); below −128 the result is 0:
+/// even 2^31 such terms stay below half of `f32`'s smallest subnormal (there `2^(k+64)`, built
+/// from its bits, would not be a number; those lanes are masked last).
+#[inline(always)]
+pub(crate) unsafe fn exp_f32<F: Float, const ZERO_TIES: bool>(x: F, m: F, neg_m: F) -> F {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 355/512: 9 significant bits
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    const ROUNDER: f32 = 12_582_912.0; // 1.5·2^23
+    let s = x.add(neg_m);
+    let mut zero = s.lt(F::splat(-128.0));
+    if ZERO_TIES {
+        zero = zero.or(x.eq(m));
+    }
+    let rounded = s.mul_add(F::splat(LOG2E.into()), F::splat(ROUNDER.into()));
+    let k = rounded.sub(F::splat(ROUNDER.into()));
+    let r = k.mul_add(F::splat((-LN2_HI).into()), s);
+    let r = k.mul_add(F::splat((-LN2_LO).into()), r);
+    // The subtraction's rounding error, which matters for f16 and bf16 too: their logsumexp
+    // and loss are f32, and `x − m` of a logit far below a large max rounds in f32.
+    let s_virtual = s.sub(x);
+    let err = x.sub(s.sub(s_virtual)).add(neg_m.sub(s_virtual));
+    let r = r.add(err);
+    let mut p = F::splat(EXPM1_POLY[4].into());
+    for c in [EXPM1_POLY[3], EXPM1_POLY[2], EXPM1_POLY[1], EXPM1_POLY[0]] {
+        p = p.mul_add(r, F::splat(c.into()));
+    }
+    let q = r.mul(r).mul_add(p, r);
+    // 2^(k+64): the bits of `rounded` are those of ROUNDER plus k. The zeroed lanes may hold
+    // anything here (x = −inf gives inf − inf; a k below the floor wraps the exponent bits):
+    // masked to +0 last.
+    let scale = rounded.exponent(127 + F32_EXP_SCALE_LOG2 - ROUNDER.to_bits() as i32);
+    q.mul_add(scale, scale).zero_where(zero)
+}
+
+/// `exp(x − m)` in `f64` lanes, the `f64` counterpart of [`exp_f32`]: TwoSum of `x − m`;
+/// Cody–Waite with fdlibm's two-part `ln 2`; `q = r + r²·P(r)` with [`EXPM1_POLY_F64`];
+/// `(1 + q)·2^k` as in [`one_plus_times_power_of_two`]: within about 0.5 ulp, rounded to the
+/// subnormal grid as `exp` is. Below `ln 2^-1075` the result is 0.
+#[inline(always)]
+pub(crate) unsafe fn exp_f64<F: Float, const ZERO_TIES: bool>(x: F, m: F, neg_m: F) -> F {
+    let s = x.add(neg_m);
+    let floor = F::splat(-745.2);
+    let mut zero = s.lt(floor);
+    if ZERO_TIES {
+        zero = zero.or(x.eq(m));
+    }
+    let s = s.max(floor);
+    let (k, r) = reduce_by_ln2(s);
+    let s_virtual = s.sub(x);
+    let err = x.sub(s.sub(s_virtual)).add(neg_m.sub(s_virtual));
+    let q = expm1_reduced(r.add(err));
+    one_plus_times_power_of_two(q.select(F::splat(-1.0), zero), k)
+}
+
+/// `s = k·ln 2 + r` with `k` integral and `|r| ≤ ln2/2` (Cody–Waite with fdlibm's two-part
+/// `ln 2`: `k·LN2_HI` is exact for |k| < 2^21).
+#[inline(always)]
+unsafe fn reduce_by_ln2<F: Float>(s: F) -> (F, F) {
+    let k = s.mul(F::splat(std::f64::consts::LOG2_E)).round();
+    let r = k.mul_add(F::splat(-LN2_HI), s);
+    (k, k.mul_add(F::splat(-LN2_LO), r))
+}
+
+/// `(1 + q)·2^k` for integral `k ≥ −1075`, as `((1 + q)·2^k₁)·2^k₂` with `k₁ + k₂ = k` both in
+/// the normal range: the fused multiply-add rounds once and the second product is exact unless
+/// the result is subnormal.
+#[inline(always)]
+unsafe fn one_plus_times_power_of_two<F: Float>(q: F, k: F) -> F {
+    let k1 = k.mul(F::splat(0.5)).floor();
+    let scale1 = power_of_two(k1);
+    q.mul_add(scale1, scale1).mul(power_of_two(k.sub(k1)))
+}
+
+/// `e^r − 1 = r + r²·P(r)` for `|r| ≤ ln2/2`, with [`EXPM1_POLY_F64`] by Horner's rule.
+#[inline(always)]
+unsafe fn expm1_reduced<F: Float>(r: F) -> F {
+    let mut p = F::splat(EXPM1_POLY_F64[11]);
+    for &c in EXPM1_POLY_F64[..11].iter().rev() {
+        p = p.mul_add(r, F::splat(c));
+    }
+    r.mul(r).mul_add(p, r)
+}
+
+/// `2^k` for integral `f64` exponents in the normal range: `k + 1.5·2^52 + 1023` is exact and
+/// its low mantissa bits are the biased exponent.
+#[inline(always)]
+unsafe fn power_of_two<F: Float>(k: F) -> F {
+    k.add(F::splat(6_755_399_441_055_744.0 + 1023.0))
+        .exponent(0)
+}
+
+/// Soft-capping `cap · tanh(x/cap)` of `f64` lanes and its slope `1 − tanh²`: the operations
+/// of [`LogitMap::with_slope`] step for step (see there), so that the scalar and the vector
+/// kernel map a logit to the same bits. `−inf` stays `−inf` (slope 0), NaN stays NaN.
+#[inline(always)]
+unsafe fn softcap<F: Float>(x: F, cap: F, two_over_cap: F) -> (F, F) {
+    // `min` returns its second operand when one is NaN: NaN goes on.
+    let s = F::splat(SOFTCAP_FLOOR).min(x.abs().mul(two_over_cap));
+    let (k, r) = reduce_by_ln2(s.neg());
+    let q = expm1_reduced(r);
+    let v = one_plus_times_power_of_two(q, k);
+    let p = power_of_two(k.max(F::splat(-60.0)));
+    let u = q.mul_add(p, p.sub(F::splat(1.0)));
+    let one = F::splat(1.0);
+    let reciprocal = one.div(one.add(v));
+    let t = u.neg().mul(reciprocal);
+    let y = cap.mul(t).copysign(x);
+    let slope = F::splat(4.0).mul(v).mul(reciprocal).mul(reciprocal);
+    let minus_inf = F::splat(f64::NEG_INFINITY);
+    let masked = x.eq(minus_inf);
+    (y.select(minus_inf, masked), slope.zero_where(masked))
+}
+
+/// The map a pass applies to each logit, in the lanes `W` it computes in.
+trait LaneMap<I: Isa, W: Step<I>>: Copy {
+    /// What [`Self::times_slope`] needs (nothing for the identity).
+    type Slope: Copy;
+    /// How far the map may move the argument of `exp(y − m)`, relative to the exp's own error
+    /// terms: the absolute error of `y − m`.
+    fn argument_error(self) -> f64;
+    /// The map of a row's maximum: the map is increasing, so it is the maximum of the mapped row.
+    fn map_max(self, max: f64) -> f64;
+    /// The mapped lanes, and what the gradient is multiplied by there.
+    unsafe fn apply(self, x: W) -> (W, Self::Slope);
+    unsafe fn times_slope(slope: Self::Slope, g: I::Wide) -> I::Wide;
+    /// What the read pass caches for the write pass of a plain row, from the exp terms `e`
+    /// (0 at ties with the block max): the term, and the lanes whose term is 1.
+    unsafe fn cache_term(slope: Self::Slope, e: W, ties: W::Mask) -> (W, W::Mask);
+}
+
+/// Logits as given.
+#[derive(Clone, Copy)]
+struct Unmapped;
+
+impl<I: Isa, W: Step<I>> LaneMap<I, W> for Unmapped {
+    type Slope = ();
+    fn argument_error(self) -> f64 {
+        0.0
+    }
+    fn map_max(self, max: f64) -> f64 {
+        max
+    }
+    #[inline(always)]
+    unsafe fn apply(self, x: W) -> (W, ()) {
+        (x, ())
+    }
+    #[inline(always)]
+    unsafe fn times_slope((): (), g: I::Wide) -> I::Wide {
+        g
+    }
+    #[inline(always)]
+    unsafe fn cache_term((): (), e: W, ties: W::Mask) -> (W, W::Mask) {
+        (e, ties)
+    }
+}
+
+/// Soft-capped logits ([`LogitMap::Softcap`]), in `f64` lanes.
+#[derive(Clone, Copy)]
+struct Capped {
+    cap: f64,
+}
+
+impl<I: Isa> LaneMap<I, I::Wide> for Capped {
+    type Slope = I::Wide;
+    fn argument_error(self) -> f64 {
+        // About 3 ulp of |y| ≤ cap, for y and for m.
+        6.0 * self.cap * f64::EPSILON / 2.0
+    }
+    fn map_max(self, max: f64) -> f64 {
+        LogitMap::Softcap(self.cap).apply(max)
+    }
+    #[inline(always)]
+    unsafe fn apply(self, x: I::Wide) -> (I::Wide, I::Wide) {
+        softcap(x, I::Wide::splat(self.cap), I::Wide::splat(2.0 / self.cap))
+    }
+    #[inline(always)]
+    unsafe fn times_slope(slope: I::Wide, g: I::Wide) -> I::Wide {
+        slope.mul(g)
+    }
+    /// `slope · exp(y − m_b)`: the write pass's rescaling then gives the gradient with its slope.
+    #[inline(always)]
+    unsafe fn cache_term(slope: I::Wide, e: I::Wide, ties: Mask64<I>) -> (I::Wide, Mask64<I>) {
+        let e = e.select(I::Wide::splat(1.0), ties);
+        (slope.mul(e), Mask::none())
+    }
+}
+
+type Mask64<I> = <<I as Isa>::Wide as Float>::Mask;
+
+/// Per-lane sums of exp terms in `f64`, with a per-lane TwoSum carry for lanes `W` whose
+/// [`Step::COMPENSATED`] says so.
+#[derive(Clone, Copy)]
+struct LaneSums<I: Isa, W> {
+    sum: I::Wide,
+    carry: I::Wide,
+    lanes: core::marker::PhantomData<W>,
+}
+
+impl<I: Isa, W: Step<I>> LaneSums<I, W> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        let zero = I::Wide::splat(0.0);
+        Self {
+            sum: zero,
+            carry: zero,
+            lanes: core::marker::PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add(&mut self, term: I::Wide) {
+        let sum = self.sum.add(term);
+        if W::COMPENSATED {
+            let virtual_term = sum.sub(self.sum);
+            let err = self
+                .sum
+                .sub(sum.sub(virtual_term))
+                .add(term.sub(virtual_term));
+            self.carry = self.carry.add(err);
+        }
+        self.sum = sum;
+    }
+
+    /// The lanes' total divided by `W::EXP_SCALE` (exactly), plus `extra` (an exact small
+    /// integer).
+    #[inline(always)]
+    unsafe fn total(&self, extra: f64) -> CompensatedSum {
+        let mut total = CompensatedSum::ZERO;
+        let unscale = 1.0 / W::EXP_SCALE;
+        if W::COMPENSATED {
+            let mut lanes = [0.0; 2 * MAX_LANES];
+            self.sum.store(lanes.as_mut_ptr());
+            self.carry.store(lanes.as_mut_ptr().add(I::LANES));
+            lanes[..2 * I::LANES]
+                .iter()
+                .for_each(|&v| total.add(v * unscale));
+            total.add(extra);
+        } else {
+            total.add(self.sum.reduce_sum() * unscale + extra);
+        }
+        total
+    }
+}
+
+/// The last elements of a row, copied into a full step padded with `fill`.
+#[inline(always)]
+fn padded<E: Element>(tail: &[E], fill: E) -> [E; MAX_LANES] {
+    let mut buf = [fill; MAX_LANES];
+    buf[..tail.len()].copy_from_slice(tail);
+    buf
+}
+
+/// The step of `n` elements at `p`, padded with `fill` when `n` is short of `I::LANES`.
+#[inline(always)]
+unsafe fn load_step<I: Isa, E: Lanes>(p: *const E, n: usize, fill: E) -> E::V<I> {
+    if n == I::LANES {
+        E::load::<I>(p)
+    } else {
+        E::load::<I>(padded(core::slice::from_raw_parts(p, n), fill).as_ptr())
+    }
+}
+
+/// Stores the first `n` of one step of results at `p`.
+#[inline(always)]
+pub(crate) unsafe fn store_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I::Wide) {
+    if n == I::LANES {
+        E::store::<I>(p, v);
+    } else {
+        let mut buf = [<E as Element>::zero(); MAX_LANES];
+        E::store::<I>(buf.as_mut_ptr(), v);
+        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    }
+}
+
+fn neg_inf<E: Element>() -> E {
+    E::from_f64(f64::NEG_INFINITY)
+}
+
+/// Lanes that are not `−inf`.
+#[inline(always)]
+unsafe fn live<I: Isa>(x: I::Wide) -> Mask64<I> {
+    x.ne(I::Wide::splat(f64::NEG_INFINITY))
+}
+
+/// Runs `$body` with `$x` bound to each step of `$row` (`&[$e]`), the last one padded with
+/// `$fill`, `$at` the step's offset in the row and `$n` how many of its lanes are row elements.
+/// A macro, not a closure: closures do not inherit `#[target_feature]`, and their intrinsics
+/// would become calls.
+macro_rules! for_each_step {
+    ($i:ty, $e:ty, $row:expr, $fill:expr, |$x:ident, $at:ident, $n:ident| $body:block) => {{
+        let row: &[$e] = $row;
+        let mut $at = 0;
+        while $at < row.len() {
+            let $n = (row.len() - $at).min(<$i>::LANES);
+            let $x = load_step::<$i, $e>(row.as_ptr().add($at), $n, $fill);
+            $body
+            $at += <$i>::LANES;
+        }
+    }};
+}
+
+/// Evaluates `$body` (one step of `f64` lanes) for each step `$v` read at `$x` and stores it at
+/// `$out`, `$len` elements (the tail padded with `−inf`). `$x` and `$out` may be the same
+/// memory: every step is read before it is written.
+macro_rules! map_steps {
+    ($i:ty, $e:ty, $x:expr, $out:expr, $len:expr, |$v:ident| $body:block) => {{
+        let (x, out, len): (*const $e, *mut $e, usize) = ($x, $out, $len);
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(<$i>::LANES);
+            let $v = load_step::<$i, $e>(x.add(at), n, neg_inf::<$e>());
+            store_first::<$i, $e>(out.add(at), n, $body);
+            at += <$i>::LANES;
+        }
+    }};
+}
+
+/// Where the read pass leaves what the write pass reuses, and what it gathers.
+struct ScanSink {
+    /// Count `−inf` elements and track the finite minimum (the loss and the logit statistics
+    /// need them; logsumexp and softmax do not).
+    tally: bool,
+    /// Block maxima (rows of at most [`MAX_CACHED_LEN`]).
+    maxima: Option<*mut BlockMaxima>,
+    /// With `maxima`: an output row of the same length that receives each block's
+    /// `exp(x − m_b)` (1 at `x = m_b`, 0 in fully masked blocks).
+    cache: Option<*mut f32>,
+}
+
+/// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
+/// the first one and applies the caller's policy).
+#[inline(always)]
+unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W>>(
+    row: &[E],
+    sink: ScanSink,
+    map: M,
+) -> Option<RowScan> {
+    let mut state = RowState::EMPTY;
+    let mut masked = 0;
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let inf = E::V::<I>::splat(f64::INFINITY);
+    let minus_inf = E::V::<I>::splat(f64::NEG_INFINITY);
+    for block in row.chunks(BLOCK) {
+        // Sweep 1: max (and with the tally: min of finite elements, −inf count). NaN and
+        // `+inf` need no test of their own: `+inf` is the block max, and a NaN makes the max
+        // or the exp sweep's sum NaN — except in a block of only −inf and NaN.
+        let (mut hi, mut lo) = (minus_inf, inf);
+        let mut masked_lanes = <<E::V<I> as Float>::Mask as Mask>::count_zero();
+        if sink.tally {
+            for_each_step!(I, E, block, neg_inf::<E>(), |x, _at, _n| {
+                hi = hi.max(x);
+                let is_masked = x.eq(minus_inf);
+                lo = lo.min(x.select(inf, is_masked));
+                masked_lanes = is_masked.count(masked_lanes);
+            });
+        } else {
+            for_each_step!(I, E, block, neg_inf::<E>(), |x, _at, _n| {
+                hi = hi.max(x);
+            });
+        }
+        let block_max = hi.reduce_max();
+        let no_finite = block_max == f64::NEG_INFINITY;
+        if block_max == f64::INFINITY
+            || block_max.is_nan()
+            || (no_finite && block.iter().any(|x| x.to_f64().is_nan()))
+        {
+            return None;
+        }
+        if sink.tally {
+            masked += <<E::V<I> as Float>::Mask as Mask>::total(masked_lanes)
+                - (I::LANES - block.len() % I::LANES) % I::LANES;
+            min = min.min(lo.reduce_min());
+        }
+        let mapped_max = map.map_max(block_max);
+        if let Some(maxima) = sink.maxima {
+            (*maxima).push(mapped_max);
+        }
+        let cache = sink
+            .cache
+            .map(|c| c.add(block.as_ptr().offset_from(row.as_ptr()) as usize));
+        if no_finite {
+            if let Some(cache) = cache {
+                core::ptr::write_bytes(cache, 0, block.len());
+            }
+            continue;
+        }
+        max = max.max(block_max);
+        // Sweep 2 (from L1): Σ exp(y − m_b) over the mapped elements below the mapped max.
+        let (m, neg_m) = (W::splat(mapped_max), W::splat(-mapped_max));
+        let mut sums = LaneSums::<I, W>::new();
+        let mut ties = <W::Mask as Mask>::count_zero();
+        // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
+        // during this one overlaps the two (a prefetch never faults, even past the row's end).
+        let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
+        for_each_step!(I, E, block, neg_inf::<E>(), |x, at, n| {
+            prefetch(next.wrapping_add(at * size_of::<E>()));
+            let (y, slope) = map.apply(W::from_row(x));
+            let e = y.exp_shifted::<true>(m, neg_m);
+            sums.add(e.widen());
+            let is_tie = y.eq(m);
+            ties = is_tie.count(ties);
+            if let Some(cache) = cache {
+                let (term, is_one) = M::cache_term(slope, e, is_tie);
+                W::store_exp(cache.add(at), n, term, is_one);
+            }
+        });
+        let rest = sums.total((<W::Mask as Mask>::total(ties) - 1) as f64);
+        if rest.value().is_nan() {
+            return None; // a NaN element
+        }
+        state = state.merge(RowState::from_parts(mapped_max, rest));
+    }
+    Some(RowScan {
+        state,
+        first_non_finite: None,
+        masked,
+        finite_min: min,
+        finite_max: max,
+        nan: 0,
+        pos_inf: 0,
+    })
+}
+
+#[inline(always)]
+unsafe fn prefetch(p: *const i8) {
+    #[cfg(target_arch = "x86_64")]
+    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p);
+}
+
+/// `softmax_i = exp(x_i − m) / S` (row not fully masked).
+#[inline(always)]
+unsafe fn softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
+    let (m, neg_m) = (E::V::<I>::splat(max), E::V::<I>::splat(-max));
+    let inv = I::Wide::splat(1.0 / denominator / E::V::<I>::EXP_SCALE);
+    map_steps!(I, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
+        v.exp_shifted::<false>(m, neg_m).widen().mul(inv)
+    });
+}
+
+/// Multiplies each block of cached exp terms (`len` `f32` at `cache`) by its factor (in `f64`,
+/// rounded once) into `out`: the write pass of a cached row. `cache` may be `out` itself.
+#[inline(always)]
+unsafe fn rescale_impl<I: Isa, E: Lanes>(
+    cache: *const f32,
+    out: *mut E,
+    len: usize,
+    maxima: &BlockMaxima,
+    max: f64,
+    c: f64,
+) {
+    let c = c / F32_EXP_SCALE;
+    for (b, (_, factor)) in maxima.factors(max, c).enumerate() {
+        let start = b * BLOCK;
+        let end = len.min(start + BLOCK);
+        let mut i = start;
+        // Half-type outputs take the product in f32 when the factor is a normal f32 (a
+        // smaller one would lose results the half type's range still holds).
+        if E::HALF && (factor.abs() >= f64::from(f32::MIN_POSITIVE) && factor.abs() <= 1.0) {
+            let (factor, zero) = (I::F32::splat(factor), I::F32::splat(0.0));
+            while i < end {
+                let n = (end - i).min(I::LANES);
+                let v = load_cached::<I::F32>(cache.add(i), n).mul_add(factor, zero);
+                if n == I::LANES {
+                    E::store_f32::<I>(out.add(i), v);
+                } else {
+                    let mut buf = [<E as Element>::zero(); MAX_LANES];
+                    E::store_f32::<I>(buf.as_mut_ptr(), v);
+                    core::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(i), n);
+                }
+                i += I::LANES;
+            }
+            continue;
+        }
+        let (factor, zero) = (I::Wide::splat(factor), I::Wide::splat(0.0));
+        while i < end {
+            let n = (end - i).min(I::LANES);
+            // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
+            let v = I::widen(load_cached(cache.add(i), n)).mul_add(factor, zero);
+            store_first::<I, E>(out.add(i), n, v);
+            i += I::LANES;
+        }
+    }
+}
+
+/// `log_softmax_i = (x_i − m) − log1p(s')`, saturating finite results at `−MAX`, `−inf` kept.
+#[inline(always)]
+unsafe fn log_softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
+    let (m, l) = (I::Wide::splat(max), I::Wide::splat(log1p_sum));
+    let floor = I::Wide::splat(-E::MAX.to_f64());
+    let minus_inf = I::Wide::splat(f64::NEG_INFINITY);
+    map_steps!(I, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
+        let x = v.widen();
+        let y = x.sub(m).sub(l).max(floor);
+        y.select(minus_inf, x.eq(minus_inf))
+    });
+}
+
+/// The cross-entropy gradient `g_i = c · exp(x_i − m) − b` on live classes and `+0` on masked
+/// ones; `x` and `g` may be the same memory (the in-place loss). With `SWEEP`, also returns
+/// `Σ_live (m − x_i)` (every term ≥ 0), else 0.
+#[inline(always)]
+unsafe fn ce_grad_impl<I: Isa, E: Lanes, const SWEEP: bool>(
+    x: *const E,
+    g: *mut E,
+    len: usize,
+    (max, c, b): (f64, f64, f64),
+) -> f64 {
+    let (m, neg_m) = (E::V::<I>::splat(max), E::V::<I>::splat(-max));
+    let (c, b) = (I::Wide::splat(c / E::V::<I>::EXP_SCALE), I::Wide::splat(b));
+    let (mut distance, one) = (Distance::<I>::new(max), I::Wide::splat(1.0));
+    map_steps!(I, E, x, g, len, |v| {
+        let e = v.exp_shifted::<false>(m, neg_m).widen();
+        let live = live::<I>(v.widen());
+        if SWEEP {
+            distance.add_weighted(v.widen(), live, one);
+        }
+        // Masked lanes are +0 whatever the signs of `c` and `b`.
+        c.mul_sub(e, b).keep(live)
+    });
+    distance.total()
+}
+
+/// `Σ_live (m − x_i)` in `f64` (every term ≥ 0; exact for `f32`/`f16`/`bf16` rows).
+struct Distance<I: Isa> {
+    m: I::Wide,
+    sum: I::Wide,
+}
+
+impl<I: Isa> Distance<I> {
+    #[inline(always)]
+    unsafe fn new(max: f64) -> Self {
+        Self {
+            m: I::Wide::splat(max),
+            sum: I::Wide::splat(0.0),
+        }
+    }
+
+    /// Adds `u_i (m − x_i)` on live lanes with `u_i > 0` (an `f64` row's `m − x_i` may be
+    /// `+inf`, which a zero mass must not turn into NaN).
+    #[inline(always)]
+    unsafe fn add_weighted(&mut self, x: I::Wide, live: Mask64<I>, u: I::Wide) {
+        let counted = live.and(u.gt(I::Wide::splat(0.0)));
+        self.sum = self.sum.add(u.mul(self.m.sub(x)).keep(counted));
+    }
+
+    #[inline(always)]
+    unsafe fn total(&self) -> f64 {
+        self.sum.reduce_sum()
+    }
+}
+
+/// The per-class target masses `u_i = w_i · (share + keep · q_i)` of [`ClassMasses`], one step
+/// at a time (null pointers: no weights, no probability targets).
+#[derive(Clone, Copy)]
+struct MassLanes<I: Isa, E> {
+    weights: *const f64,
+    probabilities: *const E,
+    share: I::Wide,
+    keep: I::Wide,
+}
+
+impl<I: Isa, E: Lanes> MassLanes<I, E> {
+    #[inline(always)]
+    unsafe fn new(masses: &ClassMasses<'_, '_, E>) -> Self {
+        Self {
+            weights: masses.weights.map_or(core::ptr::null(), <[f64]>::as_ptr),
+            probabilities: masses
+                .probabilities
+                .map_or(core::ptr::null(), <[E]>::as_ptr),
+            share: I::Wide::splat(masses.share),
+            keep: I::Wide::splat(masses.keep),
+        }
+    }
+
+    /// The masses of the `n` classes from `at` (the rest of the lanes: `share`).
+    #[inline(always)]
+    unsafe fn at(&self, at: usize, n: usize) -> I::Wide {
+        let mut u = self.share;
+        if !self.probabilities.is_null() {
+            let q = load_step::<I, E>(self.probabilities.add(at), n, E::zero());
+            u = self.keep.mul_add(q.widen(), u);
+        }
+        if !self.weights.is_null() {
+            u = u.mul(load_step::<I, f64>(self.weights.add(at), n, 0.0));
+        }
+        u
+    }
+}
+
+/// How far `g_i = c·e_i − b·u_i` may cancel before the error of `c·e_i` in lanes `W`
+/// ([`Step::EXP_ERROR`]) breaks the DESIGN §3 bound: `(normwise, elementwise)` limits on the
+/// ratio of `max |c·e_i|` to `max |g_i|` (`f32`: 2 ulp of the row's largest gradient, of which
+/// the final rounding takes half an ulp) and of `|c·e_i|` to `|g_i|` (`f16`, `bf16`: 1 ulp of
+/// each gradient, half of it left after rounding). `f64` outputs have no limit: the scalar
+/// kernel's own `f64` exp errs as much as the vector one.
+///
+/// `argument_error` is the error a logit map adds to `x_i − m` (0 without one).
+fn cancellation_limits<I: Isa, W: Step<I>>(dtype: DType, argument_error: f64) -> (f64, f64) {
+    let unit = match dtype {
+        DType::F64 => return (f64::INFINITY, f64::INFINITY),
+        DType::F32 => f64::from(f32::EPSILON) / 2.0,
+        DType::F16 => f64::from(f16::EPSILON) / 2.0,
+        DType::BF16 => f64::from(bf16::EPSILON) / 2.0,
+    };
+    let exp_error = W::EXP_ERROR + argument_error;
+    if dtype == DType::F32 {
+        (1.5 * unit / exp_error, f64::INFINITY)
+    } else {
+        (f64::INFINITY, 0.5 * unit / exp_error)
+    }
+}
+
+/// The cross-entropy gradient with per-class masses and a logit map `y = map(x)`,
+/// `g_i = slope_i · (c · exp(y_i − m) − b · u_i)` on live classes and `+0` on masked ones,
+/// stored at `g` when `STORE` (`x` and `g` may be the same memory); also sums
+/// `Σ_live u_i (m − y_i)` and, with `VERIFY`, tests for cancellation. With neither, only the
+/// sum (no exp).
+#[inline(always)]
+unsafe fn ce_grad_masses_impl<
+    I: Isa,
+    E: Lanes,
+    W: SweepLanes<I, E::V<I>>,
+    M: LaneMap<I, W>,
+    const STORE: bool,
+    const VERIFY: bool,
+>(
+    (x, g, len): (*const E, *mut E, usize),
+    (max, c, b): (f64, f64, f64),
+    masses: MassLanes<I, E>,
+    map: M,
+) -> MassesPass {
+    let (m, neg_m) = (W::splat(max), W::splat(-max));
+    let (c, b) = (I::Wide::splat(c / W::EXP_SCALE), I::Wide::splat(b));
+    let mut distance = Distance::<I>::new(max);
+    let (normwise, elementwise) = cancellation_limits::<I, W>(E::DTYPE, map.argument_error());
+    let elementwise = I::Wide::splat(elementwise);
+    let zero = I::Wide::splat(0.0);
+    let (mut peak_ce, mut peak_g, mut cancels) = (zero, zero, Mask64::<I>::none());
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(I::LANES);
+        let v = load_step::<I, E>(x.add(at), n, neg_inf::<E>());
+        let live = live::<I>(v.widen());
+        let u = masses.at(at, n);
+        let (y, slope) = map.apply(W::from_row(v));
+        distance.add_weighted(y.widen(), live, u);
+        if STORE || VERIFY {
+            let ce = c.mul(y.exp_shifted::<false>(m, neg_m).widen());
+            let g_unmasked = b.neg_mul_add(u, ce);
+            // The map's slope scales the gradient and what the cancellation test compares.
+            let ce = M::times_slope(slope, ce);
+            // Masked lanes are +0 whatever the signs of `c` and `b`.
+            let grad = M::times_slope(slope, g_unmasked).keep(live);
+            if VERIFY {
+                let (ce, grad) = (ce.abs(), grad.abs());
+                peak_ce = peak_ce.max(ce);
+                peak_g = peak_g.max(grad);
+                cancels = cancels.or(ce.gt(elementwise.mul(grad)));
+            }
+            if STORE {
+                store_first::<I, E>(g.add(at), n, grad);
+            }
+        }
+        at += I::LANES;
+    }
+    MassesPass {
+        distance: distance.total(),
+        cancels: VERIFY && (cancels.any() || peak_ce.reduce_max() > normwise * peak_g.reduce_max()),
+    }
+}
+
+/// Runs `$body` with `$a`, `$b` bound to matching steps of `$y` and `$dy` (the tails padded
+/// with zeros), `$at` the offset and `$n` the number of row elements in the step.
+macro_rules! for_each_pair {
+    ($i:ty, $e:ty, $y:expr, $dy:expr, |$a:ident, $b:ident, $at:ident, $n:ident| $body:block) => {{
+        let (y, dy): (&[$e], &[$e]) = ($y, $dy);
+        let mut $at = 0;
+        while $at < y.len() {
+            let $n = (y.len() - $at).min(<$i>::LANES);
+            let zero = <$e as Element>::zero();
+            let $a = load_step::<$i, $e>(y.as_ptr().add($at), $n, zero).widen();
+            let $b = load_step::<$i, $e>(dy.as_ptr().add($at), $n, zero).widen();
+            $body
+            $at += <$i>::LANES;
+        }
+    }};
+}
+
+/// `Σ_j y_j dy_j` (softmax backward) or `Σ_j dy_j` (log-softmax backward), in `f64`.
+#[inline(always)]
+unsafe fn dot_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
+    let mut acc = I::Wide::splat(0.0);
+    for_each_pair!(I, E, y, dy, |a, b, _at, _n| {
+        acc = if weighted {
+            a.mul_add(b, acc)
+        } else {
+            acc.add(b)
+        };
+    });
+    acc.reduce_sum()
+}
+
+/// `dx_i = y_i · (dy_i − dot)`.
+#[inline(always)]
+unsafe fn softmax_backward_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
+    let dot = I::Wide::splat(dot);
+    let out = dx.as_mut_ptr();
+    for_each_pair!(I, E, y, dy, |a, b, at, n| {
+        store_first::<I, E>(out.add(at), n, a.mul(b.sub(dot)));
+    });
+}
+
+/// `dx_i = dy_i − exp(y_i) · total` for log-probabilities `y ≤ 0`; `false` (nothing written)
+/// when some `y_i` is positive or NaN, which the scalar kernel handles.
+#[inline(always)]
+unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
+    y: &[E],
+    dy: &[E],
+    total: f64,
+    dx: &mut [E],
+) -> bool {
+    let zero = E::V::<I>::splat(0.0);
+    let mut out_of_range = <<E::V<I> as Float>::Mask as Mask>::none();
+    for_each_step!(I, E, y, neg_inf::<E>(), |v, _at, _n| {
+        out_of_range = out_of_range.or(v.nan_or_above(zero));
+    });
+    if out_of_range.any() {
+        return false;
+    }
+    let total = I::Wide::splat(total / E::V::<I>::EXP_SCALE);
+    let out = dx.as_mut_ptr();
+    let mut at = 0;
+    while at < y.len() {
+        let n = (y.len() - at).min(I::LANES);
+        let e = load_step::<I, E>(y.as_ptr().add(at), n, E::zero());
+        let e = e.exp_shifted::<false>(zero, zero).widen();
+        let d = load_step::<I, E>(dy.as_ptr().add(at), n, E::zero()).widen();
+        store_first::<I, E>(out.add(at), n, e.neg_mul_add(total, d));
+        at += I::LANES;
+    }
+    true
+}
+
+/// `(Σ_c w_c q_c, max_c q_c)` over a row of probability targets, or `None` when some `q_c` is
+/// not a finite number ≥ 0.
+#[inline(always)]
+unsafe fn probability_mass_impl<I: Isa, E: Lanes>(
+    q: &[E],
+    weights: Option<&[f64]>,
+) -> Option<(CompensatedSum, f64)> {
+    let masses = MassLanes::<I, E>::new(&ClassMasses {
+        weights,
+        probabilities: None,
+        share: 1.0,
+        keep: 0.0,
+    });
+    let (zero, inf) = (I::Wide::splat(0.0), I::Wide::splat(f64::INFINITY));
+    let (mut peak, mut invalid) = (zero, Mask64::<I>::none());
+    // Compensated lanes whatever the dtype: `A − a_c` keeps the digits below `A`'s.
+    let mut sums = LaneSums::<I, I::Wide>::new();
+    for_each_step!(I, E, q, E::zero(), |v, at, n| {
+        let v = v.widen();
+        // Ordered compares: NaN is invalid too.
+        invalid = invalid.or(v.ge(zero).and(v.lt(inf)).not());
+        peak = peak.max(v);
+        sums.add(masses.at(at, n).mul(v));
+    });
+    if invalid.any() {
+        return None;
+    }
+    Some((sums.total(0.0), peak.reduce_max()))
+}
+
+/// Reinterprets a slice of `E` as the concrete type `T` named by the same [`DType`].
+#[inline(always)]
+fn cast<E: Element, T: Element>(s: &[E]) -> &[T] {
+    debug_assert_eq!(E::DTYPE, T::DTYPE);
+    // SAFETY: `Element` is sealed and each DType names exactly one implementing type.
+    unsafe { &*(s as *const [E] as *const [T]) }
+}
+
+#[inline(always)]
+fn cast_mut<E: Element, T: Element>(s: &mut [E]) -> &mut [T] {
+    debug_assert_eq!(E::DTYPE, T::DTYPE);
+    // SAFETY: as in `cast`.
+    unsafe { &mut *(s as *mut [E] as *mut [T]) }
+}
+
+/// Runs `$body` with `$l` the concrete storage type of `$e`.
+#[rustfmt::skip]
+macro_rules! with_lanes {
+    ($e:ty, $l:ident => $body:expr) => {
+        match <$e as Element>::DTYPE {
+            DType::F64 => { type $l = f64; $body }
+            DType::F32 => { type $l = f32; $body }
+            DType::F16 => { type $l = f16; $body }
+            DType::BF16 => { type $l = bf16; $body }
+        }
+    };
+}
+
+/// Runs `$body` with `$i` the active instruction set and `$l` the concrete storage type of
+/// `$e`, under that instruction set's `#[target_feature]` entry. SAFETY (all uses): the
+/// instruction set is one [`super::vector_isa`] detected on this CPU.
+#[rustfmt::skip]
+macro_rules! on_isa {
+    ($e:ty, $i:ident, $l:ident => $body:expr) => {
+        with_lanes!($e, $l => match super::vector_isa() {
+            VectorIsa::Avx2 => { type $i = Avx2; unsafe { avx2::run(#[inline(always)] || $body) } }
+            VectorIsa::Avx512 => {
+                type $i = Avx512<false>;
+                unsafe { avx512::run(#[inline(always)] || $body) }
+            }
+            VectorIsa::Avx512Bf16 => {
+                type $i = Avx512<true>;
+                unsafe { avx512::run_bf16(#[inline(always)] || $body) }
+            }
+        })
+    };
+}
+
+// The entry points: slices are cast to the concrete type their DType names.
+
+/// The read pass; `None` when the row holds NaN or `+inf`. Without `tally` the scan's `masked`
+/// and `finite_min` are not gathered (left at 0 and `+inf`).
+///
+/// With `wide` the exp sweep runs in `f64` lanes (see [`SweepLanes`]); a soft-capped row
+/// (`map`) always does, since its map is computed there.
+pub(crate) fn scan<E: Element>(
+    row: &[E],
+    tally: bool,
+    wide: bool,
+    map: LogitMap,
+) -> Option<RowScan> {
+    let sink = ScanSink {
+        tally,
+        maxima: None,
+        cache: None,
+    };
+    scan_into(row, sink, map, wide)
+}
+
+/// [`scan`] into `sink`.
+fn scan_into<E: Element>(row: &[E], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
+    on_isa!(E, I, L => {
+        let row = cast::<E, L>(row);
+        match map {
+            LogitMap::Softcap(cap) => scan_impl::<I, L, <I as Isa>::Wide, _>(row, sink, Capped { cap }),
+            LogitMap::Identity if wide => scan_impl::<I, L, <I as Isa>::Wide, _>(row, sink, Unmapped),
+            LogitMap::Identity => scan_impl::<I, L, <L as Lanes>::V<I>, _>(row, sink, Unmapped),
+        }
+    })
+}
+
+/// True when rows of `E` with `len` elements can cache their exp terms in an `f32` buffer.
+pub(crate) fn caches<E: Element>(len: usize) -> bool {
+    len <= MAX_CACHED_LEN && with_lanes!(E, L => <L as Lanes>::CACHES)
+}
+
+/// The read pass, also recording the block maxima and, with `cache`, leaving each block's exp
+/// terms there (`None`: NaN or `+inf`, and `cache` holds anything).
+///
+/// # Panics
+/// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
+///
+/// A soft-capped row (`map`) is read in `f64` lanes and caches `slope · exp(y − m_b)`.
+pub(crate) fn scan_caching<E: Element>(
+    row: &[E],
+    cache: Option<&mut [f32]>,
+    maxima: &mut BlockMaxima,
+    map: LogitMap,
+    tally: bool,
+) -> Option<RowScan> {
+    assert!(caches::<E>(row.len()));
+    assert!(cache.as_ref().is_none_or(|c| c.len() == row.len()));
+    maxima.clear();
+    let cache = cache.map(|c| c.as_mut_ptr());
+    let sink = ScanSink {
+        tally,
+        maxima: Some(maxima),
+        cache,
+    };
+    scan_into(row, sink, map, false)
+}
+
+/// The write pass of a cached row: `out_i ← c · exp(m_b − m) · cache_i` per block, with the
+/// cache in `out` itself when `cache` is `None` (an `f32` row).
+///
+/// # Panics
+/// When the cache's length differs from `out`'s, or `cache` is `None` for a row other than
+/// `f32`.
+pub(crate) fn rescale<E: Element>(
+    out: &mut [E],
+    cache: Option<&[f32]>,
+    maxima: &BlockMaxima,
+    max: f64,
+    c: f64,
+) {
+    let cache = match cache {
+        Some(cache) => {
+            assert_eq!(cache.len(), out.len());
+            cache.as_ptr()
+        }
+        None => {
+            assert_eq!(E::DTYPE, DType::F32, "only an f32 row caches in itself");
+            out.as_ptr().cast::<f32>()
+        }
+    };
+    let (len, out) = (out.len(), out.as_mut_ptr());
+    on_isa!(E, I, L => {
+        rescale_impl::<I, L>(cache, out.cast(), len, maxima, max, c)
+    });
+}
+
+/// Softmax write pass.
+pub(crate) fn softmax<E: Element>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
+    on_isa!(E, I, L => {
+        softmax_impl::<I, L>(cast(x), max, denominator, cast_mut(out))
+    });
+}
+
+/// Log-softmax write pass.
+pub(crate) fn log_softmax<E: Element>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
+    on_isa!(E, I, L => {
+        log_softmax_impl::<I, L>(cast(x), max, log1p_sum, cast_mut(out))
+    });
+}
+
+/// The cross-entropy write pass `w` from `x` into `g`, or only its sweep when `g` is `None`
+/// (see [`FastWrite`]).
+pub(crate) fn ce_grad<E: Element>(
+    x: &[E],
+    g: Option<&mut [E]>,
+    w: &FastWrite<'_, '_, E>,
+) -> MassesPass {
+    let (len, store) = (x.len(), g.is_some());
+    let out = g.map_or(core::ptr::null_mut(), |g| {
+        assert_eq!(g.len(), len);
+        g.as_mut_ptr()
+    });
+    let x = x.as_ptr();
+    on_isa!(E, I, L => {
+        ce_grad_raw::<I, L>((x.cast(), out.cast(), len), &write_as(w), store)
+    })
+}
+
+/// [`ce_grad`] written over the logits themselves.
+pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &FastWrite<'_, '_, E>) -> MassesPass {
+    let (p, len) = (x.as_mut_ptr(), x.len());
+    on_isa!(E, I, L => {
+        ce_grad_raw::<I, L>((p.cast_const().cast(), p.cast(), len), &write_as(w), true)
+    })
+}
+
+/// `m` for the concrete storage type `L` of `E`.
+fn masses_as<'t, 'w, E: Element, L: Element>(m: &ClassMasses<'t, 'w, E>) -> ClassMasses<'t, 'w, L> {
+    ClassMasses {
+        weights: m.weights,
+        probabilities: m.probabilities.map(cast),
+        share: m.share,
+        keep: m.keep,
+    }
+}
+
+/// `w` for the concrete storage type `L` of `E`.
+fn write_as<'t, 'w, E: Element, L: Element>(w: &FastWrite<'t, 'w, E>) -> FastWrite<'t, 'w, L> {
+    FastWrite {
+        masses: w.masses.as_ref().map(masses_as),
+        c: w.c,
+        b: w.b,
+        max: w.max,
+        target: w.target,
+        target_grad: w.target_grad,
+        sweep_distance: w.sweep_distance,
+        map: w.map,
+    }
+}
+
+/// Every cross-entropy write pass (`x` and `g` may be the same memory; `g` is not touched
+/// unless `store`).
+#[inline(always)]
+unsafe fn ce_grad_raw<I: Isa, L: Lanes>(
+    io: (*const L, *mut L, usize),
+    w: &FastWrite<'_, '_, L>,
+    store: bool,
+) -> MassesPass
+where
+    I::Wide: SweepLanes<I, L::V<I>>,
+{
+    let constants = (w.max, w.c, w.b);
+    if w.masses.is_none() && w.map == LogitMap::Identity {
+        debug_assert!(store);
+        let (x, g, len) = io;
+        let distance = if w.sweep_distance {
+            ce_grad_impl::<I, L, true>(x, g, len, constants)
+        } else {
+            ce_grad_impl::<I, L, false>(x, g, len, constants)
+        };
+        return MassesPass {
+            distance,
+            cancels: false,
+        };
+    }
+    let masses = MassLanes::new(w.masses.as_ref().unwrap_or(&ClassMasses::UNIT));
+    let verify = w.verify();
+    // Probability targets and soft-capped rows: the exp in f64 lanes, as their read pass
+    // ([`scan`] with `wide`).
+    match w.map {
+        LogitMap::Softcap(cap) => {
+            masses_pass::<I, L, I::Wide, _>(io, constants, masses, Capped { cap }, store, verify)
+        }
+        LogitMap::Identity if verify => {
+            masses_pass::<I, L, I::Wide, _>(io, constants, masses, Unmapped, store, verify)
+        }
+        LogitMap::Identity => {
+            debug_assert!(store);
+            masses_pass::<I, L, L::V<I>, _>(io, constants, masses, Unmapped, store, verify)
+        }
+    }
+}
+
+/// [`ce_grad_masses_impl`] with its `STORE` and `VERIFY` chosen at run time.
+#[inline(always)]
+unsafe fn masses_pass<I: Isa, L: Lanes, W: SweepLanes<I, L::V<I>>, M: LaneMap<I, W>>(
+    io: (*const L, *mut L, usize),
+    constants: (f64, f64, f64),
+    masses: MassLanes<I, L>,
+    map: M,
+    store: bool,
+    verify: bool,
+) -> MassesPass {
+    match (store, verify) {
+        (true, true) => ce_grad_masses_impl::<I, L, W, M, true, true>(io, constants, masses, map),
+        (true, false) => ce_grad_masses_impl::<I, L, W, M, true, false>(io, constants, masses, map),
+        (false, true) => ce_grad_masses_impl::<I, L, W, M, false, true>(io, constants, masses, map),
+        (false, false) => {
+            ce_grad_masses_impl::<I, L, W, M, false, false>(io, constants, masses, map)
+        }
+    }
+}
+
+/// `(Σ_c w_c q_c, max_c q_c)` over a row of probability targets (`w_c` = 1 without weights),
+/// or `None` when some `q_c` is not a finite number ≥ 0 (the scalar loop then names it).
+pub(crate) fn probability_mass<E: Element>(
+    q: &[E],
+    weights: Option<&[f64]>,
+) -> Option<(CompensatedSum, f64)> {
+    on_isa!(E, I, L => { probability_mass_impl::<I, L>(cast(q), weights) })
+}
+
+/// The distance sweep of [`ce_grad`] on its own (a loss-only call): `Σ_live (m − y_i)`, or
+/// `Σ_live u_i (m − y_i)` with `masses`, of the mapped logits `y`; the same bits as the write
+/// pass's.
+pub(crate) fn live_distance<E: Element>(
+    x: &[E],
+    max: f64,
+    masses: Option<&ClassMasses<'_, '_, E>>,
+    map: LogitMap,
+) -> f64 {
+    on_isa!(E, I, L => {
+        let x = cast::<E, L>(x);
+        let masses = masses.map(masses_as::<E, L>);
+        let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
+        let constants = (max, 0.0, 0.0);
+        let lanes = MassLanes::new(masses.as_ref().unwrap_or(&ClassMasses::UNIT));
+        let pass = match map {
+            LogitMap::Softcap(cap) => {
+                let map = Capped { cap };
+                masses_pass::<I, L, <I as Isa>::Wide, _>(io, constants, lanes, map, false, false)
+            }
+            LogitMap::Identity => {
+                masses_pass::<I, L, <L as Lanes>::V<I>, _>(io, constants, lanes, Unmapped, false, false)
+            }
+        };
+        pass.distance
+    })
+}
+
+/// `Σ_j y_j dy_j` (`weighted`) or `Σ_j dy_j`, in `f64`: the backward ops' row reduction.
+pub(crate) fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
+    on_isa!(E, I, L => { dot_impl::<I, L>(cast(y), cast(dy), weighted) })
+}
+
+/// Softmax backward's write pass, given the row's `Σ y·dy`.
+pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
+    on_isa!(E, I, L => {
+        softmax_backward_impl::<I, L>(cast(y), cast(dy), dot, cast_mut(dx))
+    });
+}
+
+/// Log-softmax backward's write pass, given the row's `Σ dy`; `false` (nothing written) for a
+/// `y` outside `[−inf, 0]`.
+pub(crate) fn log_softmax_backward<E: Element>(
+    y: &[E],
+    dy: &[E],
+    total: f64,
+    dx: &mut [E],
+) -> bool {
+    on_isa!(E, I, L => {
+        log_softmax_backward_impl::<I, L>(cast(y), cast(dy), total, cast_mut(dx))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector soft-cap of `x` (equal lanes) in the widest instruction set this CPU has.
+    fn softcap_lanes(x: f64, cap: f64) -> Option<(f64, f64)> {
+        #[inline(always)]
+        unsafe fn lane0<I: Isa>(x: f64, cap: f64) -> (f64, f64) {
+            let splat = <I::Wide as Float>::splat;
+            let (y, slope) = softcap(splat(x), splat(cap), splat(2.0 / cap));
+            (y.reduce_max(), slope.reduce_max())
+        }
+        let kernel = crate::kernels::Kernel::Auto;
+        // SAFETY: the instruction set is the one detected.
+        (kernel.is_supported() && super::super::fast()).then(|| unsafe {
+            match super::super::vector_isa() {
+                VectorIsa::Avx2 => avx2::run(|| lane0::<Avx2>(x, cap)),
+                _ => avx512::run(|| lane0::<Avx512<false>>(x, cap)),
+            }
+        })
+    }
+
+    /// Logits over every scale, both signs, and the edges of the map.
+    fn logits() -> Vec<f64> {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut out = vec![
+            0.0,
+            -0.0,
+            1e-300,
+            -5e-324,
+            f64::MAX,
+            -f64::MAX,
+            f64::INFINITY,
+        ];
+        for _ in 0..20_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let mantissa = (state >> 11) as f64 / (1u64 << 53) as f64;
+            let exponent = ((state >> 3) % 80) as i32 - 40;
+            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
+            out.push(sign * mantissa * 2f64.powi(exponent));
+        }
+        out
+    }
+
+    #[test]
+    fn softcap_lanes_match_the_scalar_map_bit_for_bit() {
+        for cap in [0.1, 1.0, 15.0, 30.0, 50.0, 1e6] {
+            for x in logits() {
+                let Some((y, slope)) = softcap_lanes(x, cap) else {
+                    return;
+                };
+                let (sy, sslope) = LogitMap::Softcap(cap).with_slope(x);
+                assert_eq!(
+                    (y.to_bits(), slope.to_bits()),
+                    (sy.to_bits(), sslope.to_bits()),
+                    "cap {cap}, x {x:e}: vector ({y:e}, {slope:e}) scalar ({sy:e}, {sslope:e})"
+                );
+            }
+        }
+        let masked = softcap_lanes(f64::NEG_INFINITY, 30.0);
+        assert!(masked.is_none_or(|(y, slope)| y == f64::NEG_INFINITY && slope == 0.0));
+        assert!(softcap_lanes(f64::NAN, 30.0).is_none_or(|(y, _)| y.is_nan()));
+    }
+
+    /// Against libm's `tanh` and `cosh` (an independent reference): within a few ulp for the
+    /// value, and for the slope within a few ulp plus what rounding `2|x|/cap` to `f64` costs
+    /// `exp(−2|x|/cap)` (a relative error of about `2|x|/cap` ulp, in the reference too).
+    #[test]
+    fn softcap_is_accurate() {
+        for cap in [1.0, 30.0] {
+            for x in logits() {
+                let (y, slope) = LogitMap::Softcap(cap).with_slope(x);
+                let exact = cap * (x / cap).tanh();
+                assert!(
+                    (y - exact).abs() <= 4.0 * f64::EPSILON * exact.abs().max(f64::MIN_POSITIVE),
+                    "cap {cap}, x {x:e}: {y:e} vs tanh {exact:e}"
+                );
+                let c = (x / cap).cosh();
+                let exact_slope = 1.0 / (c * c);
+                let conditioning = 8.0 + 4.0 * (x / cap).abs();
+                assert!(
+                    (slope - exact_slope).abs() <= conditioning * f64::EPSILON * exact_slope
+                        || exact_slope < 1e-300,
+                    "cap {cap}, x {x:e}: slope {slope:e} vs {exact_slope:e}"
+                );
+            }
+        }
+    }
+}
