@@ -38,6 +38,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 VENV="$HERE/.venv"
 RESULTS="$HERE/results"
 REQUIREMENTS="$HERE/requirements.txt"
+TORCH_LEAN="$HERE/torch-lean.txt"   # included by requirements.txt
 
 ALL_OPS="logsumexp,softmax,log_softmax,cross_entropy_grad"
 TARGET_CASES="logsumexp:4096x32000:f32,softmax:4096x32000:f32,log_softmax:4096x32000:f32"
@@ -119,8 +120,8 @@ THREADS="${THREADS:-$CORES}"
 # ---------------------------------------------------------------------------------------------
 # The venv (bench/peers/.venv): created once, reused while complete
 
-# The stamp records what was installed: the requirements file and the install mode.
-stamp_text() { { cat "$REQUIREMENTS"; echo "mode=$PEERS_TORCH_INSTALL"; } | sha256sum | cut -d' ' -f1; }
+# The stamp records what was installed: the requirements files and the install mode.
+stamp_text() { { cat "$REQUIREMENTS" "$TORCH_LEAN"; echo "mode=$PEERS_TORCH_INSTALL"; } | sha256sum | cut -d' ' -f1; }
 venv_complete() {
     [[ -x "$VENV/bin/python" && -f "$VENV/.peers-stamp" ]] &&
         [[ "$(cat "$VENV/.peers-stamp")" == "$(stamp_text)" ]] &&
@@ -141,7 +142,7 @@ else
     rm -f "$VENV/.peers-stamp"
     if [[ "$PEERS_TORCH_INSTALL" == full ]]; then
         # torch with every dependency its metadata names (the whole CUDA stack and triton).
-        torch_pin="$(grep -E '^torch==' "$REQUIREMENTS")"
+        torch_pin="$(grep -E '^torch==' "$TORCH_LEAN")"
         "$VENV/bin/python" -m pip install --only-binary=:all: "$torch_pin"
     fi
     # The lock file, as is: pip resolves nothing (see the comment at its top for why).
