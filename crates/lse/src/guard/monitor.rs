@@ -6,6 +6,7 @@ use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 
+use super::state::{check_version, StateError, STATE_VERSION};
 use super::LogitStats;
 use crate::element::DType;
 use crate::error::{LseError, Result};
@@ -36,6 +37,34 @@ impl Default for MonitorConfig {
             trend_horizon: 50.0,
             capacity: 10_000,
         }
+    }
+}
+
+impl MonitorConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`LseError::BadOption`] for a `warn_fraction` or `trend_horizon` that is not finite and
+    /// positive, or a zero `capacity`.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |name, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(LseError::BadOption {
+                    name,
+                    value,
+                    expected: "finite and > 0",
+                })
+            }
+        };
+        positive("warn_fraction", self.warn_fraction)?;
+        positive("trend_horizon", self.trend_horizon)?;
+        positive("capacity", self.capacity as f64)?;
+        Ok(())
     }
 }
 
@@ -122,6 +151,16 @@ pub struct MonitorEntry {
     pub warnings: Vec<MonitorWarning>,
 }
 
+/// The saved state of a [`LogitMonitor`] (format version 1, see [`crate::guard`]'s state
+/// section): its history, which the trend rule reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MonitorState {
+    /// The format version, [`STATE_VERSION`].
+    pub version: u32,
+    /// The recorded steps, oldest first ([`LogitMonitor::history`]).
+    pub history: Vec<MonitorEntry>,
+}
+
 /// A running history of per-batch [`LogitStats`] that warns while a run drifts toward the point
 /// where a naive softmax overflows, before any loss is `inf`.
 ///
@@ -149,23 +188,44 @@ impl LogitMonitor {
     /// # Panics
     /// Never.
     pub fn new(config: MonitorConfig) -> Result<Self> {
-        let positive = |name, value: f64| {
-            if value.is_finite() && value > 0.0 {
-                Ok(())
-            } else {
-                Err(LseError::BadOption {
-                    name,
-                    value,
-                    expected: "finite and > 0",
-                })
-            }
-        };
-        positive("warn_fraction", config.warn_fraction)?;
-        positive("trend_horizon", config.trend_horizon)?;
-        positive("capacity", config.capacity as f64)?;
+        config.validate()?;
         Ok(Self {
             config,
             history: VecDeque::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MonitorConfig {
+        &self.config
+    }
+
+    /// The state to checkpoint: with the configuration, [`LogitMonitor::from_state`] rebuilds a
+    /// monitor that warns exactly as this one would.
+    pub fn state(&self) -> MonitorState {
+        MonitorState {
+            version: STATE_VERSION,
+            history: self.history.iter().cloned().collect(),
+        }
+    }
+
+    /// A monitor with `config` that resumes from `state` (saved by [`LogitMonitor::state`]).
+    /// When the history holds more than `config.capacity` entries, the newest are kept.
+    ///
+    /// # Errors
+    /// [`StateError::UnsupportedVersion`] for a version other than [`STATE_VERSION`];
+    /// [`StateError::MonitorConfig`] for an invalid `config` (the errors of
+    /// [`LogitMonitor::new`]).
+    ///
+    /// # Panics
+    /// Never.
+    pub fn from_state(config: MonitorConfig, state: &MonitorState) -> Result<Self, StateError> {
+        check_version(state.version)?;
+        config.validate()?;
+        let skip = state.history.len().saturating_sub(config.capacity);
+        Ok(Self {
+            history: state.history[skip..].iter().cloned().collect(),
+            config,
         })
     }
 

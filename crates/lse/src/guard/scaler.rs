@@ -5,6 +5,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::element::Element;
+use crate::guard::state::{check_version, StateError, STATE_VERSION};
 use crate::guard::tensor::{check_shape, NonFiniteValue, Role, TensorShapeError};
 
 /// The settings of a [`LossScaler`]. `Default` gives PyTorch's values plus the bounds of
@@ -229,6 +230,22 @@ impl fmt::Display for StepReport {
     }
 }
 
+/// The saved state of a [`LossScaler`] (format version 1, see [`crate::guard`]'s state section):
+/// everything that, with the configuration, decides its next steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScalerState {
+    /// The format version, [`STATE_VERSION`].
+    pub version: u32,
+    /// The scale of the next step.
+    pub scale: f64,
+    /// The index of the next step ([`LossScaler::step_index`]).
+    pub step: u64,
+    /// Consecutive clean steps since the last overflow or growth ([`LossScaler::clean_steps`]).
+    pub clean_steps: u32,
+    /// Consecutive overflowing steps up to now ([`LossScaler::overflow_streak`]).
+    pub overflow_streak: u32,
+}
+
 /// A dynamic loss scaler for mixed-precision training.
 ///
 /// Small gradients underflow to zero in `f16`; multiplying the loss by a large scale `S` before
@@ -313,6 +330,53 @@ impl LossScaler {
     /// The configuration.
     pub fn config(&self) -> &LossScalerConfig {
         &self.config
+    }
+
+    /// The state to checkpoint: with the configuration, [`LossScaler::from_state`] rebuilds a
+    /// scaler that goes on exactly as this one would (the role of PyTorch's
+    /// `GradScaler.state_dict`).
+    pub fn state(&self) -> ScalerState {
+        ScalerState {
+            version: STATE_VERSION,
+            scale: self.scale,
+            step: self.step,
+            clean_steps: self.clean_steps,
+            overflow_streak: self.overflow_streak,
+        }
+    }
+
+    /// A scaler with `config` that resumes from `state` (saved by [`LossScaler::state`]): its
+    /// next step uses `state.scale` and counts on from `state.step`, `state.clean_steps` and
+    /// `state.overflow_streak`. With a `growth_interval` or `hysteresis` smaller than the saved
+    /// counts, the next clean step grows (next overflow backs off) at once.
+    ///
+    /// # Errors
+    /// [`StateError::UnsupportedVersion`] for a version other than [`STATE_VERSION`];
+    /// [`StateError::ScalerConfig`] for an invalid `config` ([`LossScalerConfig::validate`]);
+    /// [`StateError::ScaleOutOfBounds`] for a saved scale that is not finite and positive (with
+    /// a finite inverse) or lies outside `[config.min_scale, config.max_scale]`.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn from_state(config: LossScalerConfig, state: &ScalerState) -> Result<Self, StateError> {
+        check_version(state.version)?;
+        config.validate()?;
+        let scale = state.scale;
+        let usable = scale.is_finite() && scale > 0.0 && scale.recip().is_finite();
+        if !(usable && (config.min_scale..=config.max_scale).contains(&scale)) {
+            return Err(StateError::ScaleOutOfBounds {
+                scale,
+                min: config.min_scale,
+                max: config.max_scale,
+            });
+        }
+        Ok(LossScaler {
+            config,
+            scale,
+            step: state.step,
+            clean_steps: state.clean_steps,
+            overflow_streak: state.overflow_streak,
+        })
     }
 
     /// The current scale: multiply this step's loss by it.

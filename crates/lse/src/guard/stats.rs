@@ -14,10 +14,13 @@ use crate::state::CompensatedSum;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Headroom {
     /// Against `f16` (overflow at 11.09).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub f16: f64,
     /// Against `bf16` (overflow at 88.72).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub bf16: f64,
     /// Against `f32` (overflow at 88.72).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub f32: f64,
 }
 
@@ -33,12 +36,19 @@ impl Headroom {
     }
 }
 
+/// Reads a figure that JSON may hold as `null`: serde_json writes every non-finite `f64` as
+/// `null`, and these figures are NaN when nothing finite was seen; `null` reads back as NaN, so a
+/// [`MonitorState`](super::MonitorState) written to JSON reads back.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
 /// Statistics of one batch of logits: what a training loop logs to see a run drift toward
 /// overflow before it dies.
 ///
-/// Extremes are over finite logits (NaN when there is none; JSON `null`); the logsumexp figures
-/// are over rows whose logsumexp is finite. Gathered stand-alone by [`LogitStats::of`], or inside
-/// the fused cross-entropy's read pass with
+/// Extremes are over finite logits (NaN when there is none; JSON `null`, read back as NaN); the
+/// logsumexp figures are over rows whose logsumexp is finite. Gathered stand-alone by
+/// [`LogitStats::of`], or inside the fused cross-entropy's read pass with
 /// [`CrossEntropyOptions::keep_logit_stats`](crate::CrossEntropyOptions::keep_logit_stats), which
 /// sees the raw (uncapped) logits of the rows it reads (ignored rows are not read).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,10 +60,13 @@ pub struct LogitStats {
     /// Classes per row.
     pub classes: usize,
     /// Largest finite logit.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub max: f64,
     /// Smallest finite logit.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub min: f64,
     /// Largest finite `|x|`.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub max_abs: f64,
     /// NaN count.
     pub nan: u64,
@@ -62,10 +75,13 @@ pub struct LogitStats {
     /// `-inf` count (masks).
     pub neg_inf: u64,
     /// Mean of the per-row logsumexp.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub lse_mean: f64,
     /// Largest per-row logsumexp.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub lse_max: f64,
     /// Mean of `z = lse²` (what a z-loss penalises).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub z_mean: f64,
     /// Distance of `max` to naive-`exp` overflow per dtype.
     pub headroom: Headroom,
