@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 
 use lse::guard::{
     self, FiniteGuard as CoreGuard, GuardError, LogitMonitor as CoreMonitor,
-    LossScaler as CoreScaler, LossScalerConfig, MonitorConfig, Role, Schedule, TensorShapeError,
-    TensorView,
+    LossScaler as CoreScaler, LossScalerConfig, MonitorConfig, MonitorState, Role, ScalerState,
+    Schedule, TensorShapeError, TensorView,
 };
 use lse::{bf16, f16, DType};
 
@@ -170,6 +170,26 @@ impl LogitMonitor {
         CoreMonitor::new(config)
             .map(LogitMonitor)
             .map_err(|e| lse_error(py, e))
+    }
+
+    /// `MonitorConfig::default()` as JSON (the Python layer's defaults).
+    #[staticmethod]
+    fn default_config_json() -> PyResult<String> {
+        json(&MonitorConfig::default())
+    }
+
+    /// `LogitMonitor::state` as JSON.
+    fn state_json(&self) -> PyResult<String> {
+        json(&self.0.state())
+    }
+
+    /// Restores a state written by `state_json` (with this monitor's configuration).
+    fn load_state_json(&mut self, py: Python<'_>, state: &str) -> PyResult<()> {
+        let state: MonitorState = serde_json::from_str(state)
+            .map_err(|e| raise(py, "StateError", format!("invalid monitor state: {e}"), &[]))?;
+        self.0 = CoreMonitor::from_state(self.0.config().clone(), &state)
+            .map_err(|e| raise(py, "StateError", e.to_string(), &[]))?;
+        Ok(())
     }
 
     /// Records one step; returns its warnings as (text, JSON) pairs.
@@ -399,9 +419,35 @@ impl LossScaler {
         self.0.overflow_streak()
     }
 
+    /// `LossScalerConfig::default()` as JSON (the Python layer's defaults).
+    #[staticmethod]
+    fn default_config_json() -> PyResult<String> {
+        json(&LossScalerConfig::default())
+    }
+
     /// The configuration as JSON.
     fn config_json(&self) -> PyResult<String> {
         json(self.0.config())
+    }
+
+    /// `LossScaler::state` as JSON.
+    fn state_json(&self) -> PyResult<String> {
+        json(&self.0.state())
+    }
+
+    /// Restores a state written by `state_json` (with this scaler's configuration).
+    fn load_state_json(&mut self, py: Python<'_>, state: &str) -> PyResult<()> {
+        let state: ScalerState = serde_json::from_str(state).map_err(|e| {
+            raise(
+                py,
+                "StateError",
+                format!("invalid loss scaler state: {e}"),
+                &[],
+            )
+        })?;
+        self.0 = CoreScaler::from_state(self.0.config().clone(), &state)
+            .map_err(|e| raise(py, "StateError", e.to_string(), &[]))?;
+        Ok(())
     }
 
     /// Unscales each `(name, flat array, columns)` gradient in place and checks it in the same

@@ -18,6 +18,7 @@ from ._errors import (
     NonFiniteError,
     OptionError,
     ShapeError,
+    StateError,
     TargetError,
 )
 from ._numpy import (
@@ -59,6 +60,7 @@ __all__ = [
     "EmptyMeanError",
     "GuardError",
     "DeviceError",
+    "StateError",
     "LogitStats",
     "LogitMonitor",
     "FiniteGuard",

@@ -15,6 +15,7 @@ __all__ = [
     "EmptyMeanError",
     "GuardError",
     "DeviceError",
+    "StateError",
 ]
 
 
@@ -65,3 +66,8 @@ class GuardError(LseError):
 
 class DeviceError(LseError):
     """A tensor that is not on the CPU (lse's kernels run on the CPU only)."""
+
+
+class StateError(LseError):
+    """A saved guard state that cannot be restored (another format version, a scale outside
+    the configuration's bounds)."""

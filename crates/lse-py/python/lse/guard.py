@@ -45,6 +45,31 @@ def _decode(text: str):
     return fix(json.loads(text))
 
 
+def _encode(obj) -> str:
+    """The inverse of :func:`_decode`."""
+
+    def fix(o):
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [fix(v) for v in o]
+        if isinstance(o, float) and not math.isfinite(o):
+            return "NaN" if math.isnan(o) else ("inf" if o > 0 else "-inf")
+        return o
+
+    return json.dumps(fix(obj))
+
+
+def _config(native_class, given: dict, what: str) -> dict:
+    """The core library's default configuration of ``native_class`` updated by ``given``."""
+    config = json.loads(native_class.default_config_json())
+    unknown = set(given) - set(config)
+    if unknown:
+        raise OptionError(f"{what} has no option {sorted(unknown)}; options: {sorted(config)}")
+    config.update(given)
+    return config
+
+
 def _flat(array, what: str, writable: bool = False):
     """``array`` (NumPy or a CPU torch tensor) as a flat C-contiguous NumPy view and its column
     count; torch tensors are viewed without a copy (bfloat16 through int16)."""
@@ -100,22 +125,27 @@ class LogitMonitor:
     its least-squares trend over ``trend_window`` steps reaches it within ``trend_horizon``
     steps."""
 
-    def __init__(
-        self,
-        watch: str = "f16",
-        *,
-        warn_fraction: float = 0.75,
-        trend_window: int = 20,
-        trend_horizon: float = 100.0,
-        capacity: int = 10_000,
-    ):
-        self._native = _lse.LogitMonitor(
-            watch=watch,
-            warn_fraction=warn_fraction,
-            trend_window=trend_window,
-            trend_horizon=trend_horizon,
-            capacity=capacity,
-        )
+    def __init__(self, watch: Optional[str] = None, **config):
+        """``watch`` (f16, bf16, f32, f64), ``warn_fraction``, ``trend_window``,
+        ``trend_horizon``, ``capacity``: ``lse::guard::MonitorConfig``, whose defaults apply
+        (watch f16, 0.75, 8 steps, 50 steps, 10000 entries)."""
+        merged = _config(_lse.LogitMonitor, config, "LogitMonitor")
+        if watch is not None:
+            merged["watch"] = watch
+        self._native = _lse.LogitMonitor(**merged)
+        self._config = merged
+
+    def state_dict(self) -> dict:
+        """The history (``{"version", "history"}``), to save with a checkpoint."""
+        return _decode(self._native.state_json())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` (this monitor's configuration is kept).
+
+        Raises:
+            StateError: a state of another format version, or not a monitor state.
+        """
+        self._native.load_state_json(_encode(state))
 
     def record(self, step: int, stats) -> list[str]:
         """Records step ``step``: ``stats`` is a :class:`LogitStats` or the logits themselves.
@@ -220,15 +250,6 @@ def triage(tensors: Iterable) -> TriageReport:
     return TriageReport(*_lse.triage(items))
 
 
-_SCALER_FIELDS = (
-    "init_scale",
-    "growth_factor",
-    "backoff_factor",
-    "growth_interval",
-    "hysteresis",
-    "min_scale",
-    "max_scale",
-)
 
 
 class LossScaler:
@@ -237,26 +258,33 @@ class LossScaler:
     optional hysteresis. ``unscale`` unscales every gradient in place (the product in f64,
     rounded once) and checks it for NaN/inf in the same pass."""
 
-    def __init__(
-        self,
-        init_scale: float = 65536.0,
-        growth_factor: float = 2.0,
-        backoff_factor: float = 0.5,
-        growth_interval: int = 2000,
-        hysteresis: int = 1,
-        min_scale: float = 1.0,
-        max_scale: float = 2.0**24,
-    ):
-        self._config = dict(
-            init_scale=float(init_scale),
-            growth_factor=float(growth_factor),
-            backoff_factor=float(backoff_factor),
-            growth_interval=int(growth_interval),
-            hysteresis=int(hysteresis),
-            min_scale=float(min_scale),
-            max_scale=float(max_scale),
-        )
+    def __init__(self, **config):
+        """``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``,
+        ``hysteresis``, ``min_scale``, ``max_scale``: ``lse::guard::LossScalerConfig``, whose
+        defaults apply (2^16, 2, 0.5, 2000, 1, 1, 2^24).
+
+        Raises:
+            OptionError: an invalid configuration (a factor that does not grow or shrink, ...).
+        """
+        self._config = _config(_lse.LossScaler, config, "LossScaler")
         self._native = _lse.LossScaler(**self._config)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def state_dict(self) -> dict:
+        """``{"version", "scale", "step", "clean_steps", "overflow_streak"}``: with the
+        configuration, everything that decides the next steps (as ``GradScaler.state_dict``)."""
+        return _decode(self._native.state_json())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict`; the configuration stays this scaler's.
+
+        Raises:
+            StateError: another format version, or a scale outside [min_scale, max_scale].
+        """
+        self._native.load_state_json(_encode(state))
 
     @property
     def scale(self) -> float:
