@@ -12,8 +12,9 @@ the kernels as NumPy views, without a copy when C-contiguous (bfloat16 through a
 since NumPy has no native bfloat16); outputs are allocated by NumPy (which asks the kernel for
 transparent huge pages, so a fresh 0.5 GB gradient costs far fewer page faults than a
 ``torch.empty``) and handed to torch with ``torch.from_numpy``. A tensor on another device is a
-``lse.DeviceError`` naming the device. Losses and logsumexp come back in the input's dtype, as
-PyTorch's do (computed in f32/f64 and rounded once).
+``lse.DeviceError`` naming the device. Softmax, log-softmax and gradients come back in the
+input's dtype; losses and logsumexp, as in the core library, in float32 for float16/bfloat16
+input (float64 for float64): an f16 loss of 7e4 is finite here, where PyTorch's f16 loss is inf.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def _as_torch(a: np.ndarray) -> Tensor:
     if a.dtype == _NUMPY_DTYPES[torch.bfloat16]:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of losses and logsumexp: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _empty(shape, dtype: torch.dtype) -> Tensor:
@@ -139,8 +145,7 @@ _log_softmax.register_autograd(
 def _logsumexp(x: Tensor, dim: int, keepdim: bool) -> Tensor:
     _check_device(x, "logsumexp")
     result = _numpy.logsumexp(_as_numpy(x), axis=dim, keepdims=keepdim)
-    # The kernel's statistics dtype is f32 (f64 for f64); PyTorch's logsumexp keeps the input's.
-    return _as_torch(np.ascontiguousarray(result)).to(x.dtype)
+    return _as_torch(np.ascontiguousarray(result))
 
 
 @_logsumexp.register_fake
@@ -151,7 +156,7 @@ def _(x, dim, keepdim):
         shape[d] = 1
     else:
         del shape[d]
-    return x.new_empty(shape)
+    return x.new_empty(shape, dtype=_stat_dtype(x.dtype))
 
 
 def _logsumexp_setup(ctx, inputs, output):
@@ -165,7 +170,7 @@ def _logsumexp_backward(ctx, g):
     d = ctx.dim % x.dim()
     g = g if ctx.keepdim else g.unsqueeze(d)
     # ∂ lse/∂x = softmax(x): 0 on masked entries and on fully masked rows (never exp(-inf + inf)).
-    return g * _softmax(x, d), None, None
+    return (g * _softmax(x, d)).to(x.dtype), None, None
 
 
 _logsumexp.register_autograd(_logsumexp_backward, setup_context=_logsumexp_setup)
@@ -188,7 +193,7 @@ def _cross_entropy(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """``input`` rows × classes; class targets (int64, rows) or probabilities (rows × classes).
-    Returns the loss (input dtype; per row for "none") and, with ``compute_grad``, the gradient
+    Returns the loss (float32, float64 for float64 input; per row for "none") and, with ``compute_grad``, the gradient
     of the loss (grad_output = 1) in the input's dtype (else an empty tensor)."""
     _check_device(input, "cross_entropy")
     _check_device(target, "cross_entropy", "target")
@@ -205,16 +210,17 @@ def _cross_entropy(
     )
     loss = result.loss if compute_grad else result
     if reduction == "none":
-        loss = _as_torch(np.ascontiguousarray(loss)).to(input.dtype)
+        loss = _as_torch(np.ascontiguousarray(loss))
     else:
-        loss = _scalar(loss, input.dtype)
+        loss = _scalar(loss, _stat_dtype(input.dtype))
     grad = _as_torch(result.grad) if compute_grad else input.new_empty(0)
     return loss, grad
 
 
 @_cross_entropy.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
-    loss = input.new_empty(input.shape[:1]) if reduction == "none" else input.new_empty(())
+    shape = input.shape[:1] if reduction == "none" else ()
+    loss = input.new_empty(shape, dtype=_stat_dtype(input.dtype))
     grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
     return loss, grad
 
@@ -225,12 +231,16 @@ def _cross_entropy_setup(ctx, inputs, output):
     # so that autograd's AccumulateGrad can take it as `input.grad` without a copy (a saved
     # tensor would keep a second reference and force a 0.5 GB clone at 4096 × 32000 f32).
     # `grad` is non-differentiable (no grad_fn), so this makes no reference cycle.
-    ctx.grad = grad
+    ctx.grad = grad if inputs[8] else None
     # The second output (the gradient) gets no incoming gradient: leave it None rather than a
     # materialised 0.5 GB of zeros.
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[4]
-    ctx.compute_grad = inputs[8]
+    # The inputs too (references, not copies), for a backward that finds no fused gradient: a
+    # forward run without it, or a second backward through the graph (retain_graph=True).
+    input, target, weight = inputs[:3]
+    ctx.save_for_backward(input, target, weight)
+    ctx.options = inputs[3:8]
     ctx.mark_non_differentiable(grad)
 
 
@@ -246,18 +256,13 @@ def _is_one(g: Tensor) -> bool:
 
 
 def _cross_entropy_backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # nothing flows back through the loss
+        return (None,) * 9
     grad = ctx.grad
-    ctx.grad = None  # the gradient is handed over once (retain_graph=True cannot reuse it)
-    if grad is None:
-        raise RuntimeError(
-            "lse.torch.cross_entropy: backward through the same loss twice is not supported "
-            "(the fused gradient was handed over by the first backward)"
-        )
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "lse.torch.cross_entropy: the forward ran without a gradient (grad mode was off or "
-            "the input did not require grad), so there is none to backpropagate"
-        )
+    ctx.grad = None  # handed over once; a second backward recomputes it
+    if grad is None or grad.numel() == 0:
+        input, target, weight = ctx.saved_tensors
+        _, grad = _cross_entropy(input, target, weight, *ctx.options, True)
     if ctx.reduction == "none":
         scaled = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
     elif _is_one(grad_loss):
@@ -289,7 +294,8 @@ def cross_entropy(
     The loss and its gradient come from one fused pass; the gradient is computed in the forward
     when ``input`` requires grad (and grad mode is on) and handed over by the backward.
 
-    Differences from PyTorch: no gradient flows to probability targets (a ``target`` that
+    Differences from PyTorch: the loss of float16/bfloat16 input is float32 (finite where a
+    half-type loss would overflow); no gradient flows to probability targets (a ``target`` that
     requires grad is an error rather than a silently missing gradient); NaN/+inf logits raise
     ``lse.NonFiniteError`` (row, column, value) instead of propagating NaN; a mean over no
     counted row is 0 (PyTorch: NaN).
