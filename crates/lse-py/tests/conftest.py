@@ -8,6 +8,9 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+if os.environ.get("LSE_REQUIRE_TORCH"):
+    import torch  # noqa: F401  (CI: the torch tests must run, not be skipped)
+
 settings.register_profile(
     "ci",
     max_examples=int(os.environ.get("LSE_HYPOTHESIS_EXAMPLES", "60")),
