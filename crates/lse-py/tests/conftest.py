@@ -157,3 +157,19 @@ def logits(draw, dtype, scale=None, rows=(1, 4), classes=(1, 40), masks=True):
     if masks and c > 1 and draw(st.booleans()):
         x[rng.random((r, c)) < 0.3] = -np.inf
     return x.astype(dtype)
+
+
+def spy_pointer(monkeypatch, name):
+    """Records the data pointer of the first array argument each call of ``lse._lse.<name>``
+    receives: the memory the kernel reads."""
+    import lse
+
+    seen = []
+    real = getattr(lse._lse, name)
+
+    def wrapper(*args, **kwargs):
+        seen.append(args[0].__array_interface__["data"][0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lse._lse, name, wrapper)
+    return seen

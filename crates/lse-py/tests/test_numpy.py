@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lse
-from conftest import (BF16, DTYPES, FORMAT, logits, ref_cross_entropy, ref_log_softmax,
-                      ref_logsumexp, ref_softmax, stat_dtype, ulp, ulps)
+from conftest import (BF16, DTYPES, logits, ref_cross_entropy, ref_log_softmax, ref_logsumexp,
+                      ref_softmax, spy_pointer, stat_dtype, ulp, ulps)
 
 # DESIGN §3 targets: f32 outputs ≤ 2 ulp (log domain elementwise, probability domain normwise),
 # every f16/bf16 output ≤ 1 ulp elementwise; f64 held to 3 ulp.
@@ -182,19 +182,6 @@ def test_axis_and_layouts_agree():
     assert np.array_equal(lse.log_softmax(fortran), lse.log_softmax(x))
 
 
-def spy(monkeypatch, name):
-    """Records the data pointer of the first argument of ``lse._lse.<name>`` on each call."""
-    seen = []
-    real = getattr(lse._lse, name)
-
-    def wrapper(*args, **kwargs):
-        seen.append(args[0].__array_interface__["data"][0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lse._lse, name, wrapper)
-    return seen
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_zero_copy_for_c_contiguous_input(monkeypatch, dtype):
     x = np.random.default_rng(0).standard_normal((8, 16)).astype(dtype)
@@ -205,7 +192,7 @@ def test_zero_copy_for_c_contiguous_input(monkeypatch, dtype):
         ("logsumexp", lambda a: lse.logsumexp(a)),
         ("cross_entropy", lambda a: lse.cross_entropy(a, np.zeros(8, np.int64), grad=True)),
     ]:
-        seen = spy(monkeypatch, name)
+        seen = spy_pointer(monkeypatch, name)
         call(x)
         assert seen == [ptr], name  # the kernel read x itself
         seen.clear()

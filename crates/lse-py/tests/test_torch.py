@@ -11,6 +11,7 @@ from torch.library import opcheck  # noqa: E402
 
 import lse  # noqa: E402
 import lse.torch as lt  # noqa: E402
+from conftest import spy_pointer  # noqa: E402
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
@@ -194,18 +195,6 @@ def test_z_loss_and_softcap_match_their_definition():
     got = loss_and_grad(lt.cross_entropy, x, t, z_loss=1e-3, softcap=20.0)
     assert_close(got[0], ref[0], torch.float64)
     assert_close(got[1], ref[1], torch.float64)
-
-
-def spy_pointer(monkeypatch, name):
-    seen = []
-    real = getattr(lse._lse, name)
-
-    def wrapper(*args, **kwargs):
-        seen.append(args[0].__array_interface__["data"][0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lse._lse, name, wrapper)
-    return seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -9,7 +9,7 @@ input is an :class:`LseError` (a ``ValueError``) naming row, column and value.
 
 import ml_dtypes as _ml_dtypes  # registers numpy's "bfloat16" dtype before any kernel call
 
-from . import _lse
+from . import _errors, _lse, _numpy, guard
 from ._errors import (
     DeviceError,
     EmptyMeanError,
@@ -35,36 +35,22 @@ from .guard import FiniteGuard, LogitMonitor, LogitStats, LossScaler, TriageRepo
 
 bfloat16 = _ml_dtypes.bfloat16
 
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("lse")
+except Exception:  # not installed as a distribution (a source checkout on sys.path)
+    __version__ = "unknown"
+
 
 def active_kernel() -> str:
     """The kernel family lse dispatched to on this CPU: ``"avx2"`` or ``"scalar"``."""
     return _lse.active_kernel()
 
 
-__all__ = [
-    "logsumexp",
-    "softmax",
-    "log_softmax",
-    "softmax_backward",
-    "log_softmax_backward",
-    "cross_entropy",
-    "CrossEntropyResult",
-    "stat_dtype",
-    "bfloat16",
-    "active_kernel",
-    "LseError",
-    "NonFiniteError",
-    "TargetError",
-    "ShapeError",
-    "OptionError",
-    "EmptyMeanError",
-    "GuardError",
-    "DeviceError",
-    "StateError",
-    "LogitStats",
-    "LogitMonitor",
-    "FiniteGuard",
-    "TriageReport",
-    "triage",
-    "LossScaler",
-]
+__all__ = (
+    _numpy.__all__
+    + _errors.__all__
+    + [name for name in guard.__all__ if name != "triage"]
+    + ["triage", "bfloat16", "active_kernel"]
+)

@@ -84,36 +84,38 @@ def _scalar(value, dtype: torch.dtype) -> Tensor:
 # softmax, log_softmax and their backward
 
 
+def _row_op(kernel, x: Tensor, dim: int) -> Tensor:
+    """``kernel`` (an lse NumPy row op) over ``dim`` of ``x`` into a new tensor."""
+    _check_device(x, kernel.__name__)
+    out = _empty(x.shape, x.dtype)
+    kernel(_as_numpy(x), axis=dim, out=_as_numpy(out))
+    return out
+
+
+def _row_backward(kernel, y: Tensor, dy: Tensor, dim: int) -> Tensor:
+    out = _empty(y.shape, y.dtype)
+    kernel(_as_numpy(y), _as_numpy(dy.to(y.dtype).contiguous()), axis=dim, out=_as_numpy(out))
+    return out
+
+
 @torch.library.custom_op("lse::softmax", mutates_args=())
 def _softmax(x: Tensor, dim: int) -> Tensor:
-    _check_device(x, "softmax")
-    out = _empty(x.shape, x.dtype)
-    _numpy.softmax(_as_numpy(x), axis=dim, out=_as_numpy(out))
-    return out
+    return _row_op(_numpy.softmax, x, dim)
 
 
 @torch.library.custom_op("lse::log_softmax", mutates_args=())
 def _log_softmax(x: Tensor, dim: int) -> Tensor:
-    _check_device(x, "log_softmax")
-    out = _empty(x.shape, x.dtype)
-    _numpy.log_softmax(_as_numpy(x), axis=dim, out=_as_numpy(out))
-    return out
+    return _row_op(_numpy.log_softmax, x, dim)
 
 
 @torch.library.custom_op("lse::softmax_backward", mutates_args=())
 def _softmax_backward(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    out = _empty(y.shape, y.dtype)
-    _numpy.softmax_backward(_as_numpy(y), _as_numpy(dy.to(y.dtype)), axis=dim, out=_as_numpy(out))
-    return out
+    return _row_backward(_numpy.softmax_backward, y, dy, dim)
 
 
 @torch.library.custom_op("lse::log_softmax_backward", mutates_args=())
 def _log_softmax_backward(y: Tensor, dy: Tensor, dim: int) -> Tensor:
-    out = _empty(y.shape, y.dtype)
-    _numpy.log_softmax_backward(
-        _as_numpy(y), _as_numpy(dy.to(y.dtype)), axis=dim, out=_as_numpy(out)
-    )
-    return out
+    return _row_backward(_numpy.log_softmax_backward, y, dy, dim)
 
 
 for _op in (_softmax, _log_softmax):
