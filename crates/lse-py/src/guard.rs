@@ -17,29 +17,50 @@ use lse::{bf16, f16, DType};
 
 use crate::{borrowed, lse_error, raise, unsupported};
 
-/// A NumPy array of one of lse's dtypes, borrowed read-only for as long as a view of it lives.
-enum Held<'py> {
-    F64(PyReadonlyArray1<'py, f64>),
-    F32(PyReadonlyArray1<'py, f32>),
-    F16(PyReadonlyArray1<'py, f16>),
-    Bf16(PyReadonlyArray1<'py, bf16>),
+/// Declares `$name`: a 1-D NumPy array of one of lse's four dtypes, borrowed with `$borrow`
+/// (read-only or writable) for as long as the value lives.
+macro_rules! borrowed_array {
+    ($(#[$doc:meta])* $name:ident, $wrapper:ident, $borrow:ident) => {
+        $(#[$doc])*
+        enum $name<'py> {
+            F64($wrapper<'py, f64>),
+            F32($wrapper<'py, f32>),
+            F16($wrapper<'py, f16>),
+            Bf16($wrapper<'py, bf16>),
+        }
+
+        impl<'py> $name<'py> {
+            fn borrow(array: &Bound<'py, PyAny>) -> PyResult<Self> {
+                if let Ok(a) = array.cast::<PyArray1<f64>>() {
+                    Ok(Self::F64(a.$borrow().map_err(borrowed)?))
+                } else if let Ok(a) = array.cast::<PyArray1<f32>>() {
+                    Ok(Self::F32(a.$borrow().map_err(borrowed)?))
+                } else if let Ok(a) = array.cast::<PyArray1<f16>>() {
+                    Ok(Self::F16(a.$borrow().map_err(borrowed)?))
+                } else if let Ok(a) = array.cast::<PyArray1<bf16>>() {
+                    Ok(Self::Bf16(a.$borrow().map_err(borrowed)?))
+                } else {
+                    Err(unsupported(array))
+                }
+            }
+        }
+    };
 }
 
-impl<'py> Held<'py> {
-    fn borrow(array: &Bound<'py, PyAny>) -> PyResult<Self> {
-        if let Ok(a) = array.cast::<PyArray1<f64>>() {
-            Ok(Held::F64(a.try_readonly().map_err(borrowed)?))
-        } else if let Ok(a) = array.cast::<PyArray1<f32>>() {
-            Ok(Held::F32(a.try_readonly().map_err(borrowed)?))
-        } else if let Ok(a) = array.cast::<PyArray1<f16>>() {
-            Ok(Held::F16(a.try_readonly().map_err(borrowed)?))
-        } else if let Ok(a) = array.cast::<PyArray1<bf16>>() {
-            Ok(Held::Bf16(a.try_readonly().map_err(borrowed)?))
-        } else {
-            Err(unsupported(array))
-        }
-    }
+borrowed_array!(
+    /// An array read by a guard (checked, triaged, summarised).
+    Held,
+    PyReadonlyArray1,
+    try_readonly
+);
+borrowed_array!(
+    /// A gradient the loss scaler unscales in place.
+    HeldMut,
+    PyReadwriteArray1,
+    try_readwrite
+);
 
+impl<'py> Held<'py> {
     /// A named view of the array as `rows × columns`.
     fn view<'a>(&'a self, name: &'a str, role: Role, columns: usize) -> PyResult<TensorView<'a>> {
         let view = match self {
@@ -337,30 +358,6 @@ pub(crate) fn triage(
 /// `lse::guard::LossScaler`: dynamic loss scaling with `torch.amp.GradScaler`'s rules.
 #[pyclass(module = "lse._lse")]
 pub(crate) struct LossScaler(CoreScaler);
-
-/// A writable array of one of lse's dtypes.
-enum HeldMut<'py> {
-    F64(PyReadwriteArray1<'py, f64>),
-    F32(PyReadwriteArray1<'py, f32>),
-    F16(PyReadwriteArray1<'py, f16>),
-    Bf16(PyReadwriteArray1<'py, bf16>),
-}
-
-impl<'py> HeldMut<'py> {
-    fn borrow(array: &Bound<'py, PyAny>) -> PyResult<Self> {
-        if let Ok(a) = array.cast::<PyArray1<f64>>() {
-            Ok(HeldMut::F64(a.try_readwrite().map_err(borrowed)?))
-        } else if let Ok(a) = array.cast::<PyArray1<f32>>() {
-            Ok(HeldMut::F32(a.try_readwrite().map_err(borrowed)?))
-        } else if let Ok(a) = array.cast::<PyArray1<f16>>() {
-            Ok(HeldMut::F16(a.try_readwrite().map_err(borrowed)?))
-        } else if let Ok(a) = array.cast::<PyArray1<bf16>>() {
-            Ok(HeldMut::Bf16(a.try_readwrite().map_err(borrowed)?))
-        } else {
-            Err(unsupported(array))
-        }
-    }
-}
 
 /// A gradient's elements, borrowed for unscaling.
 enum GradSlice<'a> {

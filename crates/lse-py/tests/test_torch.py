@@ -234,3 +234,23 @@ def test_backward_scales_by_a_non_unit_grad_output():
     b = x.clone().requires_grad_()
     (3.0 * F.cross_entropy(b, t)).backward()
     assert_close(a.grad, b.grad, torch.float64)
+
+
+def test_cached_output_buffers_are_reused_only_when_free():
+    x = torch.randn(16, 64, requires_grad=True)
+    t = torch.randint(0, 64, (16,))
+    lt.cross_entropy(x, t).backward()
+    first = x.grad
+    expected = first.clone()
+    y = x.detach().clone().requires_grad_()
+    lt.cross_entropy(y, t * 0).backward()  # while x.grad lives, its buffer is not handed out
+    assert y.grad.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)  # untouched
+    ptr = first.data_ptr()
+    del first
+    x.grad = None
+    z = x.detach().clone().requires_grad_()
+    lt.cross_entropy(z, t).backward()  # now free: reused, and fully rewritten
+    assert z.grad.data_ptr() == ptr
+    torch.testing.assert_close(z.grad, expected, rtol=0, atol=0)
+    lt.empty_cache()
