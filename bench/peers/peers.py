@@ -26,6 +26,11 @@ The ops, with the names `lse bench` uses:
   cross_entropy_grad  F.cross_entropy(x, t) then           jax.jit(jax.value_and_grad(mean CE)),
                       loss.backward() (x.grad is reset     mean CE = mean(logsumexp(x) - x[arange, t])
                       to None outside the timed region)
+The framework "lse.torch" runs the same PyTorch code with lse's Python binding in place of
+PyTorch's ops (lse.torch.logsumexp, softmax, log_softmax, cross_entropy + loss.backward()), so
+that the binding's overhead (tensor views, output allocation, the custom op's dispatch and
+autograd) is part of its time; its kernels use RAYON_NUM_THREADS=N.
+
 Inputs are N(0, 1) * 3 logits from a fixed seed (as in `lse bench`), built in f32 and cast to
 the case's dtype outside the timed region; targets are uniform in 0..classes.
 
@@ -51,7 +56,7 @@ import time
 
 OPS = ("logsumexp", "softmax", "log_softmax", "cross_entropy_grad")
 DTYPES = ("f32", "bf16", "f16")
-FRAMEWORKS = ("torch", "jax")
+FRAMEWORKS = ("torch", "jax", "lse.torch")
 # The project's targets table.
 DEFAULT_CASES = (
     "logsumexp:4096x32000:f32,"
@@ -122,6 +127,7 @@ def framework_env(framework: str, threads: int) -> dict:
     env["OMP_NUM_THREADS"] = str(threads)
     env["MKL_NUM_THREADS"] = str(threads)
     env["OPENBLAS_NUM_THREADS"] = str(threads)
+    env["RAYON_NUM_THREADS"] = str(threads)  # lse.torch's kernels
     if framework == "jax":
         env["JAX_PLATFORMS"] = "cpu"
         flags = env.get("XLA_FLAGS", "")
@@ -175,9 +181,21 @@ def nothing() -> None:
 # PyTorch
 
 
-def torch_bench(cases: list[dict], threads: int, warmup: int, repeats: int):
+def torch_bench(cases: list[dict], threads: int, warmup: int, repeats: int, ops=None):
+    """PyTorch's own ops, or (``ops="lse"``) lse's Python binding of them, ``lse.torch``:
+    the same tensors, the same calls, the binding's overhead included."""
     import torch
     import torch.nn.functional as F
+
+    if ops == "lse":
+        import lse
+        import lse.torch as lt
+
+        logsumexp, softmax, log_softmax, cross_entropy = (
+            lt.logsumexp, lt.softmax, lt.log_softmax, lt.cross_entropy)
+    else:
+        logsumexp, softmax, log_softmax, cross_entropy = (
+            torch.logsumexp, torch.softmax, F.log_softmax, F.cross_entropy)
 
     torch.set_num_threads(threads)
     try:
@@ -185,7 +203,8 @@ def torch_bench(cases: list[dict], threads: int, warmup: int, repeats: int):
     except RuntimeError:
         pass  # only allowed once, before any inter-op work; harmless if already set
     info = {
-        "version": torch.__version__,
+        "version": (f"lse {lse.__version__} ({lse.active_kernel()}) on torch {torch.__version__}"
+                    if ops == "lse" else torch.__version__),
         "settings": {
             "torch.get_num_threads": torch.get_num_threads(),
             "torch.get_num_interop_threads": torch.get_num_interop_threads(),
@@ -201,11 +220,11 @@ def torch_bench(cases: list[dict], threads: int, warmup: int, repeats: int):
         del x_np
         op = case["op"]
         if op == "logsumexp":
-            return time_calls(nothing, lambda: torch.logsumexp(x, dim=-1), warmup, repeats)
+            return time_calls(nothing, lambda: logsumexp(x, -1), warmup, repeats)
         if op == "softmax":
-            return time_calls(nothing, lambda: torch.softmax(x, -1), warmup, repeats)
+            return time_calls(nothing, lambda: softmax(x, -1), warmup, repeats)
         if op == "log_softmax":
-            return time_calls(nothing, lambda: F.log_softmax(x, -1), warmup, repeats)
+            return time_calls(nothing, lambda: log_softmax(x, -1), warmup, repeats)
         t = torch.from_numpy(t_np)
         x.requires_grad_()
 
@@ -213,7 +232,7 @@ def torch_bench(cases: list[dict], threads: int, warmup: int, repeats: int):
             x.grad = None  # what optimizer.zero_grad() does by default
 
         def step():
-            loss = F.cross_entropy(x, t)
+            loss = cross_entropy(x, t)
             loss.backward()
 
         return time_calls(reset, step, warmup, repeats)
@@ -280,8 +299,11 @@ def child(framework: str, cases: list[dict], threads: int, warmup: int, repeats:
         print(json.dumps(obj), flush=True)
 
     try:
-        bench = torch_bench if framework == "torch" else jax_bench
-        info, run = bench(cases, threads, warmup, repeats)
+        if framework == "jax":
+            info, run = jax_bench(cases, threads, warmup, repeats)
+        else:
+            info, run = torch_bench(cases, threads, warmup, repeats,
+                                    ops="lse" if framework == "lse.torch" else None)
     except Exception as err:  # not installed, or does not import
         emit({"kind": "info", "available": False, "version": None, "settings": pinning,
               "error": f"{type(err).__name__}: {err}"})
@@ -347,7 +369,7 @@ def main() -> int:
     parser.add_argument("--cases", default=DEFAULT_CASES,
                         help="op:ROWSxCLASSES:dtype,... [default: the project's targets table]")
     parser.add_argument("--frameworks", default="torch,jax",
-                        help="comma-separated: torch, jax [default: both]")
+                        help="comma-separated: torch, jax, lse.torch [default: torch,jax]")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
     parser.add_argument("--out", help="write the JSON document here instead of stdout")

@@ -106,7 +106,9 @@ def merge(args) -> int:
         lse = lse_rows.get((op, dtype, rows, classes), {})
         torch = peer_rows.get(("torch", op, dtype, rows, classes), {})
         jax = peer_rows.get(("jax", op, dtype, rows, classes), {})
-        for name, key, row in (("PyTorch", "torch", torch), ("JAX", "jax", jax)):
+        binding = peer_rows.get(("lse.torch", op, dtype, rows, classes), {})
+        for name, key, row in (("PyTorch", "torch", torch), ("JAX", "jax", jax),
+                               ("lse.torch", "lse.torch", binding)):
             if row.get("skipped") and frameworks.get(key, {}).get("available"):
                 notes.append(f"{name} {op} {rows}x{classes} {dtype}: {row['skipped']}")
         rows_out.append({
@@ -120,7 +122,12 @@ def merge(args) -> int:
             "lse_over_jax": (lse["gelem_s"] / jax["gelem_s"]
                              if lse.get("gelem_s") and jax.get("gelem_s") else None),
             "lse_bandwidth_fraction": lse.get("bandwidth_fraction"),
+            "lse_torch_gelem_s": binding.get("gelem_s"),
+            "lse_torch_over_torch": (binding["gelem_s"] / torch["gelem_s"]
+                                     if binding.get("gelem_s") and torch.get("gelem_s")
+                                     else None),
             "lse": lse or None, "torch": torch or None, "jax": jax or None,
+            "lse_torch": binding or None,
         })
 
     header = {
@@ -134,6 +141,7 @@ def merge(args) -> int:
         "copy_gbs": max(copy) if copy else None,
         "torch": version("torch"),
         "jax": version("jax"),
+        "lse_torch": version("lse.torch"),
         "mode": meta.get("mode", ""),
         "repeats": meta.get("repeats"),
         "load_before": meta.get("load"),
@@ -151,6 +159,9 @@ def merge(args) -> int:
         f"- PyTorch: {header['torch']}",
         f"- JAX: {header['jax']}",
     ]
+    with_binding = "lse.torch" in frameworks
+    if with_binding:
+        lines.append(f"- lse.torch (lse's Python binding, called from PyTorch): {header['lse_torch']}")
     if header["mode"]:
         lines.append(f"- mode: {header['mode']}")
     if header["repeats"]:
@@ -165,8 +176,9 @@ def merge(args) -> int:
         "faster. \"of copy\" is lse's bytes-moved rate over the machine's copy bandwidth.",
         "",
         "| op | shape | dtype | lse G elem/s | PyTorch G elem/s | JAX G elem/s "
-        "| lse/PyTorch | lse/JAX | lse of copy |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| lse/PyTorch | lse/JAX | lse of copy |"
+        + (" lse.torch G elem/s | lse.torch/PyTorch |" if with_binding else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_binding else ""),
     ]
     for r in rows_out:
         lines.append(
@@ -174,8 +186,11 @@ def merge(args) -> int:
             f"| {fmt_rate(r['torch_gelem_s'])} | {fmt_rate(r['jax_gelem_s'])} "
             f"| {fmt_ratio(r['lse_gelem_s'], r['torch_gelem_s'])} "
             f"| {fmt_ratio(r['lse_gelem_s'], r['jax_gelem_s'])} "
-            f"| {fmt_fraction(r['lse_bandwidth_fraction'])} |")
-    for name, key in (("PyTorch", "torch"), ("JAX", "jax")):
+            f"| {fmt_fraction(r['lse_bandwidth_fraction'])} |"
+            + (f" {fmt_rate(r['lse_torch_gelem_s'])} "
+               f"| {fmt_ratio(r['lse_torch_gelem_s'], r['torch_gelem_s'])} |"
+               if with_binding else ""))
+    for name, key in (("PyTorch", "torch"), ("JAX", "jax"), ("lse.torch", "lse.torch")):
         fw = frameworks.get(key)
         if fw and not fw.get("available"):
             notes.append(f"{name} did not run: {fw.get('error')}")

@@ -19,8 +19,11 @@
 #   --shapes LIST        SHAPES      /  shapes are ROWSxCLASSES
 #   --repeats N          REPEATS     timed calls per case, both sides [default: 10]
 #   --warmup N           WARMUP      untimed calls per case, peers (lse bench does 1) [default: 2]
-#   --frameworks LIST    FRAMEWORKS  torch,jax or one of them [default: both]
-#   --skip-build         SKIP_BUILD=1   use the existing target/release/lse
+#   --frameworks LIST    FRAMEWORKS  any of torch, jax, lse.torch [default: all three]
+#                                    (lse.torch: lse's Python binding, built from crates/lse-py
+#                                    into the venv, timed from PyTorch like torch's own ops)
+#   --skip-build         SKIP_BUILD=1   use the existing target/release/lse (and the lse
+#                                       package already in the venv)
 #   --reinstall          REINSTALL=1    delete the venv and install it again
 #   --install-only                      set up the venv and stop
 #   LSE_BIN=PATH                        time this lse binary instead of target/release/lse
@@ -38,6 +41,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 VENV="$HERE/.venv"
 RESULTS="$HERE/results"
 REQUIREMENTS="$HERE/requirements.txt"
+TORCH_LEAN="$HERE/torch-lean.txt"   # included by requirements.txt
 
 ALL_OPS="logsumexp,softmax,log_softmax,cross_entropy_grad"
 TARGET_CASES="logsumexp:4096x32000:f32,softmax:4096x32000:f32,log_softmax:4096x32000:f32"
@@ -51,7 +55,7 @@ DTYPES="${DTYPES:-}"
 SHAPES="${SHAPES:-}"
 REPEATS="${REPEATS:-10}"
 WARMUP="${WARMUP:-2}"
-FRAMEWORKS="${FRAMEWORKS:-torch,jax}"
+FRAMEWORKS="${FRAMEWORKS:-torch,jax,lse.torch}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 REINSTALL="${REINSTALL:-0}"
 PEERS_TORCH_INSTALL="${PEERS_TORCH_INSTALL:-lean}"
@@ -119,8 +123,8 @@ THREADS="${THREADS:-$CORES}"
 # ---------------------------------------------------------------------------------------------
 # The venv (bench/peers/.venv): created once, reused while complete
 
-# The stamp records what was installed: the requirements file and the install mode.
-stamp_text() { { cat "$REQUIREMENTS"; echo "mode=$PEERS_TORCH_INSTALL"; } | sha256sum | cut -d' ' -f1; }
+# The stamp records what was installed: the requirements files and the install mode.
+stamp_text() { { cat "$REQUIREMENTS" "$TORCH_LEAN"; echo "mode=$PEERS_TORCH_INSTALL"; } | sha256sum | cut -d' ' -f1; }
 venv_complete() {
     [[ -x "$VENV/bin/python" && -f "$VENV/.peers-stamp" ]] &&
         [[ "$(cat "$VENV/.peers-stamp")" == "$(stamp_text)" ]] &&
@@ -141,7 +145,7 @@ else
     rm -f "$VENV/.peers-stamp"
     if [[ "$PEERS_TORCH_INSTALL" == full ]]; then
         # torch with every dependency its metadata names (the whole CUDA stack and triton).
-        torch_pin="$(grep -E '^torch==' "$REQUIREMENTS")"
+        torch_pin="$(grep -E '^torch==' "$TORCH_LEAN")"
         "$VENV/bin/python" -m pip install --only-binary=:all: "$torch_pin"
     fi
     # The lock file, as is: pip resolves nothing (see the comment at its top for why).
@@ -162,6 +166,11 @@ if [[ $SKIP_BUILD != 1 ]]; then
     (cd "$ROOT" && cargo build --release -p lse-cli)
 fi
 [[ -x "$LSE" ]] || die "$LSE not found (build it: cargo build --release -p lse-cli)"
+# lse.torch: the Python package, built by the venv's maturin (as `pip install ./crates/lse-py`).
+if [[ ",$FRAMEWORKS," == *",lse.torch,"* && $SKIP_BUILD != 1 ]]; then
+    PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation \
+        --force-reinstall "$ROOT/crates/lse-py"
+fi
 "$LSE" bench --help > /dev/null 2>&1 || die "$LSE has no 'bench' subcommand; rebuild it"
 
 # Pin lse to the same cores the peers get (peers.py pins itself with sched_setaffinity).

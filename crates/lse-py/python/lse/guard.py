@@ -1,0 +1,325 @@
+"""The guards that keep a training run alive, from Python (``lse::guard`` underneath).
+
+* :class:`LogitMonitor` — per-batch logit statistics (as dicts, and as JSON lines) and warnings
+  while the logits drift toward the point where a naive softmax overflows.
+* :class:`FiniteGuard` — fail-fast NaN/inf checks of named tensors on a schedule; a failure is
+  an ``lse.GuardError`` naming the tensor, batch, row, column and value.
+* :func:`triage` — which tensor of a step went non-finite first, and the likely cause; the
+  report as a dict and as its text.
+* :class:`LossScaler` — dynamic loss scaling with ``torch.amp.GradScaler``'s rules, unscaling
+  and checking gradients in one pass, with ``state_dict()`` / ``load_state_dict()``.
+
+Arrays may be NumPy arrays or CPU torch tensors (any of lse's four dtypes); a 2-D array is read
+as rows × columns, anything else as one row per leading index over its last axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable, Optional
+
+import numpy as np
+
+from . import _lse
+from ._errors import OptionError
+from ._numpy import _logits
+
+__all__ = ["LogitStats", "LogitMonitor", "FiniteGuard", "TriageReport", "triage", "LossScaler"]
+
+_NON_FINITE = {"NaN": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _decode(text: str):
+    """JSON from the core library, with its non-finite numbers ("NaN", "inf", "-inf") as floats."""
+
+    def fix(obj):
+        if isinstance(obj, dict):
+            return {k: fix(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fix(v) for v in obj]
+        if isinstance(obj, str) and obj in _NON_FINITE:
+            return _NON_FINITE[obj]
+        return obj
+
+    return fix(json.loads(text))
+
+
+def _encode(obj) -> str:
+    """The inverse of :func:`_decode`."""
+
+    def fix(o):
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [fix(v) for v in o]
+        if isinstance(o, float) and not math.isfinite(o):
+            return "NaN" if math.isnan(o) else ("inf" if o > 0 else "-inf")
+        return o
+
+    return json.dumps(fix(obj))
+
+
+def _config(native_class, given: dict, what: str) -> dict:
+    """The core library's default configuration of ``native_class`` updated by ``given``."""
+    config = json.loads(native_class.default_config_json())
+    unknown = set(given) - set(config)
+    if unknown:
+        raise OptionError(f"{what} has no option {sorted(unknown)}; options: {sorted(config)}")
+    config.update(given)
+    return config
+
+
+def _flat(array, what: str, writable: bool = False):
+    """``array`` (NumPy or a CPU torch tensor) as a flat C-contiguous NumPy view and its column
+    count; torch tensors are viewed without a copy (bfloat16 through int16)."""
+    if type(array).__module__.startswith("torch"):
+        from .torch import _as_numpy
+
+        array = _as_numpy(array, what)
+    array = _logits(array, what)
+    if not array.flags.c_contiguous:
+        if writable:
+            raise ValueError(f"{what} must be C-contiguous to be unscaled in place")
+        array = np.ascontiguousarray(array)
+    columns = array.shape[-1] if array.ndim else 1
+    return array.reshape(-1), max(columns, 1) if array.size else 1
+
+
+class LogitStats:
+    """Statistics of one batch of logits: max, min, max |x|, NaN/±inf counts, mean and max
+    per-row logsumexp, mean z = lse², and the headroom to naive-exp overflow in f16/bf16/f32.
+
+    From ``lse.cross_entropy(..., stats=True)`` (gathered in the loss's own read pass) or
+    :meth:`LogitStats.of`.
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self):
+        raise TypeError("use LogitStats.of(logits) or cross_entropy(..., stats=True)")
+
+    @classmethod
+    def _wrap(cls, native) -> "LogitStats":
+        self = object.__new__(cls)
+        self._native = native
+        return self
+
+    @classmethod
+    def of(cls, logits) -> "LogitStats":
+        """The statistics of ``logits`` (classes on the last axis)."""
+        flat, columns = _flat(logits, "logits")
+        return cls._wrap(_lse.LogitStats.of(flat, columns))
+
+    def to_dict(self) -> dict:
+        """The statistics as a dict (non-finite values as floats)."""
+        return _decode(self._native.to_json())
+
+    def __repr__(self) -> str:
+        return f"LogitStats({self.to_dict()})"
+
+
+class LogitMonitor:
+    """A history of per-batch :class:`LogitStats` that warns when ``max |x|`` passes
+    ``warn_fraction`` of the watched dtype's naive-exp overflow point (11.09 for f16) or when
+    its least-squares trend over ``trend_window`` steps reaches it within ``trend_horizon``
+    steps."""
+
+    def __init__(self, watch: Optional[str] = None, **config):
+        """``watch`` (f16, bf16, f32, f64), ``warn_fraction``, ``trend_window``,
+        ``trend_horizon``, ``capacity``: ``lse::guard::MonitorConfig``, whose defaults apply
+        (watch f16, 0.75, 8 steps, 50 steps, 10000 entries)."""
+        merged = _config(_lse.LogitMonitor, config, "LogitMonitor")
+        if watch is not None:
+            merged["watch"] = watch
+        self._native = _lse.LogitMonitor(**merged)
+        self._config = merged
+
+    def state_dict(self) -> dict:
+        """The history (``{"version", "history"}``), to save with a checkpoint."""
+        return _decode(self._native.state_json())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict` (this monitor's configuration is kept).
+
+        Raises:
+            StateError: a state of another format version, or not a monitor state.
+        """
+        self._native.load_state_json(_encode(state))
+
+    def record(self, step: int, stats) -> list[str]:
+        """Records step ``step``: ``stats`` is a :class:`LogitStats` or the logits themselves.
+        Returns the step's warnings as text (see :meth:`history` for them as dicts)."""
+        if not isinstance(stats, LogitStats):
+            stats = LogitStats.of(stats)
+        return [text for text, _ in self._native.record(int(step), stats._native)]
+
+    def history(self) -> list[dict]:
+        """Every recorded step, oldest first: ``{"step", "stats", "warnings"}`` dicts."""
+        return [_decode(line) for line in self.json_lines().splitlines()]
+
+    def json_lines(self) -> str:
+        """The history as JSON lines, one step a line (non-finite numbers as "NaN"/"inf")."""
+        return self._native.json_lines()
+
+    def write_json_lines(self, path) -> None:
+        """Writes :meth:`json_lines` to the file ``path``."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.json_lines())
+
+
+class FiniteGuard:
+    """Fail-fast finiteness checks: every tensor of the first ``first`` batches, then of every
+    ``every``-th batch (``schedule="always"`` or ``"never"`` instead).
+
+    ``check`` raises ``lse.GuardError`` (an ``lse.LseError``) with ``tensor``, ``role``,
+    ``dtype``, ``batch``, ``row``, ``column`` and ``value``. For ``role="logits"`` -inf is a mask,
+    not a fault.
+    """
+
+    def __init__(self, first: int = 100, every: int = 100, *, schedule: str = "first_then_every"):
+        self._native = _lse.FiniteGuard(schedule=schedule, first=first, every=every)
+
+    def begin_batch(self, batch: int) -> None:
+        """Starts batch ``batch`` (0-based): decides whether its checks read anything."""
+        self._native.begin_batch(int(batch))
+
+    @property
+    def batch(self) -> int:
+        return self._native.batch
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the current batch is checked."""
+        return self._native.is_active
+
+    @property
+    def tensors_checked(self) -> int:
+        return self._native.tensors_checked
+
+    def check(self, name: str, tensor, role: str = "other") -> None:
+        """Checks ``tensor`` (NumPy or CPU torch; rows on the last axis); roles: input, logits,
+        probabilities, loss, gradient, other."""
+        if not self._native.is_active:
+            return
+        flat, columns = _flat(tensor, name)
+        self._native.check(name, role, flat, columns)
+
+    def check_loss(self, name: str, value: float) -> None:
+        """Checks a scalar loss."""
+        self._native.check_loss(name, float(value))
+
+
+class TriageReport:
+    """What :func:`triage` found: ``as_dict()`` (the core library's JSON as a dict), ``text``
+    (and ``str()``) for people, ``healthy``."""
+
+    def __init__(self, json_text: str, text: str):
+        self.json = json_text
+        self.text = text
+
+    def as_dict(self) -> dict:
+        return _decode(self.json)
+
+    @property
+    def healthy(self) -> bool:
+        """No tensor held a non-finite value."""
+        return self.as_dict().get("first_non_finite") is None
+
+    @property
+    def cause(self) -> Optional[str]:
+        return self.as_dict().get("cause")
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"TriageReport({self.as_dict()!r})"
+
+
+def triage(tensors: Iterable) -> TriageReport:
+    """Triage of one training step: ``tensors`` in forward/backward order, each
+    ``(name, role, array)`` (roles: input, logits, probabilities, loss, gradient, other).
+    Reports the first tensor that went non-finite, the top logits of the offending row and the
+    likely cause (bad input data, logits beyond their dtype's range, the naive-softmax
+    signature, an exploding gradient)."""
+    items = []
+    for name, role, array in tensors:
+        flat, columns = _flat(array, name)
+        items.append((str(name), str(role), flat, columns))
+    return TriageReport(*_lse.triage(items))
+
+
+
+
+class LossScaler:
+    """Dynamic loss scaling with ``torch.amp.GradScaler``'s rules (2^16 initial scale, ×2 after
+    2000 clean steps, ×0.5 and skip the step on overflow) plus minimum/maximum scale and
+    optional hysteresis. ``unscale`` unscales every gradient in place (the product in f64,
+    rounded once) and checks it for NaN/inf in the same pass."""
+
+    def __init__(self, **config):
+        """``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``,
+        ``hysteresis``, ``min_scale``, ``max_scale``: ``lse::guard::LossScalerConfig``, whose
+        defaults apply (2^16, 2, 0.5, 2000, 1, 1, 2^24).
+
+        Raises:
+            OptionError: an invalid configuration (a factor that does not grow or shrink, ...).
+        """
+        self._config = _config(_lse.LossScaler, config, "LossScaler")
+        self._native = _lse.LossScaler(**self._config)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def state_dict(self) -> dict:
+        """``{"version", "scale", "step", "clean_steps", "overflow_streak"}``: with the
+        configuration, everything that decides the next steps (as ``GradScaler.state_dict``)."""
+        return _decode(self._native.state_json())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict`; the configuration stays this scaler's.
+
+        Raises:
+            StateError: another format version, or a scale outside [min_scale, max_scale].
+        """
+        self._native.load_state_json(_encode(state))
+
+    @property
+    def scale(self) -> float:
+        """Multiply this step's loss by it."""
+        return self._native.scale
+
+    @property
+    def step_index(self) -> int:
+        return self._native.step_index
+
+    @property
+    def clean_steps(self) -> int:
+        return self._native.clean_steps
+
+    @property
+    def overflow_streak(self) -> int:
+        return self._native.overflow_streak
+
+    def scale_loss(self, loss):
+        """``loss * scale`` (works for floats and tensors)."""
+        return loss * self.scale
+
+    def unscale(self, grads) -> dict:
+        """Unscales the gradients in place and updates the scale. ``grads``: a dict name → array,
+        or an iterable of arrays or ``(name, array)`` pairs (NumPy arrays or CPU torch tensors,
+        C-contiguous). Returns the step report: ``skipped`` (skip the optimizer step),
+        ``scale``, ``next_scale``, ``change``, ``overflow`` (tensor, row, column, value of the
+        first non-finite entry, or None), ..."""
+        if isinstance(grads, dict):
+            pairs = list(grads.items())
+        else:
+            pairs = [g if isinstance(g, tuple) else (f"grad[{i}]", g) for i, g in enumerate(grads)]
+        items = []
+        for name, g in pairs:
+            flat, columns = _flat(g, str(name), writable=True)
+            items.append((str(name), flat, columns))
+        json_text, _text = self._native.unscale(items)
+        return _decode(json_text)

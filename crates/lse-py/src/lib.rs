@@ -1,0 +1,451 @@
+//! `lse._lse`: the native half of the `lse` Python package.
+//!
+//! Every function here takes flat, C-contiguous NumPy arrays (a row-major `rows × classes`
+//! buffer and the class count) of one of lse's four dtypes, borrows them without copying, and
+//! runs the kernel with the GIL released. Axes, shapes, output allocation and the `out=` checks
+//! live in the pure-Python layer (`python/lse/`), which hands this module its buffers as
+//! `reshape(-1)` views.
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+mod guard;
+
+use lse::{
+    bf16, f16, CrossEntropyOptions, Element, EmptyMean, GradOutput, LseError, NonFinite, Reduction,
+    Targets,
+};
+
+/// An lse dtype that NumPy knows (`bf16` through `ml_dtypes`), whose statistics dtype it knows
+/// too.
+pub(crate) trait PyElement: Element<Stat = Self::PyStat> + numpy::Element {
+    /// `E::Stat`, seen as a NumPy element.
+    type PyStat: lse::Stat + numpy::Element;
+}
+impl PyElement for f64 {
+    type PyStat = f64;
+}
+impl PyElement for f32 {
+    type PyStat = f32;
+}
+impl PyElement for f16 {
+    type PyStat = f32;
+}
+impl PyElement for bf16 {
+    type PyStat = f32;
+}
+
+/// Calls `$f::<E>($array, args…)` with `E` the element type of the 1-D array `$array`, or
+/// raises `TypeError` for a dtype lse does not handle. `bf16` is tried last: its NumPy dtype
+/// is `ml_dtypes.bfloat16`, which the Python layer imports before any call.
+macro_rules! by_dtype {
+    ($array:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
+        let any: &Bound<'_, PyAny> = $array;
+        if let Ok(a) = any.cast::<PyArray1<f64>>() {
+            $f::<f64>(a, $($arg),*)
+        } else if let Ok(a) = any.cast::<PyArray1<f32>>() {
+            $f::<f32>(a, $($arg),*)
+        } else if let Ok(a) = any.cast::<PyArray1<f16>>() {
+            $f::<f16>(a, $($arg),*)
+        } else if let Ok(a) = any.cast::<PyArray1<bf16>>() {
+            $f::<bf16>(a, $($arg),*)
+        } else {
+            Err(unsupported(any))
+        }
+    }};
+}
+
+/// An array that another argument of the same call is writing (an `out=` that overlaps an
+/// input): the kernels need separate buffers.
+pub(crate) fn borrowed(e: numpy::BorrowError) -> PyErr {
+    PyValueError::new_err(format!(
+        "an output array overlaps an input of the same call ({e}); pass separate arrays"
+    ))
+}
+
+fn unsupported(any: &Bound<'_, PyAny>) -> PyErr {
+    match any.cast::<PyUntypedArray>() {
+        Ok(a) => PyTypeError::new_err(format!(
+            "lse handles float64, float32, float16 and bfloat16 arrays, not {} ({}-D)",
+            a.dtype(),
+            a.ndim()
+        )),
+        Err(_) => PyTypeError::new_err("expected a 1-D NumPy array"),
+    }
+}
+
+/// The output array `out` as a 1-D array of `T` (the Python layer allocated or checked it).
+fn output<'a, 'py, T: numpy::Element>(
+    out: &'a Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<&'a Bound<'py, PyArray1<T>>> {
+    out.cast::<PyArray1<T>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} must be a 1-D {} array",
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// Raises the `lse._errors` class `class` with `message` and keyword attributes.
+pub(crate) fn raise(
+    py: Python<'_>,
+    class: &str,
+    message: String,
+    attributes: &[(&str, Py<PyAny>)],
+) -> PyErr {
+    let build = || -> PyResult<PyErr> {
+        let cls = py.import("lse._errors")?.getattr(class)?;
+        let kwargs = PyDict::new(py);
+        for (key, value) in attributes {
+            kwargs.set_item(key, value)?;
+        }
+        Ok(PyErr::from_value(
+            cls.call((message.clone(),), Some(&kwargs))?,
+        ))
+    };
+    build().unwrap_or_else(|e| e)
+}
+
+/// An [`LseError`] as the `lse.LseError` subclass for its kind, carrying `row`, `column` and
+/// `value` where the error names them (`None` otherwise).
+pub(crate) fn lse_error(py: Python<'_>, error: LseError) -> PyErr {
+    let message = error.to_string();
+    let num = |v: usize| v.into_pyobject(py).map(|o| o.into_any().unbind());
+    let float = |v: f64| v.into_pyobject(py).map(|o| o.into_any().unbind());
+    let (class, row, column, value) = match error {
+        LseError::NonFinite {
+            row, column, value, ..
+        } => ("NonFiniteError", Some(row), Some(column), Some(value)),
+        LseError::TargetOutOfRange { row, value, .. } => {
+            ("TargetError", Some(row), None, Some(value as f64))
+        }
+        LseError::MaskedTarget { row, class } => ("TargetError", Some(row), Some(class), None),
+        LseError::BadProbability { row, column, value } => {
+            ("TargetError", Some(row), Some(column), Some(value))
+        }
+        LseError::BadWeight { class, value } => ("OptionError", None, Some(class), Some(value)),
+        LseError::BadOption { value, .. } => ("OptionError", None, None, Some(value)),
+        LseError::PerRowGradient { .. } => ("OptionError", None, None, None),
+        LseError::EmptyMean { .. } => ("EmptyMeanError", None, None, None),
+        _ => ("ShapeError", None, None, None),
+    };
+    let attrs = (|| -> PyResult<Vec<(&str, Py<PyAny>)>> {
+        let none = || py.None();
+        Ok(vec![
+            ("row", row.map(num).transpose()?.unwrap_or_else(none)),
+            ("column", column.map(num).transpose()?.unwrap_or_else(none)),
+            ("value", value.map(float).transpose()?.unwrap_or_else(none)),
+        ])
+    })();
+    match attrs {
+        Ok(attrs) => raise(py, class, message, &attrs),
+        Err(e) => e,
+    }
+}
+
+fn policy(propagate: bool) -> NonFinite {
+    if propagate {
+        NonFinite::Propagate
+    } else {
+        NonFinite::Error
+    }
+}
+
+/// Per-row logsumexp of `x` into `out` (the statistics dtype: `f64` for `f64`, else `f32`).
+#[pyfunction]
+fn logsumexp(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    classes: usize,
+    out: &Bound<'_, PyAny>,
+    propagate: bool,
+) -> PyResult<()> {
+    fn run<E: PyElement>(
+        x: &Bound<'_, PyArray1<E>>,
+        classes: usize,
+        out: &Bound<'_, PyAny>,
+        propagate: bool,
+    ) -> PyResult<()> {
+        let py = x.py();
+        let x = x.try_readonly().map_err(borrowed)?;
+        let mut out = output::<E::PyStat>(out, "out")?
+            .try_readwrite()
+            .map_err(borrowed)?;
+        let (xs, os) = (x.as_slice()?, out.as_slice_mut()?);
+        py.detach(|| lse::logsumexp_with(xs, classes, os, policy(propagate)))
+            .map_err(|e| lse_error(py, e))
+    }
+    let _ = py;
+    by_dtype!(x, run(classes, out, propagate))
+}
+
+/// Which row op [`row_op`] runs.
+#[derive(Clone, Copy)]
+enum RowOp {
+    Softmax,
+    LogSoftmax,
+}
+
+fn row_op<E: PyElement>(
+    x: &Bound<'_, PyArray1<E>>,
+    classes: usize,
+    out: &Bound<'_, PyAny>,
+    propagate: bool,
+    op: RowOp,
+) -> PyResult<()> {
+    let py = x.py();
+    let x = x.try_readonly().map_err(borrowed)?;
+    let mut out = output::<E>(out, "out")?.try_readwrite().map_err(borrowed)?;
+    let (xs, os) = (x.as_slice()?, out.as_slice_mut()?);
+    let nf = policy(propagate);
+    py.detach(|| match op {
+        RowOp::Softmax => lse::softmax_with(xs, classes, os, nf),
+        RowOp::LogSoftmax => lse::log_softmax_with(xs, classes, os, nf),
+    })
+    .map_err(|e| lse_error(py, e))
+}
+
+/// Row-wise softmax of `x` into `out` (same dtype).
+#[pyfunction]
+fn softmax(
+    x: &Bound<'_, PyAny>,
+    classes: usize,
+    out: &Bound<'_, PyAny>,
+    propagate: bool,
+) -> PyResult<()> {
+    by_dtype!(x, row_op(classes, out, propagate, RowOp::Softmax))
+}
+
+/// Row-wise log-softmax of `x` into `out` (same dtype).
+#[pyfunction]
+fn log_softmax(
+    x: &Bound<'_, PyAny>,
+    classes: usize,
+    out: &Bound<'_, PyAny>,
+    propagate: bool,
+) -> PyResult<()> {
+    by_dtype!(x, row_op(classes, out, propagate, RowOp::LogSoftmax))
+}
+
+fn backward<E: PyElement>(
+    y: &Bound<'_, PyArray1<E>>,
+    dy: &Bound<'_, PyAny>,
+    classes: usize,
+    dx: &Bound<'_, PyAny>,
+    op: RowOp,
+) -> PyResult<()> {
+    let py = y.py();
+    let y = y.try_readonly().map_err(borrowed)?;
+    let dy = output::<E>(dy, "the incoming gradient")?
+        .try_readonly()
+        .map_err(borrowed)?;
+    let mut dx = output::<E>(dx, "out")?.try_readwrite().map_err(borrowed)?;
+    let (ys, dys, dxs) = (y.as_slice()?, dy.as_slice()?, dx.as_slice_mut()?);
+    py.detach(|| match op {
+        RowOp::Softmax => lse::softmax_backward(ys, dys, classes, dxs),
+        RowOp::LogSoftmax => lse::log_softmax_backward(ys, dys, classes, dxs),
+    })
+    .map_err(|e| lse_error(py, e))
+}
+
+/// The gradient of softmax from its output `y` and the incoming gradient `dy`, into `dx`.
+#[pyfunction]
+fn softmax_backward(
+    y: &Bound<'_, PyAny>,
+    dy: &Bound<'_, PyAny>,
+    classes: usize,
+    dx: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    by_dtype!(y, backward(dy, classes, dx, RowOp::Softmax))
+}
+
+/// The gradient of log-softmax from its output `y` and the incoming gradient `dy`, into `dx`.
+#[pyfunction]
+fn log_softmax_backward(
+    y: &Bound<'_, PyAny>,
+    dy: &Bound<'_, PyAny>,
+    classes: usize,
+    dx: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    by_dtype!(y, backward(dy, classes, dx, RowOp::LogSoftmax))
+}
+
+/// The cross-entropy options as the Python layer passes them (already validated for names).
+struct CeArgs<'a, 'py> {
+    targets: &'a Bound<'py, PyAny>,
+    weights: Option<&'a [f64]>,
+    options: CrossEntropyOptions<'a>,
+    grad: Option<&'a Bound<'py, PyAny>>,
+    grad_output: &'a Bound<'py, PyAny>,
+}
+
+/// What a cross-entropy call hands back to Python: the loss, the mean's denominator, the
+/// per-row losses (with `reduction="none"` or when asked) and the logit statistics.
+type CeResult = (f64, f64, Option<Py<PyAny>>, Option<guard::LogitStats>);
+
+fn cross_entropy_run<E: PyElement>(
+    x: &Bound<'_, PyArray1<E>>,
+    classes: usize,
+    args: CeArgs<'_, '_>,
+) -> PyResult<CeResult> {
+    let py = x.py();
+    let x = x.try_readonly().map_err(borrowed)?;
+    let xs = x.as_slice()?;
+    // Class targets are int64; anything else must be probabilities of the logits' dtype.
+    let class_targets = args
+        .targets
+        .cast::<PyArray1<i64>>()
+        .ok()
+        .map(|t| t.try_readonly())
+        .transpose()
+        .map_err(borrowed)?;
+    let prob_targets = match class_targets {
+        Some(_) => None,
+        None => Some(
+            output::<E>(
+                args.targets,
+                "probability targets (same dtype as the logits)",
+            )?
+            .try_readonly()
+            .map_err(borrowed)?,
+        ),
+    };
+    let targets = match (&class_targets, &prob_targets) {
+        (Some(t), _) => Targets::Classes(t.as_slice()?),
+        (None, Some(p)) => Targets::Probabilities(p.as_slice()?),
+        (None, None) => unreachable!("one of the two is set above"),
+    };
+    let per_row = args
+        .grad_output
+        .cast::<PyArray1<E::PyStat>>()
+        .ok()
+        .map(|g| g.try_readonly())
+        .transpose()
+        .map_err(borrowed)?;
+    let grad_output = match &per_row {
+        Some(g) => GradOutput::PerRow(g.as_slice()?),
+        None => GradOutput::Scalar(E::PyStat::from_f64(args.grad_output.extract::<f64>()?)),
+    };
+    let mut options = args.options;
+    options.weights = args.weights;
+    let mut grad = match args.grad {
+        Some(g) => Some(
+            output::<E>(g, "the gradient output")?
+                .try_readwrite()
+                .map_err(borrowed)?,
+        ),
+        None => None,
+    };
+    let result = match grad.as_mut() {
+        Some(g) => {
+            let gs = g.as_slice_mut()?;
+            py.detach(|| {
+                lse::cross_entropy_with_grad(xs, classes, targets, &options, grad_output, gs)
+            })
+        }
+        None => py.detach(|| lse::cross_entropy(xs, classes, targets, &options)),
+    }
+    .map_err(|e| lse_error(py, e))?;
+    let row_loss = result
+        .row_loss
+        .map(|r| PyArray1::from_vec(py, r).into_any().unbind());
+    Ok((
+        result.loss.into(),
+        result.denominator,
+        row_loss,
+        result.logit_stats.map(guard::LogitStats::from),
+    ))
+}
+
+/// Softmax cross-entropy of `logits` (`rows × classes`, flat) against int64 class targets or
+/// probability targets of the logits' dtype; with `grad`, the fused gradient
+/// `∂(grad_output · loss)/∂logits` is written there.
+#[pyfunction]
+#[pyo3(signature = (
+    logits, classes, targets, *, weights, ignore_index, reduction, label_smoothing, z_loss,
+    softcap, propagate, empty_mean, keep_row_loss, keep_logit_stats, grad, grad_output
+))]
+#[allow(clippy::too_many_arguments)] // mirrors lse::CrossEntropyOptions one keyword each
+fn cross_entropy(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    classes: usize,
+    targets: &Bound<'_, PyAny>,
+    weights: Option<PyReadonlyArray1<'_, f64>>,
+    ignore_index: Option<i64>,
+    reduction: &str,
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
+    propagate: bool,
+    empty_mean: &str,
+    keep_row_loss: bool,
+    keep_logit_stats: bool,
+    grad: Option<&Bound<'_, PyAny>>,
+    grad_output: &Bound<'_, PyAny>,
+) -> PyResult<CeResult> {
+    let reduction = match reduction {
+        "mean" => Reduction::Mean,
+        "sum" => Reduction::Sum,
+        "none" => Reduction::None,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "reduction must be 'mean', 'sum' or 'none', not {other:?}"
+            )))
+        }
+    };
+    let empty_mean = match empty_mean {
+        "zero" => EmptyMean::Zero,
+        "nan" => EmptyMean::Nan,
+        "error" => EmptyMean::Error,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "empty_mean must be 'zero', 'nan' or 'error', not {other:?}"
+            )))
+        }
+    };
+    let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
+    let args = CeArgs {
+        targets,
+        weights,
+        options: CrossEntropyOptions {
+            ignore_index,
+            weights: None,
+            label_smoothing,
+            z_loss,
+            softcap,
+            reduction,
+            non_finite: policy(propagate),
+            empty_mean,
+            keep_row_loss,
+            keep_row_lse: false,
+            keep_logit_stats,
+        },
+        grad,
+        grad_output,
+    };
+    let _ = py;
+    by_dtype!(logits, cross_entropy_run(classes, args))
+}
+
+/// The kernel family the dispatcher picked for this CPU (`"avx2"` or `"scalar"`).
+#[pyfunction]
+fn active_kernel() -> String {
+    format!("{:?}", lse::active_kernel()).to_lowercase()
+}
+
+#[pymodule]
+fn _lse(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(logsumexp, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax, m)?)?;
+    m.add_function(wrap_pyfunction!(log_softmax, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(log_softmax_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(active_kernel, m)?)?;
+    guard::register(m)?;
+    Ok(())
+}
