@@ -172,7 +172,11 @@ pub(crate) struct LogitMonitor(CoreMonitor);
 #[pymethods]
 impl LogitMonitor {
     #[new]
-    #[pyo3(signature = (*, watch, warn_fraction, trend_window, trend_horizon, capacity))]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (
+        *, watch, warn_fraction, trend_window, trend_horizon, capacity, reminder_interval,
+        clear_after
+    ))]
     fn new(
         py: Python<'_>,
         watch: &str,
@@ -180,6 +184,8 @@ impl LogitMonitor {
         trend_window: usize,
         trend_horizon: f64,
         capacity: usize,
+        reminder_interval: u64,
+        clear_after: u64,
     ) -> PyResult<Self> {
         let config = MonitorConfig {
             watch: dtype(watch)?,
@@ -187,6 +193,8 @@ impl LogitMonitor {
             trend_window,
             trend_horizon,
             capacity,
+            reminder_interval,
+            clear_after,
         };
         CoreMonitor::new(config)
             .map(LogitMonitor)
@@ -213,7 +221,8 @@ impl LogitMonitor {
         Ok(())
     }
 
-    /// Records one step; returns its warnings as (text, JSON) pairs.
+    /// Records one step; returns its monitor events (a warning started, a reminder, a warning
+    /// cleared) as (text, JSON) pairs.
     fn record(&mut self, step: u64, stats: &LogitStats) -> PyResult<Vec<(String, String)>> {
         self.0
             .record(step, stats.0.clone())

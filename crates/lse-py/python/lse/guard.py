@@ -127,8 +127,9 @@ class LogitMonitor:
 
     def __init__(self, watch: Optional[str] = None, **config):
         """``watch`` (f16, bf16, f32, f64), ``warn_fraction``, ``trend_window``,
-        ``trend_horizon``, ``capacity``: ``lse::guard::MonitorConfig``, whose defaults apply
-        (watch f16, 0.75, 8 steps, 50 steps, 10000 entries)."""
+        ``trend_horizon``, ``capacity``, ``reminder_interval``, ``clear_after``:
+        ``lse::guard::MonitorConfig``, whose defaults apply (watch f16, 0.75, 8 steps, 50 steps,
+        10000 entries, a reminder at most every 500 steps, cleared after 10 quiet steps)."""
         merged = _config(_lse.LogitMonitor, config, "LogitMonitor")
         if watch is not None:
             merged["watch"] = watch
@@ -149,7 +150,8 @@ class LogitMonitor:
 
     def record(self, step: int, stats) -> list[str]:
         """Records step ``step``: ``stats`` is a :class:`LogitStats` or the logits themselves.
-        Returns the step's warnings as text (see :meth:`history` for them as dicts)."""
+        Returns the step's monitor events as text: a warning that starts, a reminder while it
+        holds, a note when it clears (see :meth:`history` for them as dicts)."""
         if not isinstance(stats, LogitStats):
             stats = LogitStats.of(stats)
         return [text for text, _ in self._native.record(int(step), stats._native)]
