@@ -20,61 +20,8 @@ pub(crate) unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// [`Mask`] of a vector type `$t` whose lanes are all ones or all zeros, with `$lanes` integer
-/// lanes of its width.
-#[rustfmt::skip]
-macro_rules! vector_mask {
-    ($t:ty, $lanes:ty, $zero:ident, $or:ident, $and:ident, $xor:ident, $movemask:ident,
-     $from_bits:ident, $to_bits:ident, $set1:ident, $sub:ident) => {
-        impl Mask for $t {
-            type Count = __m256i;
-            #[inline(always)] unsafe fn none() -> Self { $zero() }
-            #[inline(always)] unsafe fn or(self, o: Self) -> Self { $or(self, o) }
-            #[inline(always)] unsafe fn and(self, o: Self) -> Self { $and(self, o) }
-            #[inline(always)] unsafe fn not(self) -> Self { $xor(self, $from_bits($set1(-1))) }
-            #[inline(always)] unsafe fn any(self) -> bool { $movemask(self) != 0 }
-            #[inline(always)] unsafe fn count_zero() -> __m256i { _mm256_setzero_si256() }
-            /// Set lanes are −1 as integers.
-            #[inline(always)]
-            unsafe fn count(self, c: __m256i) -> __m256i { $sub(c, $to_bits(self)) }
-            #[inline(always)]
-            unsafe fn total(c: __m256i) -> usize {
-                let mut lanes = [0 as $lanes; 32 / size_of::<$lanes>()];
-                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), c);
-                lanes.iter().map(|&c| c as usize).sum()
-            }
-        }
-    };
-}
-vector_mask!(
-    __m256,
-    i32,
-    _mm256_setzero_ps,
-    _mm256_or_ps,
-    _mm256_and_ps,
-    _mm256_xor_ps,
-    _mm256_movemask_ps,
-    _mm256_castsi256_ps,
-    _mm256_castps_si256,
-    _mm256_set1_epi32,
-    _mm256_sub_epi32
-);
-vector_mask!(
-    __m256d,
-    i64,
-    _mm256_setzero_pd,
-    _mm256_or_pd,
-    _mm256_and_pd,
-    _mm256_xor_pd,
-    _mm256_movemask_pd,
-    _mm256_castsi256_pd,
-    _mm256_castpd_si256,
-    _mm256_set1_epi64x,
-    _mm256_sub_epi64
-);
-
 /// Folds the 8 lanes of an `f32x8` with a packed and a scalar intrinsic.
-macro_rules! reduce_f32x8 {
+macro_rules! reduce_ps {
     ($v:expr, $packed:ident, $scalar:ident) => {{
         let v: __m256 = $v;
         let m = $packed(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -85,7 +32,7 @@ macro_rules! reduce_f32x8 {
 }
 
 /// Folds the 4 lanes of an `f64x4` with a packed and a scalar intrinsic.
-macro_rules! reduce_f64x4 {
+macro_rules! reduce_pd {
     ($v:expr, $packed:ident, $scalar:ident) => {{
         let v: __m256d = $v;
         let m = $packed(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
@@ -93,61 +40,55 @@ macro_rules! reduce_f64x4 {
     }};
 }
 
+/// [`Float`] for the vector `$t` of `$s` lanes (`$p`: `ps`/`pd`, `$ss`: its scalar form), and
+/// [`Mask`] for it as a compare result: lanes all ones or all zeros, `$i`/`$l` integer lanes.
 #[rustfmt::skip]
-impl Float for __m256 {
-    type Scalar = f32;
-    type Mask = __m256;
-    const LANES: usize = 8;
-    x86_float_ops!(f32, set1: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
-        add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, div: _mm256_div_ps,
-        min: _mm256_min_ps, max: _mm256_max_ps, fmadd: _mm256_fmadd_ps, fmsub: _mm256_fmsub_ps,
-        fnmadd: _mm256_fnmadd_ps, round: _mm256_round_ps, and: _mm256_and_ps,
-        andnot: _mm256_andnot_ps, or: _mm256_or_ps, xor: _mm256_xor_ps, cmp: _mm256_cmp_ps);
-    #[inline(always)]
-    unsafe fn select(self, other: Self, mask: Self) -> Self { _mm256_blendv_ps(self, other, mask) }
-    #[inline(always)] unsafe fn keep(self, mask: Self) -> Self { _mm256_and_ps(mask, self) }
-    #[inline(always)]
-    unsafe fn zero_where(self, mask: Self) -> Self { _mm256_andnot_ps(mask, self) }
-    #[inline(always)]
-    unsafe fn reduce_max(self) -> f64 { reduce_f32x8!(self, _mm_max_ps, _mm_max_ss) }
-    #[inline(always)]
-    unsafe fn reduce_min(self) -> f64 { reduce_f32x8!(self, _mm_min_ps, _mm_min_ss) }
-    #[inline(always)]
-    unsafe fn reduce_sum(self) -> f64 { reduce_f32x8!(self, _mm_add_ps, _mm_add_ss) }
-    #[inline(always)]
-    unsafe fn exponent(self, bias: i32) -> Self {
-        let biased = _mm256_add_epi32(_mm256_castps_si256(self), _mm256_set1_epi32(bias));
-        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
-    }
-}
+macro_rules! avx2_float {
+    ($t:ty, $s:ty, $p:ident, $ss:ident, $i:ident, $l:ty, $set1i:ident, $bits:literal) => {
+        paste::paste! {
+        impl Mask for $t {
+            type Count = __m256i;
+            #[inline(always)] unsafe fn none() -> Self { [<_mm256_setzero_ $p>]() }
+            #[inline(always)] unsafe fn or(self, o: Self) -> Self { [<_mm256_or_ $p>](self, o) }
+            #[inline(always)] unsafe fn and(self, o: Self) -> Self { [<_mm256_and_ $p>](self, o) }
+            #[inline(always)]
+            unsafe fn not(self) -> Self { [<_mm256_xor_ $p>](self, [<_mm256_castsi256_ $p>]($set1i(-1))) }
+            #[inline(always)] unsafe fn any(self) -> bool { [<_mm256_movemask_ $p>](self) != 0 }
+            #[inline(always)] unsafe fn count_zero() -> __m256i { _mm256_setzero_si256() }
+            /// Set lanes are −1 as integers.
+            #[inline(always)]
+            unsafe fn count(self, c: __m256i) -> __m256i { [<_mm256_sub_ $i>](c, [<_mm256_cast $p _si256>](self)) }
+            #[inline(always)]
+            unsafe fn total(c: __m256i) -> usize {
+                let mut lanes = [0 as $l; 32 / size_of::<$l>()];
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), c);
+                lanes.iter().map(|&c| c as usize).sum()
+            }
+        }
 
-#[rustfmt::skip]
-impl Float for __m256d {
-    type Scalar = f64;
-    type Mask = __m256d;
-    const LANES: usize = 4;
-    x86_float_ops!(f64, set1: _mm256_set1_pd, load: _mm256_loadu_pd, store: _mm256_storeu_pd,
-        add: _mm256_add_pd, sub: _mm256_sub_pd, mul: _mm256_mul_pd, div: _mm256_div_pd,
-        min: _mm256_min_pd, max: _mm256_max_pd, fmadd: _mm256_fmadd_pd, fmsub: _mm256_fmsub_pd,
-        fnmadd: _mm256_fnmadd_pd, round: _mm256_round_pd, and: _mm256_and_pd,
-        andnot: _mm256_andnot_pd, or: _mm256_or_pd, xor: _mm256_xor_pd, cmp: _mm256_cmp_pd);
-    #[inline(always)]
-    unsafe fn select(self, other: Self, mask: Self) -> Self { _mm256_blendv_pd(self, other, mask) }
-    #[inline(always)] unsafe fn keep(self, mask: Self) -> Self { _mm256_and_pd(mask, self) }
-    #[inline(always)]
-    unsafe fn zero_where(self, mask: Self) -> Self { _mm256_andnot_pd(mask, self) }
-    #[inline(always)]
-    unsafe fn reduce_max(self) -> f64 { reduce_f64x4!(self, _mm_max_pd, _mm_max_sd) }
-    #[inline(always)]
-    unsafe fn reduce_min(self) -> f64 { reduce_f64x4!(self, _mm_min_pd, _mm_min_sd) }
-    #[inline(always)]
-    unsafe fn reduce_sum(self) -> f64 { reduce_f64x4!(self, _mm_add_pd, _mm_add_sd) }
-    #[inline(always)]
-    unsafe fn exponent(self, bias: i32) -> Self {
-        let biased = _mm256_add_epi64(_mm256_castpd_si256(self), _mm256_set1_epi64x(bias.into()));
-        _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased))
-    }
+        impl Float for $t {
+            type Scalar = $s;
+            type Mask = $t;
+            const LANES: usize = 32 / size_of::<$s>();
+            x86_float_ops!($s, _mm256, $p, $i, $set1i, si256, $bits, [<_mm256_round_ $p>],
+                [<_mm256_cmp_ $p>]);
+            #[inline(always)]
+            unsafe fn select(self, other: Self, mask: Self) -> Self { [<_mm256_blendv_ $p>](self, other, mask) }
+            #[inline(always)] unsafe fn keep(self, mask: Self) -> Self { [<_mm256_and_ $p>](mask, self) }
+            #[inline(always)]
+            unsafe fn zero_where(self, mask: Self) -> Self { [<_mm256_andnot_ $p>](mask, self) }
+            #[inline(always)]
+            unsafe fn reduce_max(self) -> f64 { [<reduce_ $p>]!(self, [<_mm_max_ $p>], [<_mm_max_ $ss>]) }
+            #[inline(always)]
+            unsafe fn reduce_min(self) -> f64 { [<reduce_ $p>]!(self, [<_mm_min_ $p>], [<_mm_min_ $ss>]) }
+            #[inline(always)]
+            unsafe fn reduce_sum(self) -> f64 { [<reduce_ $p>]!(self, [<_mm_add_ $p>], [<_mm_add_ $ss>]) }
+        }
+        }
+    };
 }
+avx2_float!(__m256, f32, ps, ss, epi32, i32, _mm256_set1_epi32, 23);
+avx2_float!(__m256d, f64, pd, sd, epi64, i64, _mm256_set1_epi64x, 52);
 
 #[rustfmt::skip]
 impl Isa for Avx2 {

@@ -49,61 +49,30 @@ macro_rules! kmask {
 kmask!(u8);
 kmask!(u16);
 
+/// [`Float`] for the vector `$t` of `$s` lanes (`$p`: `ps`/`pd`, `$i`: integer lanes) with the
+/// `k` register `$m` as its mask.
 #[rustfmt::skip]
-impl Float for __m512 {
-    type Scalar = f32;
-    type Mask = u16;
-    const LANES: usize = 16;
-    x86_float_ops!(f32, set1: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
-        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, div: _mm512_div_ps,
-        min: _mm512_min_ps, max: _mm512_max_ps, fmadd: _mm512_fmadd_ps, fmsub: _mm512_fmsub_ps,
-        fnmadd: _mm512_fnmadd_ps, round: _mm512_roundscale_ps, and: _mm512_and_ps,
-        andnot: _mm512_andnot_ps, or: _mm512_or_ps, xor: _mm512_xor_ps,
-        cmp: _mm512_cmp_ps_mask);
-    #[inline(always)]
-    unsafe fn select(self, other: Self, mask: u16) -> Self {
-        _mm512_mask_blend_ps(mask, self, other)
-    }
-    #[inline(always)] unsafe fn keep(self, mask: u16) -> Self { _mm512_maskz_mov_ps(mask, self) }
-    #[inline(always)]
-    unsafe fn zero_where(self, mask: u16) -> Self { _mm512_maskz_mov_ps(!mask, self) }
-    #[inline(always)] unsafe fn reduce_max(self) -> f64 { f64::from(_mm512_reduce_max_ps(self)) }
-    #[inline(always)] unsafe fn reduce_min(self) -> f64 { f64::from(_mm512_reduce_min_ps(self)) }
-    #[inline(always)] unsafe fn reduce_sum(self) -> f64 { f64::from(_mm512_reduce_add_ps(self)) }
-    #[inline(always)]
-    unsafe fn exponent(self, bias: i32) -> Self {
-        let biased = _mm512_add_epi32(_mm512_castps_si512(self), _mm512_set1_epi32(bias));
-        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased))
-    }
+macro_rules! avx512_float {
+    ($t:ty, $s:ty, $m:ty, $p:ident, $i:ident, $bits:literal) => { paste::paste! {
+        impl Float for $t {
+            type Scalar = $s;
+            type Mask = $m;
+            const LANES: usize = 64 / size_of::<$s>();
+            x86_float_ops!($s, _mm512, $p, $i, [<_mm512_set1_ $i>], si512, $bits,
+                [<_mm512_roundscale_ $p>], [<_mm512_cmp_ $p _mask>]);
+            #[inline(always)]
+            unsafe fn select(self, other: Self, mask: $m) -> Self { [<_mm512_mask_blend_ $p>](mask, self, other) }
+            #[inline(always)] unsafe fn keep(self, mask: $m) -> Self { [<_mm512_maskz_mov_ $p>](mask, self) }
+            #[inline(always)]
+            unsafe fn zero_where(self, mask: $m) -> Self { [<_mm512_maskz_mov_ $p>](!mask, self) }
+            #[inline(always)] unsafe fn reduce_max(self) -> f64 { [<_mm512_reduce_max_ $p>](self).into() }
+            #[inline(always)] unsafe fn reduce_min(self) -> f64 { [<_mm512_reduce_min_ $p>](self).into() }
+            #[inline(always)] unsafe fn reduce_sum(self) -> f64 { [<_mm512_reduce_add_ $p>](self).into() }
+        }
+    }};
 }
-
-#[rustfmt::skip]
-impl Float for __m512d {
-    type Scalar = f64;
-    type Mask = u8;
-    const LANES: usize = 8;
-    x86_float_ops!(f64, set1: _mm512_set1_pd, load: _mm512_loadu_pd, store: _mm512_storeu_pd,
-        add: _mm512_add_pd, sub: _mm512_sub_pd, mul: _mm512_mul_pd, div: _mm512_div_pd,
-        min: _mm512_min_pd, max: _mm512_max_pd, fmadd: _mm512_fmadd_pd, fmsub: _mm512_fmsub_pd,
-        fnmadd: _mm512_fnmadd_pd, round: _mm512_roundscale_pd, and: _mm512_and_pd,
-        andnot: _mm512_andnot_pd, or: _mm512_or_pd, xor: _mm512_xor_pd,
-        cmp: _mm512_cmp_pd_mask);
-    #[inline(always)]
-    unsafe fn select(self, other: Self, mask: u8) -> Self {
-        _mm512_mask_blend_pd(mask, self, other)
-    }
-    #[inline(always)] unsafe fn keep(self, mask: u8) -> Self { _mm512_maskz_mov_pd(mask, self) }
-    #[inline(always)]
-    unsafe fn zero_where(self, mask: u8) -> Self { _mm512_maskz_mov_pd(!mask, self) }
-    #[inline(always)] unsafe fn reduce_max(self) -> f64 { _mm512_reduce_max_pd(self) }
-    #[inline(always)] unsafe fn reduce_min(self) -> f64 { _mm512_reduce_min_pd(self) }
-    #[inline(always)] unsafe fn reduce_sum(self) -> f64 { _mm512_reduce_add_pd(self) }
-    #[inline(always)]
-    unsafe fn exponent(self, bias: i32) -> Self {
-        let biased = _mm512_add_epi64(_mm512_castpd_si512(self), _mm512_set1_epi64(bias.into()));
-        _mm512_castsi512_pd(_mm512_slli_epi64::<52>(biased))
-    }
-}
+avx512_float!(__m512, f32, u16, ps, epi32, 23);
+avx512_float!(__m512d, f64, u8, pd, epi64, 52);
 
 #[rustfmt::skip]
 impl<const BF16: bool> Isa for Avx512<BF16> {

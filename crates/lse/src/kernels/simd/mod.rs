@@ -210,38 +210,40 @@ impl<T: Float> Float for Pair<T> {
     }
 }
 
-/// The [`Float`] methods whose intrinsics have the same shape in every x86 instruction set:
-/// `$p` names them (`_mm256_…_pd`), `$s` is the lanes' scalar type.
+/// The [`Float`] methods whose intrinsics have the same shape in every x86 instruction set,
+/// their names pasted from `$v` (`_mm256`), the lanes `$p` (`ps`/`pd`), the integer lanes `$i`
+/// of that width (`epi32`) with their splat `$set1i`, and the integer vector `$si` (`si256`).
+/// `$s` is the scalar type, `$bits` its mantissa bits; `$round`, `$cmp` differ by set.
 #[cfg(target_arch = "x86_64")]
 #[rustfmt::skip]
 macro_rules! x86_float_ops {
-    ($s:ty, set1: $set1:ident, load: $load:ident, store: $store:ident, add: $add:ident,
-     sub: $sub:ident, mul: $mul:ident, div: $div:ident, min: $min:ident, max: $max:ident,
-     fmadd: $fmadd:ident, fmsub: $fmsub:ident, fnmadd: $fnmadd:ident, round: $round:ident,
-     and: $and:ident, andnot: $andnot:ident, or: $or:ident, xor: $xor:ident, cmp: $cmp:ident) => {
-        #[inline(always)] unsafe fn splat(v: f64) -> Self { $set1(v as $s) }
-        #[inline(always)] unsafe fn load(p: *const $s) -> Self { $load(p) }
-        #[inline(always)] unsafe fn store(self, p: *mut $s) { $store(p, self) }
-        #[inline(always)] unsafe fn add(self, o: Self) -> Self { $add(self, o) }
-        #[inline(always)] unsafe fn sub(self, o: Self) -> Self { $sub(self, o) }
-        #[inline(always)] unsafe fn mul(self, o: Self) -> Self { $mul(self, o) }
-        #[inline(always)] unsafe fn div(self, o: Self) -> Self { $div(self, o) }
-        #[inline(always)] unsafe fn min(self, o: Self) -> Self { $min(self, o) }
-        #[inline(always)] unsafe fn max(self, o: Self) -> Self { $max(self, o) }
-        #[inline(always)] unsafe fn mul_add(self, b: Self, c: Self) -> Self { $fmadd(self, b, c) }
-        #[inline(always)] unsafe fn mul_sub(self, b: Self, c: Self) -> Self { $fmsub(self, b, c) }
+    ($s:ty, $v:ident, $p:ident, $i:ident, $set1i:ident, $si:ident, $bits:literal, $round:ident,
+     $cmp:ident) => { paste::paste! {
+        #[inline(always)] unsafe fn splat(v: f64) -> Self { [<$v _set1_ $p>](v as $s) }
+        #[inline(always)] unsafe fn load(p: *const $s) -> Self { [<$v _loadu_ $p>](p) }
+        #[inline(always)] unsafe fn store(self, p: *mut $s) { [<$v _storeu_ $p>](p, self) }
+        #[inline(always)] unsafe fn add(self, o: Self) -> Self { [<$v _add_ $p>](self, o) }
+        #[inline(always)] unsafe fn sub(self, o: Self) -> Self { [<$v _sub_ $p>](self, o) }
+        #[inline(always)] unsafe fn mul(self, o: Self) -> Self { [<$v _mul_ $p>](self, o) }
+        #[inline(always)] unsafe fn div(self, o: Self) -> Self { [<$v _div_ $p>](self, o) }
+        #[inline(always)] unsafe fn min(self, o: Self) -> Self { [<$v _min_ $p>](self, o) }
+        #[inline(always)] unsafe fn max(self, o: Self) -> Self { [<$v _max_ $p>](self, o) }
         #[inline(always)]
-        unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self { $fnmadd(self, b, c) }
+        unsafe fn mul_add(self, b: Self, c: Self) -> Self { [<$v _fmadd_ $p>](self, b, c) }
+        #[inline(always)]
+        unsafe fn mul_sub(self, b: Self, c: Self) -> Self { [<$v _fmsub_ $p>](self, b, c) }
+        #[inline(always)]
+        unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self { [<$v _fnmadd_ $p>](self, b, c) }
         #[inline(always)]
         unsafe fn round(self) -> Self { $round::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self) }
         #[inline(always)]
         unsafe fn floor(self) -> Self { $round::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(self) }
-        #[inline(always)] unsafe fn abs(self) -> Self { $andnot($set1(-0.0), self) }
-        #[inline(always)] unsafe fn neg(self) -> Self { $xor(self, $set1(-0.0)) }
+        #[inline(always)] unsafe fn abs(self) -> Self { [<$v _andnot_ $p>](Self::splat(-0.0), self) }
+        #[inline(always)] unsafe fn neg(self) -> Self { [<$v _xor_ $p>](self, Self::splat(-0.0)) }
         #[inline(always)]
         unsafe fn copysign(self, sign: Self) -> Self {
-            let bit = $set1(-0.0);
-            $or($andnot(bit, self), $and(bit, sign))
+            let bit = Self::splat(-0.0);
+            [<$v _or_ $p>]([<$v _andnot_ $p>](bit, self), [<$v _and_ $p>](bit, sign))
         }
         #[inline(always)] unsafe fn eq(self, o: Self) -> Self::Mask { $cmp::<_CMP_EQ_OQ>(self, o) }
         #[inline(always)] unsafe fn ne(self, o: Self) -> Self::Mask { $cmp::<_CMP_NEQ_OQ>(self, o) }
@@ -250,7 +252,12 @@ macro_rules! x86_float_ops {
         #[inline(always)] unsafe fn ge(self, o: Self) -> Self::Mask { $cmp::<_CMP_GE_OQ>(self, o) }
         #[inline(always)]
         unsafe fn nan_or_above(self, o: Self) -> Self::Mask { $cmp::<_CMP_NLE_UQ>(self, o) }
-    };
+        #[inline(always)]
+        unsafe fn exponent(self, bias: i32) -> Self {
+            let biased = [<$v _add_ $i>]([<$v _cast $p _ $si>](self), $set1i(bias.into()));
+            [<$v _cast $si _ $p>]([<$v _slli_ $i>]::<$bits>(biased))
+        }
+    }};
 }
 #[cfg(target_arch = "x86_64")]
 use x86_float_ops;
