@@ -7,12 +7,12 @@ use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 
 use lse::{
-    bf16, f16, CrossEntropyOptions, DType, Element, GradOutput, LseError, NonFinite, Reduction,
-    Targets,
+    bf16, f16, ChunkedCrossEntropy, CrossEntropyOptions, DType, Element, GradOutput, LseError,
+    NonFinite, Reduction,
 };
 use lse_cli::tensor_file::layout::without_axis;
 use lse_cli::tensor_file::npy::{self, Bf16Descr};
-use lse_cli::tensor_file::{shape_string, FloatElement, Format, NpyElement, TensorData};
+use lse_cli::tensor_file::{shape_string, FloatElement, Format, NpyElement};
 
 use crate::error::{CliError, Result};
 use crate::format::shortest;
@@ -375,65 +375,104 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     if args.op != Op::CrossEntropy {
         return run_per_row(args, out);
     }
+    run_cross_entropy(args, out)
+}
+
+/// A temporary file beside `path` that becomes `path` once complete.
+fn partial_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!(
+        ".{}.lse-partial-{}",
+        path.file_name()
+            .map_or_else(|| "out".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ))
+}
+
+/// Renames each `(partial, path)` over its path; on an error (or `result` being one) removes
+/// the partial files that are left.
+fn complete<T>(result: Result<T>, files: &[(&Path, &Path)]) -> Result<T> {
+    let done = result.and_then(|value| {
+        for (partial, path) in files {
+            std::fs::rename(partial, path)
+                .map_err(|e| input::file_error(path, format!("cannot write: {e}")))?;
+        }
+        Ok(value)
+    });
+    done.inspect_err(|_| {
+        for (partial, _) in files {
+            let _ = std::fs::remove_file(partial);
+        }
+    })
+}
+
+/// `cross_entropy`, streamed: the input is read a chunk of rows at a time (`--chunk-bytes`) and
+/// each chunk's gradient written as soon as it is computed. The mean's denominator comes from
+/// the targets alone, so a chunk's gradient is final when written; the loss is summed in row
+/// order: the outputs are bit for bit those of one library call over the whole tensor.
+fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
     let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
-    let loaded = input::logits(&args.input, pick, args.void_as_bf16)?;
-    let Some((name, tensor)) = loaded.into_iter().next() else {
+    let opened = input::open_logits(&args.input, pick, args.void_as_bf16)?;
+    let Some(tensor) = opened.tensors.first() else {
         return Err(CliError::Other("no tensor was read".to_owned()));
     };
     let layout = ClassLayout::new(&args.input, &tensor.shape, args.axis)?;
-    let bf16 = match tensor.format {
+    let bf16 = match opened.file.format {
         Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
         Format::Safetensors => Bf16Descr::Void,
     };
     let ignore = args.ignore_index.unwrap_or(IgnoreIndex(Some(-100)));
-    let targets = match &args.targets {
-        Some(path) => Some(input::targets(path, &layout, ignore)?),
-        None => None,
+    let Some(targets) = &args.targets else {
+        return Err(CliError::usage("--op cross_entropy needs --targets FILE"));
     };
+    let targets = input::targets(targets, &layout, ignore)?;
     let weights = match &args.weights {
         Some(path) => Some(input::weights(path, layout.classes, args.void_as_bf16)?),
         None => None,
     };
-    let job = Job {
+    let options = args.cross_entropy_options(ignore.0, weights.as_deref());
+    let mut chunks = opened.row_chunks(tensor, &layout, args.chunk_bytes);
+    let loss_partial = partial_path(&args.out);
+    let grad_partial = args.grad.as_deref().map(partial_path);
+    let stream = CrossEntropyStream {
         args,
         shape: &tensor.shape,
         layout: &layout,
-        targets: targets.as_deref(),
-        weights: weights.as_deref(),
-        ignore: ignore.0,
+        targets: &targets,
+        options: &options,
         bf16,
+        out: &loss_partial,
+        grad: grad_partial.as_deref(),
     };
-    let dtype = tensor.data.dtype().map_or("?", |d| d.name());
-    let outputs = match tensor.data {
-        TensorData::F64(v) => job.run(&v)?,
-        TensorData::F32(v) => job.run(&v)?,
-        TensorData::F16(v) => job.run(&v)?,
-        TensorData::BF16(v) => job.run(&v)?,
-        TensorData::Int(_) => {
-            return Err(CliError::Other(
-                "integer tensors are not logits (rejected when read)".to_owned(),
-            ))
-        }
+    let dtype = tensor.encoding.as_ref().ok().and_then(|e| e.dtype());
+    let result = match dtype {
+        Some(DType::F64) => stream.run::<f64>(&mut chunks),
+        Some(DType::F32) => stream.run::<f32>(&mut chunks),
+        Some(DType::F16) => stream.run::<f16>(&mut chunks),
+        Some(DType::BF16) => stream.run::<bf16>(&mut chunks),
+        None => Err(CliError::Other(
+            "integer tensors are not logits (rejected when read)".to_owned(),
+        )),
     };
-
-    let source = match &name {
+    let mut files = vec![(loss_partial.as_path(), args.out.as_path())];
+    if let (Some(partial), Some(path)) = (&grad_partial, &args.grad) {
+        files.push((partial.as_path(), path.as_path()));
+    }
+    let written = complete(result, &files)?;
+    let source = match &tensor.name {
         Some(n) => format!("{}, tensor {n:?}", args.input.display()),
         None => args.input.display().to_string(),
     };
     let _ = writeln!(
         out,
-        "{} of {source} ({dtype}, {})",
+        "{} of {source} ({}, {})",
         args.op.name(),
+        dtype.map_or("?", |d| d.name()),
         layout.describe()
     );
-    if let Some(loss) = &outputs.loss_line {
-        let _ = writeln!(out, "  {loss}");
-    }
-    input::write(&args.out, &outputs.out.bytes)?;
-    let _ = writeln!(out, "  wrote {}: {}", args.out.display(), outputs.out.what);
-    if let (Some(path), Some(grad)) = (&args.grad, &outputs.grad) {
-        input::write(path, &grad.bytes)?;
-        let _ = writeln!(out, "  wrote {}: {}", path.display(), grad.what);
+    let _ = writeln!(out, "  {}", written.loss_line);
+    let _ = writeln!(out, "  wrote {}: {}", args.out.display(), written.out);
+    if let (Some(path), Some(what)) = (&args.grad, &written.grad) {
+        let _ = writeln!(out, "  wrote {}: {what}", path.display());
     }
     Ok(0)
 }
@@ -454,13 +493,7 @@ fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
         Format::Safetensors => Bf16Descr::Void,
     };
     let mut chunks = opened.row_chunks(tensor, &layout, args.chunk_bytes);
-    let partial = args.out.with_file_name(format!(
-        ".{}.lse-partial-{}",
-        args.out
-            .file_name()
-            .map_or_else(|| "out".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
+    let partial = partial_path(&args.out);
     let dtype = tensor.encoding.as_ref().ok().and_then(|e| e.dtype());
     let stream = PerRow {
         args,
@@ -477,15 +510,8 @@ fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
         None => Err(CliError::Other(
             "integer tensors are not logits (rejected when read)".to_owned(),
         )),
-    }
-    .and_then(|what| {
-        std::fs::rename(&partial, &args.out)
-            .map_err(|e| input::file_error(&args.out, format!("cannot write: {e}")))?;
-        Ok(what)
-    });
-    let what = written.inspect_err(|_| {
-        let _ = std::fs::remove_file(&partial);
-    })?;
+    };
+    let what = complete(written, &[(&partial, &args.out)])?;
     let source = match &tensor.name {
         Some(n) => format!("{}, tensor {n:?}", args.input.display()),
         None => args.input.display().to_string(),
@@ -592,130 +618,115 @@ impl PerRow<'_> {
     }
 }
 
-/// An encoded `.npy` file and a description of it.
-struct Encoded {
-    bytes: Vec<u8>,
-    what: String,
+/// What a streamed cross-entropy wrote: the loss line of the summary, and what each output
+/// holds.
+struct CrossEntropyWritten {
+    loss_line: String,
+    out: String,
+    grad: Option<String>,
 }
 
-/// What a job produces.
-struct Outputs {
-    out: Encoded,
-    grad: Option<Encoded>,
-    loss_line: Option<String>,
-}
-
-/// One evaluation: everything but the logits' element type.
-struct Job<'a> {
+/// One streamed cross-entropy: everything but the logits' element type.
+struct CrossEntropyStream<'a> {
     args: &'a Args,
     /// The input's shape as read (empty for a 0-d array).
     shape: &'a [usize],
     layout: &'a ClassLayout,
-    targets: Option<&'a [i64]>,
-    weights: Option<&'a [f64]>,
-    ignore: Option<i64>,
+    targets: &'a [i64],
+    options: &'a CrossEntropyOptions<'a>,
     bf16: Bf16Descr,
+    /// Where the loss is written until it is complete.
+    out: &'a Path,
+    /// Where the gradient is written until it is complete, when asked for.
+    grad: Option<&'a Path>,
 }
 
-impl Job<'_> {
-    fn encode<T: NpyElement>(&self, shape: &[usize], data: &[T], role: &str) -> Result<Encoded> {
-        let bytes = npy::encode(shape, data, self.bf16)
-            .map_err(|e| CliError::Other(format!("cannot encode the {role}: {e}")))?;
-        Ok(Encoded {
-            bytes,
-            what: format!("{role}, '{}' {}", T::descr(self.bf16), shape_string(shape)),
-        })
-    }
-
-    /// The shape of one value per row.
-    fn row_shape(&self) -> Vec<usize> {
-        without_axis(&self.layout.shape, self.layout.axis)
-    }
-
-    /// `rows × classes` data back in the input's layout, encoded.
-    fn encode_like_input<E: FloatElement>(&self, rows: Vec<E>, role: &str) -> Result<Encoded> {
-        let data = self.layout.to_input_layout(rows)?;
-        self.encode(self.shape, &data, role)
-    }
-
-    fn run<E: FloatElement>(&self, data: &[E]) -> Result<Outputs>
+impl CrossEntropyStream<'_> {
+    /// Runs the rows chunk by chunk, the gradient into `self.grad` as it comes, then writes the
+    /// loss into `self.out`.
+    fn run<E: FloatElement>(&self, chunks: &mut RowChunks<'_>) -> Result<CrossEntropyWritten>
     where
         E::Stat: NpyElement,
     {
-        let rows = self.layout.rows_of(data)?;
-        let classes = self.layout.classes;
-        let policy = NonFinite::from(self.args.non_finite);
-        let mut loss_line = None;
-        let (out, grad) = match self.args.op {
-            Op::Logsumexp => {
-                let mut lse = vec![E::Stat::zero(); self.layout.rows];
-                lse::logsumexp_with(&rows, classes, &mut lse, policy)?;
-                (
-                    self.encode(&self.row_shape(), &lse, "logsumexp per row")?,
-                    None,
-                )
+        let layout = self.layout;
+        let create = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: std::io::Error| input::file_error(&path, format!("cannot write: {e}"))
+        };
+        let mut ce = ChunkedCrossEntropy::<E>::new(
+            layout.classes,
+            self.targets,
+            self.options,
+            GradOutput::Scalar(E::Stat::from_f64(1.0)),
+        )?;
+        let mut grad_file = match (self.grad, &self.args.grad) {
+            (Some(partial), Some(path)) => {
+                let at = create(path);
+                let mut file = BufWriter::new(File::create(partial).map_err(&at)?);
+                file.write_all(&npy::encode_header::<E>(self.shape, self.bf16))
+                    .map_err(&at)?;
+                Some((file, at))
             }
-            Op::Softmax => {
-                let mut p = vec![E::zero(); rows.len()];
-                lse::softmax_with(&rows, classes, &mut p, policy)?;
-                (self.encode_like_input(p, "softmax")?, None)
-            }
-            Op::LogSoftmax => {
-                let mut p = vec![E::zero(); rows.len()];
-                lse::log_softmax_with(&rows, classes, &mut p, policy)?;
-                (self.encode_like_input(p, "log_softmax")?, None)
-            }
-            Op::CrossEntropy => {
-                let targets = self
-                    .targets
-                    .ok_or_else(|| CliError::usage("--op cross_entropy needs --targets FILE"))?;
-                let reduction = self.args.reduction.unwrap_or_default();
-                let options = self.args.cross_entropy_options(self.ignore, self.weights);
-                let targets = Targets::Classes(targets);
-                let (result, grad) = if self.args.grad.is_some() {
+            _ => None,
+        };
+        let mut bytes = Vec::new();
+        while let Some(rows) = chunks.next_chunk::<E>()? {
+            match &mut grad_file {
+                Some((file, at)) => {
                     let mut g = vec![E::zero(); rows.len()];
-                    let result = lse::cross_entropy_with_grad(
-                        &rows,
-                        classes,
-                        targets,
-                        &options,
-                        GradOutput::Scalar(E::Stat::from_f64(1.0)),
-                        &mut g,
-                    )?;
-                    (result, Some(self.encode_like_input(g, "gradient")?))
-                } else {
-                    (lse::cross_entropy(&rows, classes, targets, &options)?, None)
-                };
-                let ignored = self.layout.rows - result.counted_rows;
-                let how = match reduction {
-                    ReductionArg::None => "sum of the row losses",
-                    ReductionArg::Sum => "sum",
-                    ReductionArg::Mean => "mean",
-                };
-                loss_line = Some(format!(
-                    "loss ({how} over {} counted of {} rows, {ignored} ignored): {}",
-                    result.counted_rows,
-                    self.layout.rows,
-                    shortest(result.loss)
-                ));
-                let out = match (reduction, &result.row_loss) {
-                    (ReductionArg::None, Some(losses)) => {
-                        self.encode(&self.row_shape(), losses, "loss per row")?
-                    }
-                    _ => self.encode(&[], &[result.loss], "loss")?,
-                };
-                (out, grad)
+                    ce.next_rows(&rows, Some(&mut g))?;
+                    let g = chunks.to_input_layout(g)?;
+                    bytes.clear();
+                    g.iter().for_each(|x| x.put_le(&mut bytes));
+                    file.write_all(&bytes).map_err(&*at)?;
+                }
+                None => ce.next_rows(&rows, None)?,
             }
-            Op::LinearCrossEntropy => {
-                return Err(CliError::Other(
-                    "the linear cross-entropy is run by eval_linear".to_owned(),
+        }
+        let grad = match grad_file {
+            Some((mut file, at)) => {
+                file.flush().map_err(&at)?;
+                Some(format!(
+                    "gradient, '{}' {}",
+                    E::descr(self.bf16),
+                    shape_string(self.shape)
                 ))
             }
+            None => None,
         };
-        Ok(Outputs {
-            out,
-            grad,
+        let result = ce.finish();
+        let reduction = self.args.reduction.unwrap_or_default();
+        let ignored = layout.rows - result.counted_rows;
+        let how = match reduction {
+            ReductionArg::None => "sum of the row losses",
+            ReductionArg::Sum => "sum",
+            ReductionArg::Mean => "mean",
+        };
+        let loss_line = format!(
+            "loss ({how} over {} counted of {} rows, {ignored} ignored): {}",
+            result.counted_rows,
+            layout.rows,
+            shortest(result.loss)
+        );
+        let (shape, values, role) = match (reduction, &result.row_loss) {
+            (ReductionArg::None, Some(losses)) => (
+                without_axis(&layout.shape, layout.axis),
+                losses.as_slice(),
+                "loss per row",
+            ),
+            _ => (Vec::new(), std::slice::from_ref(&result.loss), "loss"),
+        };
+        let encoded = npy::encode(&shape, values, self.bf16)
+            .map_err(|e| CliError::Other(format!("cannot encode the {role}: {e}")))?;
+        std::fs::write(self.out, encoded).map_err(create(&self.args.out))?;
+        Ok(CrossEntropyWritten {
             loss_line,
+            out: format!(
+                "{role}, '{}' {}",
+                E::Stat::descr(self.bf16),
+                shape_string(&shape)
+            ),
+            grad,
         })
     }
 }

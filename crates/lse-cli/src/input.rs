@@ -1,7 +1,6 @@
 //! The file inputs of `lse audit` and `lse eval`: logits from `.npy` or `.safetensors`, class
 //! targets and class weights from `.npy`, and the class axis; and writing `.npy` outputs.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use lse_cli::tensor_file::layout::{element_count, move_axis_to_last, move_last_to_axis};
@@ -227,7 +226,7 @@ impl Opened {
         })
     }
 
-    /// The rows of `tensor` (class axis last, as [`ClassLayout::rows_of`] orders them), read a
+    /// The rows of `tensor` (class axis last), read a
     /// chunk of about `chunk_bytes` of the file at a time.
     pub fn row_chunks<'a>(
         &'a self,
@@ -444,32 +443,6 @@ impl ClassLayout {
             shape_string(&self.shape),
             self.axis
         )
-    }
-
-    /// `data` (row-major in `self.shape`) with the class axis moved last: `rows × classes`.
-    /// Borrowed as it is when the class axis is already last (no copy); a copy otherwise.
-    ///
-    /// # Errors
-    /// Never for data that fills the shape.
-    pub fn rows_of<'a, T: Copy>(&self, data: &'a [T]) -> Result<Cow<'a, [T]>> {
-        if self.axis + 1 == self.shape.len() {
-            return Ok(Cow::Borrowed(data));
-        }
-        move_axis_to_last(data, &self.shape, self.axis)
-            .map(Cow::Owned)
-            .map_err(|e| CliError::Other(e.to_string()))
-    }
-
-    /// The inverse of [`ClassLayout::rows_of`]: `rows × classes` data back in `self.shape`
-    /// (moved when the class axis is not last).
-    ///
-    /// # Errors
-    /// Never for data of `rows × classes` elements.
-    pub fn to_input_layout<T: Copy>(&self, rows: Vec<T>) -> Result<Vec<T>> {
-        if self.axis + 1 == self.shape.len() {
-            return Ok(rows);
-        }
-        move_last_to_axis(&rows, &self.shape, self.axis).map_err(|e| CliError::Other(e.to_string()))
     }
 }
 

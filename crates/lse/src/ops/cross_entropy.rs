@@ -790,17 +790,52 @@ impl<E: Element> RowIo<'_, E> {
     }
 }
 
-/// A cross-entropy over class targets whose logits arrive a chunk of rows at a time (the fused
-/// linear cross-entropy forms them so): the same checks, per-row work, gradient scale,
-/// reduction and statistics as one [`cross_entropy_in_place`] call over all rows.
-pub(crate) struct ChunkedCrossEntropy<'a, E: Element> {
+/// A cross-entropy over class targets whose logits arrive a chunk of rows at a time: a file read
+/// piece by piece, or the logits that the fused linear cross-entropy forms block by block.
+///
+/// The same checks, per-row work, gradient scale, reduction and statistics as one
+/// [`cross_entropy`] / [`cross_entropy_with_grad`] call over all the rows, bit for bit, for any
+/// split of the rows into chunks: each row's loss and gradient depend on that row alone, the
+/// mean's denominator comes from the targets (known at [`ChunkedCrossEntropy::new`]), so each
+/// chunk's gradient is final when it is written, and the loss is summed in row order.
+///
+/// ```
+/// use lse::{cross_entropy_with_grad, ChunkedCrossEntropy, CrossEntropyOptions, GradOutput, Targets};
+/// let logits = [2.0f32, 1.0, 0.1, /* row 1 */ 0.5, 3.0, -1.0, /* row 2 */ 1.0, 1.0, 1.0];
+/// let targets = [0i64, 1, 2];
+/// let options = CrossEntropyOptions::default();
+/// let mut stream = ChunkedCrossEntropy::new(3, &targets, &options, GradOutput::Scalar(1.0))?;
+/// let mut grad = [0.0f32; 9];
+/// let (first, rest) = grad.split_at_mut(3);
+/// stream.next_rows(&logits[..3], Some(first))?;
+/// stream.next_rows(&logits[3..], Some(rest))?;
+/// let streamed = stream.finish();
+///
+/// let mut whole = [0.0f32; 9];
+/// let once = cross_entropy_with_grad(&logits, 3, Targets::Classes(&targets), &options,
+///                                    GradOutput::Scalar(1.0), &mut whole)?;
+/// assert_eq!(streamed.loss.to_bits(), once.loss.to_bits());
+/// assert_eq!(grad.map(f32::to_bits), whole.map(f32::to_bits));
+/// # Ok::<(), lse::LseError>(())
+/// ```
+pub struct ChunkedCrossEntropy<'a, E: Element> {
     batch: Batch<'a, E>,
 }
 
 impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
-    /// Checks everything but the logits (as [`cross_entropy_with_grad`] does) for `rows` rows
-    /// of `classes` logits.
-    pub(crate) fn new(
+    /// Checks everything but the logits, as [`cross_entropy_with_grad`] does, for
+    /// `targets.len()` rows of `classes` logits.
+    ///
+    /// # Errors
+    /// Those of [`cross_entropy_with_grad`] that need no logits: [`LseError::EmptyClasses`],
+    /// [`LseError::BadOption`], [`LseError::BadWeight`], [`LseError::TargetOutOfRange`],
+    /// [`LseError::EmptyMean`], [`LseError::PerRowGradient`], [`LseError::LengthMismatch`] (a
+    /// per-row `grad_output` of another length) and [`LseError::NonFinite`] (a non-finite
+    /// `grad_output` under [`NonFinite::Error`]).
+    ///
+    /// # Panics
+    /// Never.
+    pub fn new(
         classes: usize,
         targets: &'a [i64],
         options: &'a CrossEntropyOptions<'a>,
@@ -817,6 +852,40 @@ impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
         Ok(Self { batch })
     }
 
+    /// The rows that follow those given so far: their losses are recorded and, with `grad`
+    /// (as long as `logits`), their gradient is written into it, scaled as the whole call's.
+    /// Errors name rows counted from the first row of the first chunk.
+    ///
+    /// # Errors
+    /// [`LseError::RaggedRows`] when `logits` is not whole rows; [`LseError::LengthMismatch`]
+    /// when `grad` is not as long as `logits` or the rows run past the targets; the errors of
+    /// [`cross_entropy`] about the logits themselves ([`LseError::NonFinite`],
+    /// [`LseError::MaskedTarget`]). After an error the stream is of no further use.
+    ///
+    /// # Panics
+    /// Never.
+    pub fn next_rows(&mut self, logits: &[E], grad: Option<&mut [E]>) -> Result<()> {
+        let classes = self.batch.classes;
+        let rows = row_count("logits", logits.len(), classes)?;
+        let first = self.batch.recorded;
+        let left = self.batch.rows - first;
+        if rows > left {
+            return Err(LseError::LengthMismatch {
+                what: "logits of the rows left",
+                expected: left * classes,
+                actual: logits.len(),
+            });
+        }
+        let logits = match grad {
+            Some(g) => {
+                expect_len("gradient", logits.len(), g.len())?;
+                Logits::Grad(logits, g)
+            }
+            None => Logits::Loss(logits),
+        };
+        self.batch.process(&|i| first + i, logits)
+    }
+
     /// Rows `rows` (increasing, after those of earlier calls), whose logits are the rows of
     /// `logits` in order: their losses are recorded and, with `gradient`, their scaled gradient
     /// is written over them. Rows skipped between calls count as ignored.
@@ -829,8 +898,9 @@ impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
         self.batch.process(&|i| rows[i], logits)
     }
 
-    /// The reduced loss and what was asked for besides.
-    pub(crate) fn finish(self) -> CrossEntropyOutput<E::Stat> {
+    /// The reduced loss and what the options asked for besides, over every row (rows never
+    /// given count as ignored).
+    pub fn finish(self) -> CrossEntropyOutput<E::Stat> {
         self.batch.finish()
     }
 }
