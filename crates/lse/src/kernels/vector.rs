@@ -22,7 +22,8 @@
 //! pass of softmax and of the plain cross-entropy gradient is one multiply per element.
 //!
 //! Each entry point runs its body under the `#[target_feature]` entry of the active
-//! instruction set ([`on_isa!`]); everything below is `#[inline(always)]`.
+//! instruction set ([`on_isa!`]), compiled once per storage type ([`Entries`]); everything
+//! below is `#[inline(always)]`.
 
 use half::{bf16, f16};
 
@@ -1038,13 +1039,13 @@ macro_rules! with_lanes {
     };
 }
 
-/// Runs `$body` with `$i` the active instruction set and `$l` the concrete storage type of
-/// `$e`, under that instruction set's `#[target_feature]` entry. SAFETY (all uses): the
-/// instruction set is one [`super::vector_isa`] detected on this CPU.
+/// Runs `$body` with `$i` the active instruction set, under that instruction set's
+/// `#[target_feature]` entry. SAFETY (all uses): the instruction set is one
+/// [`super::vector_isa`] detected on this CPU.
 #[rustfmt::skip]
 macro_rules! on_isa {
-    ($e:ty, $i:ident, $l:ident => $body:expr) => {
-        with_lanes!($e, $l => match super::vector_isa() {
+    ($i:ident => $body:expr) => {
+        match super::vector_isa() {
             VectorIsa::Avx2 => { type $i = Avx2; unsafe { avx2::run(#[inline(always)] || $body) } }
             VectorIsa::Avx512 => {
                 type $i = Avx512<false>;
@@ -1054,11 +1055,90 @@ macro_rules! on_isa {
                 type $i = Avx512<true>;
                 unsafe { avx512::run_bf16(#[inline(always)] || $body) }
             }
-        })
+        }
     };
 }
 
-// The entry points: slices are cast to the concrete type their DType names.
+/// The entry points for one storage type, each instruction set's body under them.
+///
+/// Implemented for the four storage types by [`entries!`], not as generic functions: a generic
+/// body is compiled again in every crate that calls an op (each test binary, the CLI, the
+/// bindings), three instruction sets each; these are compiled once, here.
+#[rustfmt::skip]
+trait Entries: Lanes {
+    fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan>;
+    /// SAFETY: `cache` and `out` hold `len` elements.
+    unsafe fn rescale(cache: *const f32, out: *mut Self, len: usize, maxima: &BlockMaxima, max: f64, c: f64);
+    fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]);
+    fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]);
+    /// SAFETY: `io`'s input holds `len` elements, and so does its output when `store`.
+    unsafe fn ce_grad(io: (*const Self, *mut Self, usize), w: &FastWrite<'_, '_, Self>, store: bool) -> MassesPass;
+    fn probability_mass(q: &[Self], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)>;
+    fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64;
+    fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64;
+    fn softmax_backward(y: &[Self], dy: &[Self], dot: f64, dx: &mut [Self]);
+    fn log_softmax_backward(y: &[Self], dy: &[Self], total: f64, dx: &mut [Self]) -> bool;
+}
+
+/// [`Entries`] for each storage type, the bodies written once.
+#[rustfmt::skip]
+macro_rules! entries {
+    ($($l:ty),*) => {$(
+        impl Entries for $l {
+            fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
+                on_isa!(I => match map {
+                    LogitMap::Softcap(cap) => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Capped { cap }),
+                    LogitMap::Identity if wide => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Unmapped),
+                    LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(row, sink, Unmapped),
+                })
+            }
+            unsafe fn rescale(cache: *const f32, out: *mut Self, len: usize, maxima: &BlockMaxima, max: f64, c: f64) {
+                on_isa!(I => rescale_impl::<I, Self>(cache, out, len, maxima, max, c))
+            }
+            fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
+                on_isa!(I => softmax_impl::<I, Self>(x, max, denominator, out))
+            }
+            fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]) {
+                on_isa!(I => log_softmax_impl::<I, Self>(x, max, log1p_sum, out))
+            }
+            unsafe fn ce_grad(io: (*const Self, *mut Self, usize), w: &FastWrite<'_, '_, Self>, store: bool) -> MassesPass {
+                on_isa!(I => ce_grad_raw::<I, Self>(io, w, store))
+            }
+            fn probability_mass(q: &[Self], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)> {
+                on_isa!(I => probability_mass_impl::<I, Self>(q, weights))
+            }
+            fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64 {
+                let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
+                let constants = (max, 0.0, 0.0);
+                on_isa!(I => {
+                    let lanes = MassLanes::new(masses.unwrap_or(&ClassMasses::UNIT));
+                    let pass = match map {
+                        LogitMap::Softcap(cap) => {
+                            let map = Capped { cap };
+                            masses_pass::<I, Self, <I as Isa>::Wide, _>(io, constants, lanes, map, false, false)
+                        }
+                        LogitMap::Identity => {
+                            masses_pass::<I, Self, <Self as Lanes>::V<I>, _>(io, constants, lanes, Unmapped, false, false)
+                        }
+                    };
+                    pass.distance
+                })
+            }
+            fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64 {
+                on_isa!(I => dot_impl::<I, Self>(y, dy, weighted))
+            }
+            fn softmax_backward(y: &[Self], dy: &[Self], dot: f64, dx: &mut [Self]) {
+                on_isa!(I => softmax_backward_impl::<I, Self>(y, dy, dot, dx))
+            }
+            fn log_softmax_backward(y: &[Self], dy: &[Self], total: f64, dx: &mut [Self]) -> bool {
+                on_isa!(I => log_softmax_backward_impl::<I, Self>(y, dy, total, dx))
+            }
+        }
+    )*};
+}
+entries!(f64, f32, f16, bf16);
+
+// The generic entry points: slices are cast to the concrete type their DType names.
 
 /// The read pass; `None` when the row holds NaN or `+inf`. Without `tally` the scan's `masked`
 /// and `finite_min` are not gathered (left at 0 and `+inf`).
@@ -1076,19 +1156,7 @@ pub(crate) fn scan<E: Element>(
         maxima: None,
         cache: None,
     };
-    scan_into(row, sink, map, wide)
-}
-
-/// [`scan`] into `sink`.
-fn scan_into<E: Element>(row: &[E], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
-    on_isa!(E, I, L => {
-        let row = cast::<E, L>(row);
-        match map {
-            LogitMap::Softcap(cap) => scan_impl::<I, L, <I as Isa>::Wide, _>(row, sink, Capped { cap }),
-            LogitMap::Identity if wide => scan_impl::<I, L, <I as Isa>::Wide, _>(row, sink, Unmapped),
-            LogitMap::Identity => scan_impl::<I, L, <L as Lanes>::V<I>, _>(row, sink, Unmapped),
-        }
-    })
+    with_lanes!(E, L => L::scan(cast(row), sink, map, wide))
 }
 
 /// True when rows of `E` with `len` elements can cache their exp terms in an `f32` buffer.
@@ -1119,7 +1187,7 @@ pub(crate) fn scan_caching<E: Element>(
         maxima: Some(maxima),
         cache,
     };
-    scan_into(row, sink, map, false)
+    with_lanes!(E, L => L::scan(cast(row), sink, map, false))
 }
 
 /// The write pass of a cached row: `out_i ← c · exp(m_b − m) · cache_i` per block, with the
@@ -1146,23 +1214,18 @@ pub(crate) fn rescale<E: Element>(
         }
     };
     let (len, out) = (out.len(), out.as_mut_ptr());
-    on_isa!(E, I, L => {
-        rescale_impl::<I, L>(cache, out.cast(), len, maxima, max, c)
-    });
+    // SAFETY: both hold `len` elements.
+    with_lanes!(E, L => unsafe { L::rescale(cache, out.cast(), len, maxima, max, c) });
 }
 
 /// Softmax write pass.
 pub(crate) fn softmax<E: Element>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
-    on_isa!(E, I, L => {
-        softmax_impl::<I, L>(cast(x), max, denominator, cast_mut(out))
-    });
+    with_lanes!(E, L => L::softmax(cast(x), max, denominator, cast_mut(out)));
 }
 
 /// Log-softmax write pass.
 pub(crate) fn log_softmax<E: Element>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
-    on_isa!(E, I, L => {
-        log_softmax_impl::<I, L>(cast(x), max, log1p_sum, cast_mut(out))
-    });
+    with_lanes!(E, L => L::log_softmax(cast(x), max, log1p_sum, cast_mut(out)));
 }
 
 /// The cross-entropy write pass `w` from `x` into `g`, or only its sweep when `g` is `None`
@@ -1178,16 +1241,16 @@ pub(crate) fn ce_grad<E: Element>(
         g.as_mut_ptr()
     });
     let x = x.as_ptr();
-    on_isa!(E, I, L => {
-        ce_grad_raw::<I, L>((x.cast(), out.cast(), len), &write_as(w), store)
-    })
+    // SAFETY: `x`, and `out` when `store`, hold `len` elements.
+    with_lanes!(E, L => unsafe { L::ce_grad((x.cast(), out.cast(), len), &write_as(w), store) })
 }
 
 /// [`ce_grad`] written over the logits themselves.
 pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &FastWrite<'_, '_, E>) -> MassesPass {
     let (p, len) = (x.as_mut_ptr(), x.len());
-    on_isa!(E, I, L => {
-        ce_grad_raw::<I, L>((p.cast_const().cast(), p.cast(), len), &write_as(w), true)
+    // SAFETY: `p` holds `len` elements.
+    with_lanes!(E, L => unsafe {
+        L::ce_grad((p.cast_const().cast(), p.cast(), len), &write_as(w), true)
     })
 }
 
@@ -1284,7 +1347,7 @@ pub(crate) fn probability_mass<E: Element>(
     q: &[E],
     weights: Option<&[f64]>,
 ) -> Option<(CompensatedSum, f64)> {
-    on_isa!(E, I, L => { probability_mass_impl::<I, L>(cast(q), weights) })
+    with_lanes!(E, L => L::probability_mass(cast(q), weights))
 }
 
 /// The distance sweep of [`ce_grad`] on its own (a loss-only call): `Σ_live (m − y_i)`, or
@@ -1296,35 +1359,17 @@ pub(crate) fn live_distance<E: Element>(
     masses: Option<&ClassMasses<'_, '_, E>>,
     map: LogitMap,
 ) -> f64 {
-    on_isa!(E, I, L => {
-        let x = cast::<E, L>(x);
-        let masses = masses.map(masses_as::<E, L>);
-        let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
-        let constants = (max, 0.0, 0.0);
-        let lanes = MassLanes::new(masses.as_ref().unwrap_or(&ClassMasses::UNIT));
-        let pass = match map {
-            LogitMap::Softcap(cap) => {
-                let map = Capped { cap };
-                masses_pass::<I, L, <I as Isa>::Wide, _>(io, constants, lanes, map, false, false)
-            }
-            LogitMap::Identity => {
-                masses_pass::<I, L, <L as Lanes>::V<I>, _>(io, constants, lanes, Unmapped, false, false)
-            }
-        };
-        pass.distance
-    })
+    with_lanes!(E, L => L::live_distance(cast(x), max, masses.map(masses_as).as_ref(), map))
 }
 
 /// `Σ_j y_j dy_j` (`weighted`) or `Σ_j dy_j`, in `f64`: the backward ops' row reduction.
 pub(crate) fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
-    on_isa!(E, I, L => { dot_impl::<I, L>(cast(y), cast(dy), weighted) })
+    with_lanes!(E, L => L::backward_dot(cast(y), cast(dy), weighted))
 }
 
 /// Softmax backward's write pass, given the row's `Σ y·dy`.
 pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
-    on_isa!(E, I, L => {
-        softmax_backward_impl::<I, L>(cast(y), cast(dy), dot, cast_mut(dx))
-    });
+    with_lanes!(E, L => L::softmax_backward(cast(y), cast(dy), dot, cast_mut(dx)));
 }
 
 /// Log-softmax backward's write pass, given the row's `Σ dy`; `false` (nothing written) for a
@@ -1335,9 +1380,7 @@ pub(crate) fn log_softmax_backward<E: Element>(
     total: f64,
     dx: &mut [E],
 ) -> bool {
-    on_isa!(E, I, L => {
-        log_softmax_backward_impl::<I, L>(cast(y), cast(dy), total, cast_mut(dx))
-    })
+    with_lanes!(E, L => L::log_softmax_backward(cast(y), cast(dy), total, cast_mut(dx)))
 }
 
 #[cfg(test)]
