@@ -730,16 +730,10 @@ impl Rows<'_> {
         let rows = data.len() / classes;
         let mut argmax = Vec::with_capacity(rows);
         for row in data.chunks_exact(classes) {
-            let (mut max, mut arg, mut bad) = (f64::NEG_INFINITY, None, false);
-            for (c, &x) in row.iter().enumerate() {
-                let x = x.to_f64();
-                bad |= x.is_nan() || x == f64::INFINITY;
-                if !x.is_nan() && (arg.is_none() || x > max) {
-                    max = x;
-                    arg = Some(c);
-                }
-            }
-            argmax.push(arg);
+            let (max, bad) = row_max(row);
+            // The first non-NaN element equal to the max: the first of the row's largest
+            // (every non-NaN element is −inf or more), `None` for a row of NaN.
+            argmax.push(first_equal(row, max));
             if bad {
                 *bad_rows += 1;
             } else if max == f64::NEG_INFINITY {
@@ -781,7 +775,46 @@ impl Rows<'_> {
         }
         Ok(())
     }
+}
 
+/// The largest non-NaN element of `row` (`−inf` if none), and whether it holds NaN or `+inf`.
+/// Branch-free over independent lanes, so that it compiles to vector code (the pass that
+/// bounded the audit of half-precision files).
+fn row_max<E: Element>(row: &[E]) -> (f64, bool) {
+    const LANES: usize = 16;
+    let (mut max, mut bad) = ([f64::NEG_INFINITY; LANES], [false; LANES]);
+    let mut lanes = row.chunks_exact(LANES);
+    for step in &mut lanes {
+        for ((m, b), &x) in max.iter_mut().zip(&mut bad).zip(step) {
+            let x = x.to_f64();
+            // NaN fails the compare: it never becomes the max.
+            *b |= x.is_nan() | (x == f64::INFINITY);
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let (mut m, mut b) = (f64::NEG_INFINITY, bad.contains(&true));
+    for &x in lanes.remainder() {
+        let x = x.to_f64();
+        b |= x.is_nan() | (x == f64::INFINITY);
+        m = if x > m { x } else { m };
+    }
+    (max.into_iter().fold(m, |a, x| if x > a { x } else { a }), b)
+}
+
+/// The index of the first element of `row` equal to `max`, found a vector step at a time.
+fn first_equal<E: Element>(row: &[E], max: f64) -> Option<usize> {
+    const LANES: usize = 16;
+    let step = row
+        .chunks(LANES)
+        .position(|s| s.iter().fold(false, |hit, &x| hit | (x.to_f64() == max)))?;
+    let at = step * LANES;
+    row[at..]
+        .iter()
+        .position(|&x| x.to_f64() == max)
+        .map(|i| at + i)
+}
+
+impl Rows<'_> {
     /// Adds the cross-entropy of the rows `data`, the first of which is row `first`.
     fn cross_entropy<E: Element>(
         &self,

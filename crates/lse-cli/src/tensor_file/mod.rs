@@ -148,6 +148,11 @@ impl Encoding {
         }
     }
 
+    /// True when the stored byte order is this machine's: floats are then copied as they are.
+    fn native(&self) -> bool {
+        self.big_endian == cfg!(target_endian = "big")
+    }
+
     /// Decodes `bytes` (a whole number of elements; a partial element at the end is ignored)
     /// into tensor data.
     ///
@@ -156,21 +161,39 @@ impl Encoding {
     /// index counted from the start of `bytes`).
     pub fn decode(&self, bytes: &[u8]) -> Result<TensorData, FormatError> {
         let el = self;
+        // The byte order is chosen outside the loop, so that the little-endian one compiles to
+        // a plain copy (a per-element branch kept it scalar: a third of an audit's time).
         macro_rules! each {
             ($n:literal, |$a:ident| $value:expr) => {
-                bytes
-                    .chunks_exact($n)
-                    .map(|c| {
-                        let mut $a: [u8; $n] = array(c);
-                        if el.big_endian {
-                            $a.reverse();
-                        }
-                        $value
-                    })
-                    .collect()
+                if el.big_endian {
+                    let flip = |c: &[u8]| {
+                        let mut a: [u8; $n] = array(c);
+                        a.reverse();
+                        a
+                    };
+                    bytes
+                        .chunks_exact($n)
+                        .map(|c| {
+                            let $a = flip(c);
+                            $value
+                        })
+                        .collect()
+                } else {
+                    bytes
+                        .chunks_exact($n)
+                        .map(|c| {
+                            let $a: [u8; $n] = array(c);
+                            $value
+                        })
+                        .collect()
+                }
             };
         }
         Ok(match (el.kind, el.size) {
+            (Kind::Float, 8) if el.native() => TensorData::F64(copied(bytes)),
+            (Kind::Float, 4) if el.native() => TensorData::F32(copied(bytes)),
+            (Kind::Float, _) if el.native() => TensorData::F16(copied(bytes)),
+            (Kind::BFloat, _) if el.native() => TensorData::BF16(copied(bytes)),
             (Kind::Float, 8) => TensorData::F64(each!(8, |a| f64::from_le_bytes(a))),
             (Kind::Float, 4) => TensorData::F32(each!(4, |a| f32::from_le_bytes(a))),
             (Kind::Float, _) => TensorData::F16(each!(2, |a| f16::from_le_bytes(a))),
@@ -515,6 +538,24 @@ impl std::error::Error for FormatError {}
 /// The first `N` bytes of `bytes` as an array (`bytes` must hold at least `N`; callers pass
 /// `chunks_exact(N)` chunks).
 #[inline]
+/// The whole elements of `bytes`, stored in this machine's byte order, as floats: one copy
+/// (element by element, the decode was a fifth of an audit's time).
+fn copied<T: lse::Element>(bytes: &[u8]) -> Vec<T> {
+    let n = bytes.len() / size_of::<T>();
+    let mut out = Vec::<T>::with_capacity(n);
+    // SAFETY: `out` has room for `n` elements, `bytes` holds `n · size_of::<T>()` bytes, and
+    // every bit pattern is a value of the four float types.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            out.as_mut_ptr().cast::<u8>(),
+            n * size_of::<T>(),
+        );
+        out.set_len(n);
+    }
+    out
+}
+
 pub(crate) fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut a = [0; N];
     a.copy_from_slice(&bytes[..N]);
