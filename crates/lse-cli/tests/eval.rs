@@ -794,3 +794,69 @@ fn per_row_ops_in_chunks_write_the_same_bytes() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+/// `--op cross_entropy` streams too: the loss and the gradient files are the same byte for
+/// byte for any chunk size, for each reduction (the mean's count comes from the targets, the
+/// gradient's scale with it), with ignored rows and the options that read the whole row.
+#[test]
+fn cross_entropy_in_chunks_writes_the_same_bytes() {
+    let d = dir("ce_chunks");
+    let (n, c) = (13, 11);
+    let values: Vec<f32> = (0..n * c)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37)
+        .collect();
+    let input = write(&d.join("x.npy"), &[n, c], &values, Bf16Descr::Named);
+    let targets: Vec<i64> = (0..n as i64)
+        .map(|r| if r % 5 == 2 { -1 } else { r * 7 % 11 })
+        .collect();
+    let t = write(&d.join("t.npy"), &[n], &targets, Bf16Descr::Named);
+    let weights: Vec<f64> = (0..c).map(|k| 0.25 + k as f64 / 8.0).collect();
+    let w = write(&d.join("w.npy"), &[c], &weights, Bf16Descr::Named);
+    let options: [&[&str]; 2] = [
+        &[],
+        &[
+            "--label-smoothing",
+            "0.1",
+            "--z-loss",
+            "1e-4",
+            "--softcap",
+            "30",
+            "--weights",
+            s(&w),
+        ],
+    ];
+    for reduction in ["mean", "sum", "none"] {
+        for extra in options {
+            let run = |tag: &str, chunk: &[&str]| {
+                let (out, grad) = (
+                    d.join(format!("{tag}_loss.npy")),
+                    d.join(format!("{tag}_grad.npy")),
+                );
+                let args = [
+                    "--op",
+                    "cross_entropy",
+                    s(&input),
+                    "--targets",
+                    s(&t),
+                    "--ignore-index",
+                    "-1",
+                    "--reduction",
+                    reduction,
+                    "--out",
+                    s(&out),
+                    "--grad",
+                    s(&grad),
+                ];
+                eval_ok(&[&args[..], extra, chunk].concat());
+                (std::fs::read(&out).unwrap(), std::fs::read(&grad).unwrap())
+            };
+            let whole = run("whole", &[]);
+            for chunk in ["1", "100", "400"] {
+                assert!(
+                    run("part", &["--chunk-bytes", chunk]) == whole,
+                    "{reduction} {extra:?} in chunks of {chunk} bytes"
+                );
+            }
+        }
+    }
+}
