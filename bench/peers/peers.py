@@ -19,17 +19,29 @@ Every case runs --warmup untimed calls (for JAX the first of them compiles the j
 so compile time is excluded) and --repeats timed calls; the best and the median are reported,
 and G elements/s = rows * classes / best seconds / 1e9.
 
-The ops, with the names `lse bench` uses:
+The ops, with the names `lse bench` uses (the frameworks "torch", "jax", "lse.torch" and, for
+linear_cross_entropy only, "torch.lce"):
   logsumexp           torch.logsumexp(x, dim=-1)          jax.nn.logsumexp(x, axis=-1)
   softmax             torch.softmax(x, -1)                jax.nn.softmax(x, axis=-1)
   log_softmax         F.log_softmax(x, -1)                jax.nn.log_softmax(x, axis=-1)
   cross_entropy_grad  F.cross_entropy(x, t) then           jax.jit(jax.value_and_grad(mean CE)),
                       loss.backward() (x.grad is reset     mean CE = mean(logsumexp(x) - x[arange, t])
                       to None outside the timed region)
+  linear_cross_entropy (shape NxDxV: hidden states H [N, D], weight W [V, D], bias b [V])
+                      unfused: F.cross_entropy(F.linear(   jax.jit(jax.value_and_grad(mean CE of
+                      H, W, b), t) + loss.backward();      H @ W.T + b, argnums=(0, 1, 2)))
+                      and, as the framework "torch.lce",
+                      F.linear_cross_entropy(H, W, t, linear_bias=b,
+                      options=nn.LinearCrossEntropyOptions()) (its chunked path) + backward
 The framework "lse.torch" runs the same PyTorch code with lse's Python binding in place of
 PyTorch's ops (lse.torch.logsumexp, softmax, log_softmax, cross_entropy + loss.backward()), so
 that the binding's overhead (tensor views, output allocation, the custom op's dispatch and
 autograd) is part of its time; its kernels use RAYON_NUM_THREADS=N.
+
+Linear cases also report "peak_extra_bytes": the growth of the process's peak resident set over
+one call (the first, untimed one), measured as `lse bench` does: after gc and malloc_trim, the
+peak is reset through /proc/self/clear_refs, and VmHWM - VmRSS(before) is read after the call.
+Their rate is "gflops" = 6 * N * D * V / best seconds / 1e9 (three products of 2 * N * D * V).
 
 Inputs are N(0, 1) * 3 logits from a fixed seed (as in `lse bench`), built in f32 and cast to
 the case's dtype outside the timed region; targets are uniform in 0..classes.
@@ -37,8 +49,8 @@ the case's dtype outside the timed region; targets are uniform in 0..classes.
 Output: one JSON document on stdout (or --out FILE), merged from the JSON lines each
 framework's child process prints as it goes:
   {"threads", "cases", "frameworks": {NAME: {"version", "available", "error", "settings"}},
-   "results": [{"framework", "op", "dtype", "rows", "classes", "threads", "best_s",
-                "median_s", "gelem_s", "skipped"}]}
+   "results": [{"framework", "op", "dtype", "rows", "dim", "classes", "threads", "best_s",
+                "median_s", "gelem_s", "gflops", "peak_extra_bytes", "skipped"}]}
 "skipped" is null for a timed case, or says why the framework could not run it (a dtype the
 framework does not support on the CPU for that op, for example); its times are then null.
 """
@@ -54,9 +66,11 @@ import subprocess
 import sys
 import time
 
-OPS = ("logsumexp", "softmax", "log_softmax", "cross_entropy_grad")
+OPS = ("logsumexp", "softmax", "log_softmax", "cross_entropy_grad", "linear_cross_entropy")
+LINEAR_OPS = ("linear_cross_entropy",)
 DTYPES = ("f32", "bf16", "f16")
-FRAMEWORKS = ("torch", "jax", "lse.torch")
+# "torch.lce" (F.linear_cross_entropy's chunked path) has only the linear op.
+FRAMEWORKS = ("torch", "jax", "lse.torch", "torch.lce")
 # The project's targets table.
 DEFAULT_CASES = (
     "logsumexp:4096x32000:f32,"
@@ -76,30 +90,45 @@ LOGIT_SCALE = 3.0
 
 
 def parse_cases(text: str) -> list[dict]:
-    """Parses "op:ROWSxCLASSES:dtype,..." into case dicts, rejecting unknown names."""
+    """Parses "op:ROWSxCLASSES:dtype,..." (NxDxV for the linear op) into case dicts, rejecting
+    unknown names."""
     cases = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         try:
             op, shape, dtype = item.split(":")
-            rows, classes = (int(v) for v in shape.lower().split("x"))
+            dims = [int(v) for v in shape.lower().split("x")]
         except ValueError:
             raise SystemExit(f"peers.py: bad case {item!r}: want op:ROWSxCLASSES:dtype")
         if op not in OPS:
             raise SystemExit(f"peers.py: unknown op {op!r} (ops: {', '.join(OPS)})")
         if dtype not in DTYPES:
             raise SystemExit(f"peers.py: unknown dtype {dtype!r} (dtypes: {', '.join(DTYPES)})")
-        if rows <= 0 or classes <= 0:
-            raise SystemExit(f"peers.py: bad shape {shape!r}")
-        cases.append({"op": op, "dtype": dtype, "rows": rows, "classes": classes})
+        want = 3 if op in LINEAR_OPS else 2
+        if len(dims) != want or min(dims) <= 0:
+            form = "NxDxV" if want == 3 else "ROWSxCLASSES"
+            raise SystemExit(f"peers.py: bad shape {shape!r} for {op}: want {form}")
+        rows, classes = dims[0], dims[-1]
+        dim = dims[1] if want == 3 else None
+        cases.append({"op": op, "dtype": dtype, "rows": rows, "dim": dim, "classes": classes})
     if not cases:
         raise SystemExit("peers.py: no cases")
     return cases
 
 
+def case_shape(case: dict) -> str:
+    dims = (case["rows"], case.get("dim"), case["classes"])
+    return "x".join(str(d) for d in dims if d is not None)
+
+
 def case_name(case: dict) -> str:
-    return f"{case['op']}:{case['rows']}x{case['classes']}:{case['dtype']}"
+    return f"{case['op']}:{case_shape(case)}:{case['dtype']}"
+
+
+def flops(case: dict) -> float:
+    """6·N·D·V: the three products of a linear cross-entropy's forward and backward."""
+    return 6.0 * case["rows"] * case["dim"] * case["classes"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,8 +202,63 @@ def make_inputs(rows: int, classes: int):
     return x, t
 
 
+def make_linear_inputs(rows: int, dim: int, classes: int):
+    """Hidden states N(0, 1), weights N(0, 3²/D) (logits about N(0, 3²), as `lse bench`), a
+    bias N(0, 0.1²), uniform targets; all f32."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    h = rng.standard_normal((rows, dim), dtype=np.float32)
+    w = rng.standard_normal((classes, dim), dtype=np.float32)
+    w *= np.float32(LOGIT_SCALE / dim**0.5)
+    b = rng.standard_normal(classes, dtype=np.float32)
+    b *= np.float32(0.1)
+    t = rng.integers(0, classes, size=rows, dtype=np.int64)
+    return h, w, b, t
+
+
 def nothing() -> None:
     pass
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_extra_bytes(call):
+    """Runs call() once and returns how far the process's peak resident set rose above its
+    resident set before the call (bytes), or None where Linux's counters are unavailable.
+    Freed memory the allocator still holds is given back first (malloc_trim), so that reused
+    pages do not hide the call's own peak."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        call()
+        return None
+    call()
+    return max(_status_bytes("VmHWM") - before, 0)
+
+
+def time_linear(setup, call, warmup: int, repeats: int) -> dict:
+    """The linear cases: the first call (untimed) measures the peak extra memory, then the
+    usual warm-up and timed calls."""
+    setup()
+    peak = peak_extra_bytes(call)
+    best, median = time_calls(setup, call, max(warmup - 1, 0), repeats)
+    return {"best": best, "median": median, "peak_extra_bytes": peak}
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +298,33 @@ def torch_bench(cases: list[dict], threads: int, warmup: int, repeats: int, ops=
     }
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
+    def run_linear(case):
+        dtype = dtypes[case["dtype"]]
+        h_np, w_np, b_np, t_np = make_linear_inputs(case["rows"], case["dim"], case["classes"])
+        h, w, b = (torch.from_numpy(a).to(dtype).contiguous().requires_grad_()
+                   for a in (h_np, w_np, b_np))
+        del h_np, w_np, b_np
+        t = torch.from_numpy(t_np)
+
+        def reset():
+            h.grad = w.grad = b.grad = None
+
+        if ops == "lce":
+            chunked = torch.nn.LinearCrossEntropyOptions()
+
+            def step():
+                F.linear_cross_entropy(h, w, t, linear_bias=b, options=chunked).backward()
+        else:
+            def step():
+                F.cross_entropy(F.linear(h, w, b), t).backward()
+
+        return time_linear(reset, step, warmup, repeats)
+
     def run(case):
+        if case["op"] in LINEAR_OPS:
+            return run_linear(case)
+        if ops == "lce":
+            raise NotImplementedError("torch.lce runs linear_cross_entropy only")
         x_np, t_np = make_inputs(case["rows"], case["classes"])
         x = torch.from_numpy(x_np).to(dtypes[case["dtype"]]).contiguous()
         del x_np
@@ -267,9 +377,20 @@ def jax_bench(cases: list[dict], threads: int, warmup: int, repeats: int):
         "softmax": jax.jit(lambda x: jax.nn.softmax(x, axis=-1)),
         "log_softmax": jax.jit(lambda x: jax.nn.log_softmax(x, axis=-1)),
         "cross_entropy_grad": jax.jit(jax.value_and_grad(mean_ce)),
+        "linear_cross_entropy": jax.jit(jax.value_and_grad(
+            lambda h, w, b, t: mean_ce(h @ w.T + b, t), argnums=(0, 1, 2))),
     }
 
     def run(case):
+        if case["op"] in LINEAR_OPS:
+            arrays = make_linear_inputs(case["rows"], case["dim"], case["classes"])
+            h, w, b = (jax.device_put(jnp.asarray(a, dtype=dtypes[case["dtype"]]))
+                       for a in arrays[:3])
+            t = jax.device_put(jnp.asarray(arrays[3], dtype=jnp.int32))
+            del arrays
+            fn = fns[case["op"]]
+            call = lambda: jax.block_until_ready(fn(h, w, b, t))
+            return time_linear(nothing, call, max(warmup, 1), repeats)
         x_np, t_np = make_inputs(case["rows"], case["classes"])
         x = jax.device_put(jnp.asarray(x_np, dtype=dtypes[case["dtype"]]))
         del x_np
@@ -302,8 +423,8 @@ def child(framework: str, cases: list[dict], threads: int, warmup: int, repeats:
         if framework == "jax":
             info, run = jax_bench(cases, threads, warmup, repeats)
         else:
-            info, run = torch_bench(cases, threads, warmup, repeats,
-                                    ops="lse" if framework == "lse.torch" else None)
+            ops = {"lse.torch": "lse", "torch.lce": "lce"}.get(framework)
+            info, run = torch_bench(cases, threads, warmup, repeats, ops=ops)
     except Exception as err:  # not installed, or does not import
         emit({"kind": "info", "available": False, "version": None, "settings": pinning,
               "error": f"{type(err).__name__}: {err}"})
@@ -312,12 +433,18 @@ def child(framework: str, cases: list[dict], threads: int, warmup: int, repeats:
     emit(dict(info, kind="info", available=True, error=None))
     for case in cases:
         row = dict(case, framework=framework, threads=threads, best_s=None, median_s=None,
-                   gelem_s=None, skipped=None)
+                   gelem_s=None, gflops=None, peak_extra_bytes=None, skipped=None)
         print(f"peers.py: {framework} {case_name(case)}", file=sys.stderr, flush=True)
         try:
-            best, median = run(case)
-            row.update(best_s=best, median_s=median,
-                       gelem_s=case["rows"] * case["classes"] / best / 1e9)
+            timed = run(case)
+            if isinstance(timed, dict):  # a linear case
+                row.update(best_s=timed["best"], median_s=timed["median"],
+                           gflops=flops(case) / timed["best"] / 1e9,
+                           peak_extra_bytes=timed["peak_extra_bytes"])
+            else:
+                best, median = timed
+                row.update(best_s=best, median_s=median,
+                           gelem_s=case["rows"] * case["classes"] / best / 1e9)
         except Exception as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             row["skipped"] = f"{type(err).__name__}: {message}"[:200]
@@ -329,7 +456,7 @@ def run_child(name: str, args, cases: list[dict]) -> tuple[dict, list[dict]]:
     """Runs one framework's child process and collects its info and results; a case the child
     did not report (it crashed, or did not start) is recorded as skipped."""
     command = [sys.executable, os.path.abspath(__file__), "--child", name,
-               "--threads", str(args.threads), "--cases", args.cases,
+               "--threads", str(args.threads), "--cases", ",".join(map(case_name, cases)),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     proc = subprocess.run(command, env=framework_env(name, args.threads),
                           stdout=subprocess.PIPE, text=True)
@@ -355,7 +482,7 @@ def run_child(name: str, args, cases: list[dict]) -> tuple[dict, list[dict]]:
         row = done.get(case_name(case))
         if row is None:
             row = dict(case, framework=name, threads=args.threads, best_s=None,
-                       median_s=None, gelem_s=None,
+                       median_s=None, gelem_s=None, gflops=None, peak_extra_bytes=None,
                        skipped=info.get("error") or "not run")
         results.append(row)
     return info, results
@@ -369,7 +496,8 @@ def main() -> int:
     parser.add_argument("--cases", default=DEFAULT_CASES,
                         help="op:ROWSxCLASSES:dtype,... [default: the project's targets table]")
     parser.add_argument("--frameworks", default="torch,jax",
-                        help="comma-separated: torch, jax, lse.torch [default: torch,jax]")
+                        help="comma-separated: torch, jax, lse.torch, torch.lce (the linear "
+                             "op's F.linear_cross_entropy) [default: torch,jax]")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case")
     parser.add_argument("--out", help="write the JSON document here instead of stdout")
@@ -393,7 +521,12 @@ def main() -> int:
     doc = {"threads": args.threads, "cases": [case_name(c) for c in cases],
            "warmup": args.warmup, "repeats": args.repeats, "frameworks": {}, "results": []}
     for name in frameworks:
-        info, results = run_child(name, args, cases)
+        # torch.lce has only the linear op; lse's Python binding has no linear op yet.
+        mine = [c for c in cases
+                if (c["op"] in LINEAR_OPS) == (name == "torch.lce") or name in ("torch", "jax")]
+        if not mine:
+            continue
+        info, results = run_child(name, args, mine)
         doc["frameworks"][name] = info
         doc["results"].extend(results)
 

@@ -23,25 +23,38 @@ import json
 import sys
 
 
-def parse_cases(text: str) -> list[tuple[str, str, int, int]]:
+LINEAR_OP = "linear_cross_entropy"
+
+
+def parse_all_cases(text: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(op, dtype, dims): dims is (rows, classes), or (N, D, V) for the linear op."""
     cases = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         op, shape, dtype = item.split(":")
-        rows, classes = (int(v) for v in shape.lower().split("x"))
-        cases.append((op, dtype, rows, classes))
+        cases.append((op, dtype, tuple(int(v) for v in shape.lower().split("x"))))
     return cases
 
 
+def parse_cases(text: str) -> list[tuple[str, str, int, int]]:
+    """The row-wise cases (every op but the linear one) as (op, dtype, rows, classes)."""
+    return [(op, dtype, *dims) for op, dtype, dims in parse_all_cases(text) if op != LINEAR_OP]
+
+
+def parse_linear_cases(text: str) -> list[tuple[str, int, int, int]]:
+    """The linear cross-entropy cases as (dtype, N, D, V)."""
+    return [(dtype, *dims) for op, dtype, dims in parse_all_cases(text) if op == LINEAR_OP]
+
+
 def plan(args) -> int:
-    groups: dict[tuple[str, int, int], list[str]] = {}
-    for op, dtype, rows, classes in parse_cases(args.cases):
-        ops = groups.setdefault((dtype, rows, classes), [])
+    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for op, dtype, dims in parse_all_cases(args.cases):
+        ops = groups.setdefault((dtype, dims), [])
         if op not in ops:
             ops.append(op)
-    for (dtype, rows, classes), ops in groups.items():
-        print(f"{','.join(ops)} {dtype} {rows}x{classes}")
+    for (dtype, dims), ops in groups.items():
+        print(f"{','.join(ops)} {dtype} {'x'.join(map(str, dims))}")
     return 0
 
 
@@ -66,14 +79,87 @@ def fmt_fraction(value) -> str:
     return "—" if value is None else f"{value * 100:.0f} %"
 
 
+def fmt_seconds(value) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def fmt_gflops(value) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
+def fmt_mib(value) -> str:
+    return "—" if value is None else f"{value / 2**20:,.0f}"
+
+
+def linear_table(cases, lse_linear, peer_rows) -> tuple[list[str], list[dict], list[str]]:
+    """The fused linear cross-entropy's table: times, ratios and peak extra memory."""
+    rows_out, notes = [], []
+    for dtype, n, d, v in cases:
+        lse = lse_linear.get((dtype, n, d, v), {})
+        peers = {key: peer_rows.get((key, LINEAR_OP, dtype, n, d, v), {})
+                 for key in ("torch", "torch.lce", "jax")}
+        for key, row in peers.items():
+            if row.get("skipped"):
+                notes.append(f"{key} {LINEAR_OP} {n}x{d}x{v} {dtype}: {row['skipped']}")
+        ratio = {key: (row["best_s"] / lse["best_s"]
+                       if row.get("best_s") and lse.get("best_s") else None)
+                 for key, row in peers.items()}
+        rows_out.append({
+            "shape": f"{n}x{d}x{v}", "dtype": dtype, "lse": lse or None,
+            "torch": peers["torch"] or None, "torch_lce": peers["torch.lce"] or None,
+            "jax": peers["jax"] or None,
+            "lse_over_torch": ratio["torch"], "lse_over_torch_lce": ratio["torch.lce"],
+            "lse_over_jax": ratio["jax"],
+        })
+    if not rows_out:
+        return [], [], notes
+
+    def ratio_text(value):
+        return "—" if value is None else f"{value:.2f}×"
+
+    lines = [
+        "",
+        "Fused linear cross-entropy, forward + backward (loss, dH, dW, db) from hidden states "
+        "H [N, D], weight W [V, D], bias [V]: seconds (best), ratios > 1 mean lse is faster, "
+        "\"of gemm\" is the matrix crate alone on the same three products over lse's time, "
+        "peak extra memory in MiB (growth of the peak resident set over one call). PyTorch "
+        "unfused is `F.cross_entropy(F.linear(H, W, b), t)`, F.lce is "
+        "`F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())`, JAX is "
+        "`jit(value_and_grad)` of the unfused mean.",
+        "",
+        "| N×D×V | dtype | lse s | lse GFLOP/s | lse of gemm | PyTorch unfused s | F.lce s "
+        "| JAX s | lse/unfused | lse/F.lce | lse/JAX | peak MiB lse | unfused | F.lce | JAX |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows_out:
+        lse = r["lse"] or {}
+        t, c, j = (r[k] or {} for k in ("torch", "torch_lce", "jax"))
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {fmt_seconds(lse.get('best_s'))} "
+            f"| {fmt_gflops(lse.get('gflops'))} "
+            f"| {fmt_fraction(lse.get('matmul_fraction'))} "
+            f"| {fmt_seconds(t.get('best_s'))} | {fmt_seconds(c.get('best_s'))} "
+            f"| {fmt_seconds(j.get('best_s'))} | {ratio_text(r['lse_over_torch'])} "
+            f"| {ratio_text(r['lse_over_torch_lce'])} | {ratio_text(r['lse_over_jax'])} "
+            f"| {fmt_mib(lse.get('peak_extra_bytes'))} | {fmt_mib(t.get('peak_extra_bytes'))} "
+            f"| {fmt_mib(c.get('peak_extra_bytes'))} | {fmt_mib(j.get('peak_extra_bytes'))} |")
+    return lines, rows_out, notes
+
+
 def merge(args) -> int:
     cases = parse_cases(args.cases)
+    linear_cases = parse_linear_cases(args.cases)
     meta = dict(item.split("=", 1) for item in args.meta)
 
-    lse_docs = []
+    lse_docs, lse_linear = [], {}
     for path in args.lse:
         with open(path) as f:
-            lse_docs.append(json.load(f))
+            doc = json.load(f)
+        if isinstance(doc, list):  # `lse bench --op linear_cross_entropy --json`
+            for r in doc:
+                lse_linear[(r["dtype"], r["rows"], r["dim"], r["classes"])] = r
+        else:
+            lse_docs.append(doc)
     lse_rows = {}
     for doc in lse_docs:
         for r in doc.get("results", []):
@@ -84,7 +170,10 @@ def merge(args) -> int:
         peers = json.load(f)
     peer_rows = {}
     for r in peers.get("results", []):
-        peer_rows[(r["framework"], r["op"], r["dtype"], r["rows"], r["classes"])] = r
+        if r["op"] == LINEAR_OP:
+            peer_rows[(r["framework"], r["op"], r["dtype"], r["rows"], r["dim"], r["classes"])] = r
+        else:
+            peer_rows[(r["framework"], r["op"], r["dtype"], r["rows"], r["classes"])] = r
     frameworks = peers.get("frameworks", {})
 
     first = lse_docs[0] if lse_docs else {}
@@ -170,7 +259,7 @@ def merge(args) -> int:
         lines.append(f"- load average before the run: {header['load_before']}"
                      + (" (not idle: numbers are skewed)"
                         if _float(header["load_before"]) > 0.5 else ""))
-    lines += [
+    row_lines = [
         "",
         "G elem/s = rows × classes / best time (higher is better); ratios > 1 mean lse is "
         "faster. \"of copy\" is lse's bytes-moved rate over the machine's copy bandwidth.",
@@ -181,7 +270,7 @@ def merge(args) -> int:
         "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_binding else ""),
     ]
     for r in rows_out:
-        lines.append(
+        row_lines.append(
             f"| {r['op']} | {r['shape']} | {r['dtype']} | {fmt_rate(r['lse_gelem_s'])} "
             f"| {fmt_rate(r['torch_gelem_s'])} | {fmt_rate(r['jax_gelem_s'])} "
             f"| {fmt_ratio(r['lse_gelem_s'], r['torch_gelem_s'])} "
@@ -190,18 +279,25 @@ def merge(args) -> int:
             + (f" {fmt_rate(r['lse_torch_gelem_s'])} "
                f"| {fmt_ratio(r['lse_torch_gelem_s'], r['torch_gelem_s'])} |"
                if with_binding else ""))
-    for name, key in (("PyTorch", "torch"), ("JAX", "jax"), ("lse.torch", "lse.torch")):
+    if rows_out:
+        lines += row_lines
+    linear_lines, linear_rows, linear_notes = linear_table(linear_cases, lse_linear, peer_rows)
+    lines += linear_lines
+    notes += linear_notes
+    for name, key in (("PyTorch", "torch"), ("JAX", "jax"), ("lse.torch", "lse.torch"),
+                      ("F.linear_cross_entropy", "torch.lce")):
         fw = frameworks.get(key)
         if fw and not fw.get("available"):
             notes.append(f"{name} did not run: {fw.get('error')}")
     missing = [f"{r['op']} {r['shape']} {r['dtype']}" for r in rows_out if not r["lse"]]
+    missing += [f"{LINEAR_OP} {r['shape']} {r['dtype']}" for r in linear_rows if not r["lse"]]
     if missing:
         notes.append("lse bench reported nothing for: " + "; ".join(missing))
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     table = "\n".join(lines) + "\n"
 
-    doc = {"header": header, "rows": rows_out, "notes": notes,
+    doc = {"header": header, "rows": rows_out, "linear_rows": linear_rows, "notes": notes,
            "lse_raw": lse_docs, "peers_raw": peers}
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)

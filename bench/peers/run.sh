@@ -3,6 +3,8 @@
 #
 #   bash bench/peers/run.sh                 the project's targets table (7 cases, full size)
 #   bash bench/peers/run.sh --quick         a smoke test on small shapes (seconds, not minutes)
+#   bash bench/peers/run.sh --linear        the fused linear cross-entropy table (4096x1024x32000,
+#                                           f32 and bf16: several minutes)
 #
 # It (1) creates bench/peers/.venv and installs the pinned CPU peers of requirements.txt into
 # it (skipped when the venv is already complete), (2) builds `lse` (cargo build --release -p
@@ -12,14 +14,20 @@
 #
 # Options (each has an environment variable of the same meaning; a flag wins):
 #   --quick              small shapes, every op, f32/bf16/f16: a smoke test of the whole chain
+#   --linear             the linear cross-entropy cases (issue 13's targets) instead of the
+#                        targets table; peak memory at 8192x1024x131072 is a separate call:
+#                        --cases linear_cross_entropy:8192x1024x131072:f32 --repeats 1 --warmup 0
 #   --threads N          THREADS     threads (and pinned cores) per side [default: nproc]
 #   --cases LIST         CASES       op:ROWSxCLASSES:dtype,...  [default: the targets table]
+#                                    (linear_cross_entropy takes NxDxV: tokens x hidden x classes)
 #   --ops LIST           OPS         \ any of these three instead of --cases: every op x dtype
 #   --dtypes LIST        DTYPES       > x shape [defaults: the four ops, f32, 4096x32000]
 #   --shapes LIST        SHAPES      /  shapes are ROWSxCLASSES
 #   --repeats N          REPEATS     timed calls per case, both sides [default: 10]
 #   --warmup N           WARMUP      untimed calls per case, peers (lse bench does 1) [default: 2]
-#   --frameworks LIST    FRAMEWORKS  any of torch, jax, lse.torch [default: all three]
+#   --frameworks LIST    FRAMEWORKS  any of torch, jax, lse.torch, torch.lce [default: all four]
+#                                    (torch.lce: F.linear_cross_entropy's chunked path, for the
+#                                    linear op only; torch is PyTorch's unfused path there)
 #                                    (lse.torch: lse's Python binding, built from crates/lse-py
 #                                    into the venv, timed from PyTorch like torch's own ops)
 #   --skip-build         SKIP_BUILD=1   use the existing target/release/lse (and the lse
@@ -32,8 +40,8 @@
 #                                       dependencies (5.3 GB) instead of the lean set
 #   PYTHON                              the interpreter that creates the venv [python3, >= 3.11]
 #
-# Ops: logsumexp, softmax, log_softmax, cross_entropy_grad (loss + gradient). Dtypes: f32,
-# bf16, f16.
+# Ops: logsumexp, softmax, log_softmax, cross_entropy_grad (loss + gradient),
+# linear_cross_entropy (loss + dH, dW, db from hidden states). Dtypes: f32, bf16, f16.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -47,6 +55,7 @@ ALL_OPS="logsumexp,softmax,log_softmax,cross_entropy_grad"
 TARGET_CASES="logsumexp:4096x32000:f32,softmax:4096x32000:f32,log_softmax:4096x32000:f32"
 TARGET_CASES+=",cross_entropy_grad:4096x32000:f32,cross_entropy_grad:4096x32000:bf16"
 TARGET_CASES+=",cross_entropy_grad:65536x1000:f32,softmax:65536x1000:bf16"
+LINEAR_CASES="linear_cross_entropy:4096x1024x32000:f32,linear_cross_entropy:4096x1024x32000:bf16"
 
 THREADS="${THREADS:-}"
 CASES="${CASES:-}"
@@ -55,12 +64,13 @@ DTYPES="${DTYPES:-}"
 SHAPES="${SHAPES:-}"
 REPEATS="${REPEATS:-10}"
 WARMUP="${WARMUP:-2}"
-FRAMEWORKS="${FRAMEWORKS:-torch,jax,lse.torch}"
+FRAMEWORKS="${FRAMEWORKS:-torch,jax,lse.torch,torch.lce}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 REINSTALL="${REINSTALL:-0}"
 PEERS_TORCH_INSTALL="${PEERS_TORCH_INSTALL:-lean}"
 PYTHON="${PYTHON:-python3}"
 QUICK=0
+LINEAR=0
 INSTALL_ONLY=0
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -70,6 +80,7 @@ need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
+        --linear) LINEAR=1 ;;
         --threads) need_value "$@"; THREADS="$2"; shift ;;
         --cases) need_value "$@"; CASES="$2"; shift ;;
         --ops) need_value "$@"; OPS="$2"; shift ;;
@@ -95,6 +106,9 @@ if [[ $QUICK == 1 ]]; then
     DTYPES="${DTYPES:-f32,bf16,f16}"
     SHAPES="${SHAPES:-64x1000,512x4096}"
 fi
+if [[ $LINEAR == 1 && -z "$CASES" ]]; then
+    CASES="$LINEAR_CASES"
+fi
 if [[ -z "$CASES" ]]; then
     if [[ -n "$OPS$DTYPES$SHAPES" ]]; then
         IFS=, read -r -a op_list <<< "${OPS:-$ALL_OPS}"
@@ -109,6 +123,9 @@ if [[ -z "$CASES" ]]; then
         done
     else
         CASES="$TARGET_CASES"
+    fi
+    if [[ $QUICK == 1 ]]; then
+        CASES+=",linear_cross_entropy:256x64x1000:f32,linear_cross_entropy:256x64x1000:bf16"
     fi
 fi
 [[ "$REPEATS" =~ ^[1-9][0-9]*$ ]] || die "--repeats must be a positive integer"
@@ -220,6 +237,7 @@ stamp="$(date +%Y-%m-%d-%H%M%S)"
 mode="targets table"
 [[ $QUICK == 1 ]] && { stamp+="-quick"; mode="quick (smoke test: small shapes, not a measurement)"; }
 [[ "$CASES" != "$TARGET_CASES" && $QUICK == 0 ]] && mode="custom cases"
+[[ "$CASES" == "$LINEAR_CASES" && $QUICK == 0 ]] && mode="linear cross-entropy table"
 lse_version="$("$LSE" --version | awk '{print $2}')"
 commit="$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo unknown)"
 if [[ -n "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2> /dev/null)" ]]; then

@@ -64,7 +64,9 @@ Examples:
   lse eval --op logsumexp dump.safetensors --tensor logits --out lse.npy
   lse eval --op cross_entropy logits.npy --targets labels.npy --out loss.npy --grad dlogits.npy
   lse eval --op cross_entropy logits.npy --targets labels.npy --reduction none \\
-           --label-smoothing 0.1 --z-loss 1e-4 --softcap 30 --weights w.npy --out losses.npy"
+           --label-smoothing 0.1 --z-loss 1e-4 --softcap 30 --weights w.npy --out losses.npy
+  lse eval --op linear_cross_entropy --hidden h.npy --weight w.npy --bias b.npy \
+           --targets labels.npy --out loss.npy --grad-hidden dh.npy --grad-weight dw.npy"
     };
 }
 
@@ -150,7 +152,7 @@ impl From<Policy> for NonFinite {
 
 const CE_HEADING: &str = "Cross-entropy options (--op cross_entropy, linear_cross_entropy)";
 const LINEAR_HEADING: &str =
-    "Linear cross-entropy (--op linear_cross_entropy; INPUT: hidden states N x D)";
+    "Linear cross-entropy (--op linear_cross_entropy; hidden states N x D as INPUT or --hidden)";
 
 /// Arguments of `lse eval`.
 #[derive(Debug, clap::Args)]
@@ -160,9 +162,10 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "OP")]
     pub op: Op,
 
-    /// The logits: a .npy or .safetensors file
-    #[arg(value_name = "INPUT")]
-    pub input: PathBuf,
+    /// The logits: a .npy or .safetensors file (for --op linear_cross_entropy: the hidden
+    /// states, or give them as --hidden)
+    #[arg(value_name = "INPUT", required_unless_present = "hidden")]
+    pub input: Option<PathBuf>,
 
     /// Where to write the result (.npy)
     #[arg(long, value_name = "OUT.npy")]
@@ -246,7 +249,11 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = crate::audit::CHUNK_BYTES, hide = true)]
     pub chunk_bytes: usize,
 
-    /// The classifier head W, classes x hidden (.npy or .safetensors, INPUT's dtype)
+    /// The hidden states H, N x D (.npy or .safetensors); the same as giving them as INPUT
+    #[arg(long, value_name = "FILE", help_heading = LINEAR_HEADING, conflicts_with = "input")]
+    pub hidden: Option<PathBuf>,
+
+    /// The classifier head W, classes x hidden (.npy or .safetensors, the hidden states' dtype)
     #[arg(long, value_name = "FILE", help_heading = LINEAR_HEADING)]
     pub weight: Option<PathBuf>,
 
@@ -272,6 +279,14 @@ pub struct Args {
 }
 
 impl Args {
+    /// The input file: INPUT, or `--hidden` (clap requires exactly one of them).
+    pub(crate) fn input(&self) -> &Path {
+        self.input
+            .as_deref()
+            .or(self.hidden.as_deref())
+            .unwrap_or(Path::new(""))
+    }
+
     /// The cross-entropy options given, by flag name.
     fn ce_flags(&self) -> Vec<&'static str> {
         let given = [
@@ -315,6 +330,7 @@ impl Args {
     /// The linear cross-entropy's own flags given, by name.
     fn linear_flags(&self) -> Option<&'static str> {
         [
+            ("--hidden", self.hidden.is_some()),
             ("--weight", self.weight.is_some()),
             ("--bias", self.bias.is_some()),
             ("--grad-hidden", self.grad_hidden.is_some()),
@@ -411,11 +427,11 @@ fn complete<T>(result: Result<T>, files: &[(&Path, &Path)]) -> Result<T> {
 /// order: the outputs are bit for bit those of one library call over the whole tensor.
 fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
     let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
-    let opened = input::open_logits(&args.input, pick, args.void_as_bf16)?;
+    let opened = input::open_logits(args.input(), pick, args.void_as_bf16)?;
     let Some(tensor) = opened.tensors.first() else {
         return Err(CliError::Other("no tensor was read".to_owned()));
     };
-    let layout = ClassLayout::new(&args.input, &tensor.shape, args.axis)?;
+    let layout = ClassLayout::new(args.input(), &tensor.shape, args.axis)?;
     let bf16 = match opened.file.format {
         Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
         Format::Safetensors => Bf16Descr::Void,
@@ -459,8 +475,8 @@ fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
     }
     let written = complete(result, &files)?;
     let source = match &tensor.name {
-        Some(n) => format!("{}, tensor {n:?}", args.input.display()),
-        None => args.input.display().to_string(),
+        Some(n) => format!("{}, tensor {n:?}", args.input().display()),
+        None => args.input().display().to_string(),
     };
     let _ = writeln!(
         out,
@@ -483,11 +499,11 @@ fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
 /// complete (removed on error).
 fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
     let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
-    let opened = input::open_logits(&args.input, pick, args.void_as_bf16)?;
+    let opened = input::open_logits(args.input(), pick, args.void_as_bf16)?;
     let Some(tensor) = opened.tensors.first() else {
         return Err(CliError::Other("no tensor was read".to_owned()));
     };
-    let layout = ClassLayout::new(&args.input, &tensor.shape, args.axis)?;
+    let layout = ClassLayout::new(args.input(), &tensor.shape, args.axis)?;
     let bf16 = match opened.file.format {
         Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
         Format::Safetensors => Bf16Descr::Void,
@@ -513,8 +529,8 @@ fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
     };
     let what = complete(written, &[(&partial, &args.out)])?;
     let source = match &tensor.name {
-        Some(n) => format!("{}, tensor {n:?}", args.input.display()),
-        None => args.input.display().to_string(),
+        Some(n) => format!("{}, tensor {n:?}", args.input().display()),
+        None => args.input().display().to_string(),
     };
     let _ = writeln!(
         out,

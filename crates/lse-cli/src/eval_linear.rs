@@ -1,5 +1,5 @@
 //! `lse eval --op linear_cross_entropy`: the fused linear cross-entropy of hidden states
-//! (INPUT, `N × D`) through a classifier head (`--weight`, `V × D`; `--bias`, `V`) against class
+//! (INPUT or `--hidden`, `N × D`) through a classifier head (`--weight`, `V × D`; `--bias`, `V`) against class
 //! targets, with its gradients, written as `.npy` — bit for bit what the library returns.
 
 use std::fmt::Write as _;
@@ -77,13 +77,13 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     if args.axis != -1 && args.axis != 1 {
         return usage("--op linear_cross_entropy takes hidden states N x D (the hidden axis last)");
     }
-    let hidden = load(&args.input, args.tensor.as_deref(), args.void_as_bf16)?;
+    let hidden = load(args.input(), args.tensor.as_deref(), args.void_as_bf16)?;
     let weight = load(weight_path, None, args.void_as_bf16)?;
     let bias = match &args.bias {
         Some(path) => Some(load(path, None, args.void_as_bf16)?),
         None => None,
     };
-    let [rows, dim] = matrix(&args.input, &hidden.shape, "the hidden states")?;
+    let [rows, dim] = matrix(args.input(), &hidden.shape, "the hidden states")?;
     let [classes, weight_dim] = matrix(weight_path, &weight.shape, "the weight")?;
     if weight_dim != dim {
         return Err(file_error(
@@ -131,7 +131,7 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
         Some(DType::BF16) => job.run::<lse::bf16>(hidden, weight, bias)?,
         _ => {
             return Err(file_error(
-                &args.input,
+                args.input(),
                 "the linear cross-entropy takes f32, f16 or bf16 hidden states",
             ))
         }
@@ -139,7 +139,7 @@ pub fn run(args: &Args, out: &mut String) -> Result<u8> {
     let _ = writeln!(
         out,
         "linear_cross_entropy of {} ({}, {rows} x {dim}) through {} ({classes} x {dim})",
-        args.input.display(),
+        args.input().display(),
         dtype.map_or("?", DType::name),
         weight_path.display()
     );

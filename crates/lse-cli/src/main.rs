@@ -81,12 +81,20 @@ fn main() -> ExitCode {
             return ExitCode::from(FAILURE);
         }
         Err(e) => {
-            // Usage errors: clap's first line only ("error: invalid value 'f8' for ...").
+            // Usage errors on one line: clap's first paragraph ("error: invalid value 'f8' for
+            // ...", or "error: the following required arguments were not provided: <INPUT>").
             let text = e.to_string();
-            let line = text
+            let paragraph: Vec<&str> = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error");
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = if paragraph.is_empty() {
+                "error".to_owned()
+            } else {
+                paragraph.join(" ")
+            };
             eprintln!("{line}");
             return ExitCode::from(FAILURE);
         }

@@ -146,5 +146,62 @@ fn flags_are_checked() {
         err.contains("--weight applies to --op linear_cross_entropy only"),
         "{err}"
     );
+    let err = common::run_err(&[
+        "eval",
+        "--op",
+        "softmax",
+        "--hidden",
+        s(&h),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        err.contains("--hidden applies to --op linear_cross_entropy only"),
+        "{err}"
+    );
+    // The hidden states are INPUT or --hidden, never both; one of them is required.
+    let err = common::run_err(&[
+        "eval",
+        "--op",
+        "linear_cross_entropy",
+        s(&h),
+        "--hidden",
+        s(&h),
+        "--weight",
+        s(&w),
+        "--targets",
+        s(&t),
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = common::run_err(&["eval", "--op", "softmax", "--out", s(&out)]);
+    assert!(err.contains("INPUT"), "{err}");
     assert!(!out.exists());
+}
+
+/// `--hidden FILE` is the positional INPUT under its own name: the same bytes out.
+#[test]
+fn hidden_flag_is_the_input() {
+    let dir = common::dir("eval_linear", "hidden_flag");
+    let (n, d, v) = (5, 3, 7);
+    let hidden: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.9).cos() * 3.0).collect();
+    let weight: Vec<f32> = (0..v * d).map(|i| (i as f32 * 0.4).sin()).collect();
+    let (h, w, t) = (dir.join("h.npy"), dir.join("w.npy"), dir.join("t.npy"));
+    write_npy(&h, &[n, d], &hidden, Bf16Descr::Void);
+    write_npy(&w, &[v, d], &weight, Bf16Descr::Void);
+    write_npy(&t, &[n], &[6i64, 0, 2, -100, 4], Bf16Descr::Void);
+    let run = |hidden_args: &[&str], tag: &str| {
+        let loss = dir.join(format!("loss-{tag}.npy"));
+        let dw = dir.join(format!("dw-{tag}.npy"));
+        let mut args = vec!["eval", "--op", "linear_cross_entropy"];
+        args.extend_from_slice(hidden_args);
+        args.extend_from_slice(&["--weight", s(&w), "--targets", s(&t), "--z-loss", "1e-3"]);
+        args.extend_from_slice(&["--out", s(&loss), "--grad-weight", s(&dw)]);
+        common::run_ok(&args);
+        (std::fs::read(&loss).unwrap(), std::fs::read(&dw).unwrap())
+    };
+    let by_flag = run(&["--hidden", s(&h)], "flag");
+    let positional = run(&[s(&h)], "positional");
+    assert_eq!(by_flag, positional);
 }
