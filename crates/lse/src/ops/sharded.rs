@@ -622,7 +622,8 @@ fn checked_batch<'a, E: Element>(
 }
 
 /// The cross-entropy plan of row `r` (target `target`) from its merged partial, with the
-/// weights of `shard`'s columns when its gradient is to be written (`None`: the loss alone).
+/// weights of `shard`'s columns when its gradient is to be written (`None`: the plan of the
+/// whole row, for the loss and for what the gradient of every shard must agree on).
 fn merged_plan<'w, E: Element>(
     r: usize,
     target: usize,
@@ -660,13 +661,30 @@ fn merged_plan<'w, E: Element>(
     Ok(CeRow::from_merged(
         piece,
         merged.state(),
-        shard.and_then(|s| s.local(target)),
+        shard.map_or(Some(target), |s| s.local(target)),
         target_weight,
         merged.live,
         merged.live_weight,
         poisoned,
         masked_target,
     ))
+}
+
+/// True when row `r`'s gradient subtracts nearly equal numbers (label smoothing that matches
+/// the prediction), which the vector write pass's exp cannot resolve: as
+/// [`crate::cross_entropy`] decides it for a whole row, from the merged partial.
+fn smoothing_cancels<E: Element>(
+    r: usize,
+    target: usize,
+    merged: &RowPartial,
+    config: CeConfig<'_>,
+) -> Result<bool> {
+    if config.smoothing == 0.0 {
+        return Ok(false);
+    }
+    let whole = merged_plan::<E>(r, target, merged, config, None)?;
+    // A smoothing that can cancel is decided on unmapped logits only: the target logit is raw.
+    Ok(whole.smoothing_cancels(merged.target))
 }
 
 /// The loss and lse of a row from its plan: the loss's distance term is the target's
@@ -757,7 +775,12 @@ fn finish_rows<E: Element>(
                         g.fill(E::zero());
                         return Ok(None);
                     };
-                    plan.write_gradient(x, batch.grad_scale(r), |c, v| g[c] = v);
+                    // The merged state is good to the scalar kernel's accuracy; the vector
+                    // write pass serves every row whose gradient does not cancel beyond its
+                    // exp's (a choice made from the merged row alone: the same on every shard).
+                    let vector =
+                        !smoothing_cancels::<E>(r, targets[r] as usize, &merged[r], config)?;
+                    kernels::ce_grad_from_plan(x, g, &plan, batch.grad_scale(r), vector);
                     Ok(Some(values))
                 })
                 .collect()
