@@ -668,7 +668,34 @@ pub(crate) fn ce_grad_from_plan<E: Element>(
             return;
         }
     }
-    plan.write_gradient(x, scale, |c, v| g[c] = v);
+    plan.write_gradient(x.iter().copied(), scale, |c, v| g[c] = v);
+}
+
+/// [`ce_grad_from_plan`] written over the logits.
+pub(crate) fn ce_grad_from_plan_in_place<E: Element>(
+    x: &mut [E],
+    plan: &scalar::CeRow<'_, '_, E>,
+    scale: scalar::GradScale,
+    vector: bool,
+) {
+    if vector && fast() {
+        if let Some(w) = plan.fast_write(x, scale) {
+            let w = scalar::FastWrite {
+                sweep_distance: false,
+                ..w
+            };
+            ce_grad_in_place(x, &w);
+            if let Some(target) = w.target {
+                x[target] = E::from_f64(w.target_grad);
+            }
+            return;
+        }
+    }
+    // Each element is read before it is overwritten.
+    let cells = core::cell::Cell::from_mut(x).as_slice_of_cells();
+    plan.write_gradient(cells.iter().map(core::cell::Cell::get), scale, |c, v| {
+        cells[c].set(v);
+    });
 }
 
 /// The distance sweep of [`ce_grad`] without the gradient (a loss-only call), the same bits.

@@ -494,15 +494,16 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     }
 
     /// Calls `write(c, dloss/dx_c · scale)` for every class of `logits` (NaN for a poisoned
-    /// row): the gradient half of [`Self::finish`].
+    /// row): the gradient half of [`Self::finish`]. `logits` yields the row's raw logits in
+    /// order (read once, so the gradient may be written over them).
     pub(crate) fn write_gradient(
         &self,
-        logits: &[E],
+        logits: impl Iterator<Item = E>,
         scale: GradScale,
         mut write: impl FnMut(usize, E),
     ) {
         let dtype_max = E::MAX.to_f64();
-        for (c, &x) in logits.iter().enumerate() {
+        for (c, x) in logits.enumerate() {
             let g = if self.poisoned {
                 f64::NAN
             } else {
