@@ -12,7 +12,8 @@
 //! operands on every rank — all of Open MPI's all-reduce algorithms do, by exchanging results or
 //! by pairwise symmetric steps — leaves every rank with bitwise the same merged partials, hence
 //! bitwise the same loss. The results equal the one-process result within the bounds that
-//! `lse::sharded` states (one ulp of `f32`; two of `f64`).
+//! `lse::sharded` states (one ulp of `f32` and of `f64`); for the vocab-split fused linear
+//! cross-entropy ([`VocabParallel::linear_cross_entropy_with_grad`]), those its docs state.
 //!
 //! Errors never leave a rank waiting: a rank whose own arguments are bad still joins the
 //! collective (with [`RowPartial::FAILED_SHARD`]) and every other rank returns

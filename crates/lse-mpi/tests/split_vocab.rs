@@ -182,12 +182,14 @@ fn all_bits(world: &SimpleCommunicator, value: f64) -> Vec<u64> {
     bits
 }
 
-/// `split_bound`: ulps from the one-shard split result (the algebra's stated bound);
+/// `split_bound`: ulps from the one-shard split result (the algebra's stated bound) for the loss
+/// and row losses, `split_grad_bound` for the gradient (ulps of the row's largest entry);
 /// `lse_bound`: ulps from the one-process `lse` call (each within 2 ulp of an oracle, DESIGN §3).
 fn check_cross_entropy<E: Element>(
     world: &SimpleCommunicator,
     mantissa: i32,
     split_bound: f64,
+    split_grad_bound: f64,
     lse_bound: f64,
 ) {
     let (full, targets) = batch();
@@ -250,9 +252,15 @@ fn check_cross_entropy<E: Element>(
                 &mut lse_grad,
             )
             .unwrap();
-            for (against, reference, bound, ref_grad) in [
-                ("one shard", &one_out, split_bound, &one_grad),
-                ("one process", &lse_out, lse_bound, &lse_grad),
+            for (against, reference, bound, grad_bound, ref_grad) in [
+                (
+                    "one shard",
+                    &one_out,
+                    split_bound,
+                    split_grad_bound,
+                    &one_grad,
+                ),
+                ("one process", &lse_out, lse_bound, lse_bound, &lse_grad),
             ] {
                 let what = format!("{what} against {against}");
                 let u = ulps(loss, reference.loss.into(), mantissa);
@@ -279,7 +287,7 @@ fn check_cross_entropy<E: Element>(
                         let b = full_row[shard.start() + c].to_f64();
                         let u = ulps(peak + (a.to_f64() - b).abs(), peak, mantissa);
                         assert!(
-                            u <= bound,
+                            u <= grad_bound,
                             "{what}: gradient row {r} column {c}: {a:?} vs {b}"
                         );
                     }
@@ -577,8 +585,10 @@ fn main() {
     let universe = mpi::initialize().expect("MPI initialises once");
     lse_mpi::abort_on_panic();
     let world = universe.world();
-    check_cross_entropy::<f32>(&world, 24, 1.0, 2.0);
-    check_cross_entropy::<f64>(&world, 53, 2.0, 4.0);
+    check_cross_entropy::<f32>(&world, 24, 1.0, 1.0, 2.0);
+    // f64: the loss within 1 ulp of one shard; the gradient within 2 ulp of the row's largest
+    // entry (the one-shard state's own rescaling roundings differ from the split's).
+    check_cross_entropy::<f64>(&world, 53, 1.0, 2.0, 4.0);
     check_faults(&world);
     check_lse_family(&world);
     check_linear(&world);

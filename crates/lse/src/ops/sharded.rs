@@ -11,8 +11,8 @@
 //!    to the bit (the two are put in a fixed order first: by `m`, then `s'`, then every other
 //!    field), [`RowPartial::EMPTY`] is its identity to the bit, and no `−inf − (−inf)` is ever
 //!    formed. It is associative up to rounding: two reduction trees give states that differ by
-//!    a few `f64` ulps of `s'`, which the finished `f32`/`f16`/`bf16` results absorb to within
-//!    one ulp of their type (usually bitwise). One all-reduce of `rows` partials with this
+//!    a few `f64` ulps of `s'`, which the finished results absorb to within one ulp of their
+//!    type for the loss and lse (`f32`/`f16`/`bf16` usually bitwise). One all-reduce of `rows` partials with this
 //!    operation (a user-defined MPI operation, say) replaces Megatron-LM's three.
 //! 3. **Finish** — every shard turns the merged partials into the loss (or logsumexp), and its
 //!    own columns' gradient (or softmax, log_softmax), with no further communication. Every
@@ -733,7 +733,12 @@ fn row_values<E: Element>(
     );
     let share = plan.smoothing_share();
     if share > 0.0 {
-        distance.add(share * merged.distance);
+        // share · (distance + carry) with the product's rounding error kept: the split of the
+        // sum into its two parts depends on the merge order, and a rounded product would show
+        // it in an f64 loss.
+        let product = share * merged.distance;
+        distance.add(product);
+        distance.add(share.mul_add(merged.distance, -product));
         distance.add(share * merged.distance_carry);
     }
     RowValues {
