@@ -12,7 +12,8 @@
 //! operands on every rank — all of Open MPI's all-reduce algorithms do, by exchanging results or
 //! by pairwise symmetric steps — leaves every rank with bitwise the same merged partials, hence
 //! bitwise the same loss. The results equal the one-process result within the bounds that
-//! `lse::sharded` states (one ulp of `f32`; two of `f64`).
+//! `lse::sharded` states (one ulp of `f32` and of `f64`); for the vocab-split fused linear
+//! cross-entropy ([`VocabParallel::linear_cross_entropy_with_grad`]), those its docs state.
 //!
 //! Errors never leave a rank waiting: a rank whose own arguments are bad still joins the
 //! collective (with [`RowPartial::FAILED_SHARD`]) and every other rank returns
@@ -44,9 +45,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use lse::sharded::{self, RowPartial, Shard};
-use lse::{CrossEntropyOptions, CrossEntropyOutput, Element, GradOutput, LseError, NonFinite};
-use mpi::collective::UserOperation;
+use lse::sharded::{self, LinearShardGradients, RowPartial, Shard};
+use lse::{
+    CrossEntropyOptions, CrossEntropyOutput, Element, GradOutput, LinearCrossEntropyOptions,
+    LinearGradients, LinearHead, LseError, NonFinite,
+};
+use mpi::collective::{SystemOperation, UserOperation};
 use mpi::datatype::{DatatypeRef, UserDatatype};
 use mpi::traits::{Communicator, CommunicatorCollectives, Equivalence};
 
@@ -160,7 +164,8 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
         self.shard
     }
 
-    /// The number of collective operations this object has issued: one per call.
+    /// The number of collective operations this object has issued: one per call, except the
+    /// linear cross-entropy's (one per chunk, and one for `dH`).
     pub fn collectives(&self) -> u64 {
         self.collectives.load(Ordering::Relaxed)
     }
@@ -275,6 +280,100 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
             grad_output,
             grad,
         )?)
+    }
+
+    /// The vocab-split fused linear cross-entropy: the loss of the logits `hidden · Wᵀ + b`
+    /// where this rank holds rows [`Self::shard`] of `W` (`head.weight`, `shard.width() × dim`)
+    /// and of the bias, and `hidden` (`rows × dim`) is the same on every rank. The loss is the
+    /// same on every rank (bitwise).
+    ///
+    /// **Collectives:** one all-reduce of [`RowPartial`]s per chunk of rows (the chunks of
+    /// [`lse::linear_cross_entropy`] at `options.budget_bytes`, sized for all `classes`, so the
+    /// same on every rank: `counted_rows.div_ceil(chunk_rows)` of them, none when every row is
+    /// ignored). Not one per call: that would need every chunk's partials before any gradient,
+    /// hence either the whole `rows × width` logits held (what the fused op exists to avoid) or
+    /// the product `H·W_shardᵀ` computed twice. [`Self::collectives`] counts them.
+    ///
+    /// See [`lse::sharded::linear_cross_entropy_shard`] for the algebra and its bounds.
+    ///
+    /// # Errors
+    /// [`Error::Lse`] with what [`lse::linear_cross_entropy`] reports (every rank alike for the
+    /// options, targets, `hidden` and the logits' values; a bad `W`/`b` of this rank names its
+    /// global row or class), [`Error::PeerFailed`] when another rank's own arguments were bad.
+    ///
+    /// # Panics
+    /// Never (MPI errors abort the job, MPI's default).
+    pub fn linear_cross_entropy<E: Element<Stat = f32>>(
+        &self,
+        hidden: &[E],
+        head: LinearHead<'_, E>,
+        targets: &[i64],
+        options: &LinearCrossEntropyOptions<'_>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        sharded::linear_cross_entropy_shard(
+            hidden,
+            head,
+            self.shard,
+            targets,
+            options,
+            GradOutput::default(),
+            None,
+            |partials: &mut [RowPartial]| self.merge(partials, Ok(())),
+        )
+    }
+
+    /// [`Self::linear_cross_entropy`] and its gradients: `grads.hidden` gets the whole `∂/∂H`
+    /// (`rows × dim`, the same on every rank), `grads.weight` and `grads.bias` this rank's rows
+    /// of `∂/∂W` and classes of `∂/∂b`.
+    ///
+    /// **Collectives:** those of [`Self::linear_cross_entropy`], then one all-reduce sum of the
+    /// ranks' `f32` shares `G·W_shard` of `dH` (`rows × dim` `f32`s), rounded once into `E`
+    /// (none when every row is ignored). `dW` and `db` need no communication.
+    ///
+    /// # Errors
+    /// As [`Self::linear_cross_entropy`], and those of [`lse::linear_cross_entropy_with_grad`]
+    /// for `grad_output` and the gradient buffers' lengths. On error the gradient buffers are
+    /// unspecified.
+    ///
+    /// # Panics
+    /// Never (MPI errors abort the job, MPI's default).
+    pub fn linear_cross_entropy_with_grad<E: Element<Stat = f32>>(
+        &self,
+        hidden: &[E],
+        head: LinearHead<'_, E>,
+        targets: &[i64],
+        options: &LinearCrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_, f32>,
+        grads: LinearGradients<'_, E>,
+    ) -> Result<CrossEntropyOutput<f32>> {
+        let mut share = vec![0.0f32; grads.hidden.len()];
+        let out = sharded::linear_cross_entropy_shard(
+            hidden,
+            head,
+            self.shard,
+            targets,
+            options,
+            grad_output,
+            Some(LinearShardGradients {
+                hidden: &mut share,
+                weight: grads.weight,
+                bias: grads.bias,
+            }),
+            |partials: &mut [RowPartial]| self.merge(partials, Ok(())),
+        )?;
+        // Every rank got here (an error above is every rank's): no counted row, no share.
+        let ignore = options.cross_entropy.ignore_index;
+        if targets.iter().any(|&t| Some(t) != ignore) {
+            let mut sum = vec![0.0f32; share.len()];
+            self.comm
+                .all_reduce_into(&share[..], &mut sum[..], SystemOperation::sum());
+            self.collectives.fetch_add(1, Ordering::Relaxed);
+            share = sum;
+        }
+        for (d, &s) in grads.hidden.iter_mut().zip(&share) {
+            *d = E::from_f64(f64::from(s));
+        }
+        Ok(out)
     }
 
     /// The merged partials of logsumexp-family rows (`rows` of them).

@@ -11,6 +11,10 @@
 // The reference's matrix products read best as index arithmetic.
 #![allow(clippy::needless_range_loop)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+
+use lse::sharded::{self, LinearShardGradients, RowPartial, Shard};
 use lse::{
     bf16, f16, linear_cross_entropy, linear_cross_entropy_with_grad, CrossEntropyOptions,
     CrossEntropyOutput, Element, EmptyMean, GradOutput, LinearCrossEntropyOptions, LinearGradients,
@@ -882,4 +886,230 @@ fn bitwise_identical_across_thread_counts() {
         });
         assert!(one == many, "{threads} threads differ from 1");
     }
+}
+
+// ---- The vocab-split fused call (`lse::sharded::linear_cross_entropy_shard`) -------------------
+
+/// An all-reduce of partials between threads: each shard's partials of a chunk are merged in
+/// shard order, and every shard gets the result. Counts its rounds.
+struct Loopback {
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<RowPartial>>>,
+    rounds: AtomicUsize,
+}
+
+impl Loopback {
+    fn new(shards: usize) -> Self {
+        Self {
+            barrier: Barrier::new(shards),
+            slots: Mutex::new(vec![Vec::new(); shards]),
+            rounds: AtomicUsize::new(0),
+        }
+    }
+
+    fn all_reduce(&self, shard: usize, partials: &mut [RowPartial]) -> Result<(), LseError> {
+        self.slots.lock().unwrap()[shard] = partials.to_vec();
+        if self.barrier.wait().is_leader() {
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        partials.fill(RowPartial::EMPTY);
+        for slot in self.slots.lock().unwrap().iter() {
+            RowPartial::merge_rows(partials, slot);
+        }
+        // Nobody writes the next round's slot before everyone has read this one's.
+        self.barrier.wait();
+        Ok(())
+    }
+}
+
+/// The split call's outputs: the assembled gradients (dH: the shards' `f32` shares summed in
+/// shard order, rounded once to `E`), each shard's output, and the number of merges.
+struct Split {
+    whole: Fused,
+    outs: Vec<CrossEntropyOutput<f32>>,
+    merges: usize,
+}
+
+/// Runs every shard of `cut` (shard boundaries over the classes) on its own thread.
+fn split_fused<E: Element<Stat = f32>>(
+    p: &Problem<E>,
+    options: &LinearCrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, f32>,
+    cut: &[usize],
+) -> Split {
+    let (n, d, v) = (p.rows(), p.dim, p.classes);
+    let shards: Vec<Shard> = cut
+        .windows(2)
+        .map(|w| Shard::new(w[0], w[1], v).unwrap())
+        .collect();
+    let loopback = Loopback::new(shards.len());
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let loopback = &loopback;
+                scope.spawn(move || {
+                    let (a, b) = (s.start(), s.stop());
+                    let head = LinearHead {
+                        weight: &p.weight[a * d..b * d],
+                        bias: p.bias.as_ref().map(|bias| &bias[a..b]),
+                        classes: b - a,
+                    };
+                    let mut dh = vec![7.0f32; n * d];
+                    let mut dw = vec![E::from_f64(7.0); (b - a) * d];
+                    let mut db = vec![E::from_f64(7.0); b - a];
+                    let grads = LinearShardGradients {
+                        hidden: &mut dh,
+                        weight: &mut dw,
+                        bias: Some(&mut db),
+                    };
+                    let out = sharded::linear_cross_entropy_shard(
+                        &p.hidden,
+                        head,
+                        s,
+                        &p.targets,
+                        options,
+                        grad_output,
+                        Some(grads),
+                        |partials| loopback.all_reduce(i, partials),
+                    )
+                    .unwrap();
+                    (out, dh, dw, db)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut dh_sum = vec![0.0f32; n * d];
+    let (mut dw, mut db) = (Vec::new(), Vec::new());
+    let mut outs = Vec::new();
+    for (out, dh, w, b) in results {
+        for (acc, x) in dh_sum.iter_mut().zip(&dh) {
+            *acc += x;
+        }
+        dw.extend(w.iter().map(|x| x.to_f64()));
+        db.extend(b.iter().map(|x| x.to_f64()));
+        outs.push(out);
+    }
+    let dh = dh_sum
+        .iter()
+        .map(|&x| E::from_f64(x.into()).to_f64())
+        .collect();
+    Split {
+        whole: Fused {
+            out: outs[0].clone(),
+            dh,
+            dw,
+            db,
+        },
+        outs,
+        merges: loopback.rounds.load(Ordering::Relaxed),
+    }
+}
+
+/// Distance in `f32` ulps.
+fn ulps32(a: f64, b: f64) -> f64 {
+    if a == b || (a.is_nan() && b.is_nan()) {
+        return 0.0;
+    }
+    let scale = a.abs().max(b.abs()).max(f64::from(f32::MIN_POSITIVE));
+    (a - b).abs() / 2f64.powi(scale.log2().floor() as i32 - 23)
+}
+
+/// The vocab-split fused call, its shards merged (1, 2 and 3 shards, uneven, an empty one, the
+/// last class alone), against the one-process call and the `f64` reference:
+/// * every shard holds bitwise the same loss, and makes one merge per chunk;
+/// * the loss and the row losses are within 2 `f32` ulp of the one-process call (each row's
+///   logits come from products over the same `k`, its loss from the merged partials: the
+///   sharded finish's bound against the one-process cross-entropy);
+/// * every output (dW's shard rows, db, the summed dH) within the reference's a-priori bound,
+///   as the one-process call is.
+fn split_matches_one_process<E: Element<Stat = f32>>() {
+    let p = Problem::<E>::new(1, SHAPE, 1.5, true);
+    let v = SHAPE[2];
+    let weights: Vec<f64> = (0..v).map(|c| 0.5 + (c % 7) as f64 / 4.0).collect();
+    let per_row: Vec<f32> = (0..SHAPE[0]).map(|r| 0.5 + r as f32 / 16.0).collect();
+    let wide_row: Vec<f64> = per_row.iter().map(|&x| x.into()).collect();
+    let cuts = [
+        vec![0, v],
+        vec![0, 23, v],
+        vec![0, 17, 17, v],
+        vec![0, 1, v - 1, v],
+    ];
+    let (mut worst_loss, mut worst_ratio) = (0.0f64, 0.0f64);
+    for (name, options) in option_sets(&weights) {
+        let options = CrossEntropyOptions {
+            keep_row_loss: true,
+            keep_logit_stats: false,
+            ..options
+        };
+        for chunk_rows in [30, 7] {
+            let linear = LinearCrossEntropyOptions {
+                cross_entropy: options,
+                budget_bytes: budget_for::<E>(chunk_rows, SHAPE),
+            };
+            let none = options.reduction == Reduction::None;
+            let (ours, theirs) = if none {
+                (
+                    GradOutput::PerRow(&per_row[..]),
+                    GradOutput::PerRow(&wide_row[..]),
+                )
+            } else {
+                (GradOutput::Scalar(0.75f32), GradOutput::Scalar(0.75f64))
+            };
+            let one = fused(&p, &linear, ours);
+            let want = reference(&p, &options, theirs);
+            let b = &want.bounds;
+            for cut in &cuts {
+                let what = format!("{} {name} chunk {chunk_rows} cut {cut:?}", E::DTYPE);
+                let s = split_fused(&p, &linear, ours, cut);
+                let bits: Vec<u32> = s.outs.iter().map(|o| o.loss.to_bits()).collect();
+                assert!(bits.iter().all(|&x| x == bits[0]), "{what}: {bits:?}");
+                // 30 counted rows: one merge per chunk.
+                assert_eq!(s.merges, 30usize.div_ceil(chunk_rows), "{what}");
+                let got = &s.whole;
+                let loss = ulps32(got.out.loss.into(), one.out.loss.into());
+                let rows = got.out.row_loss.as_ref().unwrap();
+                let rows_one = one.out.row_loss.as_ref().unwrap();
+                let row = rows
+                    .iter()
+                    .zip(rows_one)
+                    .map(|(&a, &b)| ulps32(a.into(), b.into()))
+                    .fold(0.0, f64::max);
+                assert!(
+                    loss <= 2.0 && row <= 2.0,
+                    "{what}: loss {loss}, rows {row} ulp"
+                );
+                worst_loss = worst_loss.max(loss).max(row);
+                let row_loss: Vec<f64> = rows.iter().map(|&x| x.into()).collect();
+                let mut ratio = within("loss", &[got.out.loss.into()], &[want.out.loss], &[b.loss]);
+                ratio = ratio.max(within(
+                    "row loss",
+                    &row_loss,
+                    want.out.row_loss.as_ref().unwrap(),
+                    &b.row_loss,
+                ));
+                ratio = ratio.max(within("dH", &got.dh, &want.dh, &b.dh));
+                ratio = ratio.max(within("dW", &got.dw, &want.dw, &b.dw));
+                ratio = ratio.max(within("db", &got.db, &want.db, &b.db));
+                assert_eq!(got.out.counted_rows, one.out.counted_rows);
+                worst_ratio = worst_ratio.max(ratio);
+            }
+        }
+    }
+    println!(
+        "{}: split vs one process: loss/row loss {worst_loss} ulp; worst error / bound {worst_ratio:.3}",
+        E::DTYPE
+    );
+}
+
+#[test]
+fn split_head_matches_one_process_f32() {
+    split_matches_one_process::<f32>();
+}
+
+#[test]
+fn split_head_matches_one_process_bf16() {
+    split_matches_one_process::<bf16>();
 }

@@ -1,7 +1,7 @@
 //! The split-vocabulary algebra (`lse::sharded`) without any transport: every way of cutting the
 //! classes into 1–3 shards (empty shards included) and every order of merging their partials
 //! must give the one-shard result — within one ulp of the output type for `f32` (bitwise in
-//! almost every case) and the bound stated below for `f64` — and the one-shard result must agree
+//! almost every case) and for `f64` — and the one-shard result must agree
 //! with the one-process `lse` functions, which the accuracy suites hold against an oracle.
 
 use lse::sharded::{self, RowPartial, Shard};
@@ -287,16 +287,17 @@ fn every_split_and_merge_order_gives_the_one_shard_result_f32() {
     assert!(grad <= 1.0, "gradient {grad} ulp");
 }
 
-/// For `f64` outputs the merge's own roundings (the exp that moves a state to the larger max,
-/// the distance shift) are of the output's own size: the stated bound is two ulp for the
-/// losses and lse (measured 2, in 4 of the ~2400 split/order cases, all with label smoothing;
-/// every other case within 1) and one ulp of the row's largest entry for the gradient
-/// (measured 0).
+/// For `f64` outputs the finish's own roundings are of the output's own size. The stated bound:
+/// one ulp for the losses and lse, one ulp of the row's largest entry for the gradient.
+/// Measured: 1, 1 and 0 in the ~2400 split/order cases. (The row losses with label smoothing
+/// reached 2 while the smoothing share times the merged distance `(sum, carry)` was rounded: the
+/// split of that sum into its parts depends on the merge order. The finish now keeps the
+/// product's error.)
 #[test]
 fn every_split_and_merge_order_gives_the_one_shard_result_f64() {
     let (reduced, rows, grad) = worst_over_splits::<f64>(53);
-    assert!(rows <= 2.0, "row loss or lse {rows} ulp");
-    assert!(reduced <= 2.0, "reduced loss {reduced} ulp");
+    assert!(rows <= 1.0, "row loss or lse {rows} ulp");
+    assert!(reduced <= 1.0, "reduced loss {reduced} ulp");
     assert!(grad <= 1.0, "gradient {grad} ulp");
 }
 

@@ -641,6 +641,63 @@ pub(crate) fn ce_grad_in_place<E: Element>(
     }
 }
 
+/// The cross-entropy gradient of one row, or of one piece of a split row, from its plan alone
+/// (its state found elsewhere: the merged partials of a split vocabulary), into `g`: the vector
+/// write pass ([`ce_grad`], the target's entry from the cancellation-free formula) when `vector`
+/// is asked for, a vector kernel runs and [`scalar::CeRow::fast_write`] serves the row; else the
+/// scalar pass. The caller says `vector = false` for rows whose gradient cancels beyond the
+/// vector exp's accuracy ([`scalar::CeRow::smoothing_cancels`]).
+pub(crate) fn ce_grad_from_plan<E: Element>(
+    x: &[E],
+    g: &mut [E],
+    plan: &scalar::CeRow<'_, '_, E>,
+    scale: scalar::GradScale,
+    vector: bool,
+) {
+    if vector && fast() {
+        if let Some(w) = plan.fast_write(x, scale) {
+            // The loss is not this pass's: no distance sweep.
+            let w = scalar::FastWrite {
+                sweep_distance: false,
+                ..w
+            };
+            ce_grad(x, Some(&mut *g), &w);
+            if let Some(target) = w.target {
+                g[target] = E::from_f64(w.target_grad);
+            }
+            return;
+        }
+    }
+    plan.write_gradient(x.iter().copied(), scale, |c, v| g[c] = v);
+}
+
+/// [`ce_grad_from_plan`] written over the logits.
+pub(crate) fn ce_grad_from_plan_in_place<E: Element>(
+    x: &mut [E],
+    plan: &scalar::CeRow<'_, '_, E>,
+    scale: scalar::GradScale,
+    vector: bool,
+) {
+    if vector && fast() {
+        if let Some(w) = plan.fast_write(x, scale) {
+            let w = scalar::FastWrite {
+                sweep_distance: false,
+                ..w
+            };
+            ce_grad_in_place(x, &w);
+            if let Some(target) = w.target {
+                x[target] = E::from_f64(w.target_grad);
+            }
+            return;
+        }
+    }
+    // Each element is read before it is overwritten.
+    let cells = core::cell::Cell::from_mut(x).as_slice_of_cells();
+    plan.write_gradient(cells.iter().map(core::cell::Cell::get), scale, |c, v| {
+        cells[c].set(v);
+    });
+}
+
 /// The distance sweep of [`ce_grad`] without the gradient (a loss-only call), the same bits.
 ///
 /// # Panics

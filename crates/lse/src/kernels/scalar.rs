@@ -494,15 +494,16 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     }
 
     /// Calls `write(c, dloss/dx_c · scale)` for every class of `logits` (NaN for a poisoned
-    /// row): the gradient half of [`Self::finish`].
+    /// row): the gradient half of [`Self::finish`]. `logits` yields the row's raw logits in
+    /// order (read once, so the gradient may be written over them).
     pub(crate) fn write_gradient(
         &self,
-        logits: &[E],
+        logits: impl Iterator<Item = E>,
         scale: GradScale,
         mut write: impl FnMut(usize, E),
     ) {
         let dtype_max = E::MAX.to_f64();
-        for (c, &x) in logits.iter().enumerate() {
+        for (c, x) in logits.enumerate() {
             let g = if self.poisoned {
                 f64::NAN
             } else {
@@ -620,6 +621,15 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     /// only) and the target — where `c·e_i − share·w_i` loses the vector exp's digits.
     /// Probability targets are checked by the write pass itself ([`FastWrite::verify`]).
     pub(crate) fn needs_exact_state(&self, row: &[E]) -> bool {
+        match self.target {
+            RowTarget::Class(target) => self.smoothing_cancels(row[target].to_f64()),
+            RowTarget::Probabilities(_) => false,
+        }
+    }
+
+    /// [`Self::needs_exact_state`] of a class-target row whose target logit is `raw` (a plan of
+    /// a whole row, whose read pass may have run elsewhere: a split row's merged partial).
+    pub(crate) fn smoothing_cancels(&self, raw: f64) -> bool {
         let RowTarget::Class(target) = self.target else {
             return false;
         };
@@ -632,7 +642,6 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             reduction: 1.0,
             caller: 1.0,
         };
-        let raw = row[target].to_f64();
         let target_grad = self.gradient(target, raw, unit, f64::MAX).abs();
         let largest = if raw < self.max && self.config.weights.is_none() {
             target_grad.max((self.per_probability() - share).abs())
@@ -672,7 +681,9 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             return None;
         }
         let target = match self.target {
-            RowTarget::Class(y) => Some(y),
+            // A piece of a split row that does not hold the target ([`Self::from_merged`]) has
+            // none.
+            RowTarget::Class(y) => (y < row.len()).then_some(y),
             RowTarget::Probabilities(_) => None,
         };
         let target_grad =

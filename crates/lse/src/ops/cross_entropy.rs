@@ -605,7 +605,7 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// Records the rows from the next unrecorded one up to `r` (excluded) as ignored.
-    fn record_ignored_before(&mut self, r: usize) {
+    pub(crate) fn record_ignored_before(&mut self, r: usize) {
         while self.recorded < r {
             self.record(None);
         }

@@ -167,24 +167,30 @@ impl Plan {
     /// The largest chunk that fits `budget` bytes: per row, its `f32` logits and hidden row (and
     /// its `dH` row with a gradient); for a weight that is not `f32`, a block of at most a
     /// quarter of the budget (at least one class) widened to `f32`.
+    ///
+    /// The chunk is sized for rows of `planned` classes, of which the call holds `classes`
+    /// (all of them, or one shard's): every shard of a split head then cuts the same chunks as
+    /// the one-process call, within its budget.
     fn new(
         budget: usize,
         dim: usize,
-        classes: usize,
+        (classes, planned): (usize, usize),
         gradient: bool,
         f32_weight: bool,
     ) -> Result<Self> {
         const F32: usize = core::mem::size_of::<f32>();
-        let row_bytes = F32 * (classes + dim * if gradient { 2 } else { 1 });
-        let block_classes = if f32_weight || dim == 0 {
-            classes
-        } else {
-            (budget / 4 / (F32 * dim)).clamp(1, classes)
+        let row_bytes = F32 * (planned + dim * if gradient { 2 } else { 1 });
+        let block = |classes: usize| {
+            if f32_weight || dim == 0 {
+                classes
+            } else {
+                (budget / 4 / (F32 * dim)).clamp(1, classes.max(1))
+            }
         };
         let block_bytes = if f32_weight {
             0
         } else {
-            F32 * dim * block_classes
+            F32 * dim * block(planned)
         };
         let chunk_rows = budget.saturating_sub(block_bytes) / row_bytes;
         if chunk_rows == 0 {
@@ -198,7 +204,7 @@ impl Plan {
             dim,
             classes,
             chunk_rows,
-            block_classes,
+            block_classes: block(classes).min(classes),
         })
     }
 
@@ -252,7 +258,7 @@ fn narrow<E: Element>(src: &[f32], dst: &mut [E]) {
 
 /// The first NaN or infinite value of the row-major `data` (`width` columns), as the error
 /// naming `what`, its row and column; only the rows `rows` are looked at (all when `None`).
-fn check_finite<E: Element>(
+pub(crate) fn check_finite<E: Element>(
     what: &'static str,
     data: &[E],
     width: usize,
@@ -286,7 +292,7 @@ fn fused<E: Element<Stat = f32>>(
     targets: &[i64],
     options: &LinearCrossEntropyOptions<'_>,
     grad_output: GradOutput<'_, f32>,
-    mut grads: Option<LinearGradients<'_, E>>,
+    grads: Option<LinearGradients<'_, E>>,
 ) -> Result<CrossEntropyOutput<f32>> {
     let ce_options = &options.cross_entropy;
     let classes = head.classes;
@@ -305,130 +311,220 @@ fn fused<E: Element<Stat = f32>>(
         }
     }
     let gradient = grads.is_some();
-    let plan = Plan::new(
+    let chunks = Chunks::new(
         options.budget_bytes,
         dim,
-        classes,
+        (classes, classes),
+        targets,
+        ce_options.ignore_index,
         gradient,
         E::DTYPE == DType::F32,
     )?;
-    let counted: Vec<usize> = (0..rows)
-        .filter(|&r| Some(targets[r]) != ce_options.ignore_index)
-        .collect();
-    if ce_options.non_finite == NonFinite::Error && !counted.is_empty() {
-        check_finite("hidden", hidden, dim, Some(&counted))?;
+    if ce_options.non_finite == NonFinite::Error && !chunks.counted.is_empty() {
+        check_finite("hidden", hidden, dim, Some(&chunks.counted))?;
         check_finite("weight", head.weight, dim, None)?;
         if let Some(bias) = head.bias {
             check_finite("bias", bias, classes, None)?;
         }
     }
-
-    // As many chunks as the budget needs, of equal size (a last chunk of a few rows would run
-    // the products at a poor shape).
-    let chunks = counted.len().div_ceil(plan.chunk_rows);
-    let chunk_rows = counted.len().div_ceil(chunks.max(1));
-    let mut logits = vec![0.0f32; chunk_rows * classes];
-    let mut hidden_chunk = vec![0.0f32; chunk_rows * dim];
-    let mut hidden_grad_chunk = vec![0.0f32; if gradient { chunk_rows * dim } else { 0 }];
-    let mut weight = WeightBlocks::new(head.weight, dim);
-    let bias: Option<Cow<'_, [f32]>> = head.bias.map(|b| match as_f32(b) {
-        Some(b) => Cow::Borrowed(b),
-        None => {
-            let mut wide = vec![0.0f32; classes];
-            widen(b, &mut wide);
-            Cow::Owned(wide)
-        }
+    let grads = grads.map(|g| HeadGradients {
+        hidden: g.hidden,
+        weight: g.weight,
+        bias: g.bias,
     });
-    // dW accumulates in the caller's buffer when it is f32, else in an f32 copy; db in f64.
-    let mut weight_grad_acc = Vec::new();
-    let mut bias_grad_acc = match &grads {
-        Some(LinearGradients { bias: Some(_), .. }) => vec![0.0f64; classes],
-        _ => Vec::new(),
-    };
-    if let Some(g) = &mut grads {
-        for (r, row) in g.hidden.chunks_mut(dim.max(1)).enumerate() {
-            if Some(targets[r]) == ce_options.ignore_index {
-                row.fill(E::zero());
-            }
-        }
-        if as_f32(g.weight).is_none() {
-            weight_grad_acc = vec![0.0f32; g.weight.len()];
-        }
-    }
-
-    for (chunk, rows_c) in counted.chunks(chunk_rows.max(1)).enumerate() {
-        let n = rows_c.len();
-        let h = &mut hidden_chunk[..n * dim];
-        h.par_chunks_mut(dim.max(1))
-            .zip(rows_c.par_iter())
-            .for_each(|(dst, &r)| widen(&hidden[r * dim..(r + 1) * dim], dst));
-        let x = &mut logits[..n * classes];
-        if let Some(b) = &bias {
-            x.par_chunks_mut(classes)
-                .for_each(|row| row.copy_from_slice(b));
-        }
-        for (first, end) in plan.blocks() {
-            let w = weight.rows(first, end);
-            product(
-                MatMut::columns(x, n, classes, first, end - first),
-                MatRef::row_major(h, n, dim),
-                MatRef::row_major(w, end - first, dim).t(),
-                bias.is_some(),
-            );
-        }
-        ce.chunk(rows_c, x, gradient)?;
-        let Some(g) = &mut grads else { continue };
-
-        // The chunk's logits now hold their gradient G.
-        let dh = &mut hidden_grad_chunk[..n * dim];
-        let h = &hidden_chunk[..n * dim];
-        let weight_grad = as_f32_mut(g.weight).unwrap_or(&mut weight_grad_acc[..]);
-        for (block, (first, end)) in plan.blocks().enumerate() {
-            let w = weight.rows(first, end);
-            let g_block = MatRef::columns(x, n, classes, first, end - first);
-            product(
-                MatMut::row_major(dh, n, dim),
-                g_block,
-                MatRef::row_major(w, end - first, dim),
-                block > 0,
-            );
-            product(
-                MatMut::row_major(&mut weight_grad[first * dim..end * dim], end - first, dim),
-                g_block.t(),
-                MatRef::row_major(h, n, dim),
-                chunk > 0,
-            );
-        }
-        if g.bias.is_some() {
-            column_sums(x, classes, &mut bias_grad_acc);
-        }
-        // The chunk's rows are the counted ones of a contiguous range of rows.
-        let (low, high) = (rows_c[0], rows_c[n - 1] + 1);
-        let dh_range = &mut g.hidden[low * dim..high * dim];
-        let dh: &[f32] = dh;
-        dh_range
-            .par_chunks_mut(dim.max(1))
-            .enumerate()
-            .for_each(|(i, dst)| {
-                if let Ok(j) = rows_c.binary_search(&(low + i)) {
-                    narrow(&dh[j * dim..(j + 1) * dim], dst);
-                }
-            });
-    }
-
-    if let Some(g) = &mut grads {
-        if counted.is_empty() {
-            g.weight.fill(E::zero());
-        } else if as_f32(g.weight).is_none() {
-            narrow(&weight_grad_acc, g.weight);
-        }
-        if let Some(db) = &mut g.bias {
-            for (d, &acc) in db.iter_mut().zip(&bias_grad_acc) {
-                *d = E::from_f64(acc);
-            }
-        }
-    }
+    chunks.run(
+        hidden,
+        head,
+        targets,
+        ce_options.ignore_index,
+        grads,
+        |rows_c, x| ce.chunk(rows_c, x, gradient),
+    )?;
     Ok(ce.finish())
+}
+
+/// How the counted rows of a fused call are cut into chunks, and the plan each chunk runs.
+pub(crate) struct Chunks {
+    plan: Plan,
+    /// The rows whose target is not the ignore index, in order.
+    pub(crate) counted: Vec<usize>,
+    /// Counted rows per chunk (the last chunk may have fewer).
+    rows: usize,
+}
+
+impl Chunks {
+    /// As many chunks as the budget needs for rows of `planned` classes (of which the call holds
+    /// `classes`, see [`Plan::new`]), of equal size (a last chunk of a few rows would run the
+    /// products at a poor shape). Depends only on its arguments: every shard of a split head
+    /// that is given the same budget, `dim`, `planned`, targets and dtype cuts the same chunks.
+    ///
+    /// # Errors
+    /// [`LseError::BudgetTooSmall`].
+    pub(crate) fn new(
+        budget: usize,
+        dim: usize,
+        classes: (usize, usize),
+        targets: &[i64],
+        ignore_index: Option<i64>,
+        gradient: bool,
+        f32_weight: bool,
+    ) -> Result<Self> {
+        let plan = Plan::new(budget, dim, classes, gradient, f32_weight)?;
+        let counted: Vec<usize> = (0..targets.len())
+            .filter(|&r| Some(targets[r]) != ignore_index)
+            .collect();
+        let chunks = counted.len().div_ceil(plan.chunk_rows);
+        let rows = counted.len().div_ceil(chunks.max(1)).max(1);
+        Ok(Self {
+            plan,
+            counted,
+            rows,
+        })
+    }
+
+    /// The counted rows of each chunk, in order.
+    pub(crate) fn each(&self) -> core::slice::Chunks<'_, usize> {
+        self.counted.chunks(self.rows)
+    }
+
+    /// Runs every chunk: gathers its counted rows of `hidden` into `f32`, forms their logits
+    /// `H_c·Wᵀ + b` (the head's classes), hands them to `step` (which runs the cross-entropy
+    /// over them and, with `grads`, writes their gradient `G` over them), then
+    /// `dH_c = G·W`, `dW += Gᵀ·H_c` (in `f32`) and `db += Σ_rows G` (in `f64`). Each row of
+    /// `dH` is written once (ignored rows 0); `dW` and `db` are rounded once at the end.
+    pub(crate) fn run<E: Element, H: Element, X: From<LseError>>(
+        &self,
+        hidden: &[E],
+        head: LinearHead<'_, E>,
+        targets: &[i64],
+        ignore_index: Option<i64>,
+        mut grads: Option<HeadGradients<'_, H, E>>,
+        mut step: impl FnMut(&[usize], &mut [f32]) -> core::result::Result<(), X>,
+    ) -> core::result::Result<(), X> {
+        let (plan, counted) = (&self.plan, &self.counted);
+        let (dim, classes, chunk_rows) = (plan.dim, plan.classes, self.rows);
+        let gradient = grads.is_some();
+        let mut logits = vec![0.0f32; chunk_rows.min(counted.len()) * classes];
+        let mut hidden_chunk = vec![0.0f32; chunk_rows.min(counted.len()) * dim];
+        let mut hidden_grad_chunk = vec![
+            0.0f32;
+            if gradient {
+                chunk_rows.min(counted.len()) * dim
+            } else {
+                0
+            }
+        ];
+        let mut weight = WeightBlocks::new(head.weight, dim);
+        let bias: Option<Cow<'_, [f32]>> = head.bias.map(|b| match as_f32(b) {
+            Some(b) => Cow::Borrowed(b),
+            None => {
+                let mut wide = vec![0.0f32; classes];
+                widen(b, &mut wide);
+                Cow::Owned(wide)
+            }
+        });
+        // dW accumulates in the caller's buffer when it is f32, else in an f32 copy; db in f64.
+        let mut weight_grad_acc = Vec::new();
+        let mut bias_grad_acc = match &grads {
+            Some(HeadGradients { bias: Some(_), .. }) => vec![0.0f64; classes],
+            _ => Vec::new(),
+        };
+        if let Some(g) = &mut grads {
+            for (r, row) in g.hidden.chunks_mut(dim.max(1)).enumerate() {
+                if Some(targets[r]) == ignore_index {
+                    row.fill(H::zero());
+                }
+            }
+            if as_f32(g.weight).is_none() {
+                weight_grad_acc = vec![0.0f32; g.weight.len()];
+            }
+        }
+
+        for (chunk, rows_c) in self.each().enumerate() {
+            let n = rows_c.len();
+            let h = &mut hidden_chunk[..n * dim];
+            h.par_chunks_mut(dim.max(1))
+                .zip(rows_c.par_iter())
+                .for_each(|(dst, &r)| widen(&hidden[r * dim..(r + 1) * dim], dst));
+            let x = &mut logits[..n * classes];
+            if let Some(b) = &bias {
+                x.par_chunks_mut(classes.max(1))
+                    .for_each(|row| row.copy_from_slice(b));
+            }
+            for (first, end) in plan.blocks() {
+                let w = weight.rows(first, end);
+                product(
+                    MatMut::columns(x, n, classes, first, end - first),
+                    MatRef::row_major(h, n, dim),
+                    MatRef::row_major(w, end - first, dim).t(),
+                    bias.is_some(),
+                );
+            }
+            step(rows_c, x)?;
+            let Some(g) = &mut grads else { continue };
+
+            // The chunk's logits now hold their gradient G.
+            let dh = &mut hidden_grad_chunk[..n * dim];
+            let h = &hidden_chunk[..n * dim];
+            let weight_grad = as_f32_mut(g.weight).unwrap_or(&mut weight_grad_acc[..]);
+            if classes == 0 {
+                dh.fill(0.0);
+            }
+            for (block, (first, end)) in plan.blocks().enumerate() {
+                let w = weight.rows(first, end);
+                let g_block = MatRef::columns(x, n, classes, first, end - first);
+                product(
+                    MatMut::row_major(dh, n, dim),
+                    g_block,
+                    MatRef::row_major(w, end - first, dim),
+                    block > 0,
+                );
+                product(
+                    MatMut::row_major(&mut weight_grad[first * dim..end * dim], end - first, dim),
+                    g_block.t(),
+                    MatRef::row_major(h, n, dim),
+                    chunk > 0,
+                );
+            }
+            if g.bias.is_some() {
+                column_sums(x, classes, &mut bias_grad_acc);
+            }
+            // The chunk's rows are the counted ones of a contiguous range of rows.
+            let (low, high) = (rows_c[0], rows_c[n - 1] + 1);
+            let dh_range = &mut g.hidden[low * dim..high * dim];
+            let dh: &[f32] = dh;
+            dh_range
+                .par_chunks_mut(dim.max(1))
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    if let Ok(j) = rows_c.binary_search(&(low + i)) {
+                        narrow(&dh[j * dim..(j + 1) * dim], dst);
+                    }
+                });
+        }
+
+        if let Some(g) = &mut grads {
+            if counted.is_empty() {
+                g.weight.fill(E::zero());
+            } else if as_f32(g.weight).is_none() {
+                narrow(&weight_grad_acc, g.weight);
+            }
+            if let Some(db) = &mut g.bias {
+                for (d, &acc) in db.iter_mut().zip(&bias_grad_acc) {
+                    *d = E::from_f64(acc);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where [`Chunks::run`] writes the gradients: `dH` in `H` (the caller's dtype, or `f32` for a
+/// shard's share that is still to be summed), `dW` and `db` in the head's dtype.
+pub(crate) struct HeadGradients<'a, H, E> {
+    pub(crate) hidden: &'a mut [H],
+    pub(crate) weight: &'a mut [E],
+    pub(crate) bias: Option<&'a mut [E]>,
 }
 
 /// The weight's rows as `f32`, a block of classes at a time.

@@ -11,8 +11,8 @@
 //!    to the bit (the two are put in a fixed order first: by `m`, then `s'`, then every other
 //!    field), [`RowPartial::EMPTY`] is its identity to the bit, and no `−inf − (−inf)` is ever
 //!    formed. It is associative up to rounding: two reduction trees give states that differ by
-//!    a few `f64` ulps of `s'`, which the finished `f32`/`f16`/`bf16` results absorb to within
-//!    one ulp of their type (usually bitwise). One all-reduce of `rows` partials with this
+//!    a few `f64` ulps of `s'`, which the finished results absorb to within one ulp of their
+//!    type for the loss and lse (`f32`/`f16`/`bf16` usually bitwise). One all-reduce of `rows` partials with this
 //!    operation (a user-defined MPI operation, say) replaces Megatron-LM's three.
 //! 3. **Finish** — every shard turns the merged partials into the loss (or logsumexp), and its
 //!    own columns' gradient (or softmax, log_softmax), with no further communication. Every
@@ -48,7 +48,10 @@ use core::cmp::Ordering;
 use rayon::prelude::*;
 
 use super::cross_entropy::{Batch, CrossEntropyOptions, CrossEntropyOutput, GradOutput, Targets};
-use super::{expect_len, rows_per_task, NonFinite};
+use super::linear_cross_entropy::{
+    check_finite, Chunks, HeadGradients, LinearCrossEntropyOptions, LinearHead,
+};
+use super::{expect_len, row_count, rows_per_task, NonFinite};
 use crate::element::{DType, Element};
 use crate::error::{LseError, Result};
 use crate::kernels::{
@@ -580,11 +583,31 @@ pub fn cross_entropy_partials<E: Element>(
     let batch = checked_batch::<E>(shard.classes, targets, &options, GradOutput::default())?;
     shard.check_rows(logits.len(), targets.len())?;
     expect_len("partials", targets.len(), partials.len())?;
-    let config = batch.config;
+    fill_partials(
+        logits,
+        shard,
+        &|i| targets[i],
+        options.ignore_index,
+        batch.config,
+        partials,
+    );
+    Ok(())
+}
+
+/// The partial of every row of `logits` (row `i` has target `target(i)`, in range) into
+/// `partials`; ignored rows get [`RowPartial::EMPTY`].
+pub(crate) fn fill_partials<E: Element>(
+    logits: &[E],
+    shard: Shard,
+    target: &(dyn Fn(usize) -> i64 + Sync),
+    ignore_index: Option<i64>,
+    config: CeConfig<'_>,
+    partials: &mut [RowPartial],
+) {
     let sweep = config.smoothing > 0.0 || config.weights.is_some();
-    par_shard_rows(logits, shard.width(), partials, |r, row, p| {
-        let target = targets[r];
-        if Some(target) == options.ignore_index {
+    par_shard_rows(logits, shard.width(), partials, |i, row, p| {
+        let target = target(i);
+        if Some(target) == ignore_index {
             *p = RowPartial::EMPTY;
             return;
         }
@@ -602,7 +625,6 @@ pub fn cross_entropy_partials<E: Element>(
             p.flags |= RowPartial::TARGET;
         }
     });
-    Ok(())
 }
 
 /// The argument checks of [`crate::cross_entropy`] for `targets.len()` rows of `classes`.
@@ -622,7 +644,8 @@ fn checked_batch<'a, E: Element>(
 }
 
 /// The cross-entropy plan of row `r` (target `target`) from its merged partial, with the
-/// weights of `shard`'s columns when its gradient is to be written (`None`: the loss alone).
+/// weights of `shard`'s columns when its gradient is to be written (`None`: the plan of the
+/// whole row, for the loss and for what the gradient of every shard must agree on).
 fn merged_plan<'w, E: Element>(
     r: usize,
     target: usize,
@@ -660,13 +683,30 @@ fn merged_plan<'w, E: Element>(
     Ok(CeRow::from_merged(
         piece,
         merged.state(),
-        shard.and_then(|s| s.local(target)),
+        shard.map_or(Some(target), |s| s.local(target)),
         target_weight,
         merged.live,
         merged.live_weight,
         poisoned,
         masked_target,
     ))
+}
+
+/// True when row `r`'s gradient subtracts nearly equal numbers (label smoothing that matches
+/// the prediction), which the vector write pass's exp cannot resolve: as
+/// [`crate::cross_entropy`] decides it for a whole row, from the merged partial.
+fn smoothing_cancels<E: Element>(
+    r: usize,
+    target: usize,
+    merged: &RowPartial,
+    config: CeConfig<'_>,
+) -> Result<bool> {
+    if config.smoothing == 0.0 {
+        return Ok(false);
+    }
+    let whole = merged_plan::<E>(r, target, merged, config, None)?;
+    // A smoothing that can cancel is decided on unmapped logits only: the target logit is raw.
+    Ok(whole.smoothing_cancels(merged.target))
 }
 
 /// The loss and lse of a row from its plan: the loss's distance term is the target's
@@ -693,7 +733,12 @@ fn row_values<E: Element>(
     );
     let share = plan.smoothing_share();
     if share > 0.0 {
-        distance.add(share * merged.distance);
+        // share · (distance + carry) with the product's rounding error kept: the split of the
+        // sum into its two parts depends on the merge order, and a rounded product would show
+        // it in an f64 loss.
+        let product = share * merged.distance;
+        distance.add(product);
+        distance.add(share.mul_add(merged.distance, -product));
         distance.add(share * merged.distance_carry);
     }
     RowValues {
@@ -702,9 +747,94 @@ fn row_values<E: Element>(
     }
 }
 
-/// Finishes every row (in parallel, writing this shard's gradient rows when `grad` is given)
-/// and reduces them in row order, as [`crate::cross_entropy`] does. The error is that of the
-/// smallest failing row.
+/// Where the finish writes this shard's gradient rows.
+pub(crate) enum ShardGrad<'g, E> {
+    /// The loss alone.
+    None,
+    /// From the shard's logits into a buffer of their shape.
+    Out(&'g [E], &'g mut [E]),
+    /// Over the shard's logits.
+    InPlace(&'g mut [E]),
+}
+
+/// Finishes every row (in parallel, writing this shard's gradient rows as `grad` says) and
+/// records them in `batch` in row order, as [`crate::cross_entropy`] does: row `i` of
+/// `merged` (and of the shard's logits) is row `index(i)` of the batch, `index` increasing and
+/// past every row recorded so far; rows skipped are recorded as ignored. The error is that of
+/// the smallest failing row.
+pub(crate) fn finish_into<E: Element>(
+    batch: &mut Batch<'_, E>,
+    merged: &[RowPartial],
+    index: &(dyn Fn(usize) -> usize + Sync),
+    targets: &[i64],
+    ignore_index: Option<i64>,
+    shard: Shard,
+    grad: ShardGrad<'_, E>,
+) -> Result<()> {
+    let config = batch.config;
+    let row =
+        |i: usize, shard: Option<Shard>| -> Result<Option<(CeRow<'static, '_, E>, RowValues)>> {
+            let r = index(i);
+            let target = targets[r];
+            if Some(target) == ignore_index {
+                return Ok(None);
+            }
+            // In range: checked by the batch.
+            let target = target as usize;
+            let plan = merged_plan::<E>(r, target, &merged[i], config, shard)?;
+            let values = row_values(&plan, &merged[i], &config, target);
+            Ok(Some((plan, values)))
+        };
+    let width = shard.width();
+    let batch_ref = &*batch;
+    // The gradient of row i into g (x: its logits, or None when written over them).
+    let write = |i: usize, x: Option<&[E]>, g: &mut [E]| -> Result<Option<RowValues>> {
+        let Some((plan, values)) = row(i, Some(shard))? else {
+            g.fill(E::zero());
+            return Ok(None);
+        };
+        let r = index(i);
+        // The merged state is good to the scalar kernel's accuracy; the vector write pass
+        // serves every row whose gradient does not cancel beyond its exp's (a choice made
+        // from the merged row alone: the same on every shard).
+        let vector = !smoothing_cancels::<E>(r, targets[r] as usize, &merged[i], config)?;
+        let scale = batch_ref.grad_scale(r);
+        match x {
+            Some(x) => kernels::ce_grad_from_plan(x, g, &plan, scale, vector),
+            None => kernels::ce_grad_from_plan_in_place(g, &plan, scale, vector),
+        }
+        Ok(Some(values))
+    };
+    let per_task = rows_per_task(width);
+    let rows: Vec<Result<Option<RowValues>>> = match grad {
+        ShardGrad::Out(x, g) if width > 0 => g
+            .par_chunks_mut(width)
+            .zip(x.par_chunks(width))
+            .enumerate()
+            .with_min_len(per_task)
+            .map(|(i, (g, x))| write(i, Some(x), g))
+            .collect(),
+        ShardGrad::InPlace(x) if width > 0 => x
+            .par_chunks_mut(width)
+            .enumerate()
+            .with_min_len(per_task)
+            .map(|(i, x)| write(i, None, x))
+            .collect(),
+        // No columns, no gradient: the loss alone.
+        _ => (0..merged.len())
+            .into_par_iter()
+            .map(|i| Ok(row(i, None)?.map(|(_, v)| v)))
+            .collect(),
+    };
+    for (i, values) in rows.into_iter().enumerate() {
+        let values = values?;
+        batch.record_ignored_before(index(i));
+        batch.record(values);
+    }
+    Ok(())
+}
+
+/// Finishes every row of a whole batch (see [`finish_into`]).
 fn finish_rows<E: Element>(
     merged: &[RowPartial],
     classes: usize,
@@ -716,56 +846,23 @@ fn finish_rows<E: Element>(
     let options = split_options(options);
     let mut batch = checked_batch::<E>(classes, targets, &options, grad_output)?;
     expect_len("merged partials", targets.len(), merged.len())?;
-    let config = batch.config;
-    let row =
-        |r: usize, shard: Option<Shard>| -> Result<Option<(CeRow<'static, '_, E>, RowValues)>> {
-            let target = targets[r];
-            if Some(target) == options.ignore_index {
-                return Ok(None);
-            }
-            // In range: checked by the batch.
-            let target = target as usize;
-            let plan = merged_plan::<E>(r, target, &merged[r], config, shard)?;
-            let values = row_values(&plan, &merged[r], &config, target);
-            Ok(Some((plan, values)))
-        };
-    let rows: Vec<Result<Option<RowValues>>> = match grad {
-        Some((logits, shard, grad)) if shard.width() == 0 => {
-            // No columns, no gradient: the loss alone (after the shape checks).
-            shard.check_rows(logits.len(), targets.len())?;
-            expect_len("gradient", 0, grad.len())?;
-            (0..merged.len())
-                .into_par_iter()
-                .map(|r| Ok(row(r, None)?.map(|(_, v)| v)))
-                .collect()
-        }
-        None => (0..merged.len())
-            .into_par_iter()
-            .map(|r| Ok(row(r, None)?.map(|(_, v)| v)))
-            .collect(),
+    let (shard, grad) = match grad {
         Some((logits, shard, grad)) => {
             shard.check_rows(logits.len(), targets.len())?;
             expect_len("gradient", logits.len(), grad.len())?;
-            let width = shard.width();
-            let batch = &batch;
-            grad.par_chunks_mut(width)
-                .zip(logits.par_chunks(width))
-                .enumerate()
-                .with_min_len(rows_per_task(width))
-                .map(|(r, (g, x))| {
-                    let Some((plan, values)) = row(r, Some(shard))? else {
-                        g.fill(E::zero());
-                        return Ok(None);
-                    };
-                    plan.write_gradient(x, batch.grad_scale(r), |c, v| g[c] = v);
-                    Ok(Some(values))
-                })
-                .collect()
+            (shard, ShardGrad::Out(logits, grad))
         }
+        None => (Shard::new(0, 0, classes)?, ShardGrad::None),
     };
-    for values in rows {
-        batch.record(values?);
-    }
+    finish_into(
+        &mut batch,
+        merged,
+        &|i| i,
+        targets,
+        options.ignore_index,
+        shard,
+        grad,
+    )?;
     Ok(batch.finish())
 }
 
@@ -826,4 +923,187 @@ pub fn cross_entropy_shard_grad<E: Element>(
         grad_output,
         Some((logits, shard, grad)),
     )
+}
+
+/// Where [`linear_cross_entropy_shard`] writes one shard's gradients.
+#[derive(Debug)]
+pub struct LinearShardGradients<'a, E> {
+    /// This shard's share of `∂/∂H`, `rows × dim`, in `f32`: `G_shard·W_shard`. The gradient
+    /// of `H` is the sum of every shard's share (an all-reduce sum), rounded once into `E`.
+    /// Ignored rows are 0.
+    pub hidden: &'a mut [f32],
+    /// `∂/∂W` of this shard's rows of `W`, `shard.width() × dim`.
+    pub weight: &'a mut [E],
+    /// `∂/∂b` of this shard's classes; computed only when given.
+    pub bias: Option<&'a mut [E]>,
+}
+
+/// The vocab-split fused linear cross-entropy, one shard's part: this shard holds rows
+/// `[start, stop)` of the head `W` (and of the bias), the hidden states `H` (`rows × dim`) are
+/// the same on every shard, and `merge` is the one exchange between shards — called once per
+/// chunk of rows, in the same order on every shard.
+///
+/// Per chunk of counted rows: the shard's logits `H_c·W_shardᵀ + b_shard` (`f32`, one matrix
+/// product), their [`RowPartial`]s, `merge` (which must leave in them the merge of every
+/// shard's partials of those rows, as [`RowPartial::merge_rows`] would: an all-reduce), then the
+/// loss of the rows and, with `grads`, the shard's gradient `G_c` from the merged partials
+/// written over the logits, `dW_shard += G_cᵀ·H_c` (in `f32`, rounded once at the end, as
+/// [`crate::linear_cross_entropy_with_grad`] does), `db_shard += Σ_rows G_c` and the shard's
+/// share `G_c·W_shard` of `dH_c`. Chunks are cut as the one-process call cuts them, sized for
+/// rows of all `shard.classes()` classes: every shard makes the same number of `merge` calls,
+/// `counted_rows.div_ceil(chunk)` (none when every row is ignored), and holds at most
+/// `options.budget_bytes` of chunk buffers.
+///
+/// One merge per chunk rather than one per call: a single merge would need every chunk's
+/// partials before any gradient, and so either the whole `rows × width` logits in memory (what
+/// the fused call exists to avoid) or a second product `H·W_shardᵀ` to form them again.
+///
+/// `head.weight` is this shard's `shard.width() × dim` rows, `head.bias` its `shard.width()`
+/// values, `head.classes` must be `shard.width()`; `targets` are global classes,
+/// `options.cross_entropy.weights` (if any) are over all classes. Every shard given the same
+/// merged partials computes bitwise the same loss.
+///
+/// # Errors
+/// Errors every shard finds alike, before any `merge`: those of
+/// [`crate::linear_cross_entropy`] for the options, targets, `grad_output`, the budget, the
+/// shape of `hidden` and its values. Errors of this shard alone — the shapes of `head` and of
+/// `grads`, a NaN or infinite value in this shard's `W` or `b` under [`NonFinite::Error`]
+/// (named by its global row of `W` or class of `b`) — are returned after one `merge` of
+/// [`RowPartial::FAILED_SHARD`] rows (when there is a chunk), so that the other shards learn of
+/// it from that call; `merge` must then fail on every shard (lse-mpi's does). Errors of the
+/// logits' values (as [`cross_entropy_finish`]) are the same on every shard. Any error of
+/// `merge` is returned as it is. On error the gradient buffers are unspecified.
+///
+/// # Panics
+/// Never, unless `merge` does.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_cross_entropy_shard<E: Element<Stat = f32>, X: From<LseError>>(
+    hidden: &[E],
+    head: LinearHead<'_, E>,
+    shard: Shard,
+    targets: &[i64],
+    options: &LinearCrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, f32>,
+    grads: Option<LinearShardGradients<'_, E>>,
+    mut merge: impl FnMut(&mut [RowPartial]) -> core::result::Result<(), X>,
+) -> core::result::Result<CrossEntropyOutput<f32>, X> {
+    // What every shard finds alike.
+    let ce_options = split_options(&options.cross_entropy);
+    let mut batch = checked_batch::<f32>(shard.classes, targets, &ce_options, grad_output)?;
+    let rows = targets.len();
+    let width = shard.width();
+    let dim = match (rows, width) {
+        (0, 0) => 0,
+        (0, _) => row_count("weight", head.weight.len(), width)?,
+        _ => row_count("hidden", hidden.len(), rows)?,
+    };
+    let ignore_index = ce_options.ignore_index;
+    let chunks = Chunks::new(
+        options.budget_bytes,
+        dim,
+        (width, shard.classes),
+        targets,
+        ignore_index,
+        grads.is_some(),
+        E::DTYPE == DType::F32,
+    )?;
+    let error_policy = ce_options.non_finite == NonFinite::Error;
+    if error_policy && !chunks.counted.is_empty() {
+        check_finite("hidden", hidden, dim, Some(&chunks.counted))?;
+    }
+    // What this shard alone may find: the others learn of it from the first merge.
+    let local = (|| -> Result<()> {
+        if head.classes != width {
+            return Err(LseError::LengthMismatch {
+                what: "shard head classes",
+                expected: width,
+                actual: head.classes,
+            });
+        }
+        expect_len("shard weight", width * dim, head.weight.len())?;
+        if let Some(bias) = head.bias {
+            expect_len("shard bias", width, bias.len())?;
+        }
+        if let Some(g) = &grads {
+            expect_len("hidden gradient", rows * dim, g.hidden.len())?;
+            expect_len("shard weight gradient", width * dim, g.weight.len())?;
+            if let Some(db) = &g.bias {
+                expect_len("shard bias gradient", width, db.len())?;
+            }
+        }
+        if error_policy && !chunks.counted.is_empty() {
+            let global = |e: LseError, rows: bool| match e {
+                LseError::NonFinite {
+                    what,
+                    row,
+                    column,
+                    value,
+                } => LseError::NonFinite {
+                    what,
+                    row: row + if rows { shard.start } else { 0 },
+                    column: column + if rows { 0 } else { shard.start },
+                    value,
+                },
+                other => other,
+            };
+            check_finite("weight", head.weight, dim.max(1), None).map_err(|e| global(e, true))?;
+            if let Some(bias) = head.bias {
+                check_finite("bias", bias, width.max(1), None).map_err(|e| global(e, false))?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(error) = local {
+        if let Some(first) = chunks.each().next() {
+            let mut failed = vec![RowPartial::FAILED_SHARD; first.len()];
+            // The other shards' outcome is theirs to report.
+            let _ = merge(&mut failed);
+        }
+        return Err(error.into());
+    }
+
+    let config = batch.config;
+    let gradient = grads.is_some();
+    let mut partials = Vec::new();
+    let grads = grads.map(|g| HeadGradients {
+        hidden: g.hidden,
+        weight: g.weight,
+        bias: g.bias,
+    });
+    chunks.run(
+        hidden,
+        head,
+        targets,
+        ignore_index,
+        grads,
+        |rows_c, x| -> core::result::Result<(), X> {
+            partials.clear();
+            partials.resize(rows_c.len(), RowPartial::EMPTY);
+            fill_partials(
+                x,
+                shard,
+                &|i| targets[rows_c[i]],
+                ignore_index,
+                config,
+                &mut partials,
+            );
+            merge(&mut partials)?;
+            let grad = if gradient {
+                ShardGrad::InPlace(x)
+            } else {
+                ShardGrad::None
+            };
+            finish_into(
+                &mut batch,
+                &partials,
+                &|i| rows_c[i],
+                targets,
+                ignore_index,
+                shard,
+                grad,
+            )?;
+            Ok(())
+        },
+    )?;
+    Ok(batch.finish())
 }
