@@ -243,8 +243,10 @@ def merge(args) -> int:
         + (f" (each side pinned to {header['threads']} of them)"
            if header["cores"] and header["threads"] and header["threads"] < header["cores"]
            else ""),
-        f"- lse: {header['lse']}, kernel {header['lse_kernel']}; copy bandwidth "
-        + (f"{header['copy_gbs']:.1f} GB/s" if header["copy_gbs"] else "?"),
+        f"- lse: {header['lse']}"
+        + (f", kernel {header['lse_kernel']}; copy bandwidth "
+           + (f"{header['copy_gbs']:.1f} GB/s" if header["copy_gbs"] else "?")
+           if lse_docs else ""),
         f"- PyTorch: {header['torch']}",
         f"- JAX: {header['jax']}",
     ]

@@ -248,5 +248,6 @@ fi
     --peers "$WORK/peers.json" \
     --meta "date=$(date '+%Y-%m-%d %H:%M:%S %Z')" "lse_version=$lse_version ($commit)" \
     "mode=$mode" "repeats=$REPEATS" "load=$LOAD" "cores=$CORES" \
+    "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" \
     --json "$RESULTS/$stamp.json" --md "$RESULTS/$stamp.md"
 echo "run.sh: wrote $RESULTS/$stamp.md and $RESULTS/$stamp.json" >&2
