@@ -618,23 +618,25 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     /// the scalar write pass): smoothing whose share of a class (times its weight) is larger
     /// than every gradient the row is known to have — the max class (`e = 1`, unweighted
     /// only) and the target — where `c·e_i − share·w_i` loses the vector exp's digits.
-    /// Probability targets are checked by the write pass itself ([`FastWrite::verify`]).
+    /// Probability targets are checked by the write pass itself ([`FastWrite::verify`]). A
+    /// soft-capped row's write pass may take its terms and slopes from `f32` caches: the same
+    /// test, with the target's gradient alone (the max class's slope is not known here).
     pub(crate) fn needs_exact_state(&self, row: &[E]) -> bool {
         let RowTarget::Class(target) = self.target else {
             return false;
         };
         let share = self.smoothing_share;
-        // A soft-capped row is read and written in f64 lanes: as accurate as the scalar kernel.
-        if share == 0.0 || !self.vector_eligible() || self.config.map != LogitMap::Identity {
+        if share == 0.0 || !self.vector_eligible() {
             return false;
         }
+        let capped = self.config.map != LogitMap::Identity;
         let unit = GradScale {
             reduction: 1.0,
             caller: 1.0,
         };
         let raw = row[target].to_f64();
         let target_grad = self.gradient(target, raw, unit, f64::MAX).abs();
-        let largest = if raw < self.max && self.config.weights.is_none() {
+        let largest = if raw < self.max && self.config.weights.is_none() && !capped {
             target_grad.max((self.per_probability() - share).abs())
         } else {
             target_grad

@@ -366,6 +366,10 @@ trait LaneMap<I: Isa, W: Step<I>>: Copy {
     /// What the read pass caches for the write pass of a plain row, from the exp terms `e`
     /// (0 at ties with the block max): the term, and the lanes whose term is 1.
     unsafe fn cache_term(slope: Self::Slope, e: W, ties: W::Mask) -> (W, W::Mask);
+    /// Stores the first `n` slopes as `f32` (maps with a slope only).
+    unsafe fn store_slope(_slope: Self::Slope, _p: *mut f32, _n: usize) {
+        unreachable!("only a map with a slope stores it")
+    }
 }
 
 /// Logits as given.
@@ -422,6 +426,10 @@ impl<I: Isa> LaneMap<I, I::Wide> for Capped {
     unsafe fn cache_term(slope: I::Wide, e: I::Wide, ties: Mask64<I>) -> (I::Wide, Mask64<I>) {
         let e = e.select(I::Wide::splat(1.0), ties);
         (slope.mul(e), Mask::none())
+    }
+    #[inline(always)]
+    unsafe fn store_slope(slope: I::Wide, p: *mut f32, n: usize) {
+        store_first::<I, f32>(p, n, slope);
     }
 }
 
@@ -565,6 +573,10 @@ struct ScanSink {
     /// With `maxima`: an output row of the same length that receives each block's
     /// `exp(x − m_b)` (1 at `x = m_b`, 0 in fully masked blocks).
     cache: Option<*mut f32>,
+    /// With `maxima`: a row of the same length that receives each mapped logit's slope.
+    slopes: Option<*mut f32>,
+    /// With `maxima`: sum each block's `Σ_live (m_b − y_i)` and count its live elements.
+    distances: bool,
 }
 
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
@@ -612,15 +624,17 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
             min = min.min(lo.reduce_min());
         }
         let mapped_max = map.map_max(block_max);
-        if let Some(maxima) = sink.maxima {
-            (*maxima).push(mapped_max);
-        }
-        let cache = sink
-            .cache
-            .map(|c| c.add(block.as_ptr().offset_from(row.as_ptr()) as usize));
+        let offset = block.as_ptr().offset_from(row.as_ptr()) as usize;
+        let (cache, slopes) = (
+            sink.cache.map(|c| c.add(offset)),
+            sink.slopes.map(|s| s.add(offset)),
+        );
         if no_finite {
-            if let Some(cache) = cache {
-                core::ptr::write_bytes(cache, 0, block.len());
+            for buf in [cache, slopes].into_iter().flatten() {
+                core::ptr::write_bytes(buf, 0, block.len());
+            }
+            if let Some(maxima) = sink.maxima {
+                (*maxima).push(mapped_max, (0.0, 0.0));
             }
             continue;
         }
@@ -629,6 +643,7 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         let (m, neg_m) = (W::splat(mapped_max), W::splat(-mapped_max));
         let mut sums = LaneSums::<I, W>::new();
         let mut ties = <W::Mask as Mask>::count_zero();
+        let (mut distance, mut live) = (I::Wide::splat(0.0), <W::Mask as Mask>::count_zero());
         // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
         // during this one overlaps the two (a prefetch never faults, even past the row's end).
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
@@ -643,7 +658,19 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
                 let (term, is_one) = M::cache_term(slope, e, is_tie);
                 W::store_exp(cache.add(at), n, term, is_one);
             }
+            if let Some(slopes) = slopes {
+                M::store_slope(slope, slopes.add(at), n);
+            }
+            if sink.distances {
+                let is_live = y.ne(W::splat(f64::NEG_INFINITY));
+                distance = distance.add(m.sub(y).keep(is_live).widen());
+                live = is_live.count(live);
+            }
         });
+        if let Some(maxima) = sink.maxima {
+            let live = <W::Mask as Mask>::total(live) as f64;
+            (*maxima).push(mapped_max, (distance.reduce_sum(), live));
+        }
         let rest = sums.total((<W::Mask as Mask>::total(ties) - 1) as f64);
         if rest.value().is_nan() {
             return None; // a NaN element
@@ -679,27 +706,35 @@ unsafe fn softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, denominator: f64, ou
 
 /// Multiplies each block of cached exp terms (`len` `f32` at `cache`) by its factor (in `f64`,
 /// rounded once) into `out`: the write pass of a cached row. `cache` may be `out` itself.
+/// With `slopes` (not null), also subtracts `b · slope_i`.
 #[inline(always)]
 unsafe fn rescale_impl<I: Isa, E: Lanes>(
-    cache: *const f32,
+    (cache, slopes): (*const f32, *const f32),
     out: *mut E,
     len: usize,
     maxima: &BlockMaxima,
-    max: f64,
-    c: f64,
+    (max, c, b): (f64, f64, f64),
 ) {
     let c = c / F32_EXP_SCALE;
-    for (b, (_, factor)) in maxima.factors(max, c).enumerate() {
-        let start = b * BLOCK;
+    for (block, (_, factor)) in maxima.factors(max, c).enumerate() {
+        let start = block * BLOCK;
         let end = len.min(start + BLOCK);
         let mut i = start;
         // Half-type outputs take the product in f32 when the factor is a normal f32 (a
         // smaller one would lose results the half type's range still holds).
         if E::HALF && (factor.abs() >= f64::from(f32::MIN_POSITIVE) && factor.abs() <= 1.0) {
             let (factor, zero) = (I::F32::splat(factor), I::F32::splat(0.0));
+            let neg_b = I::F32::splat(-b);
             while i < end {
                 let n = (end - i).min(I::LANES);
-                let v = load_cached::<I::F32>(cache.add(i), n).mul_add(factor, zero);
+                let mut shift = zero;
+                if !slopes.is_null() {
+                    shift = load_cached::<I::F32>(slopes.add(i), n).mul(neg_b);
+                }
+                // `+ 0`: a zero result is +0 whatever the signs.
+                let v = load_cached::<I::F32>(cache.add(i), n)
+                    .mul_add(factor, shift)
+                    .add(zero);
                 if n == I::LANES {
                     E::store_f32::<I>(out.add(i), v);
                 } else {
@@ -712,10 +747,17 @@ unsafe fn rescale_impl<I: Isa, E: Lanes>(
             continue;
         }
         let (factor, zero) = (I::Wide::splat(factor), I::Wide::splat(0.0));
+        let neg_b = I::Wide::splat(-b);
         while i < end {
             let n = (end - i).min(I::LANES);
-            // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
-            let v = I::widen(load_cached(cache.add(i), n)).mul_add(factor, zero);
+            let mut shift = zero;
+            if !slopes.is_null() {
+                shift = I::widen(load_cached(slopes.add(i), n)).mul(neg_b);
+            }
+            // `+ 0`: a zero result is +0 whatever the signs.
+            let v = I::widen(load_cached(cache.add(i), n))
+                .mul_add(factor, shift)
+                .add(zero);
             store_first::<I, E>(out.add(i), n, v);
             i += I::LANES;
         }
@@ -1068,7 +1110,7 @@ macro_rules! on_isa {
 trait Entries: Lanes {
     fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan>;
     /// SAFETY: `cache` and `out` hold `len` elements.
-    unsafe fn rescale(cache: *const f32, out: *mut Self, len: usize, maxima: &BlockMaxima, max: f64, c: f64);
+    unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64));
     fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]);
     fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]);
     /// SAFETY: `io`'s input holds `len` elements, and so does its output when `store`.
@@ -1092,8 +1134,8 @@ macro_rules! entries {
                     LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(row, sink, Unmapped),
                 })
             }
-            unsafe fn rescale(cache: *const f32, out: *mut Self, len: usize, maxima: &BlockMaxima, max: f64, c: f64) {
-                on_isa!(I => rescale_impl::<I, Self>(cache, out, len, maxima, max, c))
+            unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64)) {
+                on_isa!(I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
             }
             fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
                 on_isa!(I => softmax_impl::<I, Self>(x, max, denominator, out))
@@ -1155,6 +1197,8 @@ pub(crate) fn scan<E: Element>(
         tally,
         maxima: None,
         cache: None,
+        slopes: None,
+        distances: false,
     };
     with_lanes!(E, L => L::scan(cast(row), sink, map, wide))
 }
@@ -1186,23 +1230,58 @@ pub(crate) fn scan_caching<E: Element>(
         tally,
         maxima: Some(maxima),
         cache,
+        slopes: None,
+        distances: false,
+    };
+    with_lanes!(E, L => L::scan(cast(row), sink, map, false))
+}
+
+/// [`scan_caching`] that also leaves the slopes and sums the blocks' distances (see
+/// [`super::scan_caching_smoothed`]).
+pub(crate) fn scan_caching_smoothed<E: Element>(
+    row: &[E],
+    buffers: Option<(&mut [f32], &mut [f32])>,
+    maxima: &mut BlockMaxima,
+    map: LogitMap,
+    tally: bool,
+) -> Option<RowScan> {
+    assert!(caches::<E>(row.len()));
+    let len = row.len();
+    assert!(buffers
+        .as_ref()
+        .is_none_or(|(c, s)| c.len() == len && s.len() == len));
+    maxima.clear();
+    let (cache, slopes) = buffers
+        .map(|(c, s)| (c.as_mut_ptr(), s.as_mut_ptr()))
+        .unzip();
+    let sink = ScanSink {
+        tally,
+        maxima: Some(maxima),
+        cache,
+        slopes,
+        distances: true,
     };
     with_lanes!(E, L => L::scan(cast(row), sink, map, false))
 }
 
 /// The write pass of a cached row: `out_i ← c · exp(m_b − m) · cache_i` per block, with the
-/// cache in `out` itself when `cache` is `None` (an `f32` row).
+/// cache in `out` itself when `cache` is `None` (an `f32` row); with `slopes`, minus
+/// `b · slope_i`.
 ///
 /// # Panics
-/// When the cache's length differs from `out`'s, or `cache` is `None` for a row other than
+/// When the caches' lengths differ from `out`'s, or `cache` is `None` for a row other than
 /// `f32`.
 pub(crate) fn rescale<E: Element>(
     out: &mut [E],
     cache: Option<&[f32]>,
+    slopes: Option<&[f32]>,
     maxima: &BlockMaxima,
-    max: f64,
-    c: f64,
+    mcb: (f64, f64, f64),
 ) {
+    let slopes = slopes.map_or(core::ptr::null(), |s| {
+        assert_eq!(s.len(), out.len());
+        s.as_ptr()
+    });
     let cache = match cache {
         Some(cache) => {
             assert_eq!(cache.len(), out.len());
@@ -1215,7 +1294,7 @@ pub(crate) fn rescale<E: Element>(
     };
     let (len, out) = (out.len(), out.as_mut_ptr());
     // SAFETY: both hold `len` elements.
-    with_lanes!(E, L => unsafe { L::rescale(cache, out.cast(), len, maxima, max, c) });
+    with_lanes!(E, L => unsafe { L::rescale((cache, slopes), out.cast(), len, maxima, mcb) });
 }
 
 /// Softmax write pass.
