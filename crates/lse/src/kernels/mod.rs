@@ -383,7 +383,7 @@ pub(crate) fn scan_caching<E: Element>(
     tally: bool,
 ) -> RowScan {
     #[cfg(target_arch = "x86_64")]
-    if let Some(scan) = vector::scan_caching(row, cache, maxima, map, tally) {
+    if let Some(scan) = vector::scan_caching(row, (cache, None), maxima, map, (tally, false)) {
         return scan;
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -407,7 +407,8 @@ pub(crate) fn scan_caching_smoothed<E: Element>(
 ) -> RowScan {
     assert_ne!(map, LogitMap::Identity);
     #[cfg(target_arch = "x86_64")]
-    if let Some(scan) = vector::scan_caching_smoothed(row, caches, maxima, map, tally) {
+    let (cache, slopes) = caches.unzip();
+    if let Some(scan) = vector::scan_caching(row, (cache, slopes), maxima, map, (tally, true)) {
         return scan;
     }
     #[cfg(not(target_arch = "x86_64"))]
