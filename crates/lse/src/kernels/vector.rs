@@ -703,11 +703,11 @@ unsafe fn rescale_impl<I: Isa, E: Lanes>(
             for i in $range.clone().step_by(I::LANES) {
                 let (n, mut shift) = (($range.end - i).min(I::LANES), zero);
                 if !slopes.is_null() {
-                    shift = $from(load_step::<I, f32>(slopes.add(i), n, 0.0)).mul(neg_b);
+                    shift = $from(load_step::<I, f32>(slopes.add(i), n, 0.0)).mul_add(neg_b, zero);
                 }
-                // `+ 0`: a zero result is +0 whatever the signs.
+                // `e·f + shift`, `shift` never −0: a zero result is +0 whatever the signs.
                 let term = $from(load_step::<I, f32>(cache.add(i), n, 0.0));
-                $store::<I, E>(out.add(i), n, term.mul_add(factor, shift).add(zero));
+                $store::<I, E>(out.add(i), n, term.mul_add(factor, shift));
             }
         }};
     }
