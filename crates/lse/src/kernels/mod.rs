@@ -240,10 +240,15 @@ pub(crate) const MAX_CACHED_LEN: usize = CHUNK;
 /// The maxima of a row's read-pass blocks, kept for a write pass that rescales the exp terms
 /// the read pass cached (rows of at most [`MAX_CACHED_LEN`] elements): block `b`'s terms are
 /// `exp(x − m_b)` and become `c · exp(x − m)` by one factor `c · exp(m_b − m)` per block.
+///
+/// A scan that sums distances ([`scan_caching_smoothed`]) also keeps, per block, the count of
+/// live (finite) elements and `Σ_live (m_b − y_i)`.
 #[derive(Clone, Debug)]
 pub(crate) struct BlockMaxima {
     count: usize,
     max: [f64; MAX_CACHED_LEN / VECTOR_BLOCK],
+    /// `(Σ_live (m_b − y_i), live count)` per block.
+    distance: [(f64, f64); MAX_CACHED_LEN / VECTOR_BLOCK],
 }
 
 /// The vector read pass's block length (the scalar kernel has no blocks).
@@ -257,6 +262,7 @@ impl BlockMaxima {
         Self {
             count: 0,
             max: [f64::NEG_INFINITY; MAX_CACHED_LEN / VECTOR_BLOCK],
+            distance: [(0.0, 0.0); MAX_CACHED_LEN / VECTOR_BLOCK],
         }
     }
 
@@ -266,9 +272,19 @@ impl BlockMaxima {
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn push(&mut self, max: f64) {
+    fn push(&mut self, max: f64, distance: (f64, f64)) {
         self.max[self.count] = max;
+        self.distance[self.count] = distance;
         self.count += 1;
+    }
+
+    /// `Σ_live (max − y_i)` from the blocks' sums, in block order (a scan that summed them).
+    pub(crate) fn distance(&self, max: f64) -> f64 {
+        let blocks = self.max[..self.count].iter().zip(&self.distance);
+        blocks
+            .filter(|(_, &(_, live))| live > 0.0)
+            .map(|(&m_b, &(sum, live))| sum + live * (max - m_b))
+            .sum()
     }
 
     /// `(m_b, c · exp(m_b − m))` for each block `b` in order (factor 0 for a fully masked
@@ -367,11 +383,36 @@ pub(crate) fn scan_caching<E: Element>(
     tally: bool,
 ) -> RowScan {
     #[cfg(target_arch = "x86_64")]
-    if let Some(scan) = vector::scan_caching(row, cache, maxima, map, tally) {
+    if let Some(scan) = vector::scan_caching(row, (cache, None), maxima, map, (tally, false)) {
         return scan;
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (cache, maxima, tally);
+    scalar::scan_row(row, map)
+}
+
+/// [`scan_caching`] of a soft-capped row whose write pass also subtracts a smoothing mass
+/// ([`rescale_smoothed`]): `caches` (the terms, then the slopes) receive each block's
+/// `slope · exp(y − m_b)` and each `slope`, and `maxima` the blocks' distance sums (see
+/// [`BlockMaxima::distance`]), so that neither the loss nor the write pass maps a logit again.
+///
+/// # Panics
+/// As [`scan_caching`], and unless `map` is a soft-cap.
+pub(crate) fn scan_caching_smoothed<E: Element>(
+    row: &[E],
+    caches: Option<(&mut [f32], &mut [f32])>,
+    maxima: &mut BlockMaxima,
+    map: LogitMap,
+    tally: bool,
+) -> RowScan {
+    assert_ne!(map, LogitMap::Identity);
+    #[cfg(target_arch = "x86_64")]
+    let (cache, slopes) = caches.unzip();
+    if let Some(scan) = vector::scan_caching(row, (cache, slopes), maxima, map, (tally, true)) {
+        return scan;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (caches, maxima, tally);
     scalar::scan_row(row, map)
 }
 
@@ -388,11 +429,64 @@ pub(crate) fn rescale<E: Element>(
     c: f64,
 ) {
     #[cfg(target_arch = "x86_64")]
-    vector::rescale(out, scratch.map(Scratch::as_slice), maxima, max, c);
+    vector::rescale(
+        out,
+        scratch.map(Scratch::as_slice),
+        None,
+        maxima,
+        (max, c, 0.0),
+    );
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (out, scratch, maxima, max, c);
         unreachable!("no cached rows without a vector kernel")
+    }
+}
+
+/// The write pass of a row read by [`scan_caching_smoothed`]: `out_i ← c · exp(m_b − m) ·
+/// term_i − b · slope_i` (`+0` where both are 0), from the buffers [`smoothed_buffers`] gave.
+///
+/// # Panics
+/// Unless those buffers were filled by [`scan_caching_smoothed`] with `maxima`.
+pub(crate) fn rescale_smoothed<E: Element>(
+    out: &mut [E],
+    scratch: Option<&Scratch>,
+    maxima: &BlockMaxima,
+    (max, c, b): (f64, f64, f64),
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let len = out.len();
+        let (cache, slopes) = match scratch.map(Scratch::as_slice) {
+            Some(s) if s.len() == 2 * len => (Some(&s[..len]), &s[len..]),
+            Some(s) => (None, s),
+            None => unreachable!("the slopes are in the scratch row"),
+        };
+        vector::rescale(out, cache, Some(slopes), maxima, (max, c, b));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, scratch, maxima, max, c, b);
+        unreachable!("no cached rows without a vector kernel")
+    }
+}
+
+/// The term and slope buffers of [`scan_caching_smoothed`] for a row of `len` elements: the
+/// terms in `out` itself for an `f32` gradient row (`out` given), else in `scratch` before the
+/// slopes.
+pub(crate) fn smoothed_buffers<'a, E: Element>(
+    len: usize,
+    out: Option<&'a mut [E]>,
+    scratch: &'a mut Option<Scratch>,
+) -> (&'a mut [f32], &'a mut [f32]) {
+    match out {
+        Some(out) if E::DTYPE == crate::DType::F32 => {
+            assert_eq!(out.len(), len);
+            // SAFETY: `Element` is sealed and its DType F32 names exactly `f32`.
+            let terms = unsafe { core::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), len) };
+            (terms, scratch_buffer(len, scratch))
+        }
+        _ => scratch_buffer(2 * len, scratch).split_at_mut(len),
     }
 }
 

@@ -619,7 +619,9 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
     /// the scalar write pass): smoothing whose share of a class (times its weight) is larger
     /// than every gradient the row is known to have — the max class (`e = 1`, unweighted
     /// only) and the target — where `c·e_i − share·w_i` loses the vector exp's digits.
-    /// Probability targets are checked by the write pass itself ([`FastWrite::verify`]).
+    /// Probability targets are checked by the write pass itself ([`FastWrite::verify`]). A
+    /// soft-capped row's write pass may take its terms and slopes from `f32` caches: the same
+    /// test, with the target's gradient alone (the max class's slope is not known here).
     pub(crate) fn needs_exact_state(&self, row: &[E]) -> bool {
         match self.target {
             RowTarget::Class(target) => self.smoothing_cancels(row[target].to_f64()),
@@ -634,16 +636,16 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             return false;
         };
         let share = self.smoothing_share;
-        // A soft-capped row is read and written in f64 lanes: as accurate as the scalar kernel.
-        if share == 0.0 || !self.vector_eligible() || self.config.map != LogitMap::Identity {
+        if share == 0.0 || !self.vector_eligible() {
             return false;
         }
+        let capped = self.config.map != LogitMap::Identity;
         let unit = GradScale {
             reduction: 1.0,
             caller: 1.0,
         };
         let target_grad = self.gradient(target, raw, unit, f64::MAX).abs();
-        let largest = if raw < self.max && self.config.weights.is_none() {
+        let largest = if raw < self.max && self.config.weights.is_none() && !capped {
             target_grad.max((self.per_probability() - share).abs())
         } else {
             target_grad
@@ -846,6 +848,60 @@ impl<'t, 'w, E: Element> ClassMasses<'t, 'w, E> {
             weights: self.weights.map(|w| &w[offset..]),
             probabilities: self.probabilities.map(|q| &q[offset..]),
             ..*self
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Logits over every scale, both signs, and the edges of the map.
+    pub(crate) fn logits() -> Vec<f64> {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut out = vec![
+            0.0,
+            -0.0,
+            1e-300,
+            -5e-324,
+            f64::MAX,
+            -f64::MAX,
+            f64::INFINITY,
+        ];
+        for _ in 0..20_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let mantissa = (state >> 11) as f64 / (1u64 << 53) as f64;
+            let exponent = ((state >> 3) % 80) as i32 - 40;
+            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
+            out.push(sign * mantissa * 2f64.powi(exponent));
+        }
+        out
+    }
+
+    /// Against libm's `tanh` and `cosh` (an independent reference): within a few ulp for the
+    /// value, and for the slope within a few ulp plus what rounding `2|x|/cap` to `f64` costs
+    /// `exp(−2|x|/cap)` (a relative error of about `2|x|/cap` ulp, in the reference too).
+    #[test]
+    fn softcap_is_accurate() {
+        for cap in [1.0, 30.0] {
+            for x in logits() {
+                let (y, slope) = LogitMap::Softcap(cap).with_slope(x);
+                let exact = cap * (x / cap).tanh();
+                assert!(
+                    (y - exact).abs() <= 4.0 * f64::EPSILON * exact.abs().max(f64::MIN_POSITIVE),
+                    "cap {cap}, x {x:e}: {y:e} vs tanh {exact:e}"
+                );
+                let c = (x / cap).cosh();
+                let exact_slope = 1.0 / (c * c);
+                let conditioning = 8.0 + 4.0 * (x / cap).abs();
+                assert!(
+                    (slope - exact_slope).abs() <= conditioning * f64::EPSILON * exact_slope
+                        || exact_slope < 1e-300,
+                    "cap {cap}, x {x:e}: slope {slope:e} vs {exact_slope:e}"
+                );
+            }
         }
     }
 }

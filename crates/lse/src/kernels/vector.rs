@@ -110,7 +110,7 @@ macro_rules! steps {
             #[inline(always)]
             unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask) {
                 let scale = Self::splat($crate::kernels::vector::F32_EXP_SCALE);
-                $crate::kernels::vector::store_f32_first(p, n, e.select(scale, ties));
+                $crate::kernels::vector::store_f32_first::<$isa, f32>(p, n, e.select(scale, ties));
             }
         }
         impl<$($generics)*> $crate::kernels::vector::Step<$isa> for Pair<$f64> {
@@ -147,9 +147,9 @@ pub(crate) trait Lanes: Element {
     /// True for the half types, whose outputs are rounded through `f32` anyway: a product
     /// formed in `f32` (2^-24 relative) moves them by at most 2^-16 of their ulp.
     const HALF: bool = false;
-    /// Stores one step of `f32` results, rounded to `Self` (half types only).
+    /// Stores one step of `f32` results, rounded to `Self` (not for `f64`).
     unsafe fn store_f32<I: Isa>(_p: *mut Self, _v: I::F32) {
-        unreachable!("only half types store from f32 lanes")
+        unreachable!("f64 rows store from f64 lanes")
     }
     /// True when the read pass can leave each `exp(x − m_b)` (an `f32` lane) in an `f32`
     /// buffer for the write pass to rescale ([`Step::store_exp`]): the `f32` lanes of `f32`,
@@ -161,6 +161,10 @@ pub(crate) trait Lanes: Element {
 impl Lanes for f32 {
     type V<I: Isa> = I::F32;
     const CACHES: bool = true;
+    #[inline(always)]
+    unsafe fn store_f32<I: Isa>(p: *mut Self, v: I::F32) {
+        v.store(p);
+    }
     #[inline(always)]
     unsafe fn load<I: Isa>(p: *const Self) -> I::F32 {
         I::F32::load(p)
@@ -208,27 +212,15 @@ impl Lanes for f64 {
     }
 }
 
-/// Stores the first `n` lanes of `v` at `p`.
+/// Stores the first `n` of one step of `f32` results at `p`, rounded to `E`.
 #[inline(always)]
-pub(crate) unsafe fn store_f32_first<F: Float<Scalar = f32>>(p: *mut f32, n: usize, v: F) {
-    if n == F::LANES {
-        v.store(p);
+pub(crate) unsafe fn store_f32_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I::F32) {
+    if n == I::LANES {
+        E::store_f32::<I>(p, v);
     } else {
-        let mut buf = [0f32; MAX_LANES];
-        v.store(buf.as_mut_ptr());
+        let mut buf = [<E as Element>::zero(); MAX_LANES];
+        E::store_f32::<I>(buf.as_mut_ptr(), v);
         core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
-    }
-}
-
-/// `f32` lanes of the first `n` elements of the `f32` buffer at `p`.
-#[inline(always)]
-unsafe fn load_cached<F: Float<Scalar = f32>>(p: *const f32, n: usize) -> F {
-    if n == F::LANES {
-        F::load(p)
-    } else {
-        let mut buf = [0f32; MAX_LANES];
-        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-        F::load(buf.as_ptr())
     }
 }
 
@@ -366,6 +358,10 @@ trait LaneMap<I: Isa, W: Step<I>>: Copy {
     /// What the read pass caches for the write pass of a plain row, from the exp terms `e`
     /// (0 at ties with the block max): the term, and the lanes whose term is 1.
     unsafe fn cache_term(slope: Self::Slope, e: W, ties: W::Mask) -> (W, W::Mask);
+    /// Stores the first `n` slopes as `f32` (maps with a slope only).
+    unsafe fn store_slope(_slope: Self::Slope, _p: *mut f32, _n: usize) {
+        unreachable!("only a map with a slope stores it")
+    }
 }
 
 /// Logits as given.
@@ -422,6 +418,10 @@ impl<I: Isa> LaneMap<I, I::Wide> for Capped {
     unsafe fn cache_term(slope: I::Wide, e: I::Wide, ties: Mask64<I>) -> (I::Wide, Mask64<I>) {
         let e = e.select(I::Wide::splat(1.0), ties);
         (slope.mul(e), Mask::none())
+    }
+    #[inline(always)]
+    unsafe fn store_slope(slope: I::Wide, p: *mut f32, n: usize) {
+        store_first::<I, f32>(p, n, slope);
     }
 }
 
@@ -482,21 +482,15 @@ impl<I: Isa, W: Step<I>> LaneSums<I, W> {
     }
 }
 
-/// The last elements of a row, copied into a full step padded with `fill`.
-#[inline(always)]
-fn padded<E: Element>(tail: &[E], fill: E) -> [E; MAX_LANES] {
-    let mut buf = [fill; MAX_LANES];
-    buf[..tail.len()].copy_from_slice(tail);
-    buf
-}
-
 /// The step of `n` elements at `p`, padded with `fill` when `n` is short of `I::LANES`.
 #[inline(always)]
 unsafe fn load_step<I: Isa, E: Lanes>(p: *const E, n: usize, fill: E) -> E::V<I> {
     if n == I::LANES {
         E::load::<I>(p)
     } else {
-        E::load::<I>(padded(core::slice::from_raw_parts(p, n), fill).as_ptr())
+        let mut buf = [fill; MAX_LANES];
+        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        E::load::<I>(buf.as_ptr())
     }
 }
 
@@ -565,6 +559,10 @@ struct ScanSink {
     /// With `maxima`: an output row of the same length that receives each block's
     /// `exp(x − m_b)` (1 at `x = m_b`, 0 in fully masked blocks).
     cache: Option<*mut f32>,
+    /// With `maxima`: a row of the same length that receives each mapped logit's slope.
+    slopes: Option<*mut f32>,
+    /// With `maxima`: sum each block's `Σ_live (m_b − y_i)` and count its live elements.
+    distances: bool,
 }
 
 /// The read pass over a row; `None` when it holds NaN or `+inf` (the scalar kernel then finds
@@ -586,18 +584,14 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         // or the exp sweep's sum NaN — except in a block of only −inf and NaN.
         let (mut hi, mut lo) = (minus_inf, inf);
         let mut masked_lanes = <<E::V<I> as Float>::Mask as Mask>::count_zero();
-        if sink.tally {
-            for_each_step!(I, E, block, neg_inf::<E>(), |x, _at, _n| {
-                hi = hi.max(x);
+        for_each_step!(I, E, block, neg_inf::<E>(), |x, _at, _n| {
+            hi = hi.max(x);
+            if sink.tally {
                 let is_masked = x.eq(minus_inf);
                 lo = lo.min(x.select(inf, is_masked));
                 masked_lanes = is_masked.count(masked_lanes);
-            });
-        } else {
-            for_each_step!(I, E, block, neg_inf::<E>(), |x, _at, _n| {
-                hi = hi.max(x);
-            });
-        }
+            }
+        });
         let block_max = hi.reduce_max();
         let no_finite = block_max == f64::NEG_INFINITY;
         if block_max == f64::INFINITY
@@ -612,15 +606,16 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
             min = min.min(lo.reduce_min());
         }
         let mapped_max = map.map_max(block_max);
-        if let Some(maxima) = sink.maxima {
-            (*maxima).push(mapped_max);
-        }
-        let cache = sink
-            .cache
-            .map(|c| c.add(block.as_ptr().offset_from(row.as_ptr()) as usize));
+        let at = |buf: Option<*mut f32>| {
+            buf.map(|b| b.add(block.as_ptr().offset_from(row.as_ptr()) as usize))
+        };
+        let (cache, slopes) = (at(sink.cache), at(sink.slopes));
         if no_finite {
-            if let Some(cache) = cache {
-                core::ptr::write_bytes(cache, 0, block.len());
+            for buf in [cache, slopes].into_iter().flatten() {
+                core::ptr::write_bytes(buf, 0, block.len());
+            }
+            if let Some(maxima) = sink.maxima {
+                (*maxima).push(mapped_max, (0.0, 0.0));
             }
             continue;
         }
@@ -629,6 +624,7 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         let (m, neg_m) = (W::splat(mapped_max), W::splat(-mapped_max));
         let mut sums = LaneSums::<I, W>::new();
         let mut ties = <W::Mask as Mask>::count_zero();
+        let (mut distance, mut live) = (I::Wide::splat(0.0), <W::Mask as Mask>::count_zero());
         // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
         // during this one overlaps the two (a prefetch never faults, even past the row's end).
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
@@ -643,7 +639,19 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
                 let (term, is_one) = M::cache_term(slope, e, is_tie);
                 W::store_exp(cache.add(at), n, term, is_one);
             }
+            if let Some(slopes) = slopes {
+                M::store_slope(slope, slopes.add(at), n);
+            }
+            if sink.distances {
+                let is_live = y.ne(W::splat(f64::NEG_INFINITY));
+                distance = distance.add(m.sub(y).keep(is_live).widen());
+                live = is_live.count(live);
+            }
         });
+        if let Some(maxima) = sink.maxima {
+            let live = <W::Mask as Mask>::total(live) as f64;
+            (*maxima).push(mapped_max, (distance.reduce_sum(), live));
+        }
         let rest = sums.total((<W::Mask as Mask>::total(ties) - 1) as f64);
         if rest.value().is_nan() {
             return None; // a NaN element
@@ -679,45 +687,45 @@ unsafe fn softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, denominator: f64, ou
 
 /// Multiplies each block of cached exp terms (`len` `f32` at `cache`) by its factor (in `f64`,
 /// rounded once) into `out`: the write pass of a cached row. `cache` may be `out` itself.
+/// With `slopes` (not null), also subtracts `b · slope_i`.
 #[inline(always)]
 unsafe fn rescale_impl<I: Isa, E: Lanes>(
-    cache: *const f32,
+    (cache, slopes): (*const f32, *const f32),
     out: *mut E,
     len: usize,
     maxima: &BlockMaxima,
-    max: f64,
-    c: f64,
+    (max, c, b): (f64, f64, f64),
 ) {
+    // One block's steps in lanes `$t` from the cache's `f32` lanes, stored by `$store`.
+    macro_rules! block {
+        ($t:ty, $from:expr, $store:ident, $range:expr, $factor:expr) => {{
+            let (factor, zero, neg_b) = (<$t>::splat($factor), <$t>::splat(0.0), <$t>::splat(-b));
+            for i in $range.clone().step_by(I::LANES) {
+                let (n, mut shift) = (($range.end - i).min(I::LANES), zero);
+                if !slopes.is_null() {
+                    shift = $from(load_step::<I, f32>(slopes.add(i), n, 0.0)).mul_add(neg_b, zero);
+                }
+                // `e·f + shift`, `shift` never −0: a zero result is +0 whatever the signs.
+                let term = $from(load_step::<I, f32>(cache.add(i), n, 0.0));
+                $store::<I, E>(out.add(i), n, term.mul_add(factor, shift));
+            }
+        }};
+    }
     let c = c / F32_EXP_SCALE;
-    for (b, (_, factor)) in maxima.factors(max, c).enumerate() {
-        let start = b * BLOCK;
-        let end = len.min(start + BLOCK);
-        let mut i = start;
+    for (block, (_, factor)) in maxima.factors(max, c).enumerate() {
+        let range = block * BLOCK..len.min(block * BLOCK + BLOCK);
         // Half-type outputs take the product in f32 when the factor is a normal f32 (a
         // smaller one would lose results the half type's range still holds).
         if E::HALF && (factor.abs() >= f64::from(f32::MIN_POSITIVE) && factor.abs() <= 1.0) {
-            let (factor, zero) = (I::F32::splat(factor), I::F32::splat(0.0));
-            while i < end {
-                let n = (end - i).min(I::LANES);
-                let v = load_cached::<I::F32>(cache.add(i), n).mul_add(factor, zero);
-                if n == I::LANES {
-                    E::store_f32::<I>(out.add(i), v);
-                } else {
-                    let mut buf = [<E as Element>::zero(); MAX_LANES];
-                    E::store_f32::<I>(buf.as_mut_ptr(), v);
-                    core::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(i), n);
-                }
-                i += I::LANES;
-            }
-            continue;
-        }
-        let (factor, zero) = (I::Wide::splat(factor), I::Wide::splat(0.0));
-        while i < end {
-            let n = (end - i).min(I::LANES);
-            // `e·f + 0`: a zero term gives +0 whatever the factor's sign.
-            let v = I::widen(load_cached(cache.add(i), n)).mul_add(factor, zero);
-            store_first::<I, E>(out.add(i), n, v);
-            i += I::LANES;
+            block!(
+                I::F32,
+                core::convert::identity,
+                store_f32_first,
+                range,
+                factor
+            );
+        } else {
+            block!(I::Wide, I::widen, store_first, range, factor);
         }
     }
 }
@@ -747,46 +755,30 @@ unsafe fn ce_grad_impl<I: Isa, E: Lanes, const SWEEP: bool>(
 ) -> f64 {
     let (m, neg_m) = (E::V::<I>::splat(max), E::V::<I>::splat(-max));
     let (c, b) = (I::Wide::splat(c / E::V::<I>::EXP_SCALE), I::Wide::splat(b));
-    let (mut distance, one) = (Distance::<I>::new(max), I::Wide::splat(1.0));
+    let (mut sum, one, m_wide) = (
+        I::Wide::splat(0.0),
+        I::Wide::splat(1.0),
+        I::Wide::splat(max),
+    );
     map_steps!(I, E, x, g, len, |v| {
         let e = v.exp_shifted::<false>(m, neg_m).widen();
         let live = live::<I>(v.widen());
         if SWEEP {
-            distance.add_weighted(v.widen(), live, one);
+            sum = sum.add(distance::<I>(m_wide, v.widen(), live, one));
         }
         // Masked lanes are +0 whatever the signs of `c` and `b`.
         c.mul_sub(e, b).keep(live)
     });
-    distance.total()
+    sum.reduce_sum()
 }
 
-/// `Σ_live (m − x_i)` in `f64` (every term ≥ 0; exact for `f32`/`f16`/`bf16` rows).
-struct Distance<I: Isa> {
-    m: I::Wide,
-    sum: I::Wide,
-}
-
-impl<I: Isa> Distance<I> {
-    #[inline(always)]
-    unsafe fn new(max: f64) -> Self {
-        Self {
-            m: I::Wide::splat(max),
-            sum: I::Wide::splat(0.0),
-        }
-    }
-
-    /// Adds `u_i (m − x_i)` on live lanes with `u_i > 0` (an `f64` row's `m − x_i` may be
-    /// `+inf`, which a zero mass must not turn into NaN).
-    #[inline(always)]
-    unsafe fn add_weighted(&mut self, x: I::Wide, live: Mask64<I>, u: I::Wide) {
-        let counted = live.and(u.gt(I::Wide::splat(0.0)));
-        self.sum = self.sum.add(u.mul(self.m.sub(x)).keep(counted));
-    }
-
-    #[inline(always)]
-    unsafe fn total(&self) -> f64 {
-        self.sum.reduce_sum()
-    }
+/// `u_i (m − x_i)` on live lanes with `u_i > 0`, else 0: a term of `Σ_live u_i (m − x_i)`
+/// (every term ≥ 0; an `f64` row's `m − x_i` may be `+inf`, which a zero mass must not turn
+/// into NaN).
+#[inline(always)]
+unsafe fn distance<I: Isa>(m: I::Wide, x: I::Wide, live: Mask64<I>, u: I::Wide) -> I::Wide {
+    let counted = live.and(u.gt(I::Wide::splat(0.0)));
+    u.mul(m.sub(x)).keep(counted)
 }
 
 /// The per-class target masses `u_i = w_i · (share + keep · q_i)` of [`ClassMasses`], one step
@@ -836,42 +828,31 @@ impl<I: Isa, E: Lanes> MassLanes<I, E> {
 ///
 /// `argument_error` is the error a logit map adds to `x_i − m` (0 without one).
 fn cancellation_limits<I: Isa, W: Step<I>>(dtype: DType, argument_error: f64) -> (f64, f64) {
-    let unit = match dtype {
-        DType::F64 => return (f64::INFINITY, f64::INFINITY),
-        DType::F32 => f64::from(f32::EPSILON) / 2.0,
-        DType::F16 => f64::from(f16::EPSILON) / 2.0,
-        DType::BF16 => f64::from(bf16::EPSILON) / 2.0,
-    };
-    let exp_error = W::EXP_ERROR + argument_error;
-    if dtype == DType::F32 {
-        (1.5 * unit / exp_error, f64::INFINITY)
-    } else {
-        (f64::INFINITY, 0.5 * unit / exp_error)
+    let limit = |k: f64, epsilon: f64| k * (epsilon / 2.0) / (W::EXP_ERROR + argument_error);
+    match dtype {
+        DType::F64 => (f64::INFINITY, f64::INFINITY),
+        DType::F32 => (limit(1.5, f32::EPSILON.into()), f64::INFINITY),
+        DType::F16 => (f64::INFINITY, limit(0.5, f16::EPSILON.into())),
+        DType::BF16 => (f64::INFINITY, limit(0.5, bf16::EPSILON.into())),
     }
 }
 
 /// The cross-entropy gradient with per-class masses and a logit map `y = map(x)`,
 /// `g_i = slope_i · (c · exp(y_i − m) − b · u_i)` on live classes and `+0` on masked ones,
-/// stored at `g` when `STORE` (`x` and `g` may be the same memory); also sums
-/// `Σ_live u_i (m − y_i)` and, with `VERIFY`, tests for cancellation. With neither, only the
+/// stored at `g` when `store` (`x` and `g` may be the same memory); also sums
+/// `Σ_live u_i (m − y_i)` and, with `verify`, tests for cancellation. With neither, only the
 /// sum (no exp).
 #[inline(always)]
-unsafe fn ce_grad_masses_impl<
-    I: Isa,
-    E: Lanes,
-    W: SweepLanes<I, E::V<I>>,
-    M: LaneMap<I, W>,
-    const STORE: bool,
-    const VERIFY: bool,
->(
+unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W>>(
     (x, g, len): (*const E, *mut E, usize),
     (max, c, b): (f64, f64, f64),
     masses: MassLanes<I, E>,
     map: M,
+    (store, verify): (bool, bool),
 ) -> MassesPass {
     let (m, neg_m) = (W::splat(max), W::splat(-max));
     let (c, b) = (I::Wide::splat(c / W::EXP_SCALE), I::Wide::splat(b));
-    let mut distance = Distance::<I>::new(max);
+    let (mut sum, m_wide) = (I::Wide::splat(0.0), I::Wide::splat(max));
     let (normwise, elementwise) = cancellation_limits::<I, W>(E::DTYPE, map.argument_error());
     let elementwise = I::Wide::splat(elementwise);
     let zero = I::Wide::splat(0.0);
@@ -883,29 +864,29 @@ unsafe fn ce_grad_masses_impl<
         let live = live::<I>(v.widen());
         let u = masses.at(at, n);
         let (y, slope) = map.apply(W::from_row(v));
-        distance.add_weighted(y.widen(), live, u);
-        if STORE || VERIFY {
+        sum = sum.add(distance::<I>(m_wide, y.widen(), live, u));
+        if store || verify {
             let ce = c.mul(y.exp_shifted::<false>(m, neg_m).widen());
             let g_unmasked = b.neg_mul_add(u, ce);
             // The map's slope scales the gradient and what the cancellation test compares.
             let ce = M::times_slope(slope, ce);
             // Masked lanes are +0 whatever the signs of `c` and `b`.
             let grad = M::times_slope(slope, g_unmasked).keep(live);
-            if VERIFY {
+            if verify {
                 let (ce, grad) = (ce.abs(), grad.abs());
                 peak_ce = peak_ce.max(ce);
                 peak_g = peak_g.max(grad);
                 cancels = cancels.or(ce.gt(elementwise.mul(grad)));
             }
-            if STORE {
+            if store {
                 store_first::<I, E>(g.add(at), n, grad);
             }
         }
         at += I::LANES;
     }
     MassesPass {
-        distance: distance.total(),
-        cancels: VERIFY && (cancels.any() || peak_ce.reduce_max() > normwise * peak_g.reduce_max()),
+        distance: sum.reduce_sum(),
+        cancels: verify && (cancels.any() || peak_ce.reduce_max() > normwise * peak_g.reduce_max()),
     }
 }
 
@@ -918,8 +899,8 @@ macro_rules! for_each_pair {
         while $at < y.len() {
             let $n = (y.len() - $at).min(<$i>::LANES);
             let zero = <$e as Element>::zero();
-            let $a = load_step::<$i, $e>(y.as_ptr().add($at), $n, zero).widen();
-            let $b = load_step::<$i, $e>(dy.as_ptr().add($at), $n, zero).widen();
+            let $a = load_step::<$i, $e>(y.as_ptr().add($at), $n, zero);
+            let $b = load_step::<$i, $e>(dy.as_ptr().add($at), $n, zero);
             $body
             $at += <$i>::LANES;
         }
@@ -931,6 +912,7 @@ macro_rules! for_each_pair {
 unsafe fn dot_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     let mut acc = I::Wide::splat(0.0);
     for_each_pair!(I, E, y, dy, |a, b, _at, _n| {
+        let (a, b) = (a.widen(), b.widen());
         acc = if weighted {
             a.mul_add(b, acc)
         } else {
@@ -946,7 +928,7 @@ unsafe fn softmax_backward_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], dot: f64, d
     let dot = I::Wide::splat(dot);
     let out = dx.as_mut_ptr();
     for_each_pair!(I, E, y, dy, |a, b, at, n| {
-        store_first::<I, E>(out.add(at), n, a.mul(b.sub(dot)));
+        store_first::<I, E>(out.add(at), n, a.widen().mul(b.widen().sub(dot)));
     });
 }
 
@@ -969,15 +951,10 @@ unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
     }
     let total = I::Wide::splat(total / E::V::<I>::EXP_SCALE);
     let out = dx.as_mut_ptr();
-    let mut at = 0;
-    while at < y.len() {
-        let n = (y.len() - at).min(I::LANES);
-        let e = load_step::<I, E>(y.as_ptr().add(at), n, E::zero());
-        let e = e.exp_shifted::<false>(zero, zero).widen();
-        let d = load_step::<I, E>(dy.as_ptr().add(at), n, E::zero()).widen();
-        store_first::<I, E>(out.add(at), n, e.neg_mul_add(total, d));
-        at += I::LANES;
-    }
+    for_each_pair!(I, E, y, dy, |v, d, at, n| {
+        let e = v.exp_shifted::<false>(zero, zero).widen();
+        store_first::<I, E>(out.add(at), n, e.neg_mul_add(total, d.widen()));
+    });
     true
 }
 
@@ -990,9 +967,7 @@ unsafe fn probability_mass_impl<I: Isa, E: Lanes>(
 ) -> Option<(CompensatedSum, f64)> {
     let masses = MassLanes::<I, E>::new(&ClassMasses {
         weights,
-        probabilities: None,
-        share: 1.0,
-        keep: 0.0,
+        ..ClassMasses::UNIT
     });
     let (zero, inf) = (I::Wide::splat(0.0), I::Wide::splat(f64::INFINITY));
     let (mut peak, mut invalid) = (zero, Mask64::<I>::none());
@@ -1068,7 +1043,7 @@ macro_rules! on_isa {
 trait Entries: Lanes {
     fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan>;
     /// SAFETY: `cache` and `out` hold `len` elements.
-    unsafe fn rescale(cache: *const f32, out: *mut Self, len: usize, maxima: &BlockMaxima, max: f64, c: f64);
+    unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64));
     fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]);
     fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]);
     /// SAFETY: `io`'s input holds `len` elements, and so does its output when `store`.
@@ -1092,8 +1067,8 @@ macro_rules! entries {
                     LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(row, sink, Unmapped),
                 })
             }
-            unsafe fn rescale(cache: *const f32, out: *mut Self, len: usize, maxima: &BlockMaxima, max: f64, c: f64) {
-                on_isa!(I => rescale_impl::<I, Self>(cache, out, len, maxima, max, c))
+            unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64)) {
+                on_isa!(I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
             }
             fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
                 on_isa!(I => softmax_impl::<I, Self>(x, max, denominator, out))
@@ -1109,20 +1084,7 @@ macro_rules! entries {
             }
             fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64 {
                 let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
-                let constants = (max, 0.0, 0.0);
-                on_isa!(I => {
-                    let lanes = MassLanes::new(masses.unwrap_or(&ClassMasses::UNIT));
-                    let pass = match map {
-                        LogitMap::Softcap(cap) => {
-                            let map = Capped { cap };
-                            masses_pass::<I, Self, <I as Isa>::Wide, _>(io, constants, lanes, map, false, false)
-                        }
-                        LogitMap::Identity => {
-                            masses_pass::<I, Self, <Self as Lanes>::V<I>, _>(io, constants, lanes, Unmapped, false, false)
-                        }
-                    };
-                    pass.distance
-                })
+                on_isa!(I => masses_pass::<I, Self>(io, (max, 0.0, 0.0), masses, map, (false, false)).distance)
             }
             fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64 {
                 on_isa!(I => dot_impl::<I, Self>(y, dy, weighted))
@@ -1155,6 +1117,8 @@ pub(crate) fn scan<E: Element>(
         tally,
         maxima: None,
         cache: None,
+        slopes: None,
+        distances: false,
     };
     with_lanes!(E, L => L::scan(cast(row), sink, map, wide))
 }
@@ -1165,57 +1129,67 @@ pub(crate) fn caches<E: Element>(len: usize) -> bool {
 }
 
 /// The read pass, also recording the block maxima and, with `cache`, leaving each block's exp
-/// terms there (`None`: NaN or `+inf`, and `cache` holds anything).
+/// terms there, with `slopes` each slope, and with `distances` the blocks' distance sums (see
+/// [`super::scan_caching_smoothed`]). `None`: NaN or `+inf`, and the buffers hold anything.
 ///
 /// # Panics
-/// Unless [`caches`] holds for the row, and `cache` (if any) is as long as the row.
+/// Unless [`caches`] holds for the row, and each buffer is as long as the row.
 ///
 /// A soft-capped row (`map`) is read in `f64` lanes and caches `slope · exp(y − m_b)`.
 pub(crate) fn scan_caching<E: Element>(
     row: &[E],
-    cache: Option<&mut [f32]>,
+    (cache, slopes): (Option<&mut [f32]>, Option<&mut [f32]>),
     maxima: &mut BlockMaxima,
     map: LogitMap,
-    tally: bool,
+    (tally, distances): (bool, bool),
 ) -> Option<RowScan> {
     assert!(caches::<E>(row.len()));
-    assert!(cache.as_ref().is_none_or(|c| c.len() == row.len()));
+    let buffer = |b: Option<&mut [f32]>| {
+        b.map(|b| {
+            assert_eq!(b.len(), row.len());
+            b.as_mut_ptr()
+        })
+    };
     maxima.clear();
-    let cache = cache.map(|c| c.as_mut_ptr());
+    let (cache, slopes) = (buffer(cache), buffer(slopes));
     let sink = ScanSink {
         tally,
         maxima: Some(maxima),
         cache,
+        slopes,
+        distances,
     };
     with_lanes!(E, L => L::scan(cast(row), sink, map, false))
 }
 
 /// The write pass of a cached row: `out_i ← c · exp(m_b − m) · cache_i` per block, with the
-/// cache in `out` itself when `cache` is `None` (an `f32` row).
+/// cache in `out` itself when `cache` is `None` (an `f32` row); with `slopes`, minus
+/// `b · slope_i`.
 ///
 /// # Panics
-/// When the cache's length differs from `out`'s, or `cache` is `None` for a row other than
+/// When the caches' lengths differ from `out`'s, or `cache` is `None` for a row other than
 /// `f32`.
 pub(crate) fn rescale<E: Element>(
     out: &mut [E],
     cache: Option<&[f32]>,
+    slopes: Option<&[f32]>,
     maxima: &BlockMaxima,
-    max: f64,
-    c: f64,
+    mcb: (f64, f64, f64),
 ) {
-    let cache = match cache {
-        Some(cache) => {
-            assert_eq!(cache.len(), out.len());
-            cache.as_ptr()
-        }
-        None => {
-            assert_eq!(E::DTYPE, DType::F32, "only an f32 row caches in itself");
-            out.as_ptr().cast::<f32>()
-        }
+    let len = out.len();
+    let ptr = |buf: &[f32]| {
+        assert_eq!(buf.len(), len);
+        buf.as_ptr()
     };
-    let (len, out) = (out.len(), out.as_mut_ptr());
+    let slopes = slopes.map_or(core::ptr::null(), ptr);
+    let cache = cache.map_or_else(|| out.as_ptr().cast::<f32>(), ptr);
+    assert!(
+        E::DTYPE == DType::F32 || cache != out.as_ptr().cast(),
+        "only an f32 row caches in itself"
+    );
+    let out = out.as_mut_ptr();
     // SAFETY: both hold `len` elements.
-    with_lanes!(E, L => unsafe { L::rescale(cache, out.cast(), len, maxima, max, c) });
+    with_lanes!(E, L => unsafe { L::rescale((cache, slopes), out.cast(), len, maxima, mcb) });
 }
 
 /// Softmax write pass.
@@ -1242,7 +1216,9 @@ pub(crate) fn ce_grad<E: Element>(
     });
     let x = x.as_ptr();
     // SAFETY: `x`, and `out` when `store`, hold `len` elements.
-    with_lanes!(E, L => unsafe { L::ce_grad((x.cast(), out.cast(), len), &write_as(w), store) })
+    with_lanes!(E, L => unsafe {
+        L::ce_grad((x.cast(), out.cast(), len), cast_ref::<E, L, _, _>(w), store)
+    })
 }
 
 /// [`ce_grad`] written over the logits themselves.
@@ -1250,32 +1226,17 @@ pub(crate) fn ce_grad_in_place<E: Element>(x: &mut [E], w: &FastWrite<'_, '_, E>
     let (p, len) = (x.as_mut_ptr(), x.len());
     // SAFETY: `p` holds `len` elements.
     with_lanes!(E, L => unsafe {
-        L::ce_grad((p.cast_const().cast(), p.cast(), len), &write_as(w), true)
+        L::ce_grad((p.cast_const().cast(), p.cast(), len), cast_ref::<E, L, _, _>(w), true)
     })
 }
 
-/// `m` for the concrete storage type `L` of `E`.
-fn masses_as<'t, 'w, E: Element, L: Element>(m: &ClassMasses<'t, 'w, E>) -> ClassMasses<'t, 'w, L> {
-    ClassMasses {
-        weights: m.weights,
-        probabilities: m.probabilities.map(cast),
-        share: m.share,
-        keep: m.keep,
-    }
-}
-
-/// `w` for the concrete storage type `L` of `E`.
-fn write_as<'t, 'w, E: Element, L: Element>(w: &FastWrite<'t, 'w, E>) -> FastWrite<'t, 'w, L> {
-    FastWrite {
-        masses: w.masses.as_ref().map(masses_as),
-        c: w.c,
-        b: w.b,
-        max: w.max,
-        target: w.target,
-        target_grad: w.target_grad,
-        sweep_distance: w.sweep_distance,
-        map: w.map,
-    }
+/// `r` for the concrete storage type `L` of `E` (`T` and `U` are one type over `E` and `L`).
+#[inline(always)]
+fn cast_ref<E: Element, L: Element, T, U>(r: &T) -> &U {
+    debug_assert_eq!(E::DTYPE, L::DTYPE);
+    debug_assert_eq!(size_of::<T>(), size_of::<U>());
+    // SAFETY: as in `cast`: `E` and `L` are the same type.
+    unsafe { &*(r as *const T).cast::<U>() }
 }
 
 /// Every cross-entropy write pass (`x` and `g` may be the same memory; `g` is not touched
@@ -1303,40 +1264,33 @@ where
             cancels: false,
         };
     }
-    let masses = MassLanes::new(w.masses.as_ref().unwrap_or(&ClassMasses::UNIT));
-    let verify = w.verify();
-    // Probability targets and soft-capped rows: the exp in f64 lanes, as their read pass
-    // ([`scan`] with `wide`).
-    match w.map {
-        LogitMap::Softcap(cap) => {
-            masses_pass::<I, L, I::Wide, _>(io, constants, masses, Capped { cap }, store, verify)
-        }
-        LogitMap::Identity if verify => {
-            masses_pass::<I, L, I::Wide, _>(io, constants, masses, Unmapped, store, verify)
-        }
-        LogitMap::Identity => {
-            debug_assert!(store);
-            masses_pass::<I, L, L::V<I>, _>(io, constants, masses, Unmapped, store, verify)
-        }
-    }
+    masses_pass::<I, L>(io, constants, w.masses.as_ref(), w.map, (store, w.verify()))
 }
 
-/// [`ce_grad_masses_impl`] with its `STORE` and `VERIFY` chosen at run time.
+/// [`ce_grad_masses_impl`] in the lanes its map and `verify` ask for: probability targets and
+/// soft-capped rows with the exp in `f64` lanes, as their read pass ([`scan`] with `wide`).
 #[inline(always)]
-unsafe fn masses_pass<I: Isa, L: Lanes, W: SweepLanes<I, L::V<I>>, M: LaneMap<I, W>>(
+unsafe fn masses_pass<I: Isa, L: Lanes>(
     io: (*const L, *mut L, usize),
     constants: (f64, f64, f64),
-    masses: MassLanes<I, L>,
-    map: M,
-    store: bool,
-    verify: bool,
-) -> MassesPass {
-    match (store, verify) {
-        (true, true) => ce_grad_masses_impl::<I, L, W, M, true, true>(io, constants, masses, map),
-        (true, false) => ce_grad_masses_impl::<I, L, W, M, true, false>(io, constants, masses, map),
-        (false, true) => ce_grad_masses_impl::<I, L, W, M, false, true>(io, constants, masses, map),
-        (false, false) => {
-            ce_grad_masses_impl::<I, L, W, M, false, false>(io, constants, masses, map)
+    masses: Option<&ClassMasses<'_, '_, L>>,
+    map: LogitMap,
+    flags: (bool, bool),
+) -> MassesPass
+where
+    I::Wide: SweepLanes<I, L::V<I>>,
+{
+    let masses = MassLanes::new(masses.unwrap_or(&ClassMasses::UNIT));
+    match map {
+        LogitMap::Softcap(cap) => {
+            let map = Capped { cap };
+            ce_grad_masses_impl::<I, L, I::Wide, _>(io, constants, masses, map, flags)
+        }
+        LogitMap::Identity if flags.1 => {
+            ce_grad_masses_impl::<I, L, I::Wide, _>(io, constants, masses, Unmapped, flags)
+        }
+        LogitMap::Identity => {
+            ce_grad_masses_impl::<I, L, L::V<I>, _>(io, constants, masses, Unmapped, flags)
         }
     }
 }
@@ -1359,7 +1313,7 @@ pub(crate) fn live_distance<E: Element>(
     masses: Option<&ClassMasses<'_, '_, E>>,
     map: LogitMap,
 ) -> f64 {
-    with_lanes!(E, L => L::live_distance(cast(x), max, masses.map(masses_as).as_ref(), map))
+    with_lanes!(E, L => L::live_distance(cast(x), max, masses.map(cast_ref::<E, L, _, _>), map))
 }
 
 /// `Σ_j y_j dy_j` (`weighted`) or `Σ_j dy_j`, in `f64`: the backward ops' row reduction.
@@ -1395,9 +1349,8 @@ mod tests {
             let (y, slope) = softcap(splat(x), splat(cap), splat(2.0 / cap));
             (y.reduce_max(), slope.reduce_max())
         }
-        let kernel = crate::kernels::Kernel::Auto;
         // SAFETY: the instruction set is the one detected.
-        (kernel.is_supported() && super::super::fast()).then(|| unsafe {
+        super::super::fast().then(|| unsafe {
             match super::super::vector_isa() {
                 VectorIsa::Avx2 => avx2::run(|| lane0::<Avx2>(x, cap)),
                 _ => avx512::run(|| lane0::<Avx512<false>>(x, cap)),
@@ -1405,34 +1358,10 @@ mod tests {
         })
     }
 
-    /// Logits over every scale, both signs, and the edges of the map.
-    fn logits() -> Vec<f64> {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut out = vec![
-            0.0,
-            -0.0,
-            1e-300,
-            -5e-324,
-            f64::MAX,
-            -f64::MAX,
-            f64::INFINITY,
-        ];
-        for _ in 0..20_000 {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1);
-            let mantissa = (state >> 11) as f64 / (1u64 << 53) as f64;
-            let exponent = ((state >> 3) % 80) as i32 - 40;
-            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
-            out.push(sign * mantissa * 2f64.powi(exponent));
-        }
-        out
-    }
-
     #[test]
     fn softcap_lanes_match_the_scalar_map_bit_for_bit() {
         for cap in [0.1, 1.0, 15.0, 30.0, 50.0, 1e6] {
-            for x in logits() {
+            for x in super::super::scalar::tests::logits() {
                 let Some((y, slope)) = softcap_lanes(x, cap) else {
                     return;
                 };
@@ -1447,30 +1376,5 @@ mod tests {
         let masked = softcap_lanes(f64::NEG_INFINITY, 30.0);
         assert!(masked.is_none_or(|(y, slope)| y == f64::NEG_INFINITY && slope == 0.0));
         assert!(softcap_lanes(f64::NAN, 30.0).is_none_or(|(y, _)| y.is_nan()));
-    }
-
-    /// Against libm's `tanh` and `cosh` (an independent reference): within a few ulp for the
-    /// value, and for the slope within a few ulp plus what rounding `2|x|/cap` to `f64` costs
-    /// `exp(−2|x|/cap)` (a relative error of about `2|x|/cap` ulp, in the reference too).
-    #[test]
-    fn softcap_is_accurate() {
-        for cap in [1.0, 30.0] {
-            for x in logits() {
-                let (y, slope) = LogitMap::Softcap(cap).with_slope(x);
-                let exact = cap * (x / cap).tanh();
-                assert!(
-                    (y - exact).abs() <= 4.0 * f64::EPSILON * exact.abs().max(f64::MIN_POSITIVE),
-                    "cap {cap}, x {x:e}: {y:e} vs tanh {exact:e}"
-                );
-                let c = (x / cap).cosh();
-                let exact_slope = 1.0 / (c * c);
-                let conditioning = 8.0 + 4.0 * (x / cap).abs();
-                assert!(
-                    (slope - exact_slope).abs() <= conditioning * f64::EPSILON * exact_slope
-                        || exact_slope < 1e-300,
-                    "cap {cap}, x {x:e}: slope {slope:e} vs {exact_slope:e}"
-                );
-            }
-        }
     }
 }

@@ -359,12 +359,48 @@ impl<'a, E: Element> Batch<'a, E> {
             && plain
             && !matches!(io, RowIo::Loss(_))
             && kernels::caches::<E>(io.logits().len());
+        // A soft-capped, smoothed row without class weights: its read pass also leaves each
+        // slope and the distance sums, so that neither its loss nor its gradient maps a logit
+        // again (loss-only rows too: the same bits either way).
+        let smoothed = vector
+            && map != LogitMap::Identity
+            && self.config.smoothing > 0.0
+            && self.config.weights.is_none()
+            && matches!(target, RowTarget::Class(_))
+            && kernels::caches::<E>(io.logits().len());
         let mut maxima = BlockMaxima::new();
         let mut scratch = None;
         // The masked count and finite minimum serve smoothing, class weights and statistics.
         let gather =
             self.config.smoothing > 0.0 || self.config.weights.is_some() || self.stats.is_some();
         let cached_scan = match &mut io {
+            RowIo::Grad(x, g) if smoothed => {
+                let caches = kernels::smoothed_buffers(x.len(), Some(&mut **g), &mut scratch);
+                Some(kernels::scan_caching_smoothed(
+                    x,
+                    Some(caches),
+                    &mut maxima,
+                    map,
+                    gather,
+                ))
+            }
+            RowIo::InPlace(x) if smoothed => {
+                let caches = kernels::smoothed_buffers::<E>(x.len(), None, &mut scratch);
+                Some(kernels::scan_caching_smoothed(
+                    x,
+                    Some(caches),
+                    &mut maxima,
+                    map,
+                    gather,
+                ))
+            }
+            RowIo::Loss(x) if smoothed => Some(kernels::scan_caching_smoothed(
+                x,
+                None,
+                &mut maxima,
+                map,
+                gather,
+            )),
             RowIo::Grad(x, g) if cached => {
                 let cache = kernels::cache_buffer(g, &mut scratch);
                 Some(kernels::scan_caching(
@@ -435,6 +471,19 @@ impl<'a, E: Element> Batch<'a, E> {
             }
         };
         let values = match (io, fast) {
+            (RowIo::Grad(_, g), Some(w)) if smoothed => {
+                kernels::rescale_smoothed(g, scratch.as_ref(), &maxima, (w.max, w.c, w.b));
+                set_target(g, &w);
+                plan.fast_loss(maxima.distance(w.max))
+            }
+            (RowIo::InPlace(x), Some(w)) if smoothed => {
+                kernels::rescale_smoothed(x, scratch.as_ref(), &maxima, (w.max, w.c, w.b));
+                set_target(x, &w);
+                plan.fast_loss(maxima.distance(w.max))
+            }
+            (RowIo::Loss(_), _) if smoothed && vector && plan.fast_loss_applies() => {
+                plan.fast_loss(maxima.distance(plan.max()))
+            }
             (RowIo::Grad(_, g), Some(w)) if from_cache => {
                 kernels::rescale(g, scratch.as_ref(), &maxima, w.max, w.c);
                 set_target(g, &w);

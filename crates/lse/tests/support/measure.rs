@@ -378,7 +378,7 @@ pub enum Soft {
     NearPrediction,
 }
 
-pub const VARIANTS: [Variant; 8] = [
+pub const VARIANTS: [Variant; 9] = [
     Variant {
         name: "label_smoothing=0.1",
         label_smoothing: 0.1,
@@ -406,6 +406,14 @@ pub const VARIANTS: [Variant; 8] = [
     Variant {
         name: "softcap=30",
         label_smoothing: 0.0,
+        weights: false,
+        z_loss: 0.0,
+        softcap: Some(30.0),
+        soft: None,
+    },
+    Variant {
+        name: "softcap=30+smoothing=0.1",
+        label_smoothing: 0.1,
         weights: false,
         z_loss: 0.0,
         softcap: Some(30.0),
