@@ -748,21 +748,32 @@ pub(crate) fn ce_grad_from_plan<E: Element>(
     scale: scalar::GradScale,
     vector: bool,
 ) {
-    if vector && fast() {
-        if let Some(w) = plan.fast_write(x, scale) {
-            // The loss is not this pass's: no distance sweep.
-            let w = scalar::FastWrite {
-                sweep_distance: false,
-                ..w
-            };
-            ce_grad(x, Some(&mut *g), &w);
-            if let Some(target) = w.target {
-                g[target] = E::from_f64(w.target_grad);
-            }
-            return;
+    if let Some(w) = vector_write(x, plan, scale, vector) {
+        ce_grad(x, Some(&mut *g), &w);
+        if let Some(target) = w.target {
+            g[target] = E::from_f64(w.target_grad);
         }
+        return;
     }
     plan.write_gradient(x.iter().copied(), scale, |c, v| g[c] = v);
+}
+
+/// The vector write pass's parameters for a row planned elsewhere, when a vector kernel runs,
+/// `vector` is asked for and [`scalar::CeRow::fast_write`] serves the row.
+fn vector_write<'t, 'w, E: Element>(
+    x: &[E],
+    plan: &scalar::CeRow<'t, 'w, E>,
+    scale: scalar::GradScale,
+    vector: bool,
+) -> Option<scalar::FastWrite<'t, 'w, E>> {
+    if !(vector && fast()) {
+        return None;
+    }
+    // The loss is not this pass's: no distance sweep.
+    plan.fast_write(x, scale).map(|w| scalar::FastWrite {
+        sweep_distance: false,
+        ..w
+    })
 }
 
 /// [`ce_grad_from_plan`] written over the logits.
@@ -772,18 +783,12 @@ pub(crate) fn ce_grad_from_plan_in_place<E: Element>(
     scale: scalar::GradScale,
     vector: bool,
 ) {
-    if vector && fast() {
-        if let Some(w) = plan.fast_write(x, scale) {
-            let w = scalar::FastWrite {
-                sweep_distance: false,
-                ..w
-            };
-            ce_grad_in_place(x, &w);
-            if let Some(target) = w.target {
-                x[target] = E::from_f64(w.target_grad);
-            }
-            return;
+    if let Some(w) = vector_write(x, plan, scale, vector) {
+        ce_grad_in_place(x, &w);
+        if let Some(target) = w.target {
+            x[target] = E::from_f64(w.target_grad);
         }
+        return;
     }
     // Each element is read before it is overwritten.
     let cells = core::cell::Cell::from_mut(x).as_slice_of_cells();
