@@ -129,11 +129,16 @@ fn main() {
     let v4 = pulp::x86::V4::try_new().expect("AVX-512 (x86-64-v4) CPU");
     let arch = pulp::Arch::new();
     for (rows, cols) in [(32, 32000), (1024, 1008)] {
-        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 * 0.02 - 10.0).collect();
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.02 - 10.0)
+            .collect();
         println!("{rows}x{cols} (one thread; in cache: rows of L2 size or less)");
         let a = time("pulp", &x, rows, |r| arch.dispatch(Generic(r)));
         let b = time("pulp+ext", &x, rows, |r| extended(v4, r));
         let c = time("own", &x, rows, |r| unsafe { own(r) });
-        assert!((a - c).abs() <= 1e-3 * c.abs() && (b - c).abs() <= 1e-3 * c.abs(), "{a} {b} {c}");
+        assert!(
+            (a - c).abs() <= 1e-3 * c.abs() && (b - c).abs() <= 1e-3 * c.abs(),
+            "{a} {b} {c}"
+        );
     }
 }
