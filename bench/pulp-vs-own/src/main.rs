@@ -5,6 +5,7 @@
 //! - `pulp+ext`: pulp plus an extension trait that supplies the shift (`vpslld`) for `V4`;
 //! - `own`: the same operations on raw AVX-512 intrinsics under one `#[target_feature]` entry,
 //!   which is what lse's own `Isa` trait compiles to.
+//!
 //! Run: `cargo run --release` (AVX-512 machine). Prints G elem/s, best of 50, per variant.
 use pulp::{Simd, WithSimd};
 use std::arch::x86_64::*;
