@@ -546,21 +546,7 @@ fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
 /// A library error about a chunk whose first row is `first`, with its row counted in the whole
 /// tensor.
 fn in_tensor(e: LseError, first: usize) -> CliError {
-    match e {
-        LseError::NonFinite {
-            what,
-            row,
-            column,
-            value,
-        } => LseError::NonFinite {
-            what,
-            row: row + first,
-            column,
-            value,
-        }
-        .into(),
-        other => other.into(),
-    }
+    e.in_whole(first, 0).into()
 }
 
 /// One streamed per-row evaluation: everything but the logits' element type.

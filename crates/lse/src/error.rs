@@ -162,3 +162,26 @@ pub enum LseError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = LseError> = core::result::Result<T, E>;
+
+impl LseError {
+    /// This error as told of a whole tensor when it was found in a part of it that starts
+    /// `rows` rows and `columns` columns in: the cell a [`LseError::NonFinite`] names moves by
+    /// that much; every other error is returned as it is.
+    #[must_use]
+    pub fn in_whole(self, rows: usize, columns: usize) -> Self {
+        match self {
+            LseError::NonFinite {
+                what,
+                row,
+                column,
+                value,
+            } => LseError::NonFinite {
+                what,
+                row: row + rows,
+                column: column + columns,
+                value,
+            },
+            other => other,
+        }
+    }
+}

@@ -1113,3 +1113,52 @@ fn split_head_matches_one_process_f32() {
 fn split_head_matches_one_process_bf16() {
     split_matches_one_process::<bf16>();
 }
+
+/// A shard's non-finite row of `W` or class of `b` is named by its global index: row
+/// `start + r` of `W`, column `start + c` of `b`.
+#[test]
+fn shard_names_a_bad_weight_row_and_bias_class_globally() {
+    let (rows, dim, classes) = (3, 4, 10);
+    let shard = Shard::new(3, 7, classes).unwrap();
+    let hidden = vec![0.25f32; rows * dim];
+    let targets = [0i64, 5, 9];
+    let call = |weight: &[f32], bias: &[f32]| {
+        let head = LinearHead {
+            weight,
+            bias: Some(bias),
+            classes: shard.width(),
+        };
+        sharded::linear_cross_entropy_shard(
+            &hidden,
+            head,
+            shard,
+            &targets,
+            &LinearCrossEntropyOptions::default(),
+            GradOutput::default(),
+            None,
+            |_: &mut [RowPartial]| Ok::<(), LseError>(()),
+        )
+        .unwrap_err()
+    };
+    let (mut weight, mut bias) = (
+        vec![0.5f32; shard.width() * dim],
+        vec![0.0f32; shard.width()],
+    );
+    weight[dim + 2] = f32::NAN; // local row 1, column 2
+    let err = call(&weight, &bias);
+    assert!(
+        matches!(err, LseError::NonFinite { what: "weight", row: 4, column: 2, value } if value.is_nan()),
+        "{err:?}"
+    );
+    weight[dim + 2] = 0.5;
+    bias[2] = f32::INFINITY; // local class 2
+    assert_eq!(
+        call(&weight, &bias),
+        LseError::NonFinite {
+            what: "bias",
+            row: 0,
+            column: 5,
+            value: f64::INFINITY,
+        }
+    );
+}

@@ -1032,23 +1032,12 @@ pub fn linear_cross_entropy_shard<E: Element<Stat = f32>, X: From<LseError>>(
             }
         }
         if error_policy && !chunks.counted.is_empty() {
-            let global = |e: LseError, rows: bool| match e {
-                LseError::NonFinite {
-                    what,
-                    row,
-                    column,
-                    value,
-                } => LseError::NonFinite {
-                    what,
-                    row: row + if rows { shard.start } else { 0 },
-                    column: column + if rows { 0 } else { shard.start },
-                    value,
-                },
-                other => other,
-            };
-            check_finite("weight", head.weight, dim.max(1), None).map_err(|e| global(e, true))?;
+            // The shard's rows of `W` and classes of `b`, named by their global index.
+            check_finite("weight", head.weight, dim.max(1), None)
+                .map_err(|e| e.in_whole(shard.start, 0))?;
             if let Some(bias) = head.bias {
-                check_finite("bias", bias, width.max(1), None).map_err(|e| global(e, false))?;
+                check_finite("bias", bias, width.max(1), None)
+                    .map_err(|e| e.in_whole(0, shard.start))?;
             }
         }
         Ok(())
