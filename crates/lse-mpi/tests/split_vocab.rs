@@ -184,7 +184,7 @@ fn all_bits(world: &SimpleCommunicator, value: f64) -> Vec<u64> {
 
 /// `split_bound`: ulps from the one-shard split result (the algebra's stated bound) for the loss
 /// and row losses, `split_grad_bound` for the gradient (ulps of the row's largest entry);
-/// `lse_bound`: ulps from the one-process `lse` call (each within 2 ulp of an oracle, DESIGN §3).
+/// `lse_bound`: ulps from the one-process `lse` call (each within 2 ulp of an oracle, docs/numerics.md).
 fn check_cross_entropy<E: Element>(
     world: &SimpleCommunicator,
     mantissa: i32,

@@ -26,7 +26,7 @@
 //! caller-provided buffers; statistics (loss, logsumexp) are `f32` for `f32`/`f16`/`bf16` input
 //! and `f64` for `f64` input. Bad input is a typed [`LseError`] naming what and where, never a
 //! panic, and an input buffer is never modified by a call that fails. The semantics for every kind
-//! of input (masks, NaN, ignored rows, empty means) are in the README's contract table.
+//! of input (masks, NaN, ignored rows, empty means) are in `docs/contract.md`.
 
 #![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
@@ -66,3 +66,8 @@ pub use half::{bf16, f16};
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
+
+/// The examples of `docs/library.md`, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/library.md")]
+struct LibraryDocDoctests;

@@ -1,4 +1,4 @@
-//! The online row state `(m, s')` of DESIGN §1 and its associative merge: the algebra every
+//! The online row state `(m, s')` of docs/numerics.md and its associative merge: the algebra every
 //! kernel, thread split and vocabulary shard shares.
 //!
 //! For a row `x` with maximum `m` (attained at some index `k`), the state keeps

@@ -1,4 +1,4 @@
-//! Accuracy against an arbitrary-precision oracle (DESIGN §3).
+//! Accuracy against an arbitrary-precision oracle (docs/numerics.md).
 //!
 //! Every op runs through the public API on deterministic rows (normal logits with spreads 1e-3 …
 //! 1e30, ties at the max, one class far above the rest, gaps at the f32 and f64 exp underflow
@@ -170,7 +170,7 @@ fn oracle_ulp_helpers_follow_design_rules() {
     assert_eq!(ulp_error(one_up, &big(1.0), DType::F32), 1.0);
     assert_eq!(ulp_error(1.0, &big(one_up), DType::F32), 1.0);
     assert_eq!(ulp_error(1.5, &big(1.0), DType::F16), 512.0);
-    // DESIGN §3: an absolute error below the smallest normal passes (flushed exp terms).
+    // docs/numerics.md: an absolute error below the smallest normal passes (flushed exp terms).
     assert_eq!(ulp_error(0.0, &big(1e-39), DType::F32), 0.0);
     assert!(ulp_error(0.0, &big(1e-37), DType::F32) > 1e6);
     // Saturation: a finite exact value beyond the range is expected as ±MAX.

@@ -1,4 +1,4 @@
-//! The semantics contract of DESIGN §2: every row of the table has a named test here, for the
+//! The semantics contract of docs/contract.md: every row of the table has a named test here, for the
 //! forward ops and their gradients, in every dtype (`<test>::f64`, `::f32`, `::f16`, `::bf16`).
 //!
 //! Expected values come from independent `f64` formulas written below (max-shifted, as in §1) or
@@ -69,7 +69,7 @@ fn bits<E: Element>(xs: &[E]) -> Vec<u64> {
     xs.iter().map(|x| x.to_f64().to_bits()).collect()
 }
 
-/// Absolute floor of every tolerance: DESIGN §3 lets errors below the smallest normal pass.
+/// Absolute floor of every tolerance: docs/numerics.md lets errors below the smallest normal pass.
 fn floor<E: Element>() -> f64 {
     E::DTYPE.min_positive_normal()
 }
@@ -189,7 +189,7 @@ fn check_lse<E: Element>(what: &str, got: Stat<E>, row: &[f64]) {
     close(what, got.to_f64(), ref_lse(row), lse_tol::<E>(row));
 }
 
-/// Normwise: every entry within `k·u` of the row's largest `|want|` (DESIGN §3).
+/// Normwise: every entry within `k·u` of the row's largest `|want|` (docs/numerics.md).
 #[track_caller]
 fn check_normwise<E: Element>(what: &str, got: &[E], want: &[f64], k: f64) {
     let scale = want

@@ -1030,7 +1030,7 @@ fn representable<E: Element>(p: &Problem) -> Problem {
 fn narrow_gradients_match_f64_gradients() {
     // The kernels widen to f64, compute there and round once, so the narrow gradient should be
     // the f64 gradient rounded: ≤ 1/2 ulp elementwise. We allow 2 ulps of the row's largest
-    // |gradient| (DESIGN §3's normwise measure). The only inputs that differ between the two
+    // |gradient| (docs/numerics.md's normwise measure). The only inputs that differ between the two
     // calls are the output gradient scale and probability targets, both made representable.
     let specs = [
         PLAIN,

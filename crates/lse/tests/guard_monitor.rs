@@ -53,8 +53,7 @@ fn stats_match_a_direct_computation() {
     let clean: Vec<f64> = widened.chunks(classes).skip(2).map(reference_lse).collect();
     let mean = clean.iter().sum::<f64>() / 3.0;
     let z = clean.iter().map(|l| l * l).sum::<f64>() / 3.0;
-    // Each row's lse is that of `lse::logsumexp` on f32 logits: within 2 ulp of f32 (DESIGN
-    // §3), i.e. 2^-22 relative; the mean of three such values and the mean of their squares
+    // Each row's lse is that of `lse::logsumexp` on f32 logits: within 2 ulp of f32 (docs/numerics.md), i.e. 2^-22 relative; the mean of three such values and the mean of their squares
     // stay within that and twice that.
     let tolerance = 2f64.powi(-22);
     assert!((stats.lse_mean - mean).abs() <= tolerance * mean.abs());

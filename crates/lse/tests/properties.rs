@@ -21,7 +21,7 @@
 //! `LSE_PROPTEST_SEED=random` (or a number) and `LSE_PROPTEST_CASES=N` (cases per test), e.g.
 //! `LSE_PROPTEST_SEED=random LSE_PROPTEST_CASES=50000 cargo test --release -p lse --test properties`.
 //!
-//! Error bounds follow DESIGN §3, floor included: an absolute error below the output dtype's
+//! Error bounds follow docs/numerics.md, floor included: an absolute error below the output dtype's
 //! smallest normal number passes (`floor`), so a bound never underflows to 0 where the outputs
 //! are subnormal.
 //!
@@ -49,7 +49,7 @@ fn denorm_min(dtype: DType) -> f64 {
     dtype.min_positive_normal() * 2.0 * dtype.unit_roundoff()
 }
 
-/// DESIGN §3's absolute floor for `n` outputs of the dtype added up: each may be off by less
+/// docs/numerics.md's absolute floor for `n` outputs of the dtype added up: each may be off by less
 /// than the dtype's smallest normal number. Error terms derived at the subnormal level
 /// (`k·denorm/2`) underflow to 0 in f64 arithmetic for f64 outputs; this one never does.
 fn floor(dtype: DType, n: usize) -> f64 {
@@ -512,7 +512,7 @@ fn check_softmax_family<E: Element>(p: &Prepared<E>) {
     // Row sum of softmax. Each ŷ_i is the f64 value y_i·(1 + θ_i) rounded once to the dtype, with
     // |θ_i| ≤ 4·u64 (exp ≤ 1 ulp and its subtraction correction, one division, the compensated
     // denominator ≤ 2 ulps). Rounding adds ≤ u·y_i in the normal range and ≤ denorm/2 in the
-    // subnormal range (within DESIGN §3's floor). Summing the C values in f64 here adds
+    // subnormal range (within docs/numerics.md's floor). Summing the C values in f64 here adds
     // ≤ (C − 1)·u64·Σŷ. With Σ y_i = 1:
     //   |Σŷ_i − 1| ≤ u + C·denorm/2 + (C + 4)·u64 (+ second-order terms),
     // which we take with a factor 2 on the f64 part and the floor for the subnormal part:
@@ -629,8 +629,8 @@ fn check_ce<E: Element>(p: &Prepared<E>, case: &Case, sw: Switches, variant: Var
         // can be subnormal in f64 itself (subnormal probabilities): each of the ~8 f64 operations
         // behind A·p̂_i − a_i then also has an absolute error ≤ denorm64/2, magnified by `scale`
         // when it is large — and not shrunk when it is small, since the product with `scale`
-        // rounds to a subnormal again. Every such subnormal-level term is covered by DESIGN
-        // §3's floor (each entry may be off by less than the dtype's smallest normal), which,
+        // rounds to a subnormal again. Every such subnormal-level term is covered by the floor of
+        // docs/numerics.md (each entry may be off by less than the dtype's smallest normal), which,
         // unlike `C·denorm/2` for f64 outputs, does not underflow to 0 (issue 18's case: an
         // exact 0 computed as −5e-324). We check
         //   |Σĝ_i| ≤ (u + (C + 4)·u64)·Σ|ĝ_i|·(1 + u) + 32·u64·|scale|·A + floor(C)
@@ -725,7 +725,7 @@ fn test_extreme_logits_no_nan_f64_mean_overflow() {
 /// softmax is exactly 1 and every gradient entry `scale·(A·p − a)` is exactly 0; row 1 carries a
 /// subnormal probability target (3e-323, weighted 1.495: a mass of 9 subnormal units). The
 /// library's f64 arithmetic on those subnormal masses leaves one unit, −5e-324: an absolute error
-/// far below `f64::MIN_POSITIVE`, which DESIGN §3 lets pass. The library was right; the test's
+/// far below `f64::MIN_POSITIVE`, which docs/numerics.md lets pass. The library was right; the test's
 /// bound `… + C·denorm/2 + 4·(C + 1)·scale·denorm64` rounded to 0 in f64 (scale 0.06) and now
 /// carries the floor.
 #[test]

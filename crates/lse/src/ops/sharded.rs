@@ -1,7 +1,7 @@
 //! A split vocabulary: the classes of every row spread over shards (processes, devices), each
 //! holding the columns `[start, stop)`, as tensor-parallel training splits a language-model head.
 //!
-//! Three steps, of which only the middle one needs the other shards (DESIGN §5):
+//! Three steps, of which only the middle one needs the other shards (docs/mpi.md):
 //!
 //! 1. **Partials** — each shard reduces each row of its columns to a [`RowPartial`]: the §1 state
 //!    `(m, s')` of its (soft-capped) logits, the target logit when the target class is one of its

@@ -23,14 +23,14 @@ fn report() -> &'static Report {
     })
 }
 
-/// Asserts the DESIGN §3 target of every (dtype, distribution) cell of `ops`, listing all
+/// Asserts the docs/numerics.md target of every (dtype, distribution) cell of `ops`, listing all
 /// failing cells with their worst input at once.
 fn assert_targets(ops: &[Op]) {
     let report = report();
     let failures = report.failures(ops);
     assert!(
         failures.is_empty(),
-        "{} cell(s) above the DESIGN §3 target:\n{}",
+        "{} cell(s) above the docs/numerics.md target:\n{}",
         failures.len(),
         failures.join("\n")
     );
@@ -72,7 +72,7 @@ fn accuracy_matches_arbitrary_precision_oracle_cross_entropy_options() {
     let failures = report().variant_failures();
     assert!(
         failures.is_empty(),
-        "{} option variant(s) above the DESIGN §3 target:\n{}",
+        "{} option variant(s) above the docs/numerics.md target:\n{}",
         failures.len(),
         failures.join("\n")
     );
@@ -85,7 +85,7 @@ const TINY_LOSS_30: f64 = 9.357_622_968_839_737e-14;
 
 #[test]
 fn accuracy_matches_arbitrary_precision_oracle_tiny_losses() {
-    // DESIGN §1: with log(1 + s') instead of log1p(s') these come out 0 (PyTorch's answer).
+    // docs/numerics.md: with log(1 + s') instead of log1p(s') these come out 0 (PyTorch's answer).
     fn check<E: Element>(gap: f64) {
         let logits = [E::from_f64(gap), E::from_f64(0.0)];
         let x = [logits[0].to_f64(), logits[1].to_f64()];
@@ -124,7 +124,7 @@ fn accuracy_matches_arbitrary_precision_oracle_tiny_losses() {
             ls[0].to_f64()
         );
     }
-    // The example of DESIGN §1, by value.
+    // The example of docs/numerics.md, by value.
     let opts = CrossEntropyOptions {
         reduction: Reduction::None,
         ..Default::default()

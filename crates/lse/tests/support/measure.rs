@@ -1,4 +1,4 @@
-//! The accuracy measurement shared by `tests/accuracy.rs` (which asserts the DESIGN §3 targets)
+//! The accuracy measurement shared by `tests/accuracy.rs` (which asserts the docs/numerics.md targets)
 //! and `examples/accuracy_table.rs` (which prints them): deterministic row generators, the
 //! library calls through the public API, and the table of worst errors per
 //! op × dtype × distribution. Both include this file and `oracle.rs` with `#[path]`, so the two
@@ -326,7 +326,7 @@ pub enum Measure {
     Conditioned,
 }
 
-/// DESIGN §3: probability outputs are normwise in f32/f64 and elementwise in f16/bf16; the f64
+/// docs/numerics.md: probability outputs are normwise in f32/f64 and elementwise in f16/bf16; the f64
 /// logsumexp is scaled by its condition number; everything else is elementwise.
 pub fn measure_of(op: Op, input: DType) -> Measure {
     match op {
@@ -338,9 +338,9 @@ pub fn measure_of(op: Op, input: DType) -> Measure {
     }
 }
 
-/// The target: 1 ulp for f16/bf16 outputs and 2 ulp for f32 outputs (DESIGN §3).
+/// The target: 1 ulp for f16/bf16 outputs and 2 ulp for f32 outputs (docs/numerics.md).
 ///
-/// DESIGN §3 sets no f64 target; we hold f64 to 3 ulp (`2κ` for the logsumexp), from the error
+/// docs/numerics.md sets no f64 target; we hold f64 to 3 ulp (`2κ` for the logsumexp), from the error
 /// budget of the f64 path: each `exp` (glibc, ≤ 0.5 ulp), the compensated sum, `log1p` (or the
 /// division by `1 + s'`) and the final rounding add at most half an ulp. With cross-entropy options
 /// the f64 error follows the problem's own condition number instead — smoothing makes the
@@ -681,11 +681,11 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "Cells: the worst error in ulps of the output dtype. Targets (DESIGN §3): logsumexp, \
+            "Cells: the worst error in ulps of the output dtype. Targets (docs/numerics.md): logsumexp, \
              log_softmax and CE loss elementwise ≤ 2 ulp for f32 outputs (the logsumexp and \
              loss of f16/bf16 input are f32); softmax and CE gradients normwise (max |error| in \
              ulps of the row's largest |value|) ≤ 2 ulp in f32; every f16/bf16 output \
-             elementwise ≤ 1 ulp. f64 (no DESIGN target) is held to 3 ulp, and its logsumexp to \
+             elementwise ≤ 1 ulp. f64 (no target of its own) is held to 3 ulp, and its logsumexp to \
              ulps ÷ κ ≤ 2, κ = (|m| + log1p(s'))/|lse| the condition number of m + log1p(s'); \
              f64 with CE options is reported without a bound (its error follows the condition \
              number of p − q and of tanh). Absolute errors below the output dtype's smallest \

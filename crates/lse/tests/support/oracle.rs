@@ -10,7 +10,7 @@
 //! `s' = Σ_{i≠k} e_i`, `S = 1 + s'`, `L = log1p(s')`, and
 //! `lse = m + L`, `log_softmax_i = −d_i − L`, `softmax_i = e_i / S`.
 //!
-//! The error helpers measure what DESIGN §3 asks: ulps of the output dtype at the exact value
+//! The error helpers measure what docs/numerics.md asks: ulps of the output dtype at the exact value
 //! (spacing of subnormals below the smallest normal), with an absolute error below the dtype's
 //! smallest normal number counted as 0, and Higham's normwise measure for probability outputs.
 
@@ -538,7 +538,7 @@ fn argmax(logits: &[f64]) -> Option<usize> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Error measures (DESIGN §3)
+// Error measures (docs/numerics.md)
 // ---------------------------------------------------------------------------------------------
 
 /// Significand bits (with the implicit bit) of `dtype`.
@@ -595,7 +595,7 @@ pub fn ulp(t: &BigFloat, dtype: DType) -> f64 {
 }
 
 /// `err / 2^q` as an f64, or 0 when the absolute error `err` is below `dtype`'s smallest normal
-/// number (DESIGN §3: exp terms below it may be flushed to zero).
+/// number (docs/numerics.md: exp terms below it may be flushed to zero).
 fn error_in_ulps(err: BigFloat, dtype: DType, q: i64) -> f64 {
     if err.is_zero() || err < pow2(min_normal_exponent(dtype)) {
         return 0.0;
