@@ -12,8 +12,8 @@ use lse::guard::{Headroom, LogitStats, LogitStatsAccumulator};
 use lse::{
     bf16, f16, CompensatedSum, CrossEntropyOptions, DType, Element, NonFinite, Reduction, Targets,
 };
-use lse_cli::tensor_file::stream::TensorInfo;
-use lse_cli::tensor_file::{shape_string, FloatElement, Format};
+use lse_io::stream::TensorInfo;
+use lse_io::{shape_string, FloatElement, Format};
 use serde::Serialize;
 
 use crate::error::{CliError, Result};

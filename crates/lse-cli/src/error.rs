@@ -26,7 +26,7 @@ pub enum CliError {
         /// The file.
         path: std::path::PathBuf,
         /// What is wrong with it.
-        error: lse_cli::tensor_file::FormatError,
+        error: lse_io::FormatError,
     },
     /// Anything else a command reports as failed (a plot that cannot be drawn, …).
     Other(String),

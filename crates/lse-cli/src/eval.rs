@@ -10,9 +10,9 @@ use lse::{
     bf16, f16, ChunkedCrossEntropy, CrossEntropyOptions, DType, Element, GradOutput, LseError,
     NonFinite, Reduction,
 };
-use lse_cli::tensor_file::layout::without_axis;
-use lse_cli::tensor_file::npy::{self, Bf16Descr};
-use lse_cli::tensor_file::{shape_string, FloatElement, Format, NpyElement};
+use lse_io::layout::without_axis;
+use lse_io::npy::{self, Bf16Descr};
+use lse_io::{shape_string, FloatElement, Format, NpyElement};
 
 use crate::error::{CliError, Result};
 use crate::format::shortest;

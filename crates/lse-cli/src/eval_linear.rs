@@ -9,8 +9,8 @@ use lse::{
     DType, Element, GradOutput, LinearCrossEntropyOptions, LinearGradients, LinearHead,
     DEFAULT_LINEAR_BUDGET_BYTES,
 };
-use lse_cli::tensor_file::npy::{self, Bf16Descr};
-use lse_cli::tensor_file::{shape_string, FloatElement, Format, NpyElement, TensorData};
+use lse_io::npy::{self, Bf16Descr};
+use lse_io::{shape_string, FloatElement, Format, NpyElement, TensorData};
 
 use crate::error::{CliError, Result};
 use crate::eval::{Args, ReductionArg};

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use lse_cli::tensor_file::layout::{element_count, move_axis_to_last, move_last_to_axis};
-use lse_cli::tensor_file::npy::{self, ReadOptions};
-use lse_cli::tensor_file::stream::{OpenError, ReadError, TensorFile, TensorInfo};
-use lse_cli::tensor_file::{shape_string, FloatElement, Format, FormatError, Tensor, TensorData};
+use lse_io::layout::{element_count, move_axis_to_last, move_last_to_axis};
+use lse_io::npy::{self, ReadOptions};
+use lse_io::stream::{OpenError, ReadError, TensorFile, TensorInfo};
+use lse_io::{shape_string, FloatElement, Format, FormatError, Tensor, TensorData};
 
 use crate::error::{CliError, Result};
 

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use lse::{bf16, f16, CrossEntropyOptions, Element, NonFinite, Reduction, Targets};
-use lse_cli::tensor_file::npy::Bf16Descr;
-use lse_cli::tensor_file::NpyElement;
+use lse_io::npy::Bf16Descr;
+use lse_io::NpyElement;
 use predicates::prelude::*;
 use serde_json::Value;
 

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use lse::{bf16, f16, CrossEntropyOptions, Element, GradOutput, NonFinite, Reduction, Targets};
-use lse_cli::tensor_file::npy::{parse, Bf16Descr, ReadOptions};
-use lse_cli::tensor_file::{FloatElement, NpyElement};
+use lse_io::npy::{parse, Bf16Descr, ReadOptions};
+use lse_io::{FloatElement, NpyElement};
 
 mod common;
 

@@ -5,8 +5,8 @@ use lse::{
     bf16, CrossEntropyOptions, GradOutput, LinearCrossEntropyOptions, LinearGradients, LinearHead,
     Reduction,
 };
-use lse_cli::tensor_file::npy::{parse, Bf16Descr, ReadOptions};
-use lse_cli::tensor_file::FloatElement;
+use lse_io::npy::{parse, Bf16Descr, ReadOptions};
+use lse_io::FloatElement;
 
 mod common;
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lse_cli::tensor_file::npy::{encode, Bf16Descr};
+use lse_io::npy::{encode, Bf16Descr};
 
 mod common;
 
@@ -351,7 +351,7 @@ fn safetensors_malformed() {
     for (header, data, want) in [
         ("{not json", 0, "malformed safetensors header: invalid JSON"),
         ("[1, 2]", 0, "the header is not a JSON object"),
-        (r#"{"x": 3}"#, 0, "tensor \"x\" is not an object"),
+        (r#"{"x": 3}"#, 0, "tensor \"x\": invalid type: integer `3`"),
         (r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}"#, 8, "tensor \"x\": data_offsets [0, 16] lie outside the data section (8 bytes)"),
         (r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, 8, "end before they begin"),
         (r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, "should begin at 8"),
@@ -359,10 +359,10 @@ fn safetensors_malformed() {
         (r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8, "hold 8 bytes, but shape (3,) of F32 takes 12"),
         (r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8, "data section: the header declares 4 bytes of data, the file holds 8"),
         (r#"{"x":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}"#, 8, "tensor \"x\" has unknown dtype \"F31\""),
-        (r#"{"x":{"dtype":3,"shape":[2],"data_offsets":[0,8]}}"#, 8, "the dtype of tensor \"x\" is not a string"),
-        (r#"{"x":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}}"#, 8, "\"shape\" of tensor \"x\" is not a list of non-negative integers"),
-        (r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0]}}"#, 8, "is not [begin, end]"),
-        (r#"{"x":{"shape":[2],"data_offsets":[0,8]}}"#, 8, "tensor \"x\" has no \"dtype\""),
+        (r#"{"x":{"dtype":3,"shape":[2],"data_offsets":[0,8]}}"#, 8, "tensor \"x\": invalid type: integer `3`, expected string or map"),
+        (r#"{"x":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}}"#, 8, "tensor \"x\": invalid type: floating point `2.5`"),
+        (r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0]}}"#, 8, "tensor \"x\": invalid length 1"),
+        (r#"{"x":{"shape":[2],"data_offsets":[0,8]}}"#, 8, "tensor \"x\": missing field `dtype`"),
         (r#"{"x":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,8]}}"#, 8, "larger than this machine can address"),
         (r#"{"__metadata__":{"a":1},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 8, "metadata \"a\" is not a string"),
         (r#"{"x":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#, 2, "not a whole number of bytes"),
@@ -444,9 +444,9 @@ fn targets_malformed() {
 /// reads, which come back short, where a memory mapping would raise SIGBUS.
 #[test]
 fn a_file_that_shrinks_while_being_read_is_an_error_not_a_crash() {
-    use lse_cli::tensor_file::npy::ReadOptions;
-    use lse_cli::tensor_file::stream::{ReadError, TensorFile};
-    use lse_cli::tensor_file::{Format, TensorData};
+    use lse_io::npy::ReadOptions;
+    use lse_io::stream::{ReadError, TensorFile};
+    use lse_io::{Format, TensorData};
 
     let d = dir("shrinks");
     let path = d.join("logits.npy");

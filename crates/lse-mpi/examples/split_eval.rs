@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use lse::sharded::Shard;
 use lse::{CrossEntropyOptions, DType, GradOutput, NonFinite, Reduction};
-use lse_cli::tensor_file::npy::{self, Bf16Descr, ReadOptions};
-use lse_cli::tensor_file::{safetensors, FloatElement, Format, Tensor, TensorData};
+use lse_io::npy::{self, Bf16Descr, ReadOptions};
+use lse_io::{safetensors, FloatElement, Format, Tensor, TensorData};
 use lse_mpi::VocabParallel;
 use mpi::datatype::PartitionMut;
 use mpi::topology::SimpleCommunicator;
@@ -87,7 +87,7 @@ type Failure = String;
 
 fn read_tensor(path: &Path, name: Option<&str>, void_as_bf16: bool) -> Result<Tensor, Failure> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let fail = |e: lse_cli::tensor_file::FormatError| format!("{}: {e}", path.display());
+    let fail = |e: lse_io::FormatError| format!("{}: {e}", path.display());
     match Format::from_path(path) {
         Some(Format::Npy) => Ok(npy::parse(&bytes, ReadOptions { void_as_bf16 })
             .map_err(fail)?
@@ -259,7 +259,7 @@ fn run<E: FloatElement>(
         Format::Safetensors => Bf16Descr::Void,
     };
     let write = |path: &Path, bytes: Result<Vec<u8>, _>| -> Result<(), Failure> {
-        let bytes = bytes.map_err(|e: lse_cli::tensor_file::FormatError| e.to_string())?;
+        let bytes = bytes.map_err(|e: lse_io::FormatError| e.to_string())?;
         std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
     };
     if let Some(path) = &args.out {
@@ -359,7 +359,7 @@ fn make_demo(dir: &Path) -> Result<(), Failure> {
     let put = |name: &str, bytes: Vec<u8>| {
         std::fs::write(dir.join(name), bytes).map_err(|e| e.to_string())
     };
-    let fail = |e: lse_cli::tensor_file::FormatError| e.to_string();
+    let fail = |e: lse_io::FormatError| e.to_string();
     put(
         "logits.npy",
         npy::encode(&[rows, classes], &x, Bf16Descr::default()).map_err(fail)?,

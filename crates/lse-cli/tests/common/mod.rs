@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
-use lse_cli::tensor_file::npy::{encode, Bf16Descr};
-use lse_cli::tensor_file::NpyElement;
+use lse_io::npy::{encode, Bf16Descr};
+use lse_io::NpyElement;
 
 /// The `lse` binary under test.
 pub fn lse() -> Command {

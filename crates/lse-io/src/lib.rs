@@ -1,11 +1,15 @@
-//! Tensors in files: [`npy`] (NumPy's `.npy`, read and written) and [`safetensors`] (read);
-//! [`stream`] reads either a piece at a time, for files larger than memory.
+//! Tensors in files for lse's tools (the `lse` command, the MPI and GPU examples, the fuzz
+//! targets): [`npy`] (NumPy's `.npy`, read and written, `bf16` included) and [`safetensors`]
+//! (read); [`stream`] reads either a piece at a time (positioned reads), for files larger than
+//! memory.
 //!
 //! A reader takes the whole file as a byte slice and returns a [`Tensor`]: its shape, its elements
 //! in row-major (C) order and what the file called their type. Sizes declared by a file (shape,
 //! header length, data offsets) are checked against the slice's length with overflow-checked
 //! arithmetic before anything is allocated, so the memory a read takes is bounded by the file's
 //! own size.
+
+#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 pub mod layout;
 pub mod npy;

@@ -6,8 +6,12 @@
 //! data section; the tensors, sorted by offset, must tile it exactly, and each must take
 //! `shape`'s product × the dtype's size bytes. [`parse`] checks all of it (the same rules as the
 //! reference implementation) before any tensor is decoded, and [`Safetensors::tensor`] decodes
-//! one tensor at a time.
+//! one tensor at a time. Each entry is read as the `safetensors` crate's own `TensorInfo`
+//! (dtype names and sizes come from there); the checks against the file are made here, so that
+//! an error names the tensor, its offsets and what the file holds.
 
+use safetensors::tensor::{Dtype, TensorInfo};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::layout::element_count;
@@ -15,32 +19,6 @@ use super::{array, shape_string, Encoding, Format, FormatError, Kind, Tensor};
 
 /// The largest header the reference implementation accepts (100 MB).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
-
-/// The dtypes of the safetensors format: name and size in bits.
-const DTYPES: [(&str, usize); 22] = [
-    ("BOOL", 8),
-    ("F4", 4),
-    ("F6_E2M3", 6),
-    ("F6_E3M2", 6),
-    ("U8", 8),
-    ("I8", 8),
-    ("F8_E5M2", 8),
-    ("F8_E4M3", 8),
-    ("F8_E8M0", 8),
-    ("F8_E4M3FNUZ", 8),
-    ("F8_E5M2FNUZ", 8),
-    ("I16", 16),
-    ("U16", 16),
-    ("F16", 16),
-    ("BF16", 16),
-    ("I32", 32),
-    ("U32", 32),
-    ("F32", 32),
-    ("C64", 64),
-    ("F64", 64),
-    ("I64", 64),
-    ("U64", 64),
-];
 
 /// One tensor's entry in the header, validated against the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +31,8 @@ pub struct Entry {
     pub shape: Vec<usize>,
     /// Its bytes: `begin..end` of the data section.
     pub data_offsets: (usize, usize),
+    /// The size of one element in bits (4 for `F4`).
+    pub bits: usize,
 }
 
 impl Entry {
@@ -244,7 +224,7 @@ pub fn parse_header(head: &[u8], file_len: u64) -> Result<Header, FormatError> {
                  data section without gaps or overlaps)"
             )));
         }
-        let bits = size_in_bits(&e.dtype);
+        let bits = e.bits;
         let overflow = || FormatError::SizeOverflow {
             shape: e.shape.iter().map(|&d| d as u64).collect(),
             element_size: (bits / 8) as u64,
@@ -282,58 +262,22 @@ pub fn parse_header(head: &[u8], file_len: u64) -> Result<Header, FormatError> {
     })
 }
 
-fn size_in_bits(dtype: &str) -> usize {
-    DTYPES
-        .iter()
-        .find(|(name, _)| *name == dtype)
-        .map_or(0, |&(_, bits)| bits)
-}
-
-/// One header entry, checked for form (not yet against the data section).
+/// One header entry, read as the format's own `TensorInfo` (not yet checked against the data
+/// section).
 fn entry(name: String, value: &Value) -> Result<Entry, FormatError> {
-    let field = |key: &str| {
-        value
-            .get(key)
-            .ok_or_else(|| bad(format!("tensor {name:?} has no {key:?}")))
-    };
-    if !value.is_object() {
-        return Err(bad(format!("tensor {name:?} is not an object")));
+    // An unknown dtype by its name alone (serde's message would list every known one).
+    if let Some(Value::String(dtype)) = value.get("dtype") {
+        if Dtype::deserialize(Value::String(dtype.clone())).is_err() {
+            return Err(bad(format!("tensor {name:?} has unknown dtype {dtype:?}")));
+        }
     }
-    let dtype = field("dtype")?
-        .as_str()
-        .ok_or_else(|| bad(format!("the dtype of tensor {name:?} is not a string")))?
-        .to_owned();
-    if size_in_bits(&dtype) == 0 {
-        return Err(bad(format!("tensor {name:?} has unknown dtype {dtype:?}")));
-    }
-    let integers = |key: &str| -> Result<Vec<usize>, FormatError> {
-        let not_ints = || {
-            bad(format!(
-                "{key:?} of tensor {name:?} is not a list of non-negative integers"
-            ))
-        };
-        field(key)?
-            .as_array()
-            .ok_or_else(not_ints)?
-            .iter()
-            .map(|v| {
-                let n = v.as_u64().ok_or_else(not_ints)?;
-                usize::try_from(n).map_err(|_| not_ints())
-            })
-            .collect()
-    };
-    let shape = integers("shape")?;
-    let offsets = integers("data_offsets")?;
-    let &[begin, end] = offsets.as_slice() else {
-        return Err(bad(format!(
-            "\"data_offsets\" of tensor {name:?} is not [begin, end]"
-        )));
-    };
+    let info = TensorInfo::deserialize(value).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
     Ok(Entry {
         name,
-        dtype,
-        shape,
-        data_offsets: (begin, end),
+        dtype: info.dtype.to_string(),
+        bits: info.dtype.bitsize(),
+        shape: info.shape,
+        data_offsets: info.data_offsets,
     })
 }
 
@@ -389,7 +333,7 @@ impl Safetensors<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor_file::TensorData;
+    use crate::TensorData;
 
     fn file(header: &str, data: &[u8]) -> Vec<u8> {
         let mut out = (header.len() as u64).to_le_bytes().to_vec();
@@ -445,11 +389,17 @@ mod tests {
             (one_tensor("F32", "[1]", "[4,8]", 8), "begin at 0"),
             (one_tensor("F32", "[1]", "[0,4]", 8), "the file holds 8"),
             (one_tensor("Q8", "[1]", "[0,1]", 1), "unknown dtype"),
-            (one_tensor("F32", "[-1]", "[0,4]", 4), "non-negative"),
-            (one_tensor("F32", "[1]", "[0]", 4), "[begin, end]"),
+            (
+                one_tensor("F32", "[-1]", "[0,4]", 4),
+                "tensor \"x\": invalid value: integer `-1`",
+            ),
+            (
+                one_tensor("F32", "[1]", "[0]", 4),
+                "tensor \"x\": invalid length 1",
+            ),
             (
                 file(r#"{"x":{"dtype":"F32","data_offsets":[0,4]}}"#, &[0; 4]),
-                "no \"shape\"",
+                "tensor \"x\": missing field `shape`",
             ),
             (
                 one_tensor("F32", "[1099511627776,1099511627776]", "[0,4]", 4),

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lse_cli::tensor_file::safetensors;
+use lse_io::safetensors;
 
 fuzz_target!(|bytes: &[u8]| {
     let mine = safetensors::parse(bytes);

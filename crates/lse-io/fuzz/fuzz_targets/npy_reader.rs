@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lse_cli::tensor_file::layout::{move_axis_to_last, move_last_to_axis};
-use lse_cli::tensor_file::npy::{self, Bf16Descr, ReadOptions};
-use lse_cli::tensor_file::{Tensor, TensorData};
+use lse_io::layout::{move_axis_to_last, move_last_to_axis};
+use lse_io::npy::{self, Bf16Descr, ReadOptions};
+use lse_io::{Tensor, TensorData};
 
 /// The tensor encoded as `.npy` (row-major), bf16 described as `style`.
 fn encode(t: &Tensor, style: Bf16Descr) -> Vec<u8> {
