@@ -64,8 +64,6 @@
 //! text `lse-candle <op>: ` followed by the [`lse::LseError`] message unchanged, which names the
 //! row, column and value.
 
-#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
-
 mod common;
 mod cross_entropy;
 mod linear_cross_entropy;

@@ -9,8 +9,6 @@
 //! arithmetic before anything is allocated, so the memory a read takes is bounded by the file's
 //! own size.
 
-#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
-
 pub mod layout;
 pub mod npy;
 pub mod safetensors;

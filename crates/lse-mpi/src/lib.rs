@@ -40,6 +40,7 @@
 //! # Ok::<(), lse_mpi::Error>(())
 //! ```
 
+// Outside the workspace (it needs MPI), so the workspace's `[workspace.lints]` are restated.
 #![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
 use std::sync::atomic::{AtomicU64, Ordering};

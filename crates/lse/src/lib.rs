@@ -28,8 +28,6 @@
 //! panic, and an input buffer is never modified by a call that fails. The semantics for every kind
 //! of input (masks, NaN, ignored rows, empty means) are in `docs/contract.md`.
 
-#![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
-
 mod element;
 mod error;
 pub mod guard;
