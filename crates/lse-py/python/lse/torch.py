@@ -1,20 +1,24 @@
 """PyTorch ops of ``lse`` with autograd: ``torch.library.custom_op``s with ``register_fake``
 (shape inference for ``torch.compile`` and meta tensors) and ``register_autograd``.
 
-* :func:`cross_entropy` — ``F.cross_entropy``'s signature and semantics, plus ``z_loss`` and
-  ``softcap``; the loss and its gradient come from one fused pass in the forward, and the
-  backward only hands the gradient over (or scales it by a ``grad_output`` other than 1).
+* :func:`cross_entropy` / :class:`CrossEntropyLoss` — drop-ins for ``F.cross_entropy`` /
+  ``nn.CrossEntropyLoss`` (same signature, result dtype, semantics and errors; gradients for
+  the input and for probability targets), plus ``z_loss``, ``softcap``, ``nonfinite``,
+  ``empty_mean``, ``loss_dtype``; the loss and its gradients come from one fused pass in the
+  forward, and the backward only hands them over (or scales them by a ``grad_output`` other
+  than 1).
+* :func:`linear_cross_entropy` / :class:`LinearCrossEntropyLoss` — ``F.linear_cross_entropy`` /
+  ``nn.LinearCrossEntropyLoss`` without the logits, with lse's options and a memory budget.
 * :func:`softmax`, :func:`log_softmax`, :func:`logsumexp`, each with its backward.
-* :class:`CrossEntropyLoss` — an ``nn.Module`` drop-in for ``torch.nn.CrossEntropyLoss``.
 
-CPU tensors of float32, float16, bfloat16 (and float64, for gradcheck). Tensors are handed to
-the kernels as NumPy views, without a copy when C-contiguous (bfloat16 through an int16 view,
-since NumPy has no native bfloat16); outputs are allocated by NumPy (which asks the kernel for
-transparent huge pages, so a fresh 0.5 GB gradient costs far fewer page faults than a
-``torch.empty``) and handed to torch with ``torch.from_numpy``. A tensor on another device is a
-``lse.DeviceError`` naming the device. Softmax, log-softmax and gradients come back in the
-input's dtype; losses and logsumexp, as in the core library, in float32 for float16/bfloat16
-input (float64 for float64): an f16 loss of 7e4 is finite here, where PyTorch's f16 loss is inf.
+CPU tensors of float32, float16, bfloat16 and float64. Tensors are handed to the kernels as
+NumPy views, without a copy when C-contiguous (bfloat16 through an int16 view, since NumPy has
+no native bfloat16); outputs are allocated by NumPy (which asks the kernel for transparent huge
+pages, so a fresh 0.5 GB gradient costs far fewer page faults than a ``torch.empty``) and handed
+to torch with ``torch.from_numpy``. A tensor on another device is a ``lse.DeviceError`` naming
+the device. Softmax, log-softmax, gradients and (as PyTorch) losses come back in the input's
+dtype; the kernels compute losses and logsumexp in float32 for float16/bfloat16 input (float64
+for float64), which ``loss_dtype=torch.float32`` keeps: an f16 loss of 7e4 is finite there.
 """
 
 from __future__ import annotations
