@@ -7,8 +7,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lse
-from conftest import (BF16, DTYPES, logits, ref_cross_entropy, ref_log_softmax, ref_logsumexp,
-                      ref_softmax, spy_pointer, stat_dtype, ulp, ulps)
+from conftest import (
+    BF16,
+    DTYPES,
+    logits,
+    ref_cross_entropy,
+    ref_log_softmax,
+    ref_logsumexp,
+    ref_softmax,
+    spy_pointer,
+    stat_dtype,
+    ulp,
+    ulps,
+)
 
 # DESIGN §3 targets: f32 outputs ≤ 2 ulp (log domain elementwise, probability domain normwise),
 # every f16/bf16 output ≤ 1 ulp elementwise; f64 held to 3 ulp.
@@ -26,7 +37,6 @@ def test_finite_in_finite_out(dtype, data):
     # f64 logits at several scales, and (None) over the whole range up to the dtype's max.
     scale = data.draw(st.sampled_from([1e-3, 1.0, 1e4, 1e300, None])) if dtype == np.float64 else None
     x = data.draw(logits(dtype, scale=scale))
-    rows = x.shape[0]
     assert np.all(np.isfinite(lse.softmax(x).astype(np.float64)))
     ls = lse.log_softmax(x).astype(np.float64)
     assert np.all(np.isfinite(ls) | (np.isneginf(ls) & np.isneginf(x.astype(np.float64))))

@@ -1,6 +1,5 @@
 """lse.torch against torch.nn.functional, opcheck and gradcheck in f64, zero-copy views."""
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st

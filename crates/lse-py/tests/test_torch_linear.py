@@ -85,10 +85,11 @@ def test_matches_linear_then_cross_entropy(spec, dtype, budget):
         t[t == -100] = opts["ignore_index"]
     got = _loss_and_grads(lt.linear_cross_entropy, h, w, b, t, budget_bytes=budget, **opts)
     wide = [x.detach().double().requires_grad_() for x in (h, w, b)]
-    ref = _loss_and_grads(_reference, *wide, t, **{k: (v.double() if torch.is_tensor(v) else v) for k, v in opts.items()})
+    wide_opts = {k: (v.double() if torch.is_tensor(v) else v) for k, v in opts.items()}
+    ref = _loss_and_grads(_reference, *wide, t, **wide_opts)
     assert got[0].dtype == dtype
     torch.testing.assert_close(got[0], ref[0].to(dtype))
-    for g, r in zip(got[1], ref[1]):
+    for g, r in zip(got[1], ref[1], strict=True):
         torch.testing.assert_close(g, r.to(dtype))
 
 
@@ -100,7 +101,7 @@ def test_half_types(dtype):
     ref = _loss_and_grads(_reference, *wide, t, label_smoothing=0.1)
     assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
     torch.testing.assert_close(got[0], ref[0].to(dtype))
-    for g, r in zip(got[1], ref[1]):
+    for g, r in zip(got[1], ref[1], strict=True):
         torch.testing.assert_close(g, r.to(dtype))
 
 
@@ -114,7 +115,7 @@ def test_probability_targets(dtype):
         wide = [x.detach().double().requires_grad_() for x in (h, w, b)]
         ref = _loss_and_grads(_reference, *wide, q.double(), reduction=reduction, label_smoothing=ls)
         torch.testing.assert_close(got[0], ref[0].to(dtype))
-        for g, r in zip(got[1], ref[1]):
+        for g, r in zip(got[1], ref[1], strict=True):
             torch.testing.assert_close(g, r.to(dtype))
 
 
@@ -164,7 +165,7 @@ def test_torch_compile_traces_it():
     grads = torch.autograd.grad(got, (h, w, b))
     want = step(h, w, b)
     torch.testing.assert_close(got, want)
-    for g, r in zip(grads, torch.autograd.grad(want, (h, w, b))):
+    for g, r in zip(grads, torch.autograd.grad(want, (h, w, b)), strict=True):
         torch.testing.assert_close(g, r)
 
 

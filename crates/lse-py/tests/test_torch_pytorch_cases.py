@@ -57,7 +57,7 @@ def _check_against_torch(input, target, kwargs, module=False):
     assert got[0].dtype == dtype and got[0].shape == want[0].shape
     torch.testing.assert_close(got[0], want[0].to(dtype))
     assert len(got[1]) == len(want[1])
-    for g, w in zip(got[1], want[1]):
+    for g, w in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(g, w.to(g.dtype))
 
 
@@ -77,7 +77,7 @@ def opinfo_samples(dtype, requires_grad=True, seed=0):
         ((*shape, 1, 2, 3), {}),
         *[(shape, dict(reduction=reduction)) for reduction in reductions],
         *[
-            (shape, dict(weight=make_tensor((num_classes,), device="cpu", dtype=dtype), reduction=reduction))
+            (shape, {"weight": make_tensor((num_classes,), device="cpu", dtype=dtype), "reduction": reduction})
             for reduction in reductions
         ],
         (shape, dict(ignore_index=1)),
@@ -89,7 +89,9 @@ def opinfo_samples(dtype, requires_grad=True, seed=0):
                 continue
             target = make_tensor(input_shape, low=0, high=1, device="cpu", dtype=dtype, requires_grad=requires_grad)
         else:
-            target = make_tensor((batch_size, *input_shape[2:]), low=0, high=num_classes, device="cpu", dtype=torch.long)
+            target = make_tensor(
+                (batch_size, *input_shape[2:]), low=0, high=num_classes, device="cpu", dtype=torch.long
+            )
             if "ignore_index" in kwargs and torch.all(target == kwargs["ignore_index"]):
                 target[0] = random.sample(sorted(set(range(num_classes)) - {kwargs["ignore_index"]}), 1)[0]
         for label_smoothing in (0.0, 0.5):
@@ -115,7 +117,7 @@ def test_opinfo_samples_half_types(dtype):
         want = _run(F.cross_entropy, input.double(), t.requires_grad_(target.requires_grad), wide)
         assert got[0].dtype == dtype
         torch.testing.assert_close(got[0], want[0].to(dtype))
-        for g, w in zip(got[1], want[1]):
+        for g, w in zip(got[1], want[1], strict=True):
             assert g.dtype == dtype
             torch.testing.assert_close(g, w.to(dtype))
 

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _numpy
-from . import _lse
+from . import _lse, _numpy
 from ._errors import DeviceError, EmptyMeanError, LseError, OptionError, ShapeError, TargetError
 
 __all__ = [
@@ -342,7 +341,7 @@ def _cross_entropy_backward(ctx, grad_loss, _grad_of_grad, _grad_of_target_grad)
     wanted = ctx.needs_input_grad[:2]
     grads = ctx.grads
     ctx.grads = (None, None)  # handed over once; a second backward recomputes them
-    if any(w and (g is None or g.numel() == 0) for w, g in zip(wanted, grads)):
+    if any(w and (g is None or g.numel() == 0) for w, g in zip(wanted, grads, strict=True)):
         input, target, weight = ctx.saved_tensors
         _, *grads = _cross_entropy(input, target, weight, *ctx.options, wanted[0], wanted[1])
 
