@@ -97,7 +97,7 @@ def linear_table(cases, lse_linear, peer_rows) -> tuple[list[str], list[dict], l
     for dtype, n, d, v in cases:
         lse = lse_linear.get((dtype, n, d, v), {})
         peers = {key: peer_rows.get((key, LINEAR_OP, dtype, n, d, v), {})
-                 for key in ("torch", "torch.lce", "jax")}
+                 for key in ("torch", "torch.lce", "jax", "lse.torch")}
         for key, row in peers.items():
             if row.get("skipped"):
                 notes.append(f"{key} {LINEAR_OP} {n}x{d}x{v} {dtype}: {row['skipped']}")
@@ -107,7 +107,14 @@ def linear_table(cases, lse_linear, peer_rows) -> tuple[list[str], list[dict], l
         rows_out.append({
             "shape": f"{n}x{d}x{v}", "dtype": dtype, "lse": lse or None,
             "torch": peers["torch"] or None, "torch_lce": peers["torch.lce"] or None,
-            "jax": peers["jax"] or None,
+            "jax": peers["jax"] or None, "lse_torch": peers["lse.torch"] or None,
+            "lse_torch_over_torch": (peers["torch"]["best_s"] / peers["lse.torch"]["best_s"]
+                                     if peers["torch"].get("best_s")
+                                     and peers["lse.torch"].get("best_s") else None),
+            "lse_torch_over_torch_lce": (peers["torch.lce"]["best_s"]
+                                         / peers["lse.torch"]["best_s"]
+                                         if peers["torch.lce"].get("best_s")
+                                         and peers["lse.torch"].get("best_s") else None),
             "lse_over_torch": ratio["torch"], "lse_over_torch_lce": ratio["torch.lce"],
             "lse_over_jax": ratio["jax"],
         })
@@ -125,15 +132,19 @@ def linear_table(cases, lse_linear, peer_rows) -> tuple[list[str], list[dict], l
         "peak extra memory in MiB (growth of the peak resident set over one call). PyTorch "
         "unfused is `F.cross_entropy(F.linear(H, W, b), t)`, F.lce is "
         "`F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())`, JAX is "
-        "`jit(value_and_grad)` of the unfused mean.",
+        "`jit(value_and_grad)` of the unfused mean; lse.torch is "
+        "`lse.torch.linear_cross_entropy(H, W, t, linear_bias=b)` + backward, called from "
+        "PyTorch (the binding's overhead included).",
         "",
         "| N×D×V | dtype | lse s | lse GFLOP/s | lse of gemm | PyTorch unfused s | F.lce s "
-        "| JAX s | lse/unfused | lse/F.lce | lse/JAX | peak MiB lse | unfused | F.lce | JAX |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| JAX s | lse/unfused | lse/F.lce | lse/JAX | peak MiB lse | unfused | F.lce | JAX "
+        "| lse.torch s | lse.torch/unfused | lse.torch/F.lce | peak MiB lse.torch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+        "|---:|",
     ]
     for r in rows_out:
         lse = r["lse"] or {}
-        t, c, j = (r[k] or {} for k in ("torch", "torch_lce", "jax"))
+        t, c, j, b = (r[k] or {} for k in ("torch", "torch_lce", "jax", "lse_torch"))
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {fmt_seconds(lse.get('best_s'))} "
             f"| {fmt_gflops(lse.get('gflops'))} "
@@ -142,7 +153,10 @@ def linear_table(cases, lse_linear, peer_rows) -> tuple[list[str], list[dict], l
             f"| {fmt_seconds(j.get('best_s'))} | {ratio_text(r['lse_over_torch'])} "
             f"| {ratio_text(r['lse_over_torch_lce'])} | {ratio_text(r['lse_over_jax'])} "
             f"| {fmt_mib(lse.get('peak_extra_bytes'))} | {fmt_mib(t.get('peak_extra_bytes'))} "
-            f"| {fmt_mib(c.get('peak_extra_bytes'))} | {fmt_mib(j.get('peak_extra_bytes'))} |")
+            f"| {fmt_mib(c.get('peak_extra_bytes'))} | {fmt_mib(j.get('peak_extra_bytes'))} "
+            f"| {fmt_seconds(b.get('best_s'))} | {ratio_text(r['lse_torch_over_torch'])} "
+            f"| {ratio_text(r['lse_torch_over_torch_lce'])} "
+            f"| {fmt_mib(b.get('peak_extra_bytes'))} |")
     return lines, rows_out, notes
 
 

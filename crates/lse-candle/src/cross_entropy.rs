@@ -218,45 +218,30 @@ impl CrossEntropyOp {
                 &Tensor::from_vec(g, n, &Device::Cpu)?,
                 &Recompute {
                     options: &self.options,
+                    of: GradOf::Logits,
                 },
             ),
         }
     }
 
-    /// `∂loss/∂q = g_r · (1 − ε) · w_c · (lse(x̃_r) − x̃_rc)` for probability targets `q`.
+    /// `∂loss/∂q = g_r · (1 − ε) · w_c · (lse(x̃_r) − x̃_rc)` for probability targets `q`
+    /// ([`lse::cross_entropy_target_grad`]), for the incoming gradient `grad_loss`.
     fn probability_grad(
         &self,
         logits: &Tensor,
         targets: &Tensor,
         grad_loss: &Tensor,
     ) -> Result<Tensor> {
-        let o = &self.options;
-        let (rows, classes) = logits.dims2()?;
-        let work = if logits.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let mut x = logits.detach().to_dtype(work)?;
-        if let Some(cap) = o.softcap {
-            x = ((x / cap)?.tanh()? * cap)?;
-        }
-        let log_p = x.apply_op1_no_bwd(&LogSoftmaxNoGrad {
-            op: OP,
-            policy: NonFinite::Propagate,
-        })?;
-        let mut dq = (log_p.neg()? * (1.0 - o.label_smoothing))?;
-        if let Some(w) = &o.weights {
-            let w = Tensor::from_vec(w.clone(), (1, classes), &Device::Cpu)?.to_dtype(work)?;
-            dq = dq.broadcast_mul(&w)?;
-        }
-        let g = grad_loss.detach().to_dtype(work)?;
-        let g = match o.reduction {
-            Reduction::None => g.reshape((rows, 1))?,
-            Reduction::Sum => g.reshape((1, 1))?,
-            Reduction::Mean => (g / rows.max(1) as f64)?.reshape((1, 1))?,
-        };
-        dq.broadcast_mul(&g)?.to_dtype(targets.dtype())
+        let g: Vec<f64> = grad_loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let n = g.len();
+        logits.apply_op3_no_bwd(
+            targets,
+            &Tensor::from_vec(g, n, &Device::Cpu)?,
+            &Recompute {
+                options: &self.options,
+                of: GradOf::Targets,
+            },
+        )
     }
 }
 
@@ -363,13 +348,23 @@ impl CustomOp2 for ScaleRows {
     }
 }
 
-/// The fused forward again, for the gradient only, with the exact incoming gradient.
+/// Which gradient [`Recompute`] computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GradOf {
+    Logits,
+    /// The probability targets.
+    Targets,
+}
+
+/// The fused forward again, for a gradient only, with the exact incoming gradient.
 struct Recompute<'a> {
     options: &'a CrossEntropyOptions,
+    of: GradOf,
 }
 
 fn recompute<E>(
     options: &CrossEntropyOptions,
+    of: GradOf,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
     (s3, l3): (&CpuStorage, &Layout),
@@ -398,8 +393,16 @@ where
     };
     let mut grad = zeroed_buffer::<E>(logits.len());
     let lse_options = options.to_lse();
-    with_targets::<E, _>(s2, l2, |targets| {
-        lse::cross_entropy_with_grad(
+    with_targets::<E, _>(s2, l2, |targets| match (of, targets) {
+        (GradOf::Targets, Targets::Probabilities(q)) => {
+            lse::cross_entropy_target_grad(logits, classes, q, &lse_options, grad_output, &mut grad)
+        }
+        (GradOf::Targets, Targets::Classes(_)) => Err(LseError::LengthMismatch {
+            what: "probability targets (class indices have no gradient)",
+            expected: logits.len(),
+            actual: 0,
+        }),
+        (GradOf::Logits, targets) => lse::cross_entropy_with_grad(
             logits,
             classes,
             targets,
@@ -407,6 +410,7 @@ where
             grad_output,
             &mut grad,
         )
+        .map(|_| ()),
     })?;
     Ok((E::to_cpu_storage_owned(grad), Shape::from((rows, classes))))
 }
@@ -429,7 +433,7 @@ impl CustomOp3 for Recompute<'_> {
             OP,
             "logits",
             s1.dtype(),
-            recompute(self.options, (s1, l1), (s2, l2), (s3, l3))
+            recompute(self.options, self.of, (s1, l1), (s2, l2), (s3, l3))
         )
     }
 }

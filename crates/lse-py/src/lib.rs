@@ -279,6 +279,8 @@ struct CeArgs<'a, 'py> {
     weights: Option<&'a [f64]>,
     options: CrossEntropyOptions<'a>,
     grad: Option<&'a Bound<'py, PyAny>>,
+    /// Where `∂(grad_output · loss)/∂targets` goes (probability targets only).
+    target_grad: Option<&'a Bound<'py, PyAny>>,
     grad_output: &'a Bound<'py, PyAny>,
 }
 
@@ -349,6 +351,19 @@ fn cross_entropy_run<E: PyElement>(
         None => py.detach(|| lse::cross_entropy(xs, classes, targets, &options)),
     }
     .map_err(|e| lse_error(py, e))?;
+    if let Some(out) = args.target_grad {
+        let Targets::Probabilities(q) = targets else {
+            return Err(PyValueError::new_err(
+                "a target gradient needs probability targets (class indices have none)",
+            ));
+        };
+        let mut out = output::<E>(out, "the target gradient output")?
+            .try_readwrite()
+            .map_err(borrowed)?;
+        let os = out.as_slice_mut()?;
+        py.detach(|| lse::cross_entropy_target_grad(xs, classes, q, &options, grad_output, os))
+            .map_err(|e| lse_error(py, e))?;
+    }
     let row_loss = result
         .row_loss
         .map(|r| PyArray1::from_vec(py, r).into_any().unbind());
@@ -362,11 +377,13 @@ fn cross_entropy_run<E: PyElement>(
 
 /// Softmax cross-entropy of `logits` (`rows × classes`, flat) against int64 class targets or
 /// probability targets of the logits' dtype; with `grad`, the fused gradient
-/// `∂(grad_output · loss)/∂logits` is written there.
+/// `∂(grad_output · loss)/∂logits` is written there, and with `target_grad` (probability
+/// targets) `∂(grad_output · loss)/∂targets` there.
 #[pyfunction]
 #[pyo3(signature = (
     logits, classes, targets, *, weights, ignore_index, reduction, label_smoothing, z_loss,
-    softcap, propagate, empty_mean, keep_row_loss, keep_logit_stats, grad, grad_output
+    softcap, propagate, empty_mean, keep_row_loss, keep_logit_stats, grad, grad_output,
+    target_grad=None
 ))]
 #[allow(clippy::too_many_arguments)] // mirrors lse::CrossEntropyOptions one keyword each
 fn cross_entropy(
@@ -386,27 +403,9 @@ fn cross_entropy(
     keep_logit_stats: bool,
     grad: Option<&Bound<'_, PyAny>>,
     grad_output: &Bound<'_, PyAny>,
+    target_grad: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<CeResult> {
-    let reduction = match reduction {
-        "mean" => Reduction::Mean,
-        "sum" => Reduction::Sum,
-        "none" => Reduction::None,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "reduction must be 'mean', 'sum' or 'none', not {other:?}"
-            )))
-        }
-    };
-    let empty_mean = match empty_mean {
-        "zero" => EmptyMean::Zero,
-        "nan" => EmptyMean::Nan,
-        "error" => EmptyMean::Error,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "empty_mean must be 'zero', 'nan' or 'error', not {other:?}"
-            )))
-        }
-    };
+    let (reduction, empty_mean) = (parse_reduction(reduction)?, parse_empty_mean(empty_mean)?);
     let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
     let args = CeArgs {
         targets,
@@ -425,10 +424,189 @@ fn cross_entropy(
             keep_logit_stats,
         },
         grad,
+        target_grad,
         grad_output,
     };
     let _ = py;
     by_dtype!(logits, cross_entropy_run(classes, args))
+}
+
+fn parse_reduction(reduction: &str) -> PyResult<Reduction> {
+    match reduction {
+        "mean" => Ok(Reduction::Mean),
+        "sum" => Ok(Reduction::Sum),
+        "none" => Ok(Reduction::None),
+        other => Err(PyValueError::new_err(format!(
+            "reduction must be 'mean', 'sum' or 'none', not {other:?}"
+        ))),
+    }
+}
+
+fn parse_empty_mean(empty_mean: &str) -> PyResult<EmptyMean> {
+    match empty_mean {
+        "zero" => Ok(EmptyMean::Zero),
+        "nan" => Ok(EmptyMean::Nan),
+        "error" => Ok(EmptyMean::Error),
+        other => Err(PyValueError::new_err(format!(
+            "empty_mean must be 'zero', 'nan' or 'error', not {other:?}"
+        ))),
+    }
+}
+
+/// The buffers of a linear cross-entropy call besides the hidden rows.
+struct LinearArgs<'a, 'py> {
+    weight: &'a Bound<'py, PyAny>,
+    classes: usize,
+    bias: Option<&'a Bound<'py, PyAny>>,
+    targets: &'a [i64],
+    options: lse::LinearCrossEntropyOptions<'a>,
+    /// `(dH, dW, db)` outputs, when the gradients are asked for.
+    grads: Option<(
+        &'a Bound<'py, PyAny>,
+        &'a Bound<'py, PyAny>,
+        Option<&'a Bound<'py, PyAny>>,
+    )>,
+    /// A per-row incoming gradient (`reduction="none"`), else 1.
+    grad_output: Option<&'a [f32]>,
+}
+
+fn read<'py, E: numpy::Element>(
+    a: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<numpy::PyReadonlyArray1<'py, E>> {
+    output::<E>(a, what)?.try_readonly().map_err(borrowed)
+}
+
+fn write<'py, E: numpy::Element>(
+    a: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<numpy::PyReadwriteArray1<'py, E>> {
+    output::<E>(a, what)?.try_readwrite().map_err(borrowed)
+}
+
+fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
+    hidden: &Bound<'_, PyArray1<E>>,
+    args: LinearArgs<'_, '_>,
+) -> PyResult<(f64, f64, Option<Py<PyAny>>)> {
+    let py = hidden.py();
+    let h = hidden.try_readonly().map_err(borrowed)?;
+    let w = read::<E>(args.weight, "the linear weight (the input's dtype)")?;
+    let b = args
+        .bias
+        .map(|b| read::<E>(b, "the linear bias (the input's dtype)"))
+        .transpose()?;
+    let mut grads = match args.grads {
+        Some((dh, dw, db)) => Some((
+            write::<E>(dh, "dH")?,
+            write::<E>(dw, "dW")?,
+            db.map(|db| write::<E>(db, "db")).transpose()?,
+        )),
+        None => None,
+    };
+    let head = lse::LinearHead {
+        weight: w.as_slice()?,
+        bias: b.as_ref().map(|b| b.as_slice()).transpose()?,
+        classes: args.classes,
+    };
+    let hs = h.as_slice()?;
+    let grad_output = args
+        .grad_output
+        .map_or(GradOutput::Scalar(1.0), GradOutput::PerRow);
+    let (targets, options) = (args.targets, &args.options);
+    let result = match grads.as_mut() {
+        Some((dh, dw, db)) => {
+            let grads = lse::LinearGradients {
+                hidden: dh.as_slice_mut()?,
+                weight: dw.as_slice_mut()?,
+                bias: db.as_mut().map(|db| db.as_slice_mut()).transpose()?,
+            };
+            py.detach(|| {
+                lse::linear_cross_entropy_with_grad(hs, head, targets, options, grad_output, grads)
+            })
+        }
+        None => py.detach(|| lse::linear_cross_entropy(hs, head, targets, options)),
+    }
+    .map_err(|e| lse_error(py, e))?;
+    let row_loss = result
+        .row_loss
+        .map(|r| PyArray1::from_vec(py, r).into_any().unbind());
+    Ok((result.loss.into(), result.denominator, row_loss))
+}
+
+/// The fused linear cross-entropy of `hidden · weightᵀ + bias` (float32, float16 or bfloat16,
+/// one dtype for all three) against int64 class `targets`: the loss, the mean's denominator and
+/// the per-row losses (`reduction="none"`); with `grad_hidden` and `grad_weight` (and
+/// `grad_bias`), the gradients of `grad_output · loss` are written there.
+#[pyfunction]
+#[pyo3(signature = (
+    hidden, weight, classes, targets, *, bias, weights, ignore_index, reduction, label_smoothing,
+    z_loss, softcap, propagate, empty_mean, budget_bytes, grad_hidden, grad_weight, grad_bias,
+    grad_output
+))]
+#[allow(clippy::too_many_arguments)] // mirrors lse::LinearCrossEntropyOptions one keyword each
+fn linear_cross_entropy(
+    hidden: &Bound<'_, PyAny>,
+    weight: &Bound<'_, PyAny>,
+    classes: usize,
+    targets: PyReadonlyArray1<'_, i64>,
+    bias: Option<&Bound<'_, PyAny>>,
+    weights: Option<PyReadonlyArray1<'_, f64>>,
+    ignore_index: Option<i64>,
+    reduction: &str,
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
+    propagate: bool,
+    empty_mean: &str,
+    budget_bytes: usize,
+    grad_hidden: Option<&Bound<'_, PyAny>>,
+    grad_weight: Option<&Bound<'_, PyAny>>,
+    grad_bias: Option<&Bound<'_, PyAny>>,
+    grad_output: Option<PyReadonlyArray1<'_, f32>>,
+) -> PyResult<(f64, f64, Option<Py<PyAny>>)> {
+    let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
+    let grads = match (grad_hidden, grad_weight) {
+        (Some(dh), Some(dw)) => Some((dh, dw, grad_bias)),
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "grad_hidden and grad_weight go together",
+            ))
+        }
+    };
+    let args = LinearArgs {
+        weight,
+        classes,
+        bias,
+        targets: targets.as_slice()?,
+        options: lse::LinearCrossEntropyOptions {
+            cross_entropy: CrossEntropyOptions {
+                ignore_index,
+                weights,
+                label_smoothing,
+                z_loss,
+                softcap,
+                reduction: parse_reduction(reduction)?,
+                non_finite: policy(propagate),
+                empty_mean: parse_empty_mean(empty_mean)?,
+                keep_row_loss: false,
+                keep_row_lse: false,
+                keep_logit_stats: false,
+            },
+            budget_bytes,
+        },
+        grads,
+        grad_output: grad_output.as_ref().map(|g| g.as_slice()).transpose()?,
+    };
+    if let Ok(h) = hidden.cast::<PyArray1<f32>>() {
+        linear_run::<f32>(h, args)
+    } else if let Ok(h) = hidden.cast::<PyArray1<f16>>() {
+        linear_run::<f16>(h, args)
+    } else if let Ok(h) = hidden.cast::<PyArray1<bf16>>() {
+        linear_run::<bf16>(h, args)
+    } else {
+        Err(unsupported(hidden))
+    }
 }
 
 /// The kernel family the dispatcher picked for this CPU (`"avx2"` or `"scalar"`).
@@ -445,6 +623,7 @@ fn _lse(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
     m.add_function(wrap_pyfunction!(log_softmax_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(active_kernel, m)?)?;
     guard::register(m)?;
     Ok(())

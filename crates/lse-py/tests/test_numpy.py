@@ -7,8 +7,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lse
-from conftest import (BF16, DTYPES, logits, ref_cross_entropy, ref_log_softmax, ref_logsumexp,
-                      ref_softmax, spy_pointer, stat_dtype, ulp, ulps)
+from conftest import (
+    BF16,
+    DTYPES,
+    logits,
+    ref_cross_entropy,
+    ref_log_softmax,
+    ref_logsumexp,
+    ref_softmax,
+    spy_pointer,
+    stat_dtype,
+    ulp,
+    ulps,
+)
 
 # DESIGN §3 targets: f32 outputs ≤ 2 ulp (log domain elementwise, probability domain normwise),
 # every f16/bf16 output ≤ 1 ulp elementwise; f64 held to 3 ulp.
@@ -26,7 +37,6 @@ def test_finite_in_finite_out(dtype, data):
     # f64 logits at several scales, and (None) over the whole range up to the dtype's max.
     scale = data.draw(st.sampled_from([1e-3, 1.0, 1e4, 1e300, None])) if dtype == np.float64 else None
     x = data.draw(logits(dtype, scale=scale))
-    rows = x.shape[0]
     assert np.all(np.isfinite(lse.softmax(x).astype(np.float64)))
     ls = lse.log_softmax(x).astype(np.float64)
     assert np.all(np.isfinite(ls) | (np.isneginf(ls) & np.isneginf(x.astype(np.float64))))
@@ -252,3 +262,75 @@ def test_bfloat16_through_ml_dtypes():
     assert y.dtype == ml_dtypes.bfloat16
     assert float(y[0, 0]) == 1.0 and float(y[0, 2]) == 0.0
     assert lse.logsumexp(x).dtype == np.float32
+
+
+# --- PyTorch's rules in the NumPy API: any finite weights and targets, target gradients,
+# --- empty class axes, IEEE's logsumexp of +inf.
+
+
+def _definition(x, q, w, eps):
+    """Σ_c w_c q'_c (lse − x_c) per row in float64, q' = (1 − ε) q + ε / C."""
+    x = x.astype(np.float64)
+    lse_ = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    smoothed = (1 - eps) * q + eps / x.shape[-1]
+    return (w * smoothed * (lse_[:, None] - x)).sum(-1)
+
+
+def test_negative_weights_and_targets_follow_the_definition():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)) * 3
+    q = rng.normal(size=(6, 5))  # negative values, rows not summing to 1
+    w = np.array([2.0, -1.5, 0.0, 0.5, -3.0])
+    for eps in (0.0, 0.3):
+        want = _definition(x, q, w, eps)
+        got = lse.cross_entropy(x, q, weight=w, label_smoothing=eps, reduction="none")
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+        got = lse.cross_entropy(x, q, weight=w, label_smoothing=eps)
+        np.testing.assert_allclose(got, want.mean(), rtol=1e-13)
+    t = np.array([0, 1, 2, 3, 4, 1])
+    got = lse.cross_entropy(x, t, weight=w, label_smoothing=0.2)
+    want = _definition(x, np.eye(5)[t], w, 0.2).sum() / w[t].sum()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_target_grad_is_the_central_difference():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 6)) * 2
+    q = rng.normal(size=(4, 6))
+    w = rng.normal(size=6)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+    result = lse.cross_entropy(x, q, target_grad=True, grad=True, grad_output=2.0, **kw)
+    h = 0.5  # the loss is linear in the targets
+    for i in np.ndindex(q.shape):
+        up, down = q.copy(), q.copy()
+        up[i] += h
+        down[i] -= h
+        want = 2.0 * (lse.cross_entropy(x, up, **kw) - lse.cross_entropy(x, down, **kw)) / (2 * h)
+        assert abs(result.target_grad[i] - want) <= 1e-12 * max(1.0, abs(want))
+    with pytest.raises(lse.OptionError):
+        lse.cross_entropy(x, np.zeros(4, np.int64), target_grad=True)
+    with pytest.raises(lse.OptionError, match="ignore_index"):
+        lse.cross_entropy(x, q, ignore_index=2)
+
+
+def test_empty_class_axis():
+    x = np.zeros((5, 0), np.float32)
+    assert lse.cross_entropy(x, np.zeros((5, 0), np.float32)) == 0.0
+    np.testing.assert_array_equal(
+        lse.cross_entropy(x, np.zeros((5, 0), np.float32), reduction="none"), np.zeros(5, np.float32))
+    with pytest.raises(lse.TargetError) as info:
+        lse.cross_entropy(x, np.array([-100, 0, 1, 2, 3]))
+    assert (info.value.row, info.value.value) == (1, 0)
+    assert lse.cross_entropy(x, np.full(5, -100)) == 0.0
+    assert np.isnan(lse.cross_entropy(x, np.full(5, -100), empty_mean="nan"))
+    result = lse.cross_entropy(x, np.zeros((5, 0), np.float32), grad=True, target_grad=True)
+    assert result.grad.shape == (5, 0) and result.target_grad.shape == (5, 0)
+
+
+def test_logsumexp_of_plus_inf_is_plus_inf_under_propagate():
+    inf, nan = np.inf, np.nan
+    x = np.array([[1.0, inf, 0.0], [inf, -inf, inf], [nan, 1.0, 0.0], [inf, nan, 0.0]], np.float32)
+    out = lse.logsumexp(x, nonfinite="propagate")
+    assert out[0] == inf and out[1] == inf and np.isnan(out[2]) and np.isnan(out[3])
+    with np.errstate(all="ignore"):
+        assert np.all(np.logaddexp.reduce(x[:2].astype(np.float64), axis=-1) == inf)  # IEEE's answer

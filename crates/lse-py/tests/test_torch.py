@@ -1,6 +1,5 @@
 """lse.torch against torch.nn.functional, opcheck and gradcheck in f64, zero-copy views."""
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -86,9 +85,10 @@ def test_half_types_against_f64(dtype):
     gen = torch.Generator().manual_seed(2)
     x = (torch.randn(64, 1000, generator=gen) * 5).to(dtype)
     t = torch.randint(0, 1000, (64,), generator=gen)
-    loss, grad = loss_and_grad(lt.cross_entropy, x, t, label_smoothing=0.1)
+    assert lt.cross_entropy(x, t).dtype == dtype  # PyTorch's result dtype by default
+    loss, grad = loss_and_grad(lt.cross_entropy, x, t, label_smoothing=0.1, loss_dtype=torch.float32)
     ref_loss, ref_grad = loss_and_grad(F.cross_entropy, x.double(), t, label_smoothing=0.1)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype  # the loss is a statistic: f32
+    assert loss.dtype == torch.float32 and grad.dtype == dtype  # the f32 statistic, when asked
     assert abs(loss.double() - ref_loss) <= 2 * torch.finfo(torch.float32).eps * abs(ref_loss)
     eps = torch.finfo(dtype).eps
     err = (grad.double() - ref_grad).abs()
@@ -114,7 +114,7 @@ def test_extreme_logits_finite_in_finite_out(dtype, scale, seed):
     x[:, 0] = top  # a class at the dtype's largest value: a naive exp overflows here
     x = x.to(dtype).requires_grad_()
     t = torch.randint(0, 33, (4,), generator=gen)
-    loss = lt.cross_entropy(x, t, label_smoothing=0.1)
+    loss = lt.cross_entropy(x, t, label_smoothing=0.1, loss_dtype=torch.float32)
     loss.backward()
     assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
     for op in (lt.softmax, lt.log_softmax, lt.logsumexp):
@@ -129,11 +129,13 @@ def test_opcheck_every_op():
         q = torch.rand(5, 7, generator=gen).softmax(-1).to(dtype)
         w = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
         ce = torch.ops.lse.cross_entropy.default
+        qg = q.detach().requires_grad_()
         for args in [
-            (x, t, None, -100, "mean", 0.0, 0.0, None, True),
-            (x, t, w, 3, "none", 0.1, 1e-3, 10.0, True),
-            (x, q, None, -100, "sum", 0.0, 0.0, None, True),
-            (x, t, None, -100, "mean", 0.0, 0.0, None, False),
+            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "zero", True, False),
+            (x, t, w, 3, "none", 0.1, 1e-3, 10.0, "error", "zero", True, False),
+            (x, q, None, -100, "sum", 0.0, 0.0, None, "error", "zero", True, False),
+            (x, qg, -w, -100, "mean", 0.2, 0.0, None, "propagate", "zero", True, True),
+            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "nan", False, False),
         ]:
             opcheck(ce, args)
         opcheck(torch.ops.lse.softmax.default, (x, 1))

@@ -80,8 +80,8 @@ pub enum LseError {
         class: usize,
     },
 
-    /// A probability target that is NaN, infinite or negative.
-    #[error("probability target {value} at row {row}, column {column} is not finite and >= 0")]
+    /// A probability target that is NaN or infinite.
+    #[error("probability target {value} at row {row}, column {column} is not finite")]
     BadProbability {
         /// The row.
         row: usize,
@@ -91,8 +91,8 @@ pub enum LseError {
         value: f64,
     },
 
-    /// A class weight that is NaN, infinite or negative.
-    #[error("class weight {value} for class {class} is not finite and >= 0")]
+    /// A class weight that is NaN or infinite.
+    #[error("class weight {value} for class {class} is not finite")]
     BadWeight {
         /// The class.
         class: usize,

@@ -43,8 +43,9 @@ pub use element::{DType, Element, ParseDTypeError, Stat};
 pub use error::{LseError, Result};
 pub use kernels::{active_kernel, set_kernel, Kernel};
 pub use ops::cross_entropy::{
-    cross_entropy, cross_entropy_in_place, cross_entropy_with_grad, ChunkedCrossEntropy,
-    CrossEntropyOptions, CrossEntropyOutput, EmptyMean, GradOutput, Reduction, Targets,
+    cross_entropy, cross_entropy_in_place, cross_entropy_target_grad, cross_entropy_with_grad,
+    ChunkedCrossEntropy, CrossEntropyOptions, CrossEntropyOutput, EmptyMean, GradOutput, Reduction,
+    Targets,
 };
 pub use ops::linear_cross_entropy::{
     linear_cross_entropy, linear_cross_entropy_with_grad, LinearCrossEntropyOptions,

@@ -41,18 +41,24 @@ class NonFiniteError(LseError):
     """A NaN or +inf logit (or incoming gradient) under ``nonfinite="error"``."""
 
 
-class TargetError(LseError):
-    """A class target out of range, a bad probability target, or target mass on a masked
-    (-inf) logit."""
+# The classes below also derive from the builtin exception PyTorch raises for the same input
+# (IndexError for a target out of range, RuntimeError for a bad option or shape), so that code
+# written against torch.nn.functional.cross_entropy catches what lse.torch raises.
 
 
-class ShapeError(LseError):
-    """Buffers whose shapes do not fit (an empty class axis, a length mismatch)."""
+class TargetError(LseError, IndexError):
+    """A class target out of range, a non-finite probability target, or target mass on a
+    masked (-inf) logit. Also an ``IndexError``, as PyTorch's "Target 5 is out of bounds"."""
 
 
-class OptionError(LseError):
-    """An invalid option: label smoothing outside [0, 1], a negative weight, a bad scaler
-    configuration, ..."""
+class ShapeError(LseError, RuntimeError):
+    """Buffers whose shapes do not fit (an empty class axis, a length mismatch). Also a
+    ``RuntimeError``, as PyTorch's shape errors."""
+
+
+class OptionError(LseError, RuntimeError):
+    """An invalid option: label smoothing outside [0, 1], a non-finite weight, a bad scaler
+    configuration, ... Also a ``RuntimeError``, as PyTorch's option errors."""
 
 
 class EmptyMeanError(LseError):

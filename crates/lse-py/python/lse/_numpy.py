@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _lse
-from ._errors import OptionError, ShapeError
+from ._errors import EmptyMeanError, OptionError, ShapeError, TargetError
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
@@ -200,6 +200,9 @@ class CrossEntropyResult(NamedTuple):
     """What the mean divides by (summed target weight of the counted rows)."""
     stats: object
     """The ``lse.guard.LogitStats`` of the logits (``stats=True``), from the same read pass."""
+    target_grad: Optional[np.ndarray] = None
+    """``∂(grad_output · loss)/∂target`` for probability targets (``target_grad=True``), in the
+    logits' dtype and shape."""
 
 
 def cross_entropy(
@@ -219,6 +222,8 @@ def cross_entropy(
     grad_output=1.0,
     out_grad=None,
     stats: bool = False,
+    target_grad: bool = False,
+    out_target_grad=None,
 ):
     """Softmax cross-entropy from raw logits, ``(m − x_y) + log1p(s')`` per row, optionally
     fused with its gradient (one read pass and one write pass).
@@ -226,10 +231,11 @@ def cross_entropy(
     Args:
         logits: float64/float32/float16/bfloat16, classes on ``axis`` (default last).
         target: integer class indices of the logits' shape without the class axis (``ignore_index``
-            marks padding), or probabilities of the logits' full shape (converted to their dtype).
-        weight: per-class weights (``classes`` values ≥ 0).
-        reduction: ``"mean"`` (divided by the summed weight of counted rows, as PyTorch), ``"sum"``
-            or ``"none"``.
+            marks padding), or probabilities of the logits' full shape (converted to their dtype;
+            any finite values, as PyTorch).
+        weight: per-class weights (``classes`` finite values; negative and zero too, as PyTorch).
+        reduction: ``"mean"`` (divided by the summed weight of counted rows, as PyTorch; by the
+            row count for probability targets), ``"sum"`` or ``"none"``.
         label_smoothing, z_loss, softcap: as ``lse::CrossEntropyOptions`` (z-loss adds
             ``z · lse²`` per row, soft-capping maps logits to ``cap · tanh(x / cap)``).
         nonfinite: ``"error"`` (NaN/+inf raise ``NonFiniteError``) or ``"propagate"``.
@@ -238,10 +244,18 @@ def cross_entropy(
         grad_output: the incoming gradient: a scalar, or (``reduction="none"``) one per row.
         out_grad: where to write the gradient (else a new array).
         stats: also return the logits' ``LogitStats`` (for a ``LogitMonitor``).
+        target_grad: also compute ``∂(grad_output · loss)/∂target`` (probability targets):
+            ``(1 − ε) · w_c · (lse − x_c)`` per row, times the mean's ``1/rows``.
+        out_target_grad: where to write it (else a new array).
+
+    An empty class axis (``[N, 0]`` logits) gives zero losses with probability targets (and a
+    ``TargetError`` for any counted class target, as no class exists); zero rows give an empty
+    mean (see ``empty_mean``).
 
     Returns:
         The loss (float32 scalar, float64 for float64 logits; per-row array for
-        ``reduction="none"``), or a :class:`CrossEntropyResult` when ``grad`` or ``stats``.
+        ``reduction="none"``), or a :class:`CrossEntropyResult` when ``grad``, ``stats`` or
+        ``target_grad``.
 
     Raises:
         NonFiniteError, TargetError, OptionError, ShapeError, EmptyMeanError: ``lse.LseError``
@@ -271,7 +285,21 @@ def cross_entropy(
         weights = np.ascontiguousarray(weight, dtype=np.float64).reshape(-1)
         if weights.size != classes:
             raise ShapeError(f"weight has {weights.size} values for {classes} classes")
+    probabilities = not np.issubdtype(targets.dtype, np.integer)
+    if target_grad and not probabilities:
+        raise OptionError("target_grad needs probability targets (class indices have no gradient)")
+    if probabilities and ignore_index is not None and ignore_index >= 0:
+        raise OptionError(
+            "ignore_index is not supported for probability targets (they have no ignore index; "
+            f"got ignore_index={ignore_index})",
+            value=float(ignore_index),
+        )
     sdtype = stat_dtype(logits.dtype)
+    if classes == 0:
+        return _no_classes(
+            logits, targets, batch, sdtype, ignore_index, reduction, label_smoothing, empty_mean,
+            grad, out_grad, stats, target_grad, out_target_grad,
+        )
     if np.ndim(grad_output) == 0:
         g_out = float(grad_output)
     else:
@@ -280,6 +308,11 @@ def cross_entropy(
     if grad:
         _check_out(out_grad, logits.shape, logits.dtype, "out_grad")
         grad_buf = _buffer(out_grad, axis == logits.ndim - 1, rows.shape, logits.dtype, rows, targets)
+    target_buf = None
+    if target_grad:
+        _check_out(out_target_grad, logits.shape, logits.dtype, "out_target_grad")
+        inputs = (rows, targets) if grad_buf is None else (rows, targets, grad_buf)
+        target_buf = _buffer(out_target_grad, axis == logits.ndim - 1, rows.shape, logits.dtype, *inputs)
     loss, denominator, row_loss, logit_stats = _lse.cross_entropy(
         rows.reshape(-1),
         classes,
@@ -296,13 +329,62 @@ def cross_entropy(
         keep_logit_stats=bool(stats),
         grad=None if grad_buf is None else grad_buf.reshape(-1),
         grad_output=g_out,
+        target_grad=None if target_buf is None else target_buf.reshape(-1),
     )
     value = row_loss.reshape(batch) if reduction == "none" else sdtype.type(loss)
-    if not (grad or stats):
+    if not (grad or stats or target_grad):
         return value
     grad_result = None if grad_buf is None else _deliver(grad_buf, out_grad, axis)
+    target_result = None if target_buf is None else _deliver(target_buf, out_target_grad, axis)
     if logit_stats is not None:
         from .guard import LogitStats
 
         logit_stats = LogitStats._wrap(logit_stats)
-    return CrossEntropyResult(value, grad_result, denominator, logit_stats)
+    return CrossEntropyResult(value, grad_result, denominator, logit_stats, target_result)
+
+
+def _no_classes(logits, targets, batch, sdtype, ignore_index, reduction, label_smoothing,
+                empty_mean, grad, out_grad, stats, target_grad, out_target_grad):
+    """:func:`cross_entropy` of logits with an empty class axis (the core needs a class): every
+    row's loss is an empty sum, 0; a counted class target names a class that does not exist."""
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise OptionError(
+            f"option label_smoothing = {label_smoothing} is invalid: in [0, 1]",
+            value=float(label_smoothing),
+        )
+    probabilities = not np.issubdtype(targets.dtype, np.integer)
+    counted = targets.size if probabilities else int(np.count_nonzero(targets != ignore_index))
+    if not probabilities and counted:
+        row = int(np.flatnonzero(targets != ignore_index)[0])
+        value = int(targets[row])
+        raise TargetError(
+            f"target {value} at row {row} is out of range for 0 classes", row=row, value=float(value)
+        )
+    rows = int(np.prod(batch))
+    denominator = float(rows if probabilities else counted)
+    if reduction == "none":
+        value = np.zeros(batch, sdtype)
+    elif reduction == "mean" and denominator == 0.0 and empty_mean != "zero":
+        if empty_mean == "error":
+            raise EmptyMeanError(f"the mean over {rows} rows has no counted row to divide by")
+        value = sdtype.type(np.nan)
+    else:
+        value = sdtype.type(0.0)
+    if not (grad or stats or target_grad):
+        return value
+    if stats:
+        raise ShapeError("logit statistics need at least one class")
+
+    def empty(out):
+        if out is not None:
+            _check_out(out, logits.shape, logits.dtype)
+            return out
+        return np.empty(logits.shape, logits.dtype)
+
+    return CrossEntropyResult(
+        value,
+        empty(out_grad) if grad else None,
+        denominator,
+        None,
+        empty(out_target_grad) if target_grad else None,
+    )

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import numpy as np
 
@@ -100,13 +101,13 @@ class LogitStats:
         raise TypeError("use LogitStats.of(logits) or cross_entropy(..., stats=True)")
 
     @classmethod
-    def _wrap(cls, native) -> "LogitStats":
+    def _wrap(cls, native) -> LogitStats:
         self = object.__new__(cls)
         self._native = native
         return self
 
     @classmethod
-    def of(cls, logits) -> "LogitStats":
+    def of(cls, logits) -> LogitStats:
         """The statistics of ``logits`` (classes on the last axis)."""
         flat, columns = _flat(logits, "logits")
         return cls._wrap(_lse.LogitStats.of(flat, columns))

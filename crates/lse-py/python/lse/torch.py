@@ -1,20 +1,24 @@
 """PyTorch ops of ``lse`` with autograd: ``torch.library.custom_op``s with ``register_fake``
 (shape inference for ``torch.compile`` and meta tensors) and ``register_autograd``.
 
-* :func:`cross_entropy` — ``F.cross_entropy``'s signature and semantics, plus ``z_loss`` and
-  ``softcap``; the loss and its gradient come from one fused pass in the forward, and the
-  backward only hands the gradient over (or scales it by a ``grad_output`` other than 1).
+* :func:`cross_entropy` / :class:`CrossEntropyLoss` — drop-ins for ``F.cross_entropy`` /
+  ``nn.CrossEntropyLoss`` (same signature, result dtype, semantics and errors; gradients for
+  the input and for probability targets), plus ``z_loss``, ``softcap``, ``nonfinite``,
+  ``empty_mean``, ``loss_dtype``; the loss and its gradients come from one fused pass in the
+  forward, and the backward only hands them over (or scales them by a ``grad_output`` other
+  than 1).
+* :func:`linear_cross_entropy` / :class:`LinearCrossEntropyLoss` — ``F.linear_cross_entropy`` /
+  ``nn.LinearCrossEntropyLoss`` without the logits, with lse's options and a memory budget.
 * :func:`softmax`, :func:`log_softmax`, :func:`logsumexp`, each with its backward.
-* :class:`CrossEntropyLoss` — an ``nn.Module`` drop-in for ``torch.nn.CrossEntropyLoss``.
 
-CPU tensors of float32, float16, bfloat16 (and float64, for gradcheck). Tensors are handed to
-the kernels as NumPy views, without a copy when C-contiguous (bfloat16 through an int16 view,
-since NumPy has no native bfloat16); outputs are allocated by NumPy (which asks the kernel for
-transparent huge pages, so a fresh 0.5 GB gradient costs far fewer page faults than a
-``torch.empty``) and handed to torch with ``torch.from_numpy``. A tensor on another device is a
-``lse.DeviceError`` naming the device. Softmax, log-softmax and gradients come back in the
-input's dtype; losses and logsumexp, as in the core library, in float32 for float16/bfloat16
-input (float64 for float64): an f16 loss of 7e4 is finite here, where PyTorch's f16 loss is inf.
+CPU tensors of float32, float16, bfloat16 and float64. Tensors are handed to the kernels as
+NumPy views, without a copy when C-contiguous (bfloat16 through an int16 view, since NumPy has
+no native bfloat16); outputs are allocated by NumPy (which asks the kernel for transparent huge
+pages, so a fresh 0.5 GB gradient costs far fewer page faults than a ``torch.empty``) and handed
+to torch with ``torch.from_numpy``. A tensor on another device is a ``lse.DeviceError`` naming
+the device. Softmax, log-softmax, gradients and (as PyTorch) losses come back in the input's
+dtype; the kernels compute losses and logsumexp in float32 for float16/bfloat16 input (float64
+for float64), which ``loss_dtype=torch.float32`` keeps: an f16 loss of 7e4 is finite there.
 """
 
 from __future__ import annotations
@@ -26,12 +30,22 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import _numpy
-from ._errors import DeviceError, ShapeError
+from . import _lse, _numpy
+from ._errors import DeviceError, EmptyMeanError, LseError, OptionError, ShapeError, TargetError
 
-__all__ = ["cross_entropy", "softmax", "log_softmax", "logsumexp", "CrossEntropyLoss", "empty_cache"]
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "empty_cache",
+]
 
 _NUMPY_DTYPES = {
     torch.float64: np.dtype(np.float64),
@@ -240,14 +254,20 @@ def _cross_entropy(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
+    nonfinite: str,
+    empty_mean: str,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """``input`` rows × classes; class targets (int64, rows) or probabilities (rows × classes).
-    Returns the loss (float32, float64 for float64 input; per row for "none") and, with ``compute_grad``, the gradient
-    of the loss (grad_output = 1) in the input's dtype (else an empty tensor)."""
+    compute_target_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``input`` rows × classes; class targets (int64, rows) or probabilities (rows × classes,
+    the input's dtype). Returns the loss (float32, float64 for float64 input; per row for
+    "none"), with ``compute_grad`` the gradient of the loss (grad_output = 1) with respect to
+    ``input`` and with ``compute_target_grad`` the one with respect to the probability targets,
+    both in the input's dtype (else empty tensors)."""
     _check_device(input, "cross_entropy")
     _check_device(target, "cross_entropy", "target")
     grad_buffer = _empty(input.shape, input.dtype) if compute_grad else None
+    target_buffer = _empty(input.shape, input.dtype) if compute_target_grad else None
     result = _numpy.cross_entropy(
         _as_numpy(input),
         _as_numpy(target, "target"),
@@ -257,43 +277,50 @@ def _cross_entropy(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        nonfinite=nonfinite,
+        empty_mean=empty_mean,
         grad=compute_grad,
         out_grad=None if grad_buffer is None else _as_numpy(grad_buffer),
+        target_grad=compute_target_grad,
+        out_target_grad=None if target_buffer is None else _as_numpy(target_buffer),
     )
-    loss = result.loss if compute_grad else result
+    loss = result.loss if (compute_grad or compute_target_grad) else result
     if reduction == "none":
         loss = _as_torch(np.ascontiguousarray(loss))
     else:
         loss = _scalar(loss, _stat_dtype(input.dtype))
     grad = grad_buffer if compute_grad else input.new_empty(0)
-    return loss, grad
+    target_grad = target_buffer if compute_target_grad else input.new_empty(0)
+    return loss, grad, target_grad
 
 
 @_cross_entropy.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      nonfinite, empty_mean, compute_grad, compute_target_grad):
     shape = input.shape[:1] if reduction == "none" else ()
     loss = input.new_empty(shape, dtype=_stat_dtype(input.dtype))
     grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
-    return loss, grad
+    target_grad = torch.empty_like(input) if compute_target_grad else input.new_empty(0)
+    return loss, grad, target_grad
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    _, grad = output
-    # Kept as an attribute, not with save_for_backward: the backward hands it over and drops it,
-    # so that autograd's AccumulateGrad can take it as `input.grad` without a copy (a saved
-    # tensor would keep a second reference and force a 0.5 GB clone at 4096 × 32000 f32).
-    # `grad` is non-differentiable (no grad_fn), so this makes no reference cycle.
-    ctx.grad = grad if inputs[8] else None
-    # The second output (the gradient) gets no incoming gradient: leave it None rather than a
-    # materialised 0.5 GB of zeros.
+    _, grad, target_grad = output
+    # Kept as attributes, not with save_for_backward: the backward hands them over and drops
+    # them, so that autograd's AccumulateGrad can take one as `input.grad` without a copy (a
+    # saved tensor would keep a second reference and force a 0.5 GB clone at 4096 × 32000 f32).
+    # They are non-differentiable (no grad_fn), so this makes no reference cycle.
+    ctx.grads = (grad if inputs[10] else None, target_grad if inputs[11] else None)
+    # The gradient outputs get no incoming gradient: leave them None rather than materialised
+    # zeros.
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[4]
     # The inputs too (references, not copies), for a backward that finds no fused gradient: a
     # forward run without it, or a second backward through the graph (retain_graph=True).
     input, target, weight = inputs[:3]
     ctx.save_for_backward(input, target, weight)
-    ctx.options = inputs[3:8]
-    ctx.mark_non_differentiable(grad)
+    ctx.options = inputs[3:10]
+    ctx.mark_non_differentiable(grad, target_grad)
 
 
 def _is_one(g: Tensor) -> bool:
@@ -307,90 +334,508 @@ def _is_one(g: Tensor) -> bool:
     return not traced and g.dim() == 0 and g.item() == 1.0
 
 
-def _cross_entropy_backward(ctx, grad_loss, _grad_of_grad):
+def _cross_entropy_backward(ctx, grad_loss, _grad_of_grad, _grad_of_target_grad):
+    none = (None,) * 12
     if grad_loss is None:  # nothing flows back through the loss
-        return (None,) * 9
-    grad = ctx.grad
-    ctx.grad = None  # handed over once; a second backward recomputes it
-    if grad is None or grad.numel() == 0:
+        return none
+    wanted = ctx.needs_input_grad[:2]
+    grads = ctx.grads
+    ctx.grads = (None, None)  # handed over once; a second backward recomputes them
+    if any(w and (g is None or g.numel() == 0) for w, g in zip(wanted, grads, strict=True)):
         input, target, weight = ctx.saved_tensors
-        _, grad = _cross_entropy(input, target, weight, *ctx.options, True)
-    if ctx.reduction == "none":
-        scaled = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
-    elif _is_one(grad_loss):
-        scaled = grad
-    else:
-        scaled = grad * grad_loss.to(grad.dtype)
-    return scaled, None, None, None, None, None, None, None, None
+        _, *grads = _cross_entropy(input, target, weight, *ctx.options, wanted[0], wanted[1])
+
+    def scaled(grad):
+        if ctx.reduction == "none":
+            return grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+        if _is_one(grad_loss):
+            return grad
+        return grad * grad_loss.to(grad.dtype)
+
+    grad_input = scaled(grads[0]) if wanted[0] else None
+    grad_target = scaled(grads[1]) if wanted[1] else None
+    return (grad_input, grad_target) + none[2:]
 
 
 _cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """PyTorch's deprecated ``size_average``/``reduce`` pair, as PyTorch reads it."""
+    if size_average is None and reduce is None:
+        return reduction
+    from torch.nn import _reduction
+
+    return _reduction.legacy_get_string(size_average, reduce)
 
 
 def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
     ignore_index: int = -100,
+    reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    nonfinite: str = "error",
+    empty_mean: str = "zero",
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """``torch.nn.functional.cross_entropy`` computed by lse: same signature and semantics
-    (class-index or probability targets, class dim 1 for ``N × C × d1 …`` input, ``weight``,
-    ``ignore_index``, ``reduction``, ``label_smoothing``), plus ``z_loss`` (adds
-    ``z · lse²`` per counted row) and ``softcap`` (logits become ``cap · tanh(x / cap)``).
+    """``torch.nn.functional.cross_entropy`` computed by lse: the same signature, semantics,
+    result dtype and errors (class-index or probability targets, class dim 1 for ``(N, C, d1,
+    …)`` input, a ``(C)`` input without batch, ``weight`` (any finite values, as PyTorch),
+    ``ignore_index``, ``reduction``, ``label_smoothing``, zero-size dimensions), gradients with
+    respect to the input and to probability targets that require grad, plus:
 
-    The loss and its gradient come from one fused pass; the gradient is computed in the forward
-    when ``input`` requires grad (and grad mode is on) and handed over by the backward.
+    * ``z_loss``: adds ``z · lse²`` per counted row; ``softcap``: logits become
+      ``cap · tanh(x / cap)``;
+    * ``nonfinite``: ``"error"`` (default: NaN/+inf logits raise ``lse.NonFiniteError`` naming
+      row, column and value) or ``"propagate"``;
+    * ``empty_mean``: what a mean over nothing is, ``"zero"`` (default), ``"nan"`` (PyTorch's
+      0/0) or ``"error"``;
+    * ``loss_dtype``: the loss's dtype; default the input's (as PyTorch); ``torch.float32``
+      keeps the float32 loss lse computes for float16/bfloat16 input (finite where a float16
+      loss would overflow).
 
-    Differences from PyTorch: the loss of float16/bfloat16 input is float32 (finite where a
-    half-type loss would overflow); no gradient flows to probability targets (a ``target`` that
-    requires grad is an error rather than a silently missing gradient); NaN/+inf logits raise
-    ``lse.NonFiniteError`` (row, column, value) instead of propagating NaN; a mean over no
-    counted row is 0 (PyTorch: NaN).
+    The loss and the gradients come from one fused pass; they are computed in the forward when
+    something requires grad (and grad mode is on) and handed over by the backward.
+
+    Where lse differs from PyTorch on purpose (every case is one where PyTorch's result is not
+    finite; see the README's table):
+
+    =============================================  ======================  ==================
+    input                                          PyTorch                 lse.torch
+    =============================================  ======================  ==================
+    mean over no counted row (all ignored, [0,C])  NaN                     0 (``empty_mean``)
+    ``[N, 0]`` input with probability targets      NaN (mean)              0 (``empty_mean``)
+    NaN or +inf logit                              NaN loss                ``NonFiniteError``
+    target mass on a -inf logit                    inf / NaN               ``TargetError``
+    -inf logit with zero target mass               NaN (probabilities)     finite, grad 0
+    label smoothing with -inf logits               inf                     ε spread over the
+                                                                           finite classes
+    int32 class targets                            ``RuntimeError``        accepted
+    =============================================  ======================  ==================
 
     Raises:
         DeviceError: a tensor not on the CPU (naming its device).
-        NonFiniteError, TargetError, OptionError, ShapeError: ``lse.LseError`` subclasses.
+        ShapeError (also ``ValueError``/``RuntimeError``): shapes that do not fit.
+        TargetError (also ``IndexError``): a class target out of range; a non-finite
+            probability target.
+        OptionError (also ``RuntimeError``): an option out of its domain, ``ignore_index`` ≥ 0
+            with probability targets.
+        NonFiniteError, EmptyMeanError: see ``nonfinite`` and ``empty_mean``.
     """
     _check_device(input, "cross_entropy")
     _check_device(target, "cross_entropy", "target")
     if weight is not None:
         _check_device(weight, "cross_entropy", "weight")
-    if reduction not in ("mean", "sum", "none"):
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if target.dtype.is_floating_point and target.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "lse.torch.cross_entropy: probability targets that require grad are not supported "
-            "(lse computes the gradient of the logits only); pass target.detach()"
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise OptionError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}",
+            value=float(label_smoothing),
         )
     if input.dim() == 0:
-        raise ShapeError("input is a scalar: it needs a class dimension")
+        raise ShapeError("input is a scalar: it needs a class dimension (1-D (C) at least)")
+    if not (input.dtype.is_floating_point and input.dtype in _NUMPY_DTYPES):
+        raise TypeError(f"input has dtype {input.dtype}; lse handles float64, float32, float16, bfloat16")
+    probabilities = target.dtype.is_floating_point
     # PyTorch's layout: (C), (N, C) or (N, C, d1, ...); the kernel wants rows × classes.
     unbatched = input.dim() == 1
     x = input.unsqueeze(0) if unbatched else input
-    probabilities = target.dtype.is_floating_point
-    t = target.unsqueeze(0) if unbatched else target
     classes = x.shape[1]
+    if probabilities:
+        if target.shape != input.shape:
+            raise ShapeError(
+                f"probability targets have shape {tuple(target.shape)}, expected the input's "
+                f"{tuple(input.shape)}"
+            )
+        if ignore_index >= 0:
+            raise OptionError(
+                "ignore_index is not supported for floating point target (probability targets "
+                f"have no ignore index; got ignore_index={ignore_index})",
+                value=float(ignore_index),
+            )
+    else:
+        if target.dtype == torch.bool or target.dtype.is_complex:
+            raise TypeError(f"target has dtype {target.dtype}: expected class indices or probabilities")
+        expected = input.shape[:0] if unbatched else input.shape[:1] + input.shape[2:]
+        if target.shape != expected:
+            if not unbatched and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+                raise ShapeError(
+                    f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                    f"({target.shape[0]})."
+                )
+            raise ShapeError(
+                f"class targets have shape {tuple(target.shape)}, expected {tuple(expected)} "
+                f"(the input's {tuple(input.shape)} without its class dimension)"
+            )
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != classes):
+        raise ShapeError(
+            f"weight tensor should be defined either for all {classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    t = target.unsqueeze(0) if unbatched else target
     spatial = x.shape[2:]
     if x.dim() > 2:
         x = x.movedim(1, -1)
         if probabilities:
             t = t.movedim(1, -1)
-    x = x.reshape(-1, classes).contiguous()
-    t = t.reshape(-1, classes) if probabilities else t.reshape(-1)
-    t = t.to(x.dtype).contiguous() if probabilities else t.to(torch.int64).contiguous()
-    compute_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, _ = _cross_entropy(
-        x, t, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), compute_grad,
+    rows = x.shape[:-1].numel()
+    x = x.reshape(rows, classes).contiguous()
+    t = t.reshape(rows, classes).to(x.dtype) if probabilities else t.reshape(rows).to(torch.int64)
+    grad_on = torch.is_grad_enabled()
+    compute_grad = grad_on and input.requires_grad
+    compute_target_grad = grad_on and probabilities and target.requires_grad
+    loss, _, _ = _cross_entropy(
+        x, t.contiguous(), weight, int(ignore_index), reduction, float(label_smoothing),
+        float(z_loss), None if softcap is None else float(softcap), nonfinite, empty_mean,
+        compute_grad, compute_target_grad,
     )
     if reduction == "none":
         loss = loss.reshape(()) if unbatched else loss.reshape((input.shape[0], *spatial))
-    return loss
+    return loss.to(input.dtype if loss_dtype is None else loss_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear cross-entropy
+
+# lse's default working memory for the chunked logits (lse::DEFAULT_LINEAR_BUDGET_BYTES).
+DEFAULT_LINEAR_BUDGET_BYTES = 256 << 20
+
+
+def _shifted(error: Exception, first_row: int) -> Exception:
+    """``error`` with its row counted from the whole batch instead of a chunk."""
+    if isinstance(getattr(error, "row", None), int):
+        error.row += first_row
+    return error
+
+
+def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output):
+    """The linear cross-entropy a chunk of rows at a time in PyTorch products and lse's fused
+    cross-entropy (for what lse's Rust path does not take: float64, probability targets).
+    Returns (loss, per-row losses or None, dH, dW, db)."""
+    rows, classes = h.shape[0], w.shape[0]
+    probabilities = t.dtype.is_floating_point
+    if probabilities:
+        denominator = float(rows)
+    else:
+        counted = t[t != ignore_index]
+        if counted.numel() and (counted.min() < 0 or counted.max() >= classes):
+            bad = int(torch.nonzero((t != ignore_index) & ((t < 0) | (t >= classes)))[0])
+            raise TargetError(
+                f"target {int(t[bad])} at row {bad} is out of range for {classes} classes",
+                row=bad, value=float(t[bad]),
+            )
+        if class_weight is None:
+            denominator = float(counted.numel())
+        else:
+            denominator = float(class_weight.double()[counted].sum())
+    empty = reduction == "mean" and denominator == 0.0
+    if empty and empty_mean == "error":
+        raise EmptyMeanError(f"the mean over {rows} rows has no counted row to divide by")
+    per_row = 0.0 if empty else 1.0 / denominator if reduction == "mean" else 1.0
+    chunk = max(1, budget_bytes // max(1, 2 * classes * h.element_size()))
+    stat = _NUMPY_DTYPES[_stat_dtype(h.dtype)]
+    losses = np.zeros(rows, stat)
+    dh = dw = db = None
+    if compute_grad:
+        dh = torch.empty_like(h)
+        dw = torch.zeros_like(w, dtype=torch.float32 if w.dtype != torch.float64 else torch.float64)
+        db = None if b is None else torch.zeros(classes, dtype=torch.float64)
+    weights = None if class_weight is None else _as_numpy(class_weight.to(torch.float64), "weight")
+    for first in range(0, rows, chunk):
+        hc = h[first:first + chunk]
+        logits = F.linear(hc, w, b)
+        if compute_grad:
+            g = np.full(hc.shape[0], per_row, stat)
+            if grad_output is not None:
+                g *= _as_numpy(grad_output[first:first + chunk].to(_stat_dtype(h.dtype)))
+        try:
+            result = _numpy.cross_entropy(
+                _as_numpy(logits), _as_numpy(t[first:first + chunk], "target"), weight=weights,
+                ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing,
+                z_loss=z_loss, softcap=softcap, nonfinite=nonfinite, grad=compute_grad,
+                grad_output=g if compute_grad else 1.0,
+            )
+        except LseError as error:
+            raise _shifted(error, first) from None
+        losses[first:first + chunk] = result.loss if compute_grad else result
+        if compute_grad:
+            grad = _as_torch(result.grad)
+            dh[first:first + chunk] = grad @ w
+            dw += (grad.t() @ hc).to(dw.dtype)
+            if db is not None:
+                db += grad.sum(0, dtype=torch.float64)
+    if reduction == "none":
+        loss = None
+    elif empty:
+        loss = float("nan") if empty_mean == "nan" else 0.0
+    else:
+        loss = float(losses.sum(dtype=np.float64)) * (per_row if reduction == "mean" else 1.0)
+    if compute_grad:
+        dw = dw.to(w.dtype)
+        db = None if db is None else db.to(w.dtype)
+    return loss, losses, dh, dw, db
+
+
+@torch.library.custom_op("lse::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    nonfinite: str,
+    empty_mean: str,
+    budget_bytes: int,
+    compute_grad: bool,
+    grad_output: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``input`` (N × D) · ``linear_weight`` (V × D)ᵀ + ``linear_bias`` (V), one dtype, against
+    class targets (int64, N) or probabilities (N × V, the input's dtype). Returns the loss
+    (float32; float64 for float64 input; per row for "none") and, with ``compute_grad``, the
+    gradients of ``grad_output · loss`` (``grad_output``: one per row with "none", else 1) for
+    ``input``, ``linear_weight`` and ``linear_bias`` (empty tensors where not computed)."""
+    for what, tensor in (("input", input), ("linear_weight", linear_weight), ("target", target),
+                         ("linear_bias", linear_bias)):
+        if tensor is not None:
+            _check_device(tensor, "linear_cross_entropy", what)
+    stat = _stat_dtype(input.dtype)
+    rust = (input.dtype != torch.float64 and not target.dtype.is_floating_point)
+    if rust:
+        dh = _empty(input.shape, input.dtype) if compute_grad else None
+        dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
+        db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None
+        go = None if grad_output is None else _as_numpy(grad_output.to(torch.float32).contiguous())
+        loss, _, row_loss = _lse.linear_cross_entropy(
+            _as_numpy(input).reshape(-1), _as_numpy(linear_weight, "linear_weight").reshape(-1),
+            linear_weight.shape[0], _as_numpy(target, "target").reshape(-1),
+            bias=None if linear_bias is None else _as_numpy(linear_bias, "linear_bias").reshape(-1),
+            weights=None if weight is None else _as_numpy(weight.to(torch.float64), "weight"),
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, propagate=_numpy._policy(nonfinite),
+            empty_mean=empty_mean, budget_bytes=budget_bytes,
+            grad_hidden=None if dh is None else _as_numpy(dh).reshape(-1),
+            grad_weight=None if dw is None else _as_numpy(dw).reshape(-1),
+            grad_bias=None if db is None else _as_numpy(db).reshape(-1),
+            grad_output=go,
+        )
+        loss = _as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
+    else:
+        value, rows, dh, dw, db = _linear_chunked(
+            input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+            label_smoothing, z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad,
+            grad_output,
+        )
+        loss = _as_torch(rows) if reduction == "none" else _scalar(value, stat)
+    def given(t):  # an unused output: a distinct empty tensor (outputs may not alias)
+        return input.new_empty(0) if t is None else t
+
+    return loss, given(dh), given(dw), given(db)
+
+
+@_linear_cross_entropy.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
+      z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output):
+    shape = input.shape[:1] if reduction == "none" else ()
+    loss = input.new_empty(shape, dtype=_stat_dtype(input.dtype))
+    if not compute_grad:
+        return loss, input.new_empty(0), input.new_empty(0), input.new_empty(0)
+    db = input.new_empty(0) if linear_bias is None else torch.empty_like(linear_bias)
+    return loss, torch.empty_like(input), torch.empty_like(linear_weight), db
+
+
+def _linear_setup(ctx, inputs, output):
+    _, dh, dw, db = output
+    compute_grad = inputs[13]
+    # Handed over by the backward, as the cross-entropy's gradient (see _cross_entropy_setup).
+    ctx.grads = (dh, dw, db) if compute_grad and inputs[6] != "none" else None
+    ctx.set_materialize_grads(False)
+    ctx.reduction = inputs[6]
+    input, linear_weight, target, linear_bias, weight = inputs[:5]
+    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
+    ctx.options = inputs[5:13]
+    ctx.mark_non_differentiable(dh, dw, db)
+
+
+def _linear_backward(ctx, grad_loss, *_):
+    none = (None,) * 15
+    if grad_loss is None:
+        return none
+    grads, ctx.grads = ctx.grads, None
+    if ctx.reduction == "none" or grads is None:
+        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
+        per_row = grad_loss if ctx.reduction == "none" else None
+        _, *grads = _linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
+                                          *ctx.options, True, per_row)
+        factor = None if ctx.reduction == "none" else grad_loss
+    else:
+        factor = grad_loss
+    if factor is not None and not _is_one(factor):
+        grads = [g * factor.to(g.dtype) for g in grads]
+    dh, dw, db = grads
+    wanted = ctx.needs_input_grad
+    return (dh if wanted[0] else None, dw if wanted[1] else None, None,
+            db if wanted[3] and db.numel() else None) + none[4:]
+
+
+_linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    nonfinite: str = "error",
+    empty_mean: str = "zero",
+    budget_bytes: Optional[int] = None,
+    loss_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` computed by lse: the cross-entropy of the
+    logits ``input @ linear_weight.T + linear_bias`` without ever holding them all, with the
+    argument names and order of PyTorch's (``input`` is ``(N, D)`` or ``(D)``,
+    ``linear_weight`` ``(C, D)``, ``linear_bias`` ``(C)``, ``weight`` the class weights,
+    ``ignore_index`` defaults to -100 for class targets), plus lse's options: ``z_loss``,
+    ``softcap``, ``nonfinite``, ``empty_mean``, ``loss_dtype`` (as in :func:`cross_entropy`) and
+    ``budget_bytes``, the working memory for a chunk of logits (default 256 MiB): the peak
+    extra memory is that plus ``O(N + C)``, plus the gradients themselves (and, for float16/
+    bfloat16, a float32 accumulator of ``dW``).
+
+    float32, float16 and bfloat16 with class targets run lse's fused Rust path (each chunk's
+    logits formed in float32 by one matrix product, the cross-entropy and its gradient written
+    over them, then ``dH``, ``dW``, ``db``); float64 and probability targets run the same chunked
+    scheme with PyTorch's products and lse's fused cross-entropy per chunk. Gradients flow to
+    ``input``, ``linear_weight`` and ``linear_bias``; a probability ``target`` that requires
+    grad is an error here (use :func:`cross_entropy` on the logits). Not supported: the
+    K-dimensional ``linear_weight`` ``(C, d1, …, D)``, PyTorch's ``options``.
+
+    Raises:
+        The errors of :func:`cross_entropy`, and ``lse.NonFiniteError`` naming "hidden",
+        "weight" or "bias" (row, column, value) for a NaN/inf there under ``nonfinite="error"``.
+    """
+    if input.dim() not in (1, 2):
+        raise ShapeError(f"input has shape {tuple(input.shape)}: expected (N, D) or (D)")
+    if linear_weight.dim() != 2:
+        raise ShapeError(
+            f"linear_weight has shape {tuple(linear_weight.shape)}: expected (C, D) (lse has no "
+            "K-dimensional head)"
+        )
+    classes, dim = linear_weight.shape
+    if input.shape[-1] != dim:
+        raise ShapeError(f"input has {input.shape[-1]} features, linear_weight {dim}")
+    if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
+        raise TypeError("input, linear_weight and linear_bias must have one dtype")
+    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
+        raise ShapeError(f"linear_bias has shape {tuple(linear_bias.shape)}, expected ({classes},)")
+    if weight is not None and tuple(weight.shape) != (classes,):
+        raise ShapeError(
+            f"weight tensor should be defined either for all {classes} classes or no classes "
+            f"but got weight tensor of shape: {list(weight.shape)}"
+        )
+    reduction = _legacy_reduction(None, None, reduction)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise OptionError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    unbatched = input.dim() == 1
+    h = input.unsqueeze(0) if unbatched else input
+    probabilities = target.dtype.is_floating_point
+    t = target.unsqueeze(0) if unbatched else target
+    if probabilities:
+        if tuple(t.shape) != (h.shape[0], classes):
+            raise ShapeError(f"probability targets have shape {tuple(target.shape)}, expected "
+                             f"{(classes,) if unbatched else (h.shape[0], classes)}")
+        if ignore_index is not None and ignore_index >= 0:
+            raise OptionError("ignore_index is not supported for floating point target")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "lse.torch.linear_cross_entropy: no gradient for probability targets; pass "
+                "target.detach(), or use lse.torch.cross_entropy on the logits"
+            )
+        t = t.to(h.dtype)
+    else:
+        if tuple(t.shape) != (h.shape[0],):
+            raise ShapeError(f"Expected input batch_size ({h.shape[0]}) to match target "
+                             f"batch_size ({t.shape[0] if t.dim() else 0}).")
+        t = t.to(torch.int64)
+    grad_on = torch.is_grad_enabled()
+    compute_grad = grad_on and any(
+        x is not None and x.requires_grad for x in (input, linear_weight, linear_bias)
+    )
+    loss, *_ = _linear_cross_entropy(
+        h.contiguous(), linear_weight.contiguous(), t.contiguous(),
+        None if linear_bias is None else linear_bias.contiguous(), weight,
+        -100 if ignore_index is None else int(ignore_index), reduction, float(label_smoothing),
+        float(z_loss), None if softcap is None else float(softcap), nonfinite, empty_mean,
+        DEFAULT_LINEAR_BUDGET_BYTES if budget_bytes is None else int(budget_bytes),
+        compute_grad, None,
+    )
+    if unbatched and reduction == "none":
+        loss = loss.reshape(())
+    return loss.to(input.dtype if loss_dtype is None else loss_dtype)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """A drop-in for ``torch.nn.LinearCrossEntropyLoss``: holds the head as ``self.linear`` (a
+    ``torch.nn.Linear(in_features, num_classes, bias=bias)``) and computes
+    :func:`linear_cross_entropy` with it, with lse's keyword-only options on top."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        nonfinite: str = "error",
+        empty_mean: str = "zero",
+        budget_bytes: Optional[int] = None,
+        loss_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.in_features, self.num_classes = in_features, num_classes
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
+        self.options = dict(z_loss=z_loss, softcap=softcap, nonfinite=nonfinite,
+                            empty_mean=empty_mean, budget_bytes=budget_bytes, loss_dtype=loss_dtype)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, **self.options,
+        )
 
 
 def softmax(input: Tensor, dim: int = -1) -> Tensor:
@@ -413,29 +858,39 @@ def logsumexp(input: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """A drop-in for ``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`, with
-    ``z_loss`` and ``softcap`` on top."""
+    """A drop-in for ``torch.nn.CrossEntropyLoss`` (same arguments, in the same order) computed
+    by :func:`cross_entropy`, with lse's keyword-only options on top."""
 
     def __init__(
         self,
         weight: Optional[Tensor] = None,
+        size_average: Optional[bool] = None,
         ignore_index: int = -100,
+        reduce: Optional[bool] = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
+        nonfinite: str = "error",
+        empty_mean: str = "zero",
+        loss_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.nonfinite = nonfinite
+        self.empty_mean = empty_mean
+        self.loss_dtype = loss_dtype
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(
-            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap,
+            input, target, self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            softcap=self.softcap, nonfinite=self.nonfinite, empty_mean=self.empty_mean,
+            loss_dtype=self.loss_dtype,
         )

@@ -240,7 +240,7 @@ pub(crate) fn log_softmax_backward_row<E: Element>(y: &[E], dy: &[E], total: f64
 /// Adds `mass · (max − mapped)` to `sum`, exactly split; nothing for zero mass or a masked class.
 #[inline]
 pub(crate) fn add_distance(sum: &mut CompensatedSum, mass: f64, max: f64, mapped: f64) {
-    if mass > 0.0 && mapped > f64::NEG_INFINITY {
+    if mass != 0.0 && mapped > f64::NEG_INFINITY {
         let (hi, lo) = exact_difference(max, mapped);
         sum.add(saturate(mass * hi));
         sum.add(mass * lo);
@@ -385,7 +385,7 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         let kept_mass = match target {
             RowTarget::Class(y) => {
                 let mapped = config.map.apply(row[y].to_f64());
-                if mapped == f64::NEG_INFINITY && keep * weight(y) > 0.0 {
+                if mapped == f64::NEG_INFINITY && keep * weight(y) != 0.0 {
                     masked_mass_at = Some(y);
                 }
                 let mut distance = CompensatedSum::ZERO;
@@ -408,18 +408,18 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
                     let (mut sum, mut peak) = (CompensatedSum::ZERO, 0.0_f64);
                     for (c, (&qc, &x)) in q.iter().zip(row).enumerate() {
                         let qc = qc.to_f64();
-                        if !(qc.is_finite() && qc >= 0.0) {
+                        if !qc.is_finite() {
                             return Err(RowFault::BadProbability {
                                 column: c,
                                 value: qc,
                             });
                         }
                         let mass = weight(c) * qc;
-                        if x.to_f64() == f64::NEG_INFINITY && keep * mass > 0.0 {
+                        if x.to_f64() == f64::NEG_INFINITY && keep * mass != 0.0 {
                             masked_mass_at.get_or_insert(c);
                         }
                         sum.add(mass);
-                        peak = peak.max(qc);
+                        peak = peak.max(qc.abs());
                     }
                     (sum, peak)
                 };

@@ -777,7 +777,9 @@ unsafe fn ce_grad_impl<I: Isa, E: Lanes, const SWEEP: bool>(
 /// into NaN).
 #[inline(always)]
 unsafe fn distance<I: Isa>(m: I::Wide, x: I::Wide, live: Mask64<I>, u: I::Wide) -> I::Wide {
-    let counted = live.and(u.gt(I::Wide::splat(0.0)));
+    // Any non-zero mass counts: negative class weights and targets are PyTorch's too.
+    let zero = I::Wide::splat(0.0);
+    let counted = live.and(u.gt(zero).or(u.lt(zero)));
     u.mul(m.sub(x)).keep(counted)
 }
 

@@ -48,8 +48,9 @@ pub enum EmptyMean {
 pub enum Targets<'a, E> {
     /// One class index per row, in `0..classes`, or the ignore index.
     Classes(&'a [i64]),
-    /// A `rows × classes` row-major buffer of target probabilities (finite and ≥ 0; rows need
-    /// not sum to 1). Has no ignore index.
+    /// A `rows × classes` row-major buffer of target values, read as probabilities: any finite
+    /// values (PyTorch's rule: rows need not sum to 1, values may be negative; the loss is
+    /// linear in them). Has no ignore index.
     Probabilities(&'a [E]),
 }
 
@@ -85,7 +86,9 @@ pub struct CrossEntropyOptions<'a> {
     /// Rows whose class target equals this value contribute 0 to the loss, nothing to the mean's
     /// denominator, and a zero gradient, whatever their logits hold (NaN too). Default `-100`.
     pub ignore_index: Option<i64>,
-    /// Per-class weights (`classes` values, finite and ≥ 0).
+    /// Per-class weights (`classes` values, finite; negative and zero weights are allowed, as in
+    /// PyTorch: the mean then divides by a sum that may be negative, and a zero sum is an empty
+    /// mean, see [`EmptyMean`]).
     pub weights: Option<&'a [f64]>,
     /// Label smoothing `ε` in `[0, 1]`.
     pub label_smoothing: f64,
@@ -216,7 +219,9 @@ impl<'a, E: Element> Batch<'a, E> {
         if let Some(w) = o.weights {
             expect_len("weights", classes, w.len())?;
             for (class, &value) in w.iter().enumerate() {
-                if !(value.is_finite() && value >= 0.0) {
+                // Any finite weight, negative and zero too (PyTorch's rule): the loss is linear
+                // in each weight.
+                if !value.is_finite() {
                     return Err(LseError::BadWeight { class, value });
                 }
                 weight_total.add(value);
@@ -288,9 +293,11 @@ impl<'a, E: Element> Batch<'a, E> {
             config: CeConfig {
                 weights: o.weights,
                 weight_total: weight_total.value(),
+                // The largest weight in magnitude: it bounds the gradient and the cancellation
+                // of a smoothed row whatever the weights' signs.
                 weight_max: o
                     .weights
-                    .map_or(1.0, |w| w.iter().copied().fold(0.0, f64::max)),
+                    .map_or(1.0, |w| w.iter().fold(0.0, |m, v| v.abs().max(m))),
                 smoothing: eps,
                 z_loss: o.z_loss,
                 map: o.softcap.map_or(LogitMap::Identity, LogitMap::Softcap),
@@ -805,6 +812,92 @@ fn fused<E: Element>(
     batch.run(match grad {
         Some(g) => Logits::Grad(logits, g),
         None => Logits::Loss(logits),
+    })
+}
+
+/// The gradient of a cross-entropy over probability targets with respect to the targets:
+/// writes `∂(grad_output · loss)/∂q` into `grad` (`rows × classes`, the logits' dtype), the
+/// derivative PyTorch's autograd gives a target that requires grad.
+///
+/// The loss is linear in `q`: with `x̃` the (soft-capped) logits, `ε` the label smoothing and
+/// `w` the class weights, `∂ℓ_r/∂q_rc = (1 − ε) · w_c · (lse(x̃_r) − x̃_rc)`, formed as
+/// `(m − x̃_c) + log1p(s')` (never `lse − x̃_c`), times the mean's `1/rows` and `grad_output`.
+/// A masked class (`x̃_c = -inf`) gets `+inf · (1 − ε)·w_c` (0 when that factor is 0): moving
+/// target mass onto it makes the loss infinite. The z-loss term does not depend on `q`.
+///
+/// ```
+/// use lse::{cross_entropy_target_grad, CrossEntropyOptions, GradOutput};
+/// let (logits, q) = ([2.0f64, 0.0], [0.5f64, 0.5]);
+/// let mut dq = [0.0f64; 2];
+/// cross_entropy_target_grad(&logits, 2, &q, &CrossEntropyOptions::default(),
+///                           GradOutput::Scalar(1.0), &mut dq)?;
+/// let lse = (2.0f64.exp() + 1.0).ln();
+/// assert!((dq[0] - (lse - 2.0)).abs() < 1e-15 && (dq[1] - lse).abs() < 1e-15);
+/// # Ok::<(), lse::LseError>(())
+/// ```
+///
+/// # Errors
+/// As [`cross_entropy_with_grad`] with [`Targets::Probabilities`]: shapes, options, weights,
+/// `grad_output`, [`LseError::BadProbability`] for a non-finite target and, under
+/// [`NonFinite::Error`], [`LseError::NonFinite`] for the first NaN or `+inf` logit (under
+/// [`NonFinite::Propagate`] that row's gradient is NaN). No input is modified; on error `grad`
+/// is unspecified.
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_target_grad<E: Element>(
+    logits: &[E],
+    classes: usize,
+    probabilities: &[E],
+    options: &CrossEntropyOptions<'_>,
+    grad_output: GradOutput<'_, E::Stat>,
+    grad: &mut [E],
+) -> Result<()> {
+    expect_len("target gradient", logits.len(), grad.len())?;
+    let batch = Batch::new(
+        logits.len(),
+        classes,
+        Targets::Probabilities(probabilities),
+        options,
+        grad_output,
+    )?;
+    let (config, keep) = (batch.config, 1.0 - options.label_smoothing);
+    let dtype_max = E::MAX.to_f64();
+    super::par_rows(logits, classes, grad, classes, |r, x, g| {
+        let q = &probabilities[r * classes..(r + 1) * classes];
+        if let Some((c, &v)) = q.iter().enumerate().find(|(_, v)| !v.to_f64().is_finite()) {
+            return Err(LseError::BadProbability {
+                row: r,
+                column: c,
+                value: v.to_f64(),
+            });
+        }
+        let scan = kernels::scan_exact(x, config.map);
+        if let Some(column) = scan.first_non_finite {
+            if options.non_finite == NonFinite::Error {
+                return Err(non_finite_logit(r, column, x[column]));
+            }
+            g.fill(E::from_f64(f64::NAN));
+            return Ok(());
+        }
+        let scale = batch.grad_scale(r);
+        let (max, log1p_sum) = (scan.state.max(), scan.state.log1p_sum());
+        for (c, (g, &xc)) in g.iter_mut().zip(x).enumerate() {
+            let factor = keep * config.weights.map_or(1.0, |w| w[c]);
+            let mapped = config.map.apply(xc.to_f64());
+            let value = if factor == 0.0 {
+                0.0
+            } else if mapped == f64::NEG_INFINITY {
+                // lse − x̃_c = +inf (a fully masked row too): not saturated, it is no rounding.
+                scale.caller * (scale.reduction * (factor * f64::INFINITY))
+            } else {
+                // lse − x̃_c ≥ 0; the derivative of the loss saturates as the logits' does.
+                let of_loss = scale.reduction * (factor * ((max - mapped) + log1p_sum));
+                scale.caller * of_loss.clamp(-dtype_max, dtype_max)
+            };
+            *g = E::from_f64(value);
+        }
+        Ok(())
     })
 }
 

@@ -37,8 +37,8 @@ pub fn logsumexp<E: Element>(logits: &[E], classes: usize, out: &mut [E::Stat]) 
 /// [`logsumexp`] with an explicit policy for NaN and `+inf` logits.
 ///
 /// # Errors
-/// As [`logsumexp`]; under [`NonFinite::Propagate`] a row with NaN or `+inf` gives NaN instead of
-/// an error.
+/// As [`logsumexp`]; under [`NonFinite::Propagate`] a row with NaN gives NaN and a row with
+/// `+inf` (and no NaN) gives `+inf`, as IEEE arithmetic, SciPy and JAX do, instead of an error.
 ///
 /// # Panics
 /// Never.
@@ -53,7 +53,11 @@ pub fn logsumexp_with<E: Element>(
     par_rows(logits, classes, out, 1, |r, row, o| {
         o[0] = match (kernels::scan_state(row), policy) {
             (Ok(state), _) => E::Stat::from_f64(kernels::logsumexp(row, &state)),
-            (Err(_), NonFinite::Propagate) => E::Stat::from_f64(f64::NAN),
+            // IEEE (and SciPy, JAX): log Σ exp is +inf when some term is +inf and none is NaN.
+            (Err(_), NonFinite::Propagate) if row.iter().any(|x| x.to_f64().is_nan()) => {
+                E::Stat::from_f64(f64::NAN)
+            }
+            (Err(_), NonFinite::Propagate) => E::Stat::from_f64(f64::INFINITY),
             (Err(c), NonFinite::Error) => return Err(non_finite_logit(r, c, row[c])),
         };
         Ok(())

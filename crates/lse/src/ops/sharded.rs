@@ -666,7 +666,7 @@ fn merged_plan<'w, E: Element>(
     let target_weight = config.weights.map_or(1.0, |w| w[target]);
     let keep = 1.0 - config.smoothing;
     let masked_target =
-        !poisoned && merged.target == f64::NEG_INFINITY && keep * target_weight > 0.0;
+        !poisoned && merged.target == f64::NEG_INFINITY && keep * target_weight != 0.0;
     if masked_target && !config.propagate_non_finite {
         return Err(LseError::MaskedTarget {
             row: r,
