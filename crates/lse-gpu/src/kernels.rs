@@ -55,6 +55,11 @@ const POS_INF_BITS: u32 = 0x7f80_0000;
 const NEG_INF_BITS: u32 = 0xff80_0000;
 const NAN_BITS: u32 = 0x7fc0_0000;
 const ABS_MASK: u32 = 0x7fff_ffff;
+/// `ln 2` rounded to `f32`, and split as `LN2_HI + LN2_LO` with 9 trailing zero bits in
+/// `LN2_HI` (from bits: a float literal may be printed into a shader with fewer digits).
+const LN2_BITS: u32 = 0x3f31_7218;
+const LN2_HI_BITS: u32 = 0x3f31_7200;
+const LN2_LO_BITS: u32 = 0x35bf_be8e;
 const F32_MAX: f32 = 3.402_823_5e38;
 /// Below this, `exp` of an `f32` difference is 0: clamping keeps `x − m` finite for the shader
 /// (two finite extremes may differ by more than `f32::MAX`).
@@ -119,7 +124,8 @@ fn f32_to_f16_bits(x: u32) -> u32 {
         let e = a >> 23;
         let significand = (a & 0x7f_ffff) | 0x80_0000;
         let shift = 126 - e;
-        let rounded = (significand + (1u32 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift;
+        let rounded =
+            (significand + (1u32 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift;
         h = sign | rounded;
     }
     h
@@ -168,26 +174,84 @@ fn dtype_max(#[comptime] dtype: u32) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Arithmetic.
 
-/// `exp(a − b)` with the rounding error of the difference added back (`a`, `b` finite).
+/// `exp(x)` from `+`, `×` and bit operations only: a shader's own `exp` may be far from
+/// correctly rounded (llvmpipe's is 67 ulps off at `|x| = 72`, see docs/gpu.md), so the kernels
+/// carry theirs. `x = k ln2 + r` with one `f32` constant for `ln 2`: shader compilers reassociate
+/// float arithmetic (Mesa turned a Cody–Waite `(x − k·hi) − k·lo` into `x − (k·hi + k·lo)`:
+/// 67 ulps), so nothing here relies on a rounding error surviving; the constant's own error
+/// costs `|k| · 2e-9` relative (≤ 3 ulps at `|x| = 100`). Then a degree-7 Taylor polynomial on
+/// `|r| ≤ ln2/2` (truncation below 0.1 ulp), and `2^k` applied in two normal halves so that
+/// subnormal results and overflow come out of the multiplications.
 #[cube]
-fn exp_difference(a: f32, b: f32) -> f32 {
-    let hi = a - b;
-    let virtual_b = hi - a;
-    let lo = (a - (hi - virtual_b)) + (-b - virtual_b);
-    let e = f32::exp(max(hi, EXP_FLOOR));
-    e + e * lo
+pub(crate) fn accurate_exp(x: f32) -> f32 {
+    // exp(−104) is 0 in f32; exp(89) overflows: nothing outside needs a finer k.
+    let clamped = f32::min(f32::max(x, -104.0f32), 89.0f32);
+    let k = f32::floor(clamped * 1.442_695_f32 + 0.5f32);
+    // `k · LN2_HI` is exact (|k| < 2^8) and so is `x − k · LN2_HI` (Sterbenz). The rest of
+    // `k ln2` is applied as the factor `exp(−k · LN2_LO) ≈ 1 + d (1 + d/2)`, `|d| ≤ 1.5e-4`: a
+    // compiler that reassociates float sums (Mesa turned `(x − k·hi) − k·lo` into
+    // `x − (k·hi + k·lo)`: 67 ulps) finds no sum of them to regroup.
+    let r = clamped - k * f32::from_bits(LN2_HI_BITS);
+    let d = -k * f32::from_bits(LN2_LO_BITS);
+    let correction = 1.0f32 + d * (1.0f32 + 0.5f32 * d);
+    let p = 1.0f32
+        + r * (1.0f32
+            + r * (0.5f32
+                + r * (0.166_666_67_f32
+                    + r * (0.041_666_668_f32
+                        + r * (0.008_333_334_f32
+                            + r * (0.001_388_889_f32 + r * 0.000_198_412_7_f32))))));
+    let scale = i32::cast_from(k);
+    let half = scale / 2;
+    let first = f32::from_bits(u32::cast_from(half + 127) << 23);
+    let second = f32::from_bits(u32::cast_from(scale - half + 127) << 23);
+    p * correction * first * second
 }
 
-/// `log(1 + s)` for `s ≥ 0` keeping the digits of a tiny `s` (Kahan's trick: the rounding of
-/// `1 + s` is divided back out).
+/// `2 atanh(t) = 2t (1 + t²/3 + t⁴/5 + t⁶/7 + t⁸/9) = ln((1 + t)/(1 − t))` for `|t| ≤ 0.172`
+/// (truncation below 0.01 ulp).
+#[cube]
+fn twice_atanh(t: f32) -> f32 {
+    let t2 = t * t;
+    2.0f32
+        * t
+        * (1.0f32
+            + t2 * (0.333_333_34_f32
+                + t2 * (0.2f32 + t2 * (0.142_857_15_f32 + t2 * 0.111_111_11_f32))))
+}
+
+/// `ln(u)` for finite `u ≥ 1` from `+`, `×`, `/` and bit operations (see [`accurate_exp`]):
+/// `u = 2^e f` with `f ∈ [√½, √2)`, `ln f = 2 atanh((f − 1)/(f + 1))`.
+#[cube]
+fn accurate_ln(u: f32) -> f32 {
+    let bits = f32::to_bits(u);
+    let mut e = f32::cast_from(i32::cast_from(bits >> 23) - 127);
+    let mut f = f32::from_bits((bits & 0x7f_ffff) | 0x3f80_0000);
+    if f > 1.414_213_5_f32 {
+        f *= 0.5f32;
+        e += 1.0f32;
+    }
+    e * f32::from_bits(LN2_BITS) + twice_atanh((f - 1.0f32) / (f + 1.0f32))
+}
+
+/// `exp(a − b)` for finite `a`, `b`. The difference is rounded once: its error, up to
+/// `|a − b| · 2^-24` relative in the result, is not added back, since a two-sum's correction does
+/// not survive a compiler that reassociates float arithmetic (Mesa's does).
+#[cube]
+fn exp_difference(a: f32, b: f32) -> f32 {
+    accurate_exp(max(a - b, EXP_FLOOR))
+}
+
+/// `ln(1 + s)` for `s ≥ 0`, keeping the digits of a small `s` without relying on a rounding
+/// error surviving the shader compiler: `2 atanh(s / (2 + s))` below `√2 − 1`, `ln(1 + s)` above
+/// (where rounding `1 + s` costs at most an ulp of the result).
 #[cube]
 fn log1p(s: f32) -> f32 {
-    let u = 1.0 + s;
-    let mut out = s;
-    if u != 1.0 {
-        out = f32::ln(u) * (s / (u - 1.0));
+    if s < 0.414_213_57_f32 {
+        twice_atanh(s / (2.0f32 + s))
+    } else {
+        accurate_ln(1.0f32 + s)
     }
-    out
 }
 
 /// Soft-capping `cap · tanh(x / cap)` and its slope `1 − tanh²`, for finite `x` and `cap > 0`.
@@ -202,12 +266,15 @@ struct Capped {
 #[cube]
 fn softcap(x: f32, cap: f32) -> Capped {
     let a = f32::abs(x) / cap;
-    let v = f32::exp(a * -2.0f32);
+    let v = accurate_exp(a * -2.0f32);
     let mut t = (1.0f32 - v) / (1.0f32 + v);
     if a < 0.25f32 {
         let a2 = a * a;
         // a − a³/3 + 2a⁵/15 − 17a⁷/315 + 62a⁹/2835: the next term is below f32's rounding.
-        t = a * (1.0f32 - a2 * (0.333_333_34f32 - a2 * (0.133_333_33f32 - a2 * (0.053_968_254f32 - a2 * 0.021_869_49f32))));
+        t = a
+            * (1.0f32
+                - a2 * (0.333_333_34f32
+                    - a2 * (0.133_333_33f32 - a2 * (0.053_968_254f32 - a2 * 0.021_869_49f32))));
     }
     let mut mapped = cap * t;
     if x < 0.0f32 {
@@ -241,9 +308,9 @@ fn merge(a: State, b: State) -> State {
     } else if b.live != 0 {
         if b.max > a.max {
             top = b.max;
-            rest = b.rest + (a.rest + 1.0) * f32::exp(max(a.max - b.max, EXP_FLOOR));
+            rest = b.rest + (a.rest + 1.0) * accurate_exp(max(a.max - b.max, EXP_FLOOR));
         } else {
-            rest = a.rest + (b.rest + 1.0) * f32::exp(max(b.max - a.max, EXP_FLOOR));
+            rest = a.rest + (b.rest + 1.0) * accurate_exp(max(b.max - a.max, EXP_FLOOR));
         }
     }
     State {
@@ -454,11 +521,8 @@ fn normalized(stats: &[u32], at: usize, bits: u32, #[comptime] op: u32) -> u32 {
     } else if bits == NEG_INF_BITS {
         out = NEG_INF_BITS;
     } else {
-        let x = f32::from_bits(bits);
-        let hi = x - max;
-        let virtual_b = hi - x;
-        let lo = (x - (hi - virtual_b)) + (-max - virtual_b);
-        out = f32::to_bits(saturate(hi + (lo - log1p(rest))));
+        // Both terms are ≤ 0: no cancellation, one rounding of `x − m` (see `exp_difference`).
+        out = f32::to_bits(saturate((f32::from_bits(bits) - max) - log1p(rest)));
     }
     out
 }
@@ -545,7 +609,7 @@ fn backward_value(y: f32, dy: f32, dot: f32, #[comptime] op: u32) -> f32 {
     if comptime![op == SOFTMAX] {
         y * (dy - dot)
     } else {
-        dy - f32::exp(y) * dot
+        dy - accurate_exp(y) * dot
     }
 }
 
@@ -632,7 +696,19 @@ pub(crate) fn ce_stats(
                 row_lse[row] = NAN_BITS;
             }
         } else {
-            ce_row(x, weights, stats, row_loss, row_lse, row, target as usize, classes, params, dtype, units);
+            ce_row(
+                x,
+                weights,
+                stats,
+                row_loss,
+                row_lse,
+                row,
+                target as usize,
+                classes,
+                params,
+                dtype,
+                units,
+            );
         }
     }
 }
@@ -693,7 +769,11 @@ fn ce_row(
         }
     }
     if UNIT_POS_X == 0 {
-        let share = select(scan.live > 0, params.smoothing / f32::cast_from(scan.live), 0.0);
+        let share = select(
+            scan.live > 0,
+            params.smoothing / f32::cast_from(scan.live),
+            0.0,
+        );
         let w_y = class_weight(weights, y, params.weighted);
         let kept = keep * w_y;
         let y_bits = load_bits(x, row * classes + y, dtype);
@@ -770,7 +850,11 @@ fn ce_gradient(
     let mut out = 0u32;
     if fault == FAULT_NON_FINITE || fault == FAULT_TARGET_RANGE {
         out = NAN_BITS;
-    } else if fault == FAULT_NONE && stats[at + S_LIVE] > 0 && bits != NEG_INF_BITS {
+    } else if (fault == FAULT_NONE || fault == FAULT_MASKED_TARGET)
+        && stats[at + S_LIVE] > 0
+        && bits != NEG_INF_BITS
+    {
+        // A masked target under the propagate policy: loss +inf, the gradient as usual.
         let y = targets[row] as usize;
         let max = f32::from_bits(stats[at + S_MAX]);
         let rest = f32::from_bits(stats[at + S_REST]);
@@ -833,7 +917,10 @@ pub(crate) fn ce_grad(
             let i = word * (per_word as usize) + half as usize;
             if i < elements {
                 let bits = load_bits(x, i, dtype);
-                let g = ce_gradient(stats, targets, weights, caller, bits, i, classes, reduction, smoothing, z_loss, cap, weighted, dtype);
+                let g = ce_gradient(
+                    stats, targets, weights, caller, bits, i, classes, reduction, smoothing,
+                    z_loss, cap, weighted, dtype,
+                );
                 packed |= encode(g, dtype) << (half * 16);
             }
         }
@@ -847,7 +934,13 @@ pub(crate) fn ce_grad(
 /// The naive softmax `exp(x) / Σ exp(x)` in `f32`, one cube per row: it overflows once a logit
 /// passes 88.7, so the accuracy tests have something that must fail them.
 #[cube(launch)]
-pub(crate) fn naive_softmax(x: &[u32], out: &mut [u32], rows: usize, classes: usize, #[comptime] units: u32) {
+pub(crate) fn naive_softmax(
+    x: &[u32],
+    out: &mut [u32],
+    rows: usize,
+    classes: usize,
+    #[comptime] units: u32,
+) {
     let row = cube_row();
     if row < rows {
         let mut sum = 0.0f32;
@@ -859,5 +952,20 @@ pub(crate) fn naive_softmax(x: &[u32], out: &mut [u32], rows: usize, classes: us
             let i = row * classes + c;
             out[i] = f32::to_bits(f32::exp(f32::from_bits(x[i])) / total);
         }
+    }
+}
+
+/// The device's own `exp` and `ln` beside the kernels' ([`accurate_exp`], [`accurate_ln`]), element by element:
+/// what docs/gpu.md's accuracy table is measured with.
+#[cube(launch)]
+pub(crate) fn transcendentals(x: &[f32], out: &mut [f32]) {
+    let i = unit_index();
+    if i < x.len() {
+        let v = x[i];
+        out[4 * i] = f32::exp(v);
+        out[4 * i + 1] = accurate_exp(v);
+        let u = f32::abs(v) + 1.0f32;
+        out[4 * i + 2] = f32::ln(u);
+        out[4 * i + 3] = accurate_ln(u);
     }
 }

@@ -413,7 +413,11 @@ impl Gpu {
             }
             .into());
         }
-        let row_loss: Vec<f32> = self.read(row_loss)?.into_iter().map(f32::from_bits).collect();
+        let row_loss: Vec<f32> = self
+            .read(row_loss)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect();
 
         if let Some(grad) = grad {
             let reduction = match options.reduction {
@@ -469,7 +473,12 @@ impl Gpu {
             loss.clamp(-f64::MAX, f64::MAX)
         };
         let row_lse = if options.keep_row_lse {
-            Some(self.read(row_lse)?.into_iter().map(f32::from_bits).collect())
+            Some(
+                self.read(row_lse)?
+                    .into_iter()
+                    .map(f32::from_bits)
+                    .collect(),
+            )
         } else {
             None
         };
@@ -489,7 +498,12 @@ impl Gpu {
     ///
     /// # Panics
     /// When the CubeCL runtime does.
-    pub fn naive_softmax(&self, logits: &[f32], classes: usize, out: &mut [f32]) -> Result<(), Error> {
+    pub fn naive_softmax(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
         let rows = row_count("logits", logits.len(), classes)?;
         expect_len("output", logits.len(), out.len())?;
         if rows == 0 {
@@ -513,8 +527,45 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// For each `x`: the device's `exp(x)`, the kernels' `exp(x)`, the device's `ln(|x| + 1)`
+    /// and the kernels' `ln(|x| + 1)`, as `f32`: how far the device's own transcendentals are
+    /// from correctly rounded, and the kernels' (docs/gpu.md).
+    ///
+    /// # Errors
+    /// [`Error::Device`].
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    #[doc(hidden)]
+    pub fn transcendentals(&self, x: &[f32]) -> Result<Vec<[f32; 4]>, Error> {
+        if x.is_empty() {
+            return Ok(Vec::new());
+        }
+        let input = self.upload_f32(x);
+        let out = self.words(4 * x.len());
+        kernels::transcendentals::launch(
+            &self.client,
+            element_cubes(x.len()),
+            units(),
+            arg(&input, x.len()),
+            arg(&out, 4 * x.len()),
+        );
+        let words = self.read(out)?;
+        Ok(words
+            .chunks_exact(4)
+            .map(|w| [0, 1, 2, 3].map(|k| f32::from_bits(w[k])))
+            .collect())
+    }
+}
+
 /// `lse`'s error for a NaN or `+inf` logit, its value read from the caller's logits.
-fn non_finite_logit<E: GpuElement>(logits: &[E], classes: usize, row: usize, column: usize) -> LseError {
+fn non_finite_logit<E: GpuElement>(
+    logits: &[E],
+    classes: usize,
+    row: usize,
+    column: usize,
+) -> LseError {
     LseError::NonFinite {
         what: "logit",
         row,

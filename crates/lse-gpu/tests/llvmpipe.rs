@@ -46,7 +46,11 @@ impl Rng {
 fn ulps<E: GpuElement>(a: E, b: E) -> u64 {
     let (a, b) = (a.to_f64(), b.to_f64());
     if a.is_nan() || b.is_nan() {
-        return if a.is_nan() && b.is_nan() { 0 } else { u64::MAX };
+        return if a.is_nan() && b.is_nan() {
+            0
+        } else {
+            u64::MAX
+        };
     }
     if a == b {
         return 0;
@@ -87,7 +91,11 @@ fn report(what: &str, worst: u64) {
 
 /// Worst ulp distance between two buffers.
 fn worst<E: GpuElement>(got: &[E], want: &[E]) -> u64 {
-    got.iter().zip(want).map(|(&g, &w)| ulps(g, w)).max().unwrap_or(0)
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| ulps(g, w))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Row lengths: single-column, shorter than a cube, not a multiple of it, long.
@@ -103,27 +111,116 @@ fn forward_ops<E: GpuElement>(bound: u64) {
             let x: Vec<E> = (0..rows)
                 .flat_map(|_| rng.logits::<E>(classes, scale, masks))
                 .collect();
+            let allow: Vec<_> = x.chunks(classes).map(rounding_allowance).collect();
+            let worst_beyond = |got: &[E], want: &[E], pick: &dyn Fn(usize, usize) -> f64| {
+                let mut w = 0;
+                for (i, (&g, &c)) in got.iter().zip(want).enumerate() {
+                    w = w.max(ulps_beyond(g, c, pick(i / classes, i % classes)));
+                }
+                w
+            };
             let (mut cpu, mut dev) = (vec![E::zero(); x.len()], vec![E::zero(); x.len()]);
             lse::softmax(&x, classes, &mut cpu).unwrap();
-            gpu.softmax(&x, classes, &mut dev, NonFinite::Error).unwrap();
-            let w = worst(&dev, &cpu);
-            report(&format!("{:?} softmax K={classes} scale={scale}", E::DTYPE), w);
+            gpu.softmax(&x, classes, &mut dev, NonFinite::Error)
+                .unwrap();
+            let w = worst_beyond(&dev, &cpu, &|r, c| allow[r].0[c]);
+            report(
+                &format!("{:?} softmax K={classes} scale={scale}", E::DTYPE),
+                w,
+            );
             assert!(w <= bound, "softmax K={classes} scale={scale}: {w} ulps");
 
             lse::log_softmax(&x, classes, &mut cpu).unwrap();
-            gpu.log_softmax(&x, classes, &mut dev, NonFinite::Error).unwrap();
-            let w = worst(&dev, &cpu);
-            report(&format!("{:?} log_softmax K={classes} scale={scale}", E::DTYPE), w);
-            assert!(w <= bound, "log_softmax K={classes} scale={scale}: {w} ulps");
+            gpu.log_softmax(&x, classes, &mut dev, NonFinite::Error)
+                .unwrap();
+            let w = worst_beyond(&dev, &cpu, &|r, c| allow[r].1[c]);
+            report(
+                &format!("{:?} log_softmax K={classes} scale={scale}", E::DTYPE),
+                w,
+            );
+            assert!(
+                w <= bound,
+                "log_softmax K={classes} scale={scale}: {w} ulps"
+            );
 
             let (mut cpu_lse, mut dev_lse) = (vec![0f32; rows], vec![0f32; rows]);
             lse::logsumexp(&x, classes, &mut cpu_lse).unwrap();
-            gpu.logsumexp(&x, classes, &mut dev_lse, NonFinite::Error).unwrap();
-            let w = worst(&dev_lse, &cpu_lse);
-            report(&format!("{:?} logsumexp K={classes} scale={scale}", E::DTYPE), w);
-            assert!(w <= LSE_BOUND, "logsumexp K={classes} scale={scale}: {w} ulps");
+            gpu.logsumexp(&x, classes, &mut dev_lse, NonFinite::Error)
+                .unwrap();
+            let w = (0..rows)
+                .map(|r| ulps_beyond(dev_lse[r], cpu_lse[r], allow[r].2))
+                .max()
+                .unwrap_or(0);
+            report(
+                &format!("{:?} logsumexp K={classes} scale={scale}", E::DTYPE),
+                w,
+            );
+            assert!(
+                w <= LSE_BOUND,
+                "logsumexp K={classes} scale={scale}: {w} ulps"
+            );
         }
     }
+}
+
+/// What rounding `x − m` once in `f32` costs, per element of a row, as absolute errors of
+/// softmax, log_softmax and the row's logsumexp: `exp(x_j − m)` inherits `|x_j − m| · 2^-24`
+/// relative, and `s'` (so log1p(s')) the sum of those, `A = 2^-24 Σ_j p_j |x_j − m|`. The CPU
+/// adds that rounding error back (two-sum in `f64`); a shader cannot count on doing so, since
+/// compilers reassociate float arithmetic (Mesa does), so the tests allow it and count the
+/// ulps beyond it. See docs/gpu.md.
+fn rounding_allowance<E: GpuElement>(row: &[E]) -> (Vec<f64>, Vec<f64>, f64) {
+    let m = row
+        .iter()
+        .map(|v| v.to_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let unit = 2f64.powi(-24);
+    let live = |v: f64| v > f64::NEG_INFINITY;
+    let total: f64 = row
+        .iter()
+        .map(|v| v.to_f64())
+        .filter(|&v| live(v))
+        .map(|v| (v - m).exp())
+        .sum();
+    let row_term: f64 = row
+        .iter()
+        .map(|v| v.to_f64())
+        .filter(|&v| live(v))
+        .map(|v| (v - m).exp() / total * (m - v) * unit)
+        .sum();
+    let softmax = row
+        .iter()
+        .map(|v| v.to_f64())
+        .map(|v| {
+            if live(v) {
+                (v - m).exp() / total * ((m - v) * unit + row_term)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let log_softmax = row
+        .iter()
+        .map(|v| v.to_f64())
+        .map(|v| {
+            if live(v) {
+                (m - v) * unit + row_term
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    (softmax, log_softmax, row_term)
+}
+
+/// The ulps between `got` and `want` beyond an absolute `allowed`.
+fn ulps_beyond<E: GpuElement>(got: E, want: E, allowed: f64) -> u64 {
+    let (g, w) = (got.to_f64(), want.to_f64());
+    if g.is_nan() || w.is_nan() || g.is_infinite() || w.is_infinite() {
+        return ulps(got, want);
+    }
+    let excess = ((g - w).abs() - allowed).max(0.0);
+    ulps(E::from_f64(w + excess.copysign(g - w)), want)
 }
 
 /// logsumexp is an `f32` statistic for every storage dtype.
@@ -131,7 +228,7 @@ const LSE_BOUND: u64 = 4;
 
 #[test]
 fn forward_f32() {
-    forward_ops::<f32>(16);
+    forward_ops::<f32>(4);
 }
 
 #[test]
@@ -152,7 +249,9 @@ fn backward_ops<E: GpuElement>(bound: u64) {
         let x: Vec<E> = (0..rows)
             .flat_map(|_| rng.logits::<E>(classes, 5.0, false))
             .collect();
-        let dy: Vec<E> = (0..x.len()).map(|_| E::from_f64(rng.next() - 0.5)).collect();
+        let dy: Vec<E> = (0..x.len())
+            .map(|_| E::from_f64(rng.next() - 0.5))
+            .collect();
         let mut y = vec![E::zero(); x.len()];
         let (mut cpu, mut dev) = (vec![E::zero(); x.len()], vec![E::zero(); x.len()]);
 
@@ -165,9 +264,13 @@ fn backward_ops<E: GpuElement>(bound: u64) {
 
         lse::log_softmax(&x, classes, &mut y).unwrap();
         lse::log_softmax_backward(&y, &dy, classes, &mut cpu).unwrap();
-        gpu.log_softmax_backward(&y, &dy, classes, &mut dev).unwrap();
+        gpu.log_softmax_backward(&y, &dy, classes, &mut dev)
+            .unwrap();
         let w = worst_relative(&dev, &cpu);
-        report(&format!("{:?} log_softmax_backward K={classes}", E::DTYPE), w);
+        report(
+            &format!("{:?} log_softmax_backward K={classes}", E::DTYPE),
+            w,
+        );
         assert!(w <= bound, "log_softmax_backward K={classes}: {w}");
     }
 }
@@ -217,7 +320,13 @@ fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
         .collect();
     // Targets on live classes (masks sit at i % 7 == 3), one ignored row.
     let targets: Vec<i64> = (0..rows as i64)
-        .map(|r| if r == 4 { -100 } else { (r * 37 + 1) % classes as i64 })
+        .map(|r| {
+            if r == 4 {
+                -100
+            } else {
+                (r * 37 + 1) % classes as i64
+            }
+        })
         .map(|t| if t >= 0 && t % 7 == 3 { t + 1 } else { t })
         .collect();
     let weights: Vec<f64> = (0..classes).map(|c| 0.25 + (c % 5) as f64 * 0.5).collect();
@@ -267,7 +376,7 @@ fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
                         };
                         let r = rel(dev.loss, cpu.loss);
                         worst_loss = worst_loss.max(r);
-                        assert!(r < 2e-6, "{what}: loss {} vs {}", dev.loss, cpu.loss);
+                        assert!(r < 4e-7, "{what}: loss {} vs {}", dev.loss, cpu.loss);
                         for (row, (d, c)) in dev
                             .row_loss
                             .as_ref()
@@ -276,8 +385,12 @@ fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
                             .zip(cpu.row_loss.as_ref().unwrap())
                             .enumerate()
                         {
-                            let r = if *c == 0.0 { f64::from(d.abs()) } else { rel(*d, *c) };
-                            assert!(r < 2e-6, "{what}: row {row} loss {d} vs {c}");
+                            let r = if *c == 0.0 {
+                                f64::from(d.abs())
+                            } else {
+                                rel(*d, *c)
+                            };
+                            assert!(r < 4e-7, "{what}: row {row} loss {d} vs {c}");
                         }
                         let (dl, cl) = (dev.row_lse.unwrap(), cpu.row_lse.unwrap());
                         assert!(
@@ -292,8 +405,14 @@ fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
             }
         }
     }
-    report(&format!("{:?} cross-entropy loss (relative)", E::DTYPE), (worst_loss * 1e9) as u64);
-    report(&format!("{:?} cross-entropy gradient", E::DTYPE), worst_grad);
+    report(
+        &format!("{:?} cross-entropy loss (relative)", E::DTYPE),
+        (worst_loss * 1e9) as u64,
+    );
+    report(
+        &format!("{:?} cross-entropy gradient", E::DTYPE),
+        worst_grad,
+    );
 }
 
 #[test]
@@ -321,7 +440,11 @@ fn confident_row_keeps_digits() {
         .cross_entropy(&x, 4, &[0], &options, GradOutput::Scalar(1.0), None)
         .unwrap();
     let want = (-30.0f64).exp().ln_1p(); // 9.3576e-14
-    assert!(((f64::from(dev.loss) - want) / want).abs() < 1e-6, "{} vs {want}", dev.loss);
+    assert!(
+        ((f64::from(dev.loss) - want) / want).abs() < 1e-6,
+        "{} vs {want}",
+        dev.loss
+    );
 }
 
 /// Extreme logits: the kernels stay finite and right where the naive control overflows.
@@ -446,9 +569,19 @@ fn cross_entropy_errors_and_policies() {
     let sentinel = vec![3.0f32; 12];
     let mut grad = sentinel.clone();
     let dev = gpu
-        .cross_entropy(&x, 4, &targets, &options, GradOutput::Scalar(1.0), Some(&mut grad))
+        .cross_entropy(
+            &x,
+            4,
+            &targets,
+            &options,
+            GradOutput::Scalar(1.0),
+            Some(&mut grad),
+        )
         .unwrap_err();
-    assert!(matches!(&dev, Error::Input(e) if e.to_string() == cpu.to_string()), "{dev:?}");
+    assert!(
+        matches!(&dev, Error::Input(e) if e.to_string() == cpu.to_string()),
+        "{dev:?}"
+    );
     assert_eq!(grad, sentinel);
 
     // Target mass on a masked class.
@@ -458,7 +591,13 @@ fn cross_entropy_errors_and_policies() {
     let dev = gpu
         .cross_entropy(&x, 4, &targets, &options, GradOutput::Scalar(1.0), None)
         .unwrap_err();
-    assert!(matches!(&dev, Error::Input(LseError::MaskedTarget { row: 1, class: 1 })), "{dev:?}");
+    assert!(
+        matches!(
+            &dev,
+            Error::Input(LseError::MaskedTarget { row: 1, class: 1 })
+        ),
+        "{dev:?}"
+    );
     assert_eq!(dev.to_string(), cpu.to_string());
 
     // Out of range, and an empty mean under the error policy.
@@ -466,7 +605,14 @@ fn cross_entropy_errors_and_policies() {
         .cross_entropy(&x, 4, &[0, 4, 1], &options, GradOutput::Scalar(1.0), None)
         .unwrap_err();
     assert!(
-        matches!(dev, Error::Input(LseError::TargetOutOfRange { row: 1, value: 4, classes: 4 })),
+        matches!(
+            dev,
+            Error::Input(LseError::TargetOutOfRange {
+                row: 1,
+                value: 4,
+                classes: 4
+            })
+        ),
         "{dev:?}"
     );
     let empty = CrossEntropyOptions {
@@ -476,7 +622,10 @@ fn cross_entropy_errors_and_policies() {
     let dev = gpu
         .cross_entropy(&x, 4, &[-100; 3], &empty, GradOutput::Scalar(1.0), None)
         .unwrap_err();
-    assert!(matches!(dev, Error::Input(LseError::EmptyMean { rows: 3 })), "{dev:?}");
+    assert!(
+        matches!(dev, Error::Input(LseError::EmptyMean { rows: 3 })),
+        "{dev:?}"
+    );
 
     // Propagate: the CPU's loss (NaN or +inf), rows and gradient.
     for (bad_at, bad) in [(2, f32::NAN), (4 + 1, f32::NEG_INFINITY)] {
@@ -498,7 +647,14 @@ fn cross_entropy_errors_and_policies() {
         )
         .unwrap();
         let dev = gpu
-            .cross_entropy(&x, 4, &targets, &propagate, GradOutput::Scalar(1.0), Some(&mut dg))
+            .cross_entropy(
+                &x,
+                4,
+                &targets,
+                &propagate,
+                GradOutput::Scalar(1.0),
+                Some(&mut dg),
+            )
             .unwrap();
         let (dr, cr) = (dev.row_loss.unwrap(), cpu.row_loss.unwrap());
         for (d, c) in dr.iter().zip(&cr) {
@@ -523,7 +679,14 @@ fn empty_mean_policies() {
         };
         let mut grad = vec![5.0f32; 8];
         let dev = gpu
-            .cross_entropy(&x, 4, &[-100, -100], &options, GradOutput::Scalar(1.0), Some(&mut grad))
+            .cross_entropy(
+                &x,
+                4,
+                &[-100, -100],
+                &options,
+                GradOutput::Scalar(1.0),
+                Some(&mut grad),
+            )
             .unwrap();
         let cpu = lse::cross_entropy(&x, 4, Targets::Classes(&[-100, -100]), &options).unwrap();
         assert_eq!(dev.loss.to_bits(), cpu.loss.to_bits());
@@ -537,7 +700,9 @@ fn bitwise_reproducible() {
     let gpu = gpu();
     let mut rng = Rng(3);
     let classes = 5000;
-    let x: Vec<f32> = (0..4).flat_map(|_| rng.logits::<f32>(classes, 20.0, true)).collect();
+    let x: Vec<f32> = (0..4)
+        .flat_map(|_| rng.logits::<f32>(classes, 20.0, true))
+        .collect();
     let targets = [0i64, 1, 2, 4];
     let options = CrossEntropyOptions {
         label_smoothing: 0.1,
@@ -546,10 +711,18 @@ fn bitwise_reproducible() {
     let run = || {
         let mut grad = vec![0.0f32; x.len()];
         let out = gpu
-            .cross_entropy(&x, classes, &targets, &options, GradOutput::Scalar(1.0), Some(&mut grad))
+            .cross_entropy(
+                &x,
+                classes,
+                &targets,
+                &options,
+                GradOutput::Scalar(1.0),
+                Some(&mut grad),
+            )
             .unwrap();
         let mut soft = vec![0.0f32; x.len()];
-        gpu.softmax(&x, classes, &mut soft, NonFinite::Error).unwrap();
+        gpu.softmax(&x, classes, &mut soft, NonFinite::Error)
+            .unwrap();
         (
             out.loss.to_bits(),
             grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
@@ -557,4 +730,47 @@ fn bitwise_reproducible() {
         )
     };
     assert_eq!(run(), run());
+}
+
+/// The kernels' own `exp` and `ln` are within 2 ulps of the correctly rounded value over the
+/// range the kernels use, on any device; the device's own are measured and reported (on
+/// llvmpipe they are what made the kernels carry their own, see docs/gpu.md).
+#[test]
+fn own_transcendentals_are_accurate() {
+    let gpu = gpu();
+    let xs: Vec<f32> = (0..20_000)
+        .map(|i| -103.0 + 103.0 * 1.0001 * (i as f32) / 20_000.0)
+        .chain((0..2_000).map(|i| (i as f32) * 0.04))
+        .collect();
+    let got = gpu.transcendentals(&xs).unwrap();
+    let (mut device_exp, mut own_exp, mut device_ln, mut own_ln) = (0, 0, 0, 0);
+    for (&x, [dexp, oexp, dln, oln]) in xs.iter().zip(got) {
+        let want_exp = (f64::from(x)).exp() as f32;
+        let want_ln = (f64::from(x.abs() + 1.0)).ln() as f32;
+        // Below f32's normal range an ulp is absolute: count from the smallest normal.
+        let floor = f32::MIN_POSITIVE;
+        let exp_ulps = |v: f32| {
+            if want_exp < floor && v < floor {
+                ((v - want_exp).abs() / f32::from_bits(1)) as u64
+            } else {
+                ulps(v, want_exp)
+            }
+        };
+        if exp_ulps(oexp) > 2 && std::env::var_os("LSE_GPU_REPORT").is_some() {
+            eprintln!(
+                "own exp({x}) = {oexp:e} vs {want_exp:e}: {}",
+                exp_ulps(oexp)
+            );
+        }
+        device_exp = device_exp.max(exp_ulps(dexp));
+        own_exp = own_exp.max(exp_ulps(oexp));
+        device_ln = device_ln.max(ulps(dln, want_ln));
+        own_ln = own_ln.max(ulps(oln, want_ln));
+    }
+    eprintln!(
+        "{}: exp device {device_exp} ulps, own {own_exp}; ln device {device_ln} ulps, own {own_ln}",
+        gpu.adapter().name
+    );
+    assert!(own_exp <= 2, "own exp: {own_exp} ulps");
+    assert!(own_ln <= 2, "own ln: {own_ln} ulps");
 }
