@@ -60,7 +60,9 @@ const ABS_MASK: u32 = 0x7fff_ffff;
 const LN2_BITS: u32 = 0x3f31_7218;
 const LN2_HI_BITS: u32 = 0x3f31_7200;
 const LN2_LO_BITS: u32 = 0x35bf_be8e;
-const F32_MAX: f32 = 3.402_823_5e38;
+const F32_MAX: f32 = f32::MAX;
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
+const SQRT_2: f32 = core::f32::consts::SQRT_2;
 /// Below this, `exp` of an `f32` difference is 0: clamping keeps `x − m` finite for the shader
 /// (two finite extremes may differ by more than `f32::MAX`).
 const EXP_FLOOR: f32 = -200.0;
@@ -183,10 +185,11 @@ fn dtype_max(#[comptime] dtype: u32) -> f32 {
 /// `|r| ≤ ln2/2` (truncation below 0.1 ulp), and `2^k` applied in two normal halves so that
 /// subnormal results and overflow come out of the multiplications.
 #[cube]
+#[allow(clippy::manual_clamp)]
 pub(crate) fn accurate_exp(x: f32) -> f32 {
     // exp(−104) is 0 in f32; exp(89) overflows: nothing outside needs a finer k.
     let clamped = f32::min(f32::max(x, -104.0f32), 89.0f32);
-    let k = f32::floor(clamped * 1.442_695_f32 + 0.5f32);
+    let k = f32::floor(clamped * LOG2_E + 0.5f32);
     // `k · LN2_HI` is exact (|k| < 2^8) and so is `x − k · LN2_HI` (Sterbenz). The rest of
     // `k ln2` is applied as the factor `exp(−k · LN2_LO) ≈ 1 + d (1 + d/2)`, `|d| ≤ 1.5e-4`: a
     // compiler that reassociates float sums (Mesa turned `(x − k·hi) − k·lo` into
@@ -227,7 +230,7 @@ fn accurate_ln(u: f32) -> f32 {
     let bits = f32::to_bits(u);
     let mut e = f32::cast_from(i32::cast_from(bits >> 23) - 127);
     let mut f = f32::from_bits((bits & 0x7f_ffff) | 0x3f80_0000);
-    if f > 1.414_213_5_f32 {
+    if f > SQRT_2 {
         f *= 0.5f32;
         e += 1.0f32;
     }
@@ -449,7 +452,7 @@ fn cube_sum(value: f32, #[comptime] units: u32) -> f32 {
     for level in 0..comptime![units.trailing_zeros()] {
         let stride = comptime![(units >> (level + 1)) as usize];
         if unit < stride {
-            sums[unit] = sums[unit] + sums[unit + stride];
+            sums[unit] += sums[unit + stride];
         }
         sync_cube();
     }

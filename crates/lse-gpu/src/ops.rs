@@ -60,6 +60,16 @@ fn arg(handle: &Handle, len: usize) -> BufferArg {
     unsafe { BufferArg::from_raw_parts(handle.clone(), len) }
 }
 
+/// What the read pass of logsumexp / softmax / log_softmax leaves.
+struct RowStats {
+    /// The per-row stats on the device, for the write pass.
+    stats: Handle,
+    /// The per-row logsumexp bits.
+    lse: Vec<u32>,
+    /// The first row holding NaN or `+inf`: (row, column).
+    bad: Option<(usize, usize)>,
+}
+
 impl Gpu {
     fn upload(&self, words: &[u32]) -> Handle {
         self.client.create_from_slice(u32::as_bytes(words))
@@ -81,15 +91,14 @@ impl Gpu {
         Ok(u32::from_bytes(&bytes).to_vec())
     }
 
-    /// The read pass of logsumexp / softmax / log_softmax: the stats handle, the per-row
-    /// logsumexp bits, and the first row holding NaN or `+inf` (row, column).
+    /// The read pass of logsumexp / softmax / log_softmax.
     fn row_stats<E: GpuElement>(
         &self,
         x: &Handle,
         words: usize,
         rows: usize,
         classes: usize,
-    ) -> Result<(Handle, Vec<u32>, Option<(usize, usize)>), Error> {
+    ) -> Result<RowStats, Error> {
         let stats = self.words(rows * STAT_WORDS);
         let lse = self.words(rows);
         kernels::row_stats::launch(
@@ -109,7 +118,11 @@ impl Gpu {
             .chunks_exact(STAT_WORDS)
             .position(|s| s[3] == kernels::FAULT_NON_FINITE)
             .map(|r| (r, stat_words[r * STAT_WORDS + 4] as usize));
-        Ok((stats, self.read(lse)?, bad))
+        Ok(RowStats {
+            stats,
+            lse: self.read(lse)?,
+            bad,
+        })
     }
 
     /// `logsumexp` of every row of `logits` (`rows × classes`) into `out` (`rows` values), as
@@ -135,7 +148,7 @@ impl Gpu {
         }
         let words = E::pack(logits);
         let x = self.upload(&words);
-        let (_, lse, bad) = self.row_stats::<E>(&x, words.len(), rows, classes)?;
+        let RowStats { lse, bad, .. } = self.row_stats::<E>(&x, words.len(), rows, classes)?;
         if let (Some((row, column)), NonFinite::Error) = (bad, policy) {
             return Err(non_finite_logit(logits, classes, row, column).into());
         }
@@ -196,7 +209,7 @@ impl Gpu {
         }
         let words = E::pack(logits);
         let x = self.upload(&words);
-        let (stats, _, bad) = self.row_stats::<E>(&x, words.len(), rows, classes)?;
+        let RowStats { stats, bad, .. } = self.row_stats::<E>(&x, words.len(), rows, classes)?;
         if let (Some((row, column)), NonFinite::Error) = (bad, policy) {
             return Err(non_finite_logit(logits, classes, row, column).into());
         }

@@ -501,12 +501,12 @@ fn masks_by_bits() {
 fn non_finite_policies() {
     let gpu = gpu();
     for bad in [f32::NAN, f32::INFINITY] {
-        for dtype_check in 0..3 {
+        for op in 0..3 {
             let mut x = vec![0.5f32; 12];
             x[2 * 4 + 1] = bad;
             let sentinel = vec![7.0f32; 12];
             let mut out = sentinel.clone();
-            let err = match dtype_check {
+            let err = match op {
                 0 => gpu.softmax(&x, 4, &mut out, NonFinite::Error),
                 1 => gpu.log_softmax(&x, 4, &mut out, NonFinite::Error),
                 _ => gpu.logsumexp(&x, 4, &mut out[..3], NonFinite::Error),
@@ -523,7 +523,7 @@ fn non_finite_policies() {
             assert_eq!(out, sentinel, "output written on error");
         }
         // Same error as the CPU's, in f16 and bf16 too.
-        let x16: Vec<f16> = [0.5, 0.5, 0.5, 0.5, f32::from(bad), 0.5]
+        let x16: Vec<f16> = [0.5, 0.5, 0.5, 0.5, bad, 0.5]
             .iter()
             .map(|&v| f16::from_f32(v))
             .collect();
@@ -533,13 +533,13 @@ fn non_finite_policies() {
             panic!()
         };
         assert_eq!(format!("{dev}"), format!("{cpu}"));
-        let xb: Vec<bf16> = [0.5, 0.5, 0.5, f32::from(bad), 0.5, 0.5]
+        let xb: Vec<bf16> = [0.5, 0.5, 0.5, bad, 0.5, 0.5]
             .iter()
             .map(|&v| bf16::from_f32(v))
             .collect();
-        let cpu = lse::log_softmax(&xb, 3, &mut vec![bf16::ZERO; 6]).unwrap_err();
+        let cpu = lse::log_softmax(&xb, 3, &mut [bf16::ZERO; 6]).unwrap_err();
         let Error::Input(dev) = gpu
-            .log_softmax(&xb, 3, &mut vec![bf16::ZERO; 6], NonFinite::Error)
+            .log_softmax(&xb, 3, &mut [bf16::ZERO; 6], NonFinite::Error)
             .unwrap_err()
         else {
             panic!()
