@@ -1,0 +1,588 @@
+//! The operations: `lse`'s checks and policies on the host, the kernels on the device.
+//!
+//! Each call uploads its inputs, runs a read pass (one cube per row: row stats, faults) and reads
+//! back the few stat words per row; a row fault under the error policy becomes `lse`'s typed
+//! error naming row, column and value, and nothing is written to the caller's buffers. Otherwise
+//! a write pass (one unit per output word) fills the output, which is read back.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use lse::{
+    ChunkedCrossEntropy, CompensatedSum, CrossEntropyOptions, CrossEntropyOutput, Element,
+    EmptyMean, GradOutput, LseError, NonFinite, Reduction,
+};
+
+use crate::element::GpuElement;
+use crate::kernels::{self, CeParamsLaunch, CUBE_UNITS, STAT_WORDS};
+use crate::{Error, Gpu};
+
+/// Rows of a row-major buffer, with `lse`'s errors.
+fn row_count(what: &'static str, len: usize, classes: usize) -> Result<usize, LseError> {
+    if classes == 0 {
+        return Err(LseError::EmptyClasses);
+    }
+    if !len.is_multiple_of(classes) {
+        return Err(LseError::RaggedRows { what, len, classes });
+    }
+    Ok(len / classes)
+}
+
+fn expect_len(what: &'static str, expected: usize, actual: usize) -> Result<(), LseError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(LseError::LengthMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
+}
+
+/// Cubes for `n` pieces of work, in x then y (x is at most 65535 on some APIs).
+fn cube_count(n: usize) -> CubeCount {
+    let x = n.clamp(1, 65_535);
+    CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
+}
+
+/// Cubes of [`CUBE_UNITS`] units for `n` units of elementwise work.
+fn element_cubes(n: usize) -> CubeCount {
+    cube_count(n.div_ceil(CUBE_UNITS as usize))
+}
+
+fn units() -> CubeDim {
+    CubeDim::new_1d(CUBE_UNITS)
+}
+
+/// A kernel argument over the `len` words of `handle`.
+fn arg(handle: &Handle, len: usize) -> BufferArg {
+    // SAFETY: every handle here was created with at least `len` words (`upload`/`words`).
+    unsafe { BufferArg::from_raw_parts(handle.clone(), len) }
+}
+
+/// What the read pass of logsumexp / softmax / log_softmax leaves.
+struct RowStats {
+    /// The per-row stats on the device, for the write pass.
+    stats: Handle,
+    /// The per-row logsumexp bits.
+    lse: Vec<u32>,
+    /// The first row holding NaN or `+inf`: (row, column).
+    bad: Option<(usize, usize)>,
+}
+
+impl Gpu {
+    fn upload(&self, words: &[u32]) -> Handle {
+        self.client.create_from_slice(u32::as_bytes(words))
+    }
+
+    fn upload_f32(&self, values: &[f32]) -> Handle {
+        self.client.create_from_slice(f32::as_bytes(values))
+    }
+
+    fn words(&self, len: usize) -> Handle {
+        self.client.empty(len.max(1) * 4)
+    }
+
+    fn read(&self, handle: Handle) -> Result<Vec<u32>, Error> {
+        let bytes = self
+            .client
+            .read_one(handle)
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
+        Ok(u32::from_bytes(&bytes).to_vec())
+    }
+
+    /// The read pass of logsumexp / softmax / log_softmax.
+    fn row_stats<E: GpuElement>(
+        &self,
+        x: &Handle,
+        words: usize,
+        rows: usize,
+        classes: usize,
+    ) -> Result<RowStats, Error> {
+        let stats = self.words(rows * STAT_WORDS);
+        let lse = self.words(rows);
+        kernels::row_stats::launch(
+            &self.client,
+            cube_count(rows),
+            units(),
+            arg(x, words),
+            arg(&stats, rows * STAT_WORDS),
+            arg(&lse, rows),
+            rows,
+            classes,
+            E::CODE,
+            CUBE_UNITS,
+        );
+        let stat_words = self.read(stats.clone())?;
+        let bad = stat_words
+            .chunks_exact(STAT_WORDS)
+            .position(|s| s[3] == kernels::FAULT_NON_FINITE)
+            .map(|r| (r, stat_words[r * STAT_WORDS + 4] as usize));
+        Ok(RowStats {
+            stats,
+            lse: self.read(lse)?,
+            bad,
+        })
+    }
+
+    /// `logsumexp` of every row of `logits` (`rows × classes`) into `out` (`rows` values), as
+    /// [`lse::logsumexp_with`].
+    ///
+    /// # Errors
+    /// As [`lse::logsumexp_with`] ([`Error::Input`]), and [`Error::Device`] when the device
+    /// fails. `out` is written only on success.
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does (a kernel it cannot compile for this device).
+    pub fn logsumexp<E: GpuElement>(
+        &self,
+        logits: &[E],
+        classes: usize,
+        out: &mut [f32],
+        policy: NonFinite,
+    ) -> Result<(), Error> {
+        let rows = row_count("logits", logits.len(), classes)?;
+        expect_len("logsumexp output", rows, out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let words = E::pack(logits);
+        let x = self.upload(&words);
+        let RowStats { lse, bad, .. } = self.row_stats::<E>(&x, words.len(), rows, classes)?;
+        if let (Some((row, column)), NonFinite::Error) = (bad, policy) {
+            return Err(non_finite_logit(logits, classes, row, column).into());
+        }
+        for (o, bits) in out.iter_mut().zip(lse) {
+            *o = f32::from_bits(bits);
+        }
+        Ok(())
+    }
+
+    /// `softmax` of every row, as [`lse::softmax_with`].
+    ///
+    /// # Errors
+    /// As [`lse::softmax_with`] ([`Error::Input`]), and [`Error::Device`]. `out` is written
+    /// only on success.
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn softmax<E: GpuElement>(
+        &self,
+        logits: &[E],
+        classes: usize,
+        out: &mut [E],
+        policy: NonFinite,
+    ) -> Result<(), Error> {
+        self.normalize(logits, classes, out, policy, kernels::SOFTMAX)
+    }
+
+    /// `log_softmax` of every row, as [`lse::log_softmax_with`].
+    ///
+    /// # Errors
+    /// As [`lse::log_softmax_with`] ([`Error::Input`]), and [`Error::Device`]. `out` is
+    /// written only on success.
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn log_softmax<E: GpuElement>(
+        &self,
+        logits: &[E],
+        classes: usize,
+        out: &mut [E],
+        policy: NonFinite,
+    ) -> Result<(), Error> {
+        self.normalize(logits, classes, out, policy, kernels::LOG_SOFTMAX)
+    }
+
+    fn normalize<E: GpuElement>(
+        &self,
+        logits: &[E],
+        classes: usize,
+        out: &mut [E],
+        policy: NonFinite,
+        op: u32,
+    ) -> Result<(), Error> {
+        let rows = row_count("logits", logits.len(), classes)?;
+        expect_len("output", logits.len(), out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let words = E::pack(logits);
+        let x = self.upload(&words);
+        let RowStats { stats, bad, .. } = self.row_stats::<E>(&x, words.len(), rows, classes)?;
+        if let (Some((row, column)), NonFinite::Error) = (bad, policy) {
+            return Err(non_finite_logit(logits, classes, row, column).into());
+        }
+        let y = self.words(words.len());
+        kernels::normalize::launch(
+            &self.client,
+            element_cubes(words.len()),
+            units(),
+            arg(&x, words.len()),
+            arg(&stats, rows * STAT_WORDS),
+            arg(&y, words.len()),
+            logits.len(),
+            classes,
+            E::CODE,
+            op,
+        );
+        out.copy_from_slice(&E::unpack(&self.read(y)?, logits.len()));
+        Ok(())
+    }
+
+    /// The gradient of `softmax`: `dx = y (dy − Σ y dy)` from its output `y`, as
+    /// [`lse::softmax_backward`].
+    ///
+    /// # Errors
+    /// As [`lse::softmax_backward`] ([`Error::Input`]), and [`Error::Device`].
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn softmax_backward<E: GpuElement>(
+        &self,
+        y: &[E],
+        dy: &[E],
+        classes: usize,
+        dx: &mut [E],
+    ) -> Result<(), Error> {
+        self.backward(y, dy, classes, dx, kernels::SOFTMAX)
+    }
+
+    /// The gradient of `log_softmax`: `dx = dy − exp(y) Σ dy` from its output `y`, as
+    /// [`lse::log_softmax_backward`].
+    ///
+    /// # Errors
+    /// As [`lse::log_softmax_backward`] ([`Error::Input`]), and [`Error::Device`].
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn log_softmax_backward<E: GpuElement>(
+        &self,
+        y: &[E],
+        dy: &[E],
+        classes: usize,
+        dx: &mut [E],
+    ) -> Result<(), Error> {
+        self.backward(y, dy, classes, dx, kernels::LOG_SOFTMAX)
+    }
+
+    fn backward<E: GpuElement>(
+        &self,
+        y: &[E],
+        dy: &[E],
+        classes: usize,
+        dx: &mut [E],
+        op: u32,
+    ) -> Result<(), Error> {
+        let rows = row_count("forward output", y.len(), classes)?;
+        expect_len("output gradient", y.len(), dy.len())?;
+        expect_len("input gradient", y.len(), dx.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (y_words, dy_words) = (E::pack(y), E::pack(dy));
+        let n = y_words.len();
+        let (yh, dyh) = (self.upload(&y_words), self.upload(&dy_words));
+        let dots = self.words(rows);
+        kernels::backward_dot::launch(
+            &self.client,
+            cube_count(rows),
+            units(),
+            arg(&yh, n),
+            arg(&dyh, n),
+            arg(&dots, rows),
+            rows,
+            classes,
+            E::CODE,
+            op,
+            CUBE_UNITS,
+        );
+        let out = self.words(n);
+        kernels::backward::launch(
+            &self.client,
+            element_cubes(n),
+            units(),
+            arg(&yh, n),
+            arg(&dyh, n),
+            arg(&dots, rows),
+            arg(&out, n),
+            y.len(),
+            classes,
+            E::CODE,
+            op,
+        );
+        dx.copy_from_slice(&E::unpack(&self.read(out)?, y.len()));
+        Ok(())
+    }
+
+    /// The cross-entropy of `logits` (`rows × classes`) against class `targets`, fused with its
+    /// gradient when `grad` is given: [`lse::cross_entropy_with_grad`]'s semantics (every option
+    /// of [`CrossEntropyOptions`] but `keep_logit_stats`), computed in `f32` on the device. Row
+    /// losses are reduced on the host in row order, in `f64`.
+    ///
+    /// # Errors
+    /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, targets,
+    /// the incoming gradient, NaN/`+inf` logits and masked targets under
+    /// [`NonFinite::Error`], the empty mean under [`EmptyMean::Error`]);
+    /// [`Error::Unsupported`] for `keep_logit_stats`; [`Error::Device`]. `grad` is written only
+    /// on success; no input is modified.
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn cross_entropy<E: GpuElement>(
+        &self,
+        logits: &[E],
+        classes: usize,
+        targets: &[i64],
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_, f32>,
+        grad: Option<&mut [E]>,
+    ) -> Result<CrossEntropyOutput<f32>, Error> {
+        let rows = row_count("logits", logits.len(), classes)?;
+        expect_len("targets", rows, targets.len())?;
+        if let Some(g) = &grad {
+            expect_len("gradient", logits.len(), g.len())?;
+        }
+        if options.keep_logit_stats {
+            return Err(Error::Unsupported("keep_logit_stats"));
+        }
+        // `lse`'s own checks of everything but the logits, and the mean's denominator.
+        let checked =
+            ChunkedCrossEntropy::<E>::new(classes, targets, options, grad_output)?.finish();
+        let denominator = checked.denominator;
+        let empty_mean = options.reduction == Reduction::Mean && denominator == 0.0;
+        let keep_rows = options.keep_row_loss || options.reduction == Reduction::None;
+        if rows == 0 {
+            return Ok(checked);
+        }
+
+        let words = E::pack(logits);
+        let x = self.upload(&words);
+        let target_words: Vec<u32> = targets
+            .iter()
+            .map(|&t| {
+                if Some(t) == options.ignore_index {
+                    kernels::IGNORED_TARGET
+                } else {
+                    u32::try_from(t).unwrap_or(u32::MAX - 1)
+                }
+            })
+            .collect();
+        let t = self.upload(&target_words);
+        let weights: Vec<f32> = options
+            .weights
+            .map_or_else(|| vec![1.0], |w| w.iter().map(|&v| v as f32).collect());
+        let w = self.upload_f32(&weights);
+        let params = || {
+            CeParamsLaunch::new(
+                options.label_smoothing as f32,
+                options.z_loss as f32,
+                options.softcap.map_or(0.0, |c| c as f32),
+                u32::from(options.weights.is_some()),
+            )
+        };
+        let stats = self.words(rows * STAT_WORDS);
+        let (row_loss, row_lse) = (self.words(rows), self.words(rows));
+        kernels::ce_stats::launch(
+            &self.client,
+            cube_count(rows),
+            units(),
+            arg(&x, words.len()),
+            arg(&t, rows),
+            arg(&w, weights.len()),
+            arg(&stats, rows * STAT_WORDS),
+            arg(&row_loss, rows),
+            arg(&row_lse, rows),
+            rows,
+            classes,
+            params(),
+            E::CODE,
+            CUBE_UNITS,
+        );
+        let stat_words = self.read(stats.clone())?;
+        if options.non_finite == NonFinite::Error {
+            for (row, s) in stat_words.chunks_exact(STAT_WORDS).enumerate() {
+                let column = s[4] as usize;
+                match s[3] {
+                    kernels::FAULT_NON_FINITE => {
+                        return Err(non_finite_logit(logits, classes, row, column).into())
+                    }
+                    kernels::FAULT_MASKED_TARGET => {
+                        return Err(LseError::MaskedTarget { row, class: column }.into())
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(row) = stat_words
+            .chunks_exact(STAT_WORDS)
+            .position(|s| s[3] == kernels::FAULT_TARGET_RANGE)
+        {
+            // Unreachable after `lse`'s checks; a device-side target buffer would land here.
+            return Err(LseError::TargetOutOfRange {
+                row,
+                value: targets[row],
+                classes,
+            }
+            .into());
+        }
+        let row_loss: Vec<f32> = self
+            .read(row_loss)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect();
+
+        if let Some(grad) = grad {
+            let reduction = match options.reduction {
+                Reduction::Mean if empty_mean => 0.0,
+                Reduction::Mean => (1.0 / denominator).min(f64::from(f32::MAX)) as f32,
+                Reduction::Sum | Reduction::None => 1.0,
+            };
+            let caller: Vec<f32> = match grad_output {
+                GradOutput::Scalar(g) => vec![g; rows],
+                GradOutput::PerRow(gs) => gs.to_vec(),
+            };
+            let c = self.upload_f32(&caller);
+            let out = self.words(words.len());
+            kernels::ce_grad::launch(
+                &self.client,
+                element_cubes(words.len()),
+                units(),
+                arg(&x, words.len()),
+                arg(&stats, rows * STAT_WORDS),
+                arg(&t, rows),
+                arg(&w, weights.len()),
+                arg(&c, rows),
+                arg(&out, words.len()),
+                logits.len(),
+                classes,
+                reduction,
+                params(),
+                E::CODE,
+            );
+            grad.copy_from_slice(&E::unpack(&self.read(out)?, logits.len()));
+        }
+
+        // The reduction of `lse`'s `Batch::finish`, over the device's row losses.
+        let mut total = CompensatedSum::ZERO;
+        let mut any_non_finite = false;
+        for &l in &row_loss {
+            any_non_finite |= !l.is_finite();
+            total.add(f64::from(l));
+        }
+        let sum = total.value();
+        let loss = match options.reduction {
+            Reduction::Mean if empty_mean => match options.empty_mean {
+                EmptyMean::Nan => f64::NAN,
+                _ if sum.is_nan() => f64::NAN,
+                _ => 0.0,
+            },
+            Reduction::Mean => sum / denominator,
+            Reduction::Sum | Reduction::None => sum,
+        };
+        let loss = if any_non_finite {
+            loss
+        } else {
+            loss.clamp(-f64::MAX, f64::MAX)
+        };
+        let row_lse = if options.keep_row_lse {
+            Some(
+                self.read(row_lse)?
+                    .into_iter()
+                    .map(f32::from_bits)
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        Ok(CrossEntropyOutput {
+            loss: f32::from_f64_saturating(loss),
+            row_loss: keep_rows.then_some(row_loss),
+            row_lse,
+            ..checked
+        })
+    }
+
+    /// The naive `exp(x) / Σ exp(x)` in `f32`: a control that overflows to NaN once a logit
+    /// passes 88.7, for tests that must be able to fail. Not for use.
+    ///
+    /// # Errors
+    /// Shapes ([`Error::Input`]), [`Error::Device`].
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn naive_softmax(
+        &self,
+        logits: &[f32],
+        classes: usize,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        let rows = row_count("logits", logits.len(), classes)?;
+        expect_len("output", logits.len(), out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let words = f32::pack(logits);
+        let x = self.upload(&words);
+        let y = self.words(words.len());
+        kernels::naive_softmax::launch(
+            &self.client,
+            cube_count(rows),
+            units(),
+            arg(&x, words.len()),
+            arg(&y, words.len()),
+            rows,
+            classes,
+            CUBE_UNITS,
+        );
+        out.copy_from_slice(&f32::unpack(&self.read(y)?, logits.len()));
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// For each `x`: the device's `exp(x)`, the kernels' `exp(x)`, the device's `ln(|x| + 1)`
+    /// and the kernels' `ln(|x| + 1)`, as `f32`: how far the device's own transcendentals are
+    /// from correctly rounded, and the kernels' (docs/gpu.md).
+    ///
+    /// # Errors
+    /// [`Error::Device`].
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    #[doc(hidden)]
+    pub fn transcendentals(&self, x: &[f32]) -> Result<Vec<[f32; 4]>, Error> {
+        if x.is_empty() {
+            return Ok(Vec::new());
+        }
+        let input = self.upload_f32(x);
+        let out = self.words(4 * x.len());
+        kernels::transcendentals::launch(
+            &self.client,
+            element_cubes(x.len()),
+            units(),
+            arg(&input, x.len()),
+            arg(&out, 4 * x.len()),
+        );
+        let words = self.read(out)?;
+        Ok(words
+            .chunks_exact(4)
+            .map(|w| [0, 1, 2, 3].map(|k| f32::from_bits(w[k])))
+            .collect())
+    }
+}
+
+/// `lse`'s error for a NaN or `+inf` logit, its value read from the caller's logits.
+fn non_finite_logit<E: GpuElement>(
+    logits: &[E],
+    classes: usize,
+    row: usize,
+    column: usize,
+) -> LseError {
+    LseError::NonFinite {
+        what: "logit",
+        row,
+        column,
+        value: logits[row * classes + column].to_f64(),
+    }
+}
