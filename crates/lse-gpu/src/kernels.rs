@@ -972,3 +972,12 @@ pub(crate) fn transcendentals(x: &[f32], out: &mut [f32]) {
         out[4 * i + 3] = accurate_ln(u);
     }
 }
+
+/// `y = x`, one unit per word: the copy whose bandwidth the bench compares against.
+#[cube(launch)]
+pub(crate) fn copy(x: &[u32], y: &mut [u32]) {
+    let i = unit_index();
+    if i < y.len() {
+        y[i] = x[i];
+    }
+}

@@ -21,11 +21,13 @@
 
 #![warn(missing_docs, clippy::missing_errors_doc, clippy::missing_panics_doc)]
 
+mod bench;
 mod device;
 mod element;
 mod kernels;
 mod ops;
 
+pub use bench::BenchReport;
 pub use device::{adapters, Adapter, Gpu};
 pub use element::GpuElement;
 

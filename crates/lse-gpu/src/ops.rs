@@ -40,22 +40,22 @@ fn expect_len(what: &'static str, expected: usize, actual: usize) -> Result<(), 
 }
 
 /// Cubes for `n` pieces of work, in x then y (x is at most 65535 on some APIs).
-fn cube_count(n: usize) -> CubeCount {
+pub(crate) fn cube_count(n: usize) -> CubeCount {
     let x = n.clamp(1, 65_535);
     CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
 }
 
 /// Cubes of [`CUBE_UNITS`] units for `n` units of elementwise work.
-fn element_cubes(n: usize) -> CubeCount {
+pub(crate) fn element_cubes(n: usize) -> CubeCount {
     cube_count(n.div_ceil(CUBE_UNITS as usize))
 }
 
-fn units() -> CubeDim {
+pub(crate) fn units() -> CubeDim {
     CubeDim::new_1d(CUBE_UNITS)
 }
 
 /// A kernel argument over the `len` words of `handle`.
-fn arg(handle: &Handle, len: usize) -> BufferArg {
+pub(crate) fn arg(handle: &Handle, len: usize) -> BufferArg {
     // SAFETY: every handle here was created with at least `len` words (`upload`/`words`).
     unsafe { BufferArg::from_raw_parts(handle.clone(), len) }
 }
@@ -71,15 +71,15 @@ struct RowStats {
 }
 
 impl Gpu {
-    fn upload(&self, words: &[u32]) -> Handle {
+    pub(crate) fn upload(&self, words: &[u32]) -> Handle {
         self.client.create_from_slice(u32::as_bytes(words))
     }
 
-    fn upload_f32(&self, values: &[f32]) -> Handle {
+    pub(crate) fn upload_f32(&self, values: &[f32]) -> Handle {
         self.client.create_from_slice(f32::as_bytes(values))
     }
 
-    fn words(&self, len: usize) -> Handle {
+    pub(crate) fn words(&self, len: usize) -> Handle {
         self.client.empty(len.max(1) * 4)
     }
 
