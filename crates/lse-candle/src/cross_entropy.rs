@@ -13,7 +13,6 @@ use crate::common::{
     lse_error, op_error, rows_classes, to_rows, unsupported_dtype, zeroed_buffer,
 };
 use crate::options::CrossEntropyOptions;
-use crate::softmax::LogSoftmaxNoGrad;
 
 const OP: &str = "cross_entropy";
 

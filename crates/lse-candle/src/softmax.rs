@@ -305,19 +305,3 @@ impl CustomOp2 for RowBackward {
         )
     }
 }
-
-/// A log-softmax with no backward, for gradients computed inside other backward passes.
-pub(crate) struct LogSoftmaxNoGrad {
-    pub(crate) op: &'static str,
-    pub(crate) policy: NonFinite,
-}
-
-impl CustomOp1 for LogSoftmaxNoGrad {
-    fn name(&self) -> &'static str {
-        "lse-log-softmax-no-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        forward_cpu(self.op, Kind::LogSoftmax, self.policy, s, l)
-    }
-}

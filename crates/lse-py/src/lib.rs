@@ -453,6 +453,9 @@ fn parse_empty_mean(empty_mean: &str) -> PyResult<EmptyMean> {
     }
 }
 
+/// An array argument that the call writes.
+type PyOut<'a, 'py> = &'a Bound<'py, PyAny>;
+
 /// The buffers of a linear cross-entropy call besides the hidden rows.
 struct LinearArgs<'a, 'py> {
     weight: &'a Bound<'py, PyAny>,
@@ -461,11 +464,7 @@ struct LinearArgs<'a, 'py> {
     targets: &'a [i64],
     options: lse::LinearCrossEntropyOptions<'a>,
     /// `(dH, dW, db)` outputs, when the gradients are asked for.
-    grads: Option<(
-        &'a Bound<'py, PyAny>,
-        &'a Bound<'py, PyAny>,
-        Option<&'a Bound<'py, PyAny>>,
-    )>,
+    grads: Option<(PyOut<'a, 'py>, PyOut<'a, 'py>, Option<PyOut<'a, 'py>>)>,
     /// A per-row incoming gradient (`reduction="none"`), else 1.
     grad_output: Option<&'a [f32]>,
 }

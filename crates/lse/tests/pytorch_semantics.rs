@@ -10,14 +10,20 @@ use lse::{
 
 const ROWS: usize = 3;
 const CLASSES: usize = 4;
+#[rustfmt::skip]
 const LOGITS: [f64; ROWS * CLASSES] = [
-    2.0, -1.0, 0.5, 3.0, /* row 1 */ -4.0, 1.0, 1.5, 0.0, /* row 2 */ 7.0, -8.5, -8.0, 0.25,
+    2.0, -1.0, 0.5, 3.0,
+    -4.0, 1.0, 1.5, 0.0,
+    7.0, -8.5, -8.0, 0.25,
 ];
 /// Mixed signs, a zero: PyTorch accepts any finite weight.
 const WEIGHTS: [f64; CLASSES] = [8.5, -0.75, 0.0, 2.0];
 /// Rows that do not sum to 1, negative values: PyTorch accepts any finite target.
+#[rustfmt::skip]
 const PROBABILITIES: [f64; ROWS * CLASSES] = [
-    0.5, -0.25, 0.5, 0.25, /* row 1 */ 1.5, 0.0, -2.0, 0.5, /* row 2 */ 0.1, 0.2, 0.3, 0.4,
+    0.5, -0.25, 0.5, 0.25,
+    1.5, 0.0, -2.0, 0.5,
+    0.1, 0.2, 0.3, 0.4,
 ];
 
 /// PyTorch's definition in `f64`: `Σ_c w_c q'_c (lse − x̃_c)` with `q' = (1 − ε) q + ε / C`,
