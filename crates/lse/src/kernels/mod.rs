@@ -1,13 +1,14 @@
 //! Row kernels, apart from the public API: a read pass that folds a row into its
 //! [`RowState`](crate::RowState), then a write pass that produces outputs from that state.
 //!
-//! [`scalar`] is the portable implementation and the reference that any vectorised kernel is
-//! tested against. It widens every element to `f64`, where the differences `x − m` of `f32`, `f16`
-//! and `bf16` inputs are exact, and rounds each result once into the output dtype.
+//! [`scalar`] is the reference that the vector kernel is tested against. It widens every
+//! element to `f64`, where the differences `x − m` of `f32`, `f16` and `bf16` inputs are exact,
+//! and rounds each result once into the output dtype. [`vector`] is the one vector body, written
+//! over an instruction set of [`simd`] (AVX-512, AVX2, NEON, or the portable one that every
+//! target has); this file names no instruction set.
 //!
-//! Which implementation runs is chosen once per process from the CPU's features
-//! ([`Kernel::Auto`]); [`set_kernel`] pins one, for tests that compare the two paths and for
-//! benchmarks that measure them.
+//! Which family runs is chosen from the CPU's features ([`Kernel::Auto`]); [`set_kernel`] pins
+//! one, for tests that compare the paths and for benchmarks that measure them.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

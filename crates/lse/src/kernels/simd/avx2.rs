@@ -141,4 +141,4 @@ impl Isa for Avx2 {
     }
 }
 
-super::super::vector::steps!([] Avx2, __m256, __m256d);
+super::math::steps!([] Avx2, __m256, __m256d);

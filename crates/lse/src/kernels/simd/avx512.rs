@@ -136,4 +136,4 @@ impl<const BF16: bool> Isa for Avx512<BF16> {
     }
 }
 
-super::super::vector::steps!([const BF16: bool] Avx512<BF16>, __m512, __m512d);
+super::math::steps!([const BF16: bool] Avx512<BF16>, __m512, __m512d);

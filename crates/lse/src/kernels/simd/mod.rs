@@ -12,12 +12,15 @@
 
 use half::{bf16, f16};
 
-use super::vector::{Step, SweepLanes};
+use math::{Step, SweepLanes};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+pub(crate) mod math;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 pub(crate) mod portable;
 
 /// A family of row kernels.
@@ -95,6 +98,8 @@ pub(crate) enum VectorIsa {
     /// AVX-512 with the AVX512-BF16 conversion.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 /// The instruction set the vector family `kernel` runs in on this CPU; `None` for the scalar
@@ -112,6 +117,8 @@ pub(crate) fn isa_of(kernel: Kernel) -> Option<VectorIsa> {
                 VectorIsa::Avx512
             }
         }),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon => neon::detect().then_some(VectorIsa::Neon),
         _ => None,
     }
 }
@@ -145,6 +152,12 @@ macro_rules! on_isa {
                 // SAFETY: as above.
                 unsafe { $crate::kernels::simd::avx512::run_bf16(#[inline(always)] || $body) }
             }
+            #[cfg(target_arch = "aarch64")]
+            $crate::kernels::simd::VectorIsa::Neon => {
+                type $i = $crate::kernels::simd::neon::Neon;
+                // SAFETY: as above.
+                unsafe { $crate::kernels::simd::neon::run(#[inline(always)] || $body) }
+            }
         }
     };
 }
@@ -169,9 +182,14 @@ pub(crate) trait Mask: Copy {
     unsafe fn total(count: Self::Count) -> usize;
 }
 
-/// A vector of `f32` or `f64` lanes. `min` and `max` are x86's: the second operand when one is
-/// NaN. Reductions combine the lanes in a fixed order, so their bits depend on the instruction
-/// set alone.
+/// A vector of `f32` or `f64` lanes. Reductions combine the lanes in a fixed order, so their
+/// bits depend on the instruction set alone.
+///
+/// `min` and `max` of two numbers are the lesser and the greater (either zero when they are
+/// `±0`); a lane where `o` is NaN gives NaN (the soft-cap's `FLOOR.min(s)` carries a NaN logit
+/// through); a lane where only `self` is NaN may give either operand (x86's `min`/`max` give
+/// `o`, NEON's NaN: the read pass finds a NaN element by the block max or by the exp sum,
+/// whichever the instruction set leaves NaN).
 pub(crate) trait Float: Copy {
     type Scalar: Copy + Default;
     type Mask: Mask;
@@ -395,3 +413,59 @@ macro_rules! x86_float_ops {
 }
 #[cfg(target_arch = "x86_64")]
 use x86_float_ops;
+
+/// One lane: a compare of two `f64`.
+#[rustfmt::skip]
+impl Mask for bool {
+    type Count = usize;
+    #[inline(always)] unsafe fn none() -> Self { false }
+    #[inline(always)] unsafe fn or(self, o: Self) -> Self { self | o }
+    #[inline(always)] unsafe fn and(self, o: Self) -> Self { self & o }
+    #[inline(always)] unsafe fn not(self) -> Self { !self }
+    #[inline(always)] unsafe fn any(self) -> bool { self }
+    #[inline(always)] unsafe fn count_zero() -> usize { 0 }
+    #[inline(always)] unsafe fn count(self, c: usize) -> usize { c + usize::from(self) }
+    #[inline(always)] unsafe fn total(c: usize) -> usize { c }
+}
+
+/// `f64` as a one-lane vector, so that the scalar kernel runs the lane functions
+/// ([`math::softcap`]) the vector kernels run, to the same bits.
+#[rustfmt::skip]
+impl Float for f64 {
+    type Scalar = f64;
+    type Mask = bool;
+    const LANES: usize = 1;
+    #[inline(always)] unsafe fn splat(v: f64) -> Self { v }
+    #[inline(always)] unsafe fn load(p: *const f64) -> Self { p.read_unaligned() }
+    #[inline(always)] unsafe fn store(self, p: *mut f64) { p.write_unaligned(self) }
+    #[inline(always)] unsafe fn add(self, o: Self) -> Self { self + o }
+    #[inline(always)] unsafe fn sub(self, o: Self) -> Self { self - o }
+    #[inline(always)] unsafe fn mul(self, o: Self) -> Self { self * o }
+    #[inline(always)] unsafe fn div(self, o: Self) -> Self { self / o }
+    #[inline(always)] unsafe fn min(self, o: Self) -> Self { if self < o { self } else { o } }
+    #[inline(always)] unsafe fn max(self, o: Self) -> Self { if self > o { self } else { o } }
+    #[inline(always)] unsafe fn mul_add(self, b: Self, c: Self) -> Self { self.mul_add(b, c) }
+    #[inline(always)] unsafe fn mul_sub(self, b: Self, c: Self) -> Self { self.mul_add(b, -c) }
+    #[inline(always)] unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self { (-self).mul_add(b, c) }
+    #[inline(always)] unsafe fn round(self) -> Self { self.round_ties_even() }
+    #[inline(always)] unsafe fn floor(self) -> Self { self.floor() }
+    #[inline(always)] unsafe fn abs(self) -> Self { self.abs() }
+    #[inline(always)] unsafe fn neg(self) -> Self { -self }
+    #[inline(always)] unsafe fn copysign(self, sign: Self) -> Self { self.copysign(sign) }
+    #[inline(always)] unsafe fn eq(self, o: Self) -> bool { self == o }
+    #[inline(always)] unsafe fn ne(self, o: Self) -> bool { self.partial_cmp(&o).is_some_and(|c| c.is_ne()) }
+    #[inline(always)] unsafe fn lt(self, o: Self) -> bool { self < o }
+    #[inline(always)] unsafe fn gt(self, o: Self) -> bool { self > o }
+    #[inline(always)] unsafe fn ge(self, o: Self) -> bool { self >= o }
+    #[inline(always)] unsafe fn nan_or_above(self, o: Self) -> bool { self.partial_cmp(&o).is_none_or(|c| c.is_gt()) }
+    #[inline(always)] unsafe fn select(self, other: Self, mask: bool) -> Self { if mask { other } else { self } }
+    #[inline(always)] unsafe fn keep(self, mask: bool) -> Self { if mask { self } else { 0.0 } }
+    #[inline(always)] unsafe fn zero_where(self, mask: bool) -> Self { if mask { 0.0 } else { self } }
+    #[inline(always)] unsafe fn reduce_max(self) -> f64 { self }
+    #[inline(always)] unsafe fn reduce_min(self) -> f64 { self }
+    #[inline(always)] unsafe fn reduce_sum(self) -> f64 { self }
+    #[inline(always)]
+    unsafe fn exponent(self, bias: i32) -> Self {
+        f64::from_bits(((self.to_bits() as i64).wrapping_add(bias.into()) as u64) << 52)
+    }
+}

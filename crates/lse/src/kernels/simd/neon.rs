@@ -187,4 +187,4 @@ impl Isa for Neon {
     }
 }
 
-super::super::vector::steps!([] Neon, Pair<float32x4_t>, Pair<float64x2_t>);
+super::math::steps!([] Neon, Pair<float32x4_t>, Pair<float64x2_t>);

@@ -336,4 +336,4 @@ impl Isa for Portable {
     }
 }
 
-super::super::vector::steps!([] Portable, F32x8, F64x4);
+super::math::steps!([] Portable, F32x8, F64x4);
