@@ -1,5 +1,6 @@
 //! The scalar reference kernels.
 
+use super::simd::math::softcap;
 use crate::element::Element;
 use crate::state::{exact_difference, exp_difference, saturate, CompensatedSum, RowState};
 
@@ -24,76 +25,18 @@ impl LogitMap {
         self.with_slope(x).1
     }
 
-    /// The mapped logit and the map's slope there.
-    ///
-    /// Soft-capping is computed from `v = exp(−2|x|/cap)` and `u = expm1(−2|x|/cap)`, both from
-    /// one Cody–Waite reduction and [`EXPM1_POLY_F64`]: `tanh(|x|/cap) = −u / (1 + v)` and
-    /// `1 − tanh² = 4v / (1 + v)²`, so neither `1 − t²` nor an overflowing `cosh` is formed. The
-    /// vector kernel runs these operations step for step in `f64` lanes (`vector::softcap`),
-    /// so both kernels map a logit to the same bits: a row's mapped max, found by one, is then
-    /// exactly the mapped logit the other compares with. The mapped value is within about 3 ulp
-    /// of `cap · tanh(x/cap)`.
+    /// The mapped logit and the map's slope there: [`softcap`] with `f64` as a one-lane
+    /// vector, the function the vector kernels run in `f64` lanes, so that both map a logit to
+    /// the same bits (a row's mapped max, found by one, is then exactly the mapped logit the
+    /// other compares with).
     #[inline]
     pub(crate) fn with_slope(self, x: f64) -> (f64, f64) {
         match self {
             LogitMap::Identity => (x, 1.0),
-            LogitMap::Softcap(_) if x.is_nan() => (x, x),
-            LogitMap::Softcap(_) if x == f64::NEG_INFINITY => (x, 0.0),
-            LogitMap::Softcap(cap) => {
-                // exp(−s) is 0 below the floor; `+inf` maps to `cap` with slope 0.
-                let neg_s = -(x.abs() * (2.0 / cap)).min(SOFTCAP_FLOOR);
-                let k = (neg_s * std::f64::consts::LOG2_E).round_ties_even();
-                let r = k.mul_add(-LN2_HI, neg_s);
-                let r = k.mul_add(-LN2_LO, r);
-                let mut p = EXPM1_POLY_F64[11];
-                for &c in EXPM1_POLY_F64[..11].iter().rev() {
-                    p = p.mul_add(r, c);
-                }
-                let q = (r * r).mul_add(p, r); // e^r − 1
-                                               // v = (1 + q)·2^k in two normal halves (v may be subnormal); u = v − 1 rounded
-                                               // once, with 2^k held at 2^-60 or above (below, u is −1 either way).
-                let k1 = (k * 0.5).floor();
-                let v = q.mul_add(power_of_two(k1), power_of_two(k1)) * power_of_two(k - k1);
-                let p = power_of_two(k.max(-60.0));
-                let u = q.mul_add(p, p - 1.0);
-                let reciprocal = 1.0 / (1.0 + v);
-                let t = -u * reciprocal;
-                ((cap * t).copysign(x), 4.0 * v * reciprocal * reciprocal)
-            }
+            // SAFETY: `f64`'s lane operations are plain arithmetic, without a target feature.
+            LogitMap::Softcap(cap) => unsafe { softcap(x, cap, 2.0 / cap) },
         }
     }
-}
-
-/// `s = 2|x|/cap` is held at or below this: `exp(−745.2)` rounds to 0.
-pub(crate) const SOFTCAP_FLOOR: f64 = 745.2;
-
-/// `ln 2` in two parts for Cody–Waite reduction (fdlibm's): `k · LN2_HI` is exact for
-/// `|k| < 2^21`.
-pub(crate) const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // 32 significant bits
-/// `ln 2 − LN2_HI`.
-pub(crate) const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
-
-/// `(e^r − 1 − r)/r² = Σ_j r^j/(j+2)!` to degree 11: the truncation error on `|r| ≤ ln2/2` is
-/// below 5e-18 relative to `e^r` (0.04 ulp of `f64`).
-pub(crate) const EXPM1_POLY_F64: [f64; 12] = [
-    1.0 / 2.0,
-    1.0 / 6.0,
-    1.0 / 24.0,
-    1.0 / 120.0,
-    1.0 / 720.0,
-    1.0 / 5040.0,
-    1.0 / 40320.0,
-    1.0 / 362_880.0,
-    1.0 / 3_628_800.0,
-    1.0 / 39_916_800.0,
-    1.0 / 479_001_600.0,
-    1.0 / 6_227_020_800.0,
-];
-
-/// `2^k` for an integral `k` in the normal exponent range.
-#[inline]
-fn power_of_two(k: f64) -> f64 {
-    f64::from_bits(((k as i64 + 1023) as u64) << 52)
 }
 
 /// What the read pass learns about one row (or a run of whole blocks of it).

@@ -1,8 +1,8 @@
 //! The vector kernels for all four dtypes, written once over an instruction set ([`Isa`]).
 //!
-//! Every kernel works on one step of `I::LANES` elements (AVX2: 8, AVX-512: 16): `f32`, `f16`
-//! and `bf16` are widened into the instruction set's `f32` vector (`bf16` by a 16-bit shift,
-//! `f16` by its conversion instruction), `f64` is held as a pair of its `f64` vectors — never a
+//! Every kernel works on one step of `I::LANES` elements (AVX2, NEON, portable: 8; AVX-512: 16):
+//! `f32`, `f16` and `bf16` are widened into the instruction set's `f32` vector (`bf16` by a
+//! 16-bit shift, `f16` by its conversion instruction), `f64` is held as a pair of its `f64` vectors — never a
 //! whole-row copy. The read pass works on blocks of [`BLOCK`] elements that stay in L1: a max
 //! sweep, then an exp sweep over the same block, folded into the row's [`RowState`] with the §1
 //! merge — one pass over memory, no per-lane rescaling, and the same result for any split of
@@ -17,7 +17,7 @@
 //! through `f32`, an error of at most 2^-13 ulp of those).
 //!
 //! Two things keep the arithmetic, not the memory, the limit: the exp sweep prefetches the
-//! block after next, so the max sweep finds it in cache; and for `f32` rows up to
+//! block after next (where the instruction set has a prefetch), so the max sweep finds it in cache; and for `f32` rows up to
 //! [`MAX_CACHED_LEN`] the read pass leaves its exp terms in the output row, so that the write
 //! pass of softmax and of the plain cross-entropy gradient is one multiply per element.
 //!
@@ -27,115 +27,15 @@
 
 use half::{bf16, f16};
 
-use super::scalar::{
-    ClassMasses, FastWrite, LogitMap, RowScan, EXPM1_POLY_F64, LN2_HI, LN2_LO, SOFTCAP_FLOOR,
-};
-use super::simd::avx2::{self, Avx2};
-use super::simd::avx512::{self, Avx512};
-use super::simd::{Float, Isa, Mask, MAX_LANES};
-use super::{BlockMaxima, MassesPass, VectorIsa, MAX_CACHED_LEN};
+use super::scalar::{ClassMasses, FastWrite, LogitMap, RowScan};
+use super::simd::math::{softcap, Step, SweepLanes, F32_EXP_SCALE};
+use super::simd::{on_isa, Float, Isa, Mask, MAX_LANES};
+use super::{BlockMaxima, MassesPass, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
 
 /// Elements per read-pass block: 8 KiB of `f32`, well inside L1 between its two sweeps.
 pub(crate) const BLOCK: usize = 2048;
-
-/// `P(r) ≈ (e^r − 1 − r)/r²` on `|r| ≤ ln2/2`: a degree-4 Chebyshev fit, so that
-/// `q = r + r²·P(r)` is within 1.1e-8 of `e^r − 1` relative to `e^r` (0.17 ulp of `f32`).
-const EXPM1_POLY: [f32; 5] = [
-    0.5,
-    0.166_665_77,
-    0.041_666_465,
-    0.008_363_185,
-    0.001_393_366,
-];
-
-/// log2 of the scale of the `f32`-lane exp's results.
-const F32_EXP_SCALE_LOG2: i32 = 64;
-/// 2^64.
-pub(crate) const F32_EXP_SCALE: f64 = 18_446_744_073_709_551_616.0;
-
-/// The lanes one step of a row is computed in: the instruction set's `f32` vector, or its
-/// `f64` pair.
-pub(crate) trait Step<I: Isa>: Float {
-    /// True when the exp sweep's sums carry a compensation term (`f64` rows: their terms have
-    /// no spare precision for a plain `f64` sum to hide its rounding in).
-    const COMPENSATED: bool;
-    /// A bound on the relative error of `c · exp(x − m)` formed from this vector's exp and a
-    /// state `S` summed from it: the exp's own error plus that of `S` inside `c`.
-    const EXP_ERROR: f64;
-    /// The factor [`Step::exp_shifted`] scales its results by, so that they stay normal
-    /// numbers of the lanes' type: callers multiply by its inverse, exactly, in `f64`.
-    const EXP_SCALE: f64;
-    /// The lanes as `f64` (exact).
-    unsafe fn widen(self) -> I::Wide;
-    /// `exp(x − m) · EXP_SCALE` for `x ≤ m`, in the same lanes; exactly 0 where `exp(x − m)`
-    /// is far below anything the row's dtype can show (so for `x = −inf`) and, with
-    /// `ZERO_TIES`, where `x = m`.
-    unsafe fn exp_shifted<const ZERO_TIES: bool>(self, m: Self, neg_m: Self) -> Self;
-    /// Stores the first `n` exp terms as `f32` with `EXP_SCALE` where `ties` (the terms a
-    /// `ZERO_TIES` exp left out of the sum): what a cached row's write pass rescales.
-    unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask);
-}
-
-/// The lanes an exp sweep computes in, from a row's vector `V`: `V` itself, or `f64` lanes
-/// for rows whose outputs need the `f64` exp's accuracy (an `f32` lane's exp is within 0.6 ulp
-/// of `f32`; a gradient that cancels needs more).
-pub(crate) trait SweepLanes<I: Isa, V>: Step<I> {
-    unsafe fn from_row(v: V) -> Self;
-}
-
-impl<I: Isa, V: Step<I>> SweepLanes<I, V> for V {
-    #[inline(always)]
-    unsafe fn from_row(v: V) -> Self {
-        v
-    }
-}
-
-/// [`Step`] for an instruction set's `$f32` vector and its pair of `$f64` vectors.
-#[rustfmt::skip]
-macro_rules! steps {
-    ([$($generics:tt)*] $isa:ty, $f32:ty, $f64:ty) => {
-        impl<$($generics)*> $crate::kernels::vector::Step<$isa> for $f32 {
-            const COMPENSATED: bool = false;
-            // 0.6 ulp of f32 for the exp, as much for S, and the f64 products: 2.4·2^-24.
-            const EXP_ERROR: f64 = 1.7e-7;
-            const EXP_SCALE: f64 = $crate::kernels::vector::F32_EXP_SCALE;
-            #[inline(always)]
-            unsafe fn widen(self) -> Pair<$f64> { <$isa as Isa>::widen(self) }
-            #[inline(always)]
-            unsafe fn exp_shifted<const Z: bool>(self, m: Self, neg_m: Self) -> Self {
-                $crate::kernels::vector::exp_f32::<Self, Z>(self, m, neg_m)
-            }
-            #[inline(always)]
-            unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask) {
-                let scale = Self::splat($crate::kernels::vector::F32_EXP_SCALE);
-                $crate::kernels::vector::store_f32_first::<$isa, f32>(p, n, e.select(scale, ties));
-            }
-        }
-        impl<$($generics)*> $crate::kernels::vector::Step<$isa> for Pair<$f64> {
-            const COMPENSATED: bool = true;
-            // About 0.5 ulp of f64 each for the exp and for the compensated S, and the products.
-            const EXP_ERROR: f64 = 4.5e-16;
-            const EXP_SCALE: f64 = 1.0;
-            #[inline(always)] unsafe fn widen(self) -> Self { self }
-            #[inline(always)]
-            unsafe fn exp_shifted<const Z: bool>(self, m: Self, neg_m: Self) -> Self {
-                $crate::kernels::vector::exp_f64::<Self, Z>(self, m, neg_m)
-            }
-            #[inline(always)]
-            unsafe fn store_exp(p: *mut f32, n: usize, e: Self, ties: Self::Mask) {
-                let scale = Self::splat($crate::kernels::vector::F32_EXP_SCALE);
-                let v = e.select(Self::splat(1.0), ties).mul(scale);
-                $crate::kernels::vector::store_first::<$isa, f32>(p, n, v);
-            }
-        }
-        impl<$($generics)*> $crate::kernels::vector::SweepLanes<$isa, $f32> for Pair<$f64> {
-            #[inline(always)] unsafe fn from_row(v: $f32) -> Self { <$isa as Isa>::widen(v) }
-        }
-    };
-}
-pub(crate) use steps;
 
 /// Storage types whose rows the kernels read and write one step at a time.
 pub(crate) trait Lanes: Element {
@@ -222,125 +122,6 @@ pub(crate) unsafe fn store_f32_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I
         E::store_f32::<I>(buf.as_mut_ptr(), v);
         core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
     }
-}
-
-/// `x − m = s + err` exactly (TwoSum); `s = k·ln2 + r` with Cody–Waite's two-part `ln 2`
-/// (`k·LN2_HI` is exact for |k| < 2^15), `k` rounded by adding 1.5·2^23 (whose low mantissa
-/// bits then hold it), `|r| ≤ ln2/2`; `q = e^r − 1 = r + r²·P(r)` with [`EXPM1_POLY`]; the
-/// result `(1 + q)·2^(k+64)` by one fused multiply-add, so it rounds once: within 2^-24 +
-/// 1.1e-8 of `e^{x−m}·2^64` relative (0.6 ulp of `f32`). The 2^64 keeps every result down to
-/// `e^-128` a normal `f32` (a tiny loss is a sum of such terms); below −128 the result is 0:
-/// even 2^31 such terms stay below half of `f32`'s smallest subnormal (there `2^(k+64)`, built
-/// from its bits, would not be a number; those lanes are masked last).
-#[inline(always)]
-pub(crate) unsafe fn exp_f32<F: Float, const ZERO_TIES: bool>(x: F, m: F, neg_m: F) -> F {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 355/512: 9 significant bits
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-    const ROUNDER: f32 = 12_582_912.0; // 1.5·2^23
-    let s = x.add(neg_m);
-    let mut zero = s.lt(F::splat(-128.0));
-    if ZERO_TIES {
-        zero = zero.or(x.eq(m));
-    }
-    let rounded = s.mul_add(F::splat(LOG2E.into()), F::splat(ROUNDER.into()));
-    let k = rounded.sub(F::splat(ROUNDER.into()));
-    let r = k.mul_add(F::splat((-LN2_HI).into()), s);
-    let r = k.mul_add(F::splat((-LN2_LO).into()), r);
-    // The subtraction's rounding error, which matters for f16 and bf16 too: their logsumexp
-    // and loss are f32, and `x − m` of a logit far below a large max rounds in f32.
-    let s_virtual = s.sub(x);
-    let err = x.sub(s.sub(s_virtual)).add(neg_m.sub(s_virtual));
-    let r = r.add(err);
-    let mut p = F::splat(EXPM1_POLY[4].into());
-    for c in [EXPM1_POLY[3], EXPM1_POLY[2], EXPM1_POLY[1], EXPM1_POLY[0]] {
-        p = p.mul_add(r, F::splat(c.into()));
-    }
-    let q = r.mul(r).mul_add(p, r);
-    // 2^(k+64): the bits of `rounded` are those of ROUNDER plus k. The zeroed lanes may hold
-    // anything here (x = −inf gives inf − inf; a k below the floor wraps the exponent bits):
-    // masked to +0 last.
-    let scale = rounded.exponent(127 + F32_EXP_SCALE_LOG2 - ROUNDER.to_bits() as i32);
-    q.mul_add(scale, scale).zero_where(zero)
-}
-
-/// `exp(x − m)` in `f64` lanes, the `f64` counterpart of [`exp_f32`]: TwoSum of `x − m`;
-/// Cody–Waite with fdlibm's two-part `ln 2`; `q = r + r²·P(r)` with [`EXPM1_POLY_F64`];
-/// `(1 + q)·2^k` as in [`one_plus_times_power_of_two`]: within about 0.5 ulp, rounded to the
-/// subnormal grid as `exp` is. Below `ln 2^-1075` the result is 0.
-#[inline(always)]
-pub(crate) unsafe fn exp_f64<F: Float, const ZERO_TIES: bool>(x: F, m: F, neg_m: F) -> F {
-    let s = x.add(neg_m);
-    let floor = F::splat(-745.2);
-    let mut zero = s.lt(floor);
-    if ZERO_TIES {
-        zero = zero.or(x.eq(m));
-    }
-    let s = s.max(floor);
-    let (k, r) = reduce_by_ln2(s);
-    let s_virtual = s.sub(x);
-    let err = x.sub(s.sub(s_virtual)).add(neg_m.sub(s_virtual));
-    let q = expm1_reduced(r.add(err));
-    one_plus_times_power_of_two(q.select(F::splat(-1.0), zero), k)
-}
-
-/// `s = k·ln 2 + r` with `k` integral and `|r| ≤ ln2/2` (Cody–Waite with fdlibm's two-part
-/// `ln 2`: `k·LN2_HI` is exact for |k| < 2^21).
-#[inline(always)]
-unsafe fn reduce_by_ln2<F: Float>(s: F) -> (F, F) {
-    let k = s.mul(F::splat(std::f64::consts::LOG2_E)).round();
-    let r = k.mul_add(F::splat(-LN2_HI), s);
-    (k, k.mul_add(F::splat(-LN2_LO), r))
-}
-
-/// `(1 + q)·2^k` for integral `k ≥ −1075`, as `((1 + q)·2^k₁)·2^k₂` with `k₁ + k₂ = k` both in
-/// the normal range: the fused multiply-add rounds once and the second product is exact unless
-/// the result is subnormal.
-#[inline(always)]
-unsafe fn one_plus_times_power_of_two<F: Float>(q: F, k: F) -> F {
-    let k1 = k.mul(F::splat(0.5)).floor();
-    let scale1 = power_of_two(k1);
-    q.mul_add(scale1, scale1).mul(power_of_two(k.sub(k1)))
-}
-
-/// `e^r − 1 = r + r²·P(r)` for `|r| ≤ ln2/2`, with [`EXPM1_POLY_F64`] by Horner's rule.
-#[inline(always)]
-unsafe fn expm1_reduced<F: Float>(r: F) -> F {
-    let mut p = F::splat(EXPM1_POLY_F64[11]);
-    for &c in EXPM1_POLY_F64[..11].iter().rev() {
-        p = p.mul_add(r, F::splat(c));
-    }
-    r.mul(r).mul_add(p, r)
-}
-
-/// `2^k` for integral `f64` exponents in the normal range: `k + 1.5·2^52 + 1023` is exact and
-/// its low mantissa bits are the biased exponent.
-#[inline(always)]
-unsafe fn power_of_two<F: Float>(k: F) -> F {
-    k.add(F::splat(6_755_399_441_055_744.0 + 1023.0))
-        .exponent(0)
-}
-
-/// Soft-capping `cap · tanh(x/cap)` of `f64` lanes and its slope `1 − tanh²`: the operations
-/// of [`LogitMap::with_slope`] step for step (see there), so that the scalar and the vector
-/// kernel map a logit to the same bits. `−inf` stays `−inf` (slope 0), NaN stays NaN.
-#[inline(always)]
-unsafe fn softcap<F: Float>(x: F, cap: F, two_over_cap: F) -> (F, F) {
-    // `min` returns its second operand when one is NaN: NaN goes on.
-    let s = F::splat(SOFTCAP_FLOOR).min(x.abs().mul(two_over_cap));
-    let (k, r) = reduce_by_ln2(s.neg());
-    let q = expm1_reduced(r);
-    let v = one_plus_times_power_of_two(q, k);
-    let p = power_of_two(k.max(F::splat(-60.0)));
-    let u = q.mul_add(p, p.sub(F::splat(1.0)));
-    let one = F::splat(1.0);
-    let reciprocal = one.div(one.add(v));
-    let t = u.neg().mul(reciprocal);
-    let y = cap.mul(t).copysign(x);
-    let slope = F::splat(4.0).mul(v).mul(reciprocal).mul(reciprocal);
-    let minus_inf = F::splat(f64::NEG_INFINITY);
-    let masked = x.eq(minus_inf);
-    (y.select(minus_inf, masked), slope.zero_where(masked))
 }
 
 /// The map a pass applies to each logit, in the lanes `W` it computes in.
@@ -629,7 +410,7 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         // during this one overlaps the two (a prefetch never faults, even past the row's end).
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
         for_each_step!(I, E, block, neg_inf::<E>(), |x, at, n| {
-            prefetch(next.wrapping_add(at * size_of::<E>()));
+            I::prefetch(next.wrapping_add(at * size_of::<E>()));
             let (y, slope) = map.apply(W::from_row(x));
             let e = y.exp_shifted::<true>(m, neg_m);
             sums.add(e.widen());
@@ -667,12 +448,6 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         nan: 0,
         pos_inf: 0,
     })
-}
-
-#[inline(always)]
-unsafe fn prefetch(p: *const i8) {
-    #[cfg(target_arch = "x86_64")]
-    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p);
 }
 
 /// `softmax_i = exp(x_i − m) / S` (row not fully masked).
@@ -1016,26 +791,6 @@ macro_rules! with_lanes {
     };
 }
 
-/// Runs `$body` with `$i` the active instruction set, under that instruction set's
-/// `#[target_feature]` entry. SAFETY (all uses): the instruction set is one
-/// [`super::vector_isa`] detected on this CPU.
-#[rustfmt::skip]
-macro_rules! on_isa {
-    ($i:ident => $body:expr) => {
-        match super::vector_isa() {
-            VectorIsa::Avx2 => { type $i = Avx2; unsafe { avx2::run(#[inline(always)] || $body) } }
-            VectorIsa::Avx512 => {
-                type $i = Avx512<false>;
-                unsafe { avx512::run(#[inline(always)] || $body) }
-            }
-            VectorIsa::Avx512Bf16 => {
-                type $i = Avx512<true>;
-                unsafe { avx512::run_bf16(#[inline(always)] || $body) }
-            }
-        }
-    };
-}
-
 /// The entry points for one storage type, each instruction set's body under them.
 ///
 /// Implemented for the four storage types by [`entries!`], not as generic functions: a generic
@@ -1063,39 +818,39 @@ macro_rules! entries {
     ($($l:ty),*) => {$(
         impl Entries for $l {
             fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
-                on_isa!(I => match map {
+                on_isa!(super::vector_isa(), I => match map {
                     LogitMap::Softcap(cap) => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Capped { cap }),
                     LogitMap::Identity if wide => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Unmapped),
                     LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(row, sink, Unmapped),
                 })
             }
             unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64)) {
-                on_isa!(I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
+                on_isa!(super::vector_isa(), I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
             }
             fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
-                on_isa!(I => softmax_impl::<I, Self>(x, max, denominator, out))
+                on_isa!(super::vector_isa(), I => softmax_impl::<I, Self>(x, max, denominator, out))
             }
             fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]) {
-                on_isa!(I => log_softmax_impl::<I, Self>(x, max, log1p_sum, out))
+                on_isa!(super::vector_isa(), I => log_softmax_impl::<I, Self>(x, max, log1p_sum, out))
             }
             unsafe fn ce_grad(io: (*const Self, *mut Self, usize), w: &FastWrite<'_, '_, Self>, store: bool) -> MassesPass {
-                on_isa!(I => ce_grad_raw::<I, Self>(io, w, store))
+                on_isa!(super::vector_isa(), I => ce_grad_raw::<I, Self>(io, w, store))
             }
             fn probability_mass(q: &[Self], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)> {
-                on_isa!(I => probability_mass_impl::<I, Self>(q, weights))
+                on_isa!(super::vector_isa(), I => probability_mass_impl::<I, Self>(q, weights))
             }
             fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64 {
                 let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
-                on_isa!(I => masses_pass::<I, Self>(io, (max, 0.0, 0.0), masses, map, (false, false)).distance)
+                on_isa!(super::vector_isa(), I => masses_pass::<I, Self>(io, (max, 0.0, 0.0), masses, map, (false, false)).distance)
             }
             fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64 {
-                on_isa!(I => dot_impl::<I, Self>(y, dy, weighted))
+                on_isa!(super::vector_isa(), I => dot_impl::<I, Self>(y, dy, weighted))
             }
             fn softmax_backward(y: &[Self], dy: &[Self], dot: f64, dx: &mut [Self]) {
-                on_isa!(I => softmax_backward_impl::<I, Self>(y, dy, dot, dx))
+                on_isa!(super::vector_isa(), I => softmax_backward_impl::<I, Self>(y, dy, dot, dx))
             }
             fn log_softmax_backward(y: &[Self], dy: &[Self], total: f64, dx: &mut [Self]) -> bool {
-                on_isa!(I => log_softmax_backward_impl::<I, Self>(y, dy, total, dx))
+                on_isa!(super::vector_isa(), I => log_softmax_backward_impl::<I, Self>(y, dy, total, dx))
             }
         }
     )*};
@@ -1351,13 +1106,7 @@ mod tests {
             let (y, slope) = softcap(splat(x), splat(cap), splat(2.0 / cap));
             (y.reduce_max(), slope.reduce_max())
         }
-        // SAFETY: the instruction set is the one detected.
-        super::super::fast().then(|| unsafe {
-            match super::super::vector_isa() {
-                VectorIsa::Avx2 => avx2::run(|| lane0::<Avx2>(x, cap)),
-                _ => avx512::run(|| lane0::<Avx512<false>>(x, cap)),
-            }
-        })
+        super::super::fast().then(|| on_isa!(super::super::vector_isa(), I => lane0::<I>(x, cap)))
     }
 
     #[test]
