@@ -126,8 +126,9 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub threads: Option<usize>,
 
-    /// Kernel family: auto (the fastest this CPU supports), scalar, avx2 or avx512 (a family the
-    /// CPU lacks falls back to the widest it has; the report names the kernel that ran)
+    /// Kernel family: auto (the fastest this CPU supports), scalar, portable, avx2, avx512 or
+    /// neon (a family the CPU lacks falls back to the widest it has; the report names the
+    /// kernel that ran)
     #[arg(long, value_name = "KERNEL", value_enum, default_value_t = KernelChoice::Auto)]
     pub kernel: KernelChoice,
 
@@ -356,12 +357,16 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 pub enum KernelChoice {
     /// The fastest kernel this CPU supports.
     Auto,
-    /// The portable scalar reference.
+    /// The scalar reference.
     Scalar,
+    /// The vector kernel over plain arrays (every target).
+    Portable,
     /// AVX2 + FMA + F16C.
     Avx2,
     /// AVX-512 F/BW/DQ/VL.
     Avx512,
+    /// aarch64 NEON.
+    Neon,
 }
 
 impl KernelChoice {
@@ -370,8 +375,10 @@ impl KernelChoice {
         match self {
             KernelChoice::Auto => lse::Kernel::Auto,
             KernelChoice::Scalar => lse::Kernel::Scalar,
+            KernelChoice::Portable => lse::Kernel::Portable,
             KernelChoice::Avx2 => lse::Kernel::Avx2,
             KernelChoice::Avx512 => lse::Kernel::Avx512,
+            KernelChoice::Neon => lse::Kernel::Neon,
         }
     }
 }
@@ -417,7 +424,7 @@ pub struct Report {
     pub machine: Machine,
     /// Threads of the pool every timing ran in.
     pub threads: usize,
-    /// The kernel family that ran (`avx512`, `avx2` or `scalar`).
+    /// The kernel family that ran (`avx512`, `avx2`, `neon`, `portable` or `scalar`).
     pub kernel: &'static str,
     /// The cross-entropy options every cross-entropy case ran with (`default` for none).
     pub ce_options: String,

@@ -105,7 +105,7 @@ fn json_reports_every_op_and_dtype_consistently() {
     assert_eq!(threads, cores);
     let kernel = doc["kernel"].as_str().expect("kernel");
     assert!(
-        ["avx512", "avx2", "scalar"].contains(&kernel),
+        ["avx512", "avx2", "neon", "portable", "scalar"].contains(&kernel),
         "kernel {kernel}"
     );
     let copy_gbs = positive_finite(&doc, "copy_gbs");

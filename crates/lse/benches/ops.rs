@@ -20,7 +20,7 @@
 //! Environment:
 //! - `LSE_BENCH_THREADS=n` runs every case inside a rayon pool of `n` threads (default: rayon's
 //!   global pool, one thread per core).
-//! - `LSE_BENCH_KERNEL=auto|scalar|avx2|avx512` pins the kernel family with [`lse::set_kernel`]
+//! - `LSE_BENCH_KERNEL=auto|scalar|portable|avx2|avx512|neon` pins the kernel family with [`lse::set_kernel`]
 //!   (default `auto`); the kernel that actually runs is printed first.
 //!
 //! Inputs are deterministic pseudo-random logits `3 · N(0, 1)` and uniformly random class
@@ -281,11 +281,16 @@ fn ops(c: &mut Criterion) {
 /// Reads `LSE_BENCH_KERNEL` and pins the kernel it names.
 fn configure_kernel() {
     let kernel = match std::env::var("LSE_BENCH_KERNEL").as_deref() {
-        Err(_) | Ok("") | Ok("auto") => Kernel::Auto,
-        Ok("scalar") => Kernel::Scalar,
-        Ok("avx2") => Kernel::Avx2,
-        Ok("avx512") => Kernel::Avx512,
-        Ok(other) => panic!("LSE_BENCH_KERNEL={other:?}: expected auto, scalar, avx2 or avx512"),
+        Err(_) | Ok("") => Kernel::Auto,
+        Ok(name) => Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "LSE_BENCH_KERNEL={name:?}: expected one of {:?}",
+                    Kernel::ALL.map(Kernel::name)
+                )
+            }),
     };
     lse::set_kernel(kernel);
     eprintln!(

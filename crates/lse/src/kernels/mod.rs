@@ -19,65 +19,14 @@ use scalar::LogitMap;
 pub(crate) use scalar::RowScan;
 
 pub(crate) mod scalar;
-#[cfg(target_arch = "x86_64")]
 pub(crate) mod simd;
-#[cfg(target_arch = "x86_64")]
 pub(crate) mod vector;
 
-/// A family of row kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kernel {
-    /// The fastest kernel this CPU supports (the default), or the family the `LSE_KERNEL`
-    /// environment variable names (`scalar`, `avx2`, `avx512`) when it is set.
-    Auto,
-    /// The portable scalar reference: every element widened to `f64`, each result rounded once.
-    Scalar,
-    /// x86-64 AVX2 + FMA + F16C, selected only where the CPU has them.
-    Avx2,
-    /// x86-64 AVX-512 F/BW/DQ/VL (with AVX2, FMA, F16C; and the AVX512-BF16 conversion where
-    /// the CPU has it), selected only where the CPU has them.
-    Avx512,
-}
+pub use simd::Kernel;
+use simd::VectorIsa;
 
-impl Kernel {
-    /// Every family, [`Kernel::Auto`] first.
-    pub const ALL: [Kernel; 4] = [Kernel::Auto, Kernel::Scalar, Kernel::Avx2, Kernel::Avx512];
-
-    /// The lower-case name (`auto`, `scalar`, `avx2`, `avx512`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Auto => "auto",
-            Kernel::Scalar => "scalar",
-            Kernel::Avx2 => "avx2",
-            Kernel::Avx512 => "avx512",
-        }
-    }
-
-    /// True when this CPU runs the family ([`Kernel::Auto`] and [`Kernel::Scalar`] always).
-    pub fn is_supported(self) -> bool {
-        match self {
-            Kernel::Auto | Kernel::Scalar => true,
-            Kernel::Avx2 => detected().avx2,
-            Kernel::Avx512 => detected().avx512,
-        }
-    }
-
-    /// The families this CPU runs, without [`Kernel::Auto`]: the scalar reference first.
-    pub fn supported() -> Vec<Kernel> {
-        Kernel::ALL[1..]
-            .iter()
-            .copied()
-            .filter(|k| k.is_supported())
-            .collect()
-    }
-}
-
-const AUTO: u8 = 0;
-const SCALAR: u8 = 1;
-const AVX2: u8 = 2;
-const AVX512: u8 = 3;
-
-static REQUESTED: AtomicU8 = AtomicU8::new(AUTO);
+/// The requested family's index in [`Kernel::ALL`] ([`Kernel::Auto`]: 0).
+static REQUESTED: AtomicU8 = AtomicU8::new(0);
 
 /// Pins the kernel family for the whole process (default [`Kernel::Auto`]).
 ///
@@ -86,36 +35,35 @@ static REQUESTED: AtomicU8 = AtomicU8::new(AUTO);
 /// intermediate values (both meet the same accuracy bounds); for one family they are bitwise
 /// identical whatever the number of threads.
 pub fn set_kernel(kernel: Kernel) {
-    let code = match kernel {
-        Kernel::Auto => AUTO,
-        Kernel::Scalar => SCALAR,
-        Kernel::Avx2 => AVX2,
-        Kernel::Avx512 => AVX512,
-    };
-    REQUESTED.store(code, Ordering::Relaxed);
+    let code = Kernel::ALL.iter().position(|&k| k == kernel).unwrap_or(0);
+    REQUESTED.store(code as u8, Ordering::Relaxed);
 }
 
-/// The kernel family that runs now: [`Kernel::Scalar`], [`Kernel::Avx2`] or [`Kernel::Avx512`].
+/// The kernel family that runs now: [`Kernel::Scalar`] or a vector family this CPU supports.
 pub fn active_kernel() -> Kernel {
-    let cpu = detected();
-    let requested = match REQUESTED.load(Ordering::Relaxed) {
-        SCALAR => Kernel::Scalar,
-        AVX2 => Kernel::Avx2,
-        AVX512 => Kernel::Avx512,
-        _ => from_environment().unwrap_or(Kernel::Auto),
+    let requested = match Kernel::ALL[usize::from(REQUESTED.load(Ordering::Relaxed))] {
+        Kernel::Auto => from_environment().unwrap_or(Kernel::Auto),
+        pinned => pinned,
     };
     match requested {
         Kernel::Scalar => Kernel::Scalar,
-        Kernel::Avx2 if cpu.avx2 => Kernel::Avx2,
-        _ if cpu.avx512 => Kernel::Avx512,
-        _ if cpu.avx2 => Kernel::Avx2,
-        _ => Kernel::Scalar,
+        Kernel::Auto => widest(),
+        k if k.is_supported() => k,
+        _ => widest(),
     }
 }
 
-/// The family the `LSE_KERNEL` environment variable names (`scalar`, `avx2`, `avx512`), read
-/// once: what [`Kernel::Auto`] runs when it is set, so that one test binary can be run on each
-/// family (as PyTorch's `ATEN_CPU_CAPABILITY`).
+/// The widest vector family this CPU supports.
+fn widest() -> Kernel {
+    Kernel::WIDEST_FIRST
+        .into_iter()
+        .find(|k| k.is_supported())
+        .unwrap_or(Kernel::Portable)
+}
+
+/// The family the `LSE_KERNEL` environment variable names (`scalar`, `portable`, `avx2`,
+/// `avx512`, `neon`), read once: what [`Kernel::Auto`] runs when it is set, so that one test
+/// binary can be run on each family (as PyTorch's `ATEN_CPU_CAPABILITY`).
 fn from_environment() -> Option<Kernel> {
     static CHOICE: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *CHOICE.get_or_init(|| {
@@ -124,61 +72,10 @@ fn from_environment() -> Option<Kernel> {
     })
 }
 
-/// The vector instruction sets this CPU has, detected once.
-#[derive(Clone, Copy, Default)]
-struct Detected {
-    /// AVX2 + FMA + F16C.
-    avx2: bool,
-    /// AVX-512 F/BW/DQ/VL besides AVX2.
-    avx512: bool,
-    /// AVX512-BF16 besides AVX-512.
-    avx512_bf16: bool,
-}
-
-fn detected() -> Detected {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static DETECTED: OnceLock<Detected> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            let avx512 = avx2
-                && is_x86_feature_detected!("popcnt")
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vl");
-            Detected {
-                avx2,
-                avx512,
-                avx512_bf16: avx512 && is_x86_feature_detected!("avx512bf16"),
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Detected::default()
-    }
-}
-
 /// The instruction set the vector kernel runs in (the vector entry points are reached only
 /// while [`active_kernel`] is a vector family).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum VectorIsa {
-    Avx2,
-    Avx512,
-    /// AVX-512 with the AVX512-BF16 conversion.
-    Avx512Bf16,
-}
-
 pub(crate) fn vector_isa() -> VectorIsa {
-    match active_kernel() {
-        Kernel::Avx512 if detected().avx512_bf16 => VectorIsa::Avx512Bf16,
-        Kernel::Avx512 => VectorIsa::Avx512,
-        _ => VectorIsa::Avx2,
-    }
+    simd::isa_of(active_kernel()).unwrap_or(VectorIsa::Portable)
 }
 
 /// Elements per piece of a long row. A row longer than this is read as a sequence of such
@@ -215,13 +112,11 @@ pub(crate) fn scan_wide<E: Element>(row: &[E], map: LogitMap) -> RowScan {
 
 fn scan_by<E: Element>(row: &[E], map: LogitMap, vector: bool, tally: bool, wide: bool) -> RowScan {
     let piece = |part: &[E]| {
-        #[cfg(target_arch = "x86_64")]
         if vector {
             if let Some(scan) = vector::scan(part, tally, wide, map) {
                 return scan;
             }
         }
-        let _ = (vector, tally, wide);
         scalar::scan_row(part, map)
     };
     if row.len() <= CHUNK {
@@ -252,10 +147,7 @@ pub(crate) struct BlockMaxima {
 }
 
 /// The vector read pass's block length (the scalar kernel has no blocks).
-#[cfg(target_arch = "x86_64")]
 const VECTOR_BLOCK: usize = vector::BLOCK;
-#[cfg(not(target_arch = "x86_64"))]
-const VECTOR_BLOCK: usize = 2048;
 
 impl BlockMaxima {
     pub(crate) const fn new() -> Self {
@@ -266,12 +158,10 @@ impl BlockMaxima {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     fn clear(&mut self) {
         self.count = 0;
     }
 
-    #[cfg(target_arch = "x86_64")]
     fn push(&mut self, max: f64, distance: (f64, f64)) {
         self.max[self.count] = max;
         self.distance[self.count] = distance;
@@ -289,7 +179,6 @@ impl BlockMaxima {
 
     /// `(m_b, c · exp(m_b − m))` for each block `b` in order (factor 0 for a fully masked
     /// block).
-    #[cfg(target_arch = "x86_64")]
     fn factors(&self, max: f64, c: f64) -> impl Iterator<Item = (f64, f64)> + '_ {
         self.max[..self.count]
             .iter()
@@ -300,15 +189,7 @@ impl BlockMaxima {
 /// True when the read pass over a row of `E` with `len` elements, with the active kernel, can
 /// leave its exp terms in an output row for the write pass to rescale ([`scan_caching`]).
 pub(crate) fn caches<E: Element>(len: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        fast() && vector::caches::<E>(len)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = len;
-        false
-    }
+    fast() && vector::caches::<E>(len)
 }
 
 /// A per-thread `f32` row that holds the exp terms of an `f16`/`bf16` row between its two
@@ -382,12 +263,9 @@ pub(crate) fn scan_caching<E: Element>(
     map: LogitMap,
     tally: bool,
 ) -> RowScan {
-    #[cfg(target_arch = "x86_64")]
     if let Some(scan) = vector::scan_caching(row, (cache, None), maxima, map, (tally, false)) {
         return scan;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (cache, maxima, tally);
     scalar::scan_row(row, map)
 }
 
@@ -406,13 +284,10 @@ pub(crate) fn scan_caching_smoothed<E: Element>(
     tally: bool,
 ) -> RowScan {
     assert_ne!(map, LogitMap::Identity);
-    #[cfg(target_arch = "x86_64")]
     let (cache, slopes) = caches.unzip();
     if let Some(scan) = vector::scan_caching(row, (cache, slopes), maxima, map, (tally, true)) {
         return scan;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (caches, maxima, tally);
     scalar::scan_row(row, map)
 }
 
@@ -428,7 +303,6 @@ pub(crate) fn rescale<E: Element>(
     max: f64,
     c: f64,
 ) {
-    #[cfg(target_arch = "x86_64")]
     vector::rescale(
         out,
         scratch.map(Scratch::as_slice),
@@ -436,11 +310,6 @@ pub(crate) fn rescale<E: Element>(
         maxima,
         (max, c, 0.0),
     );
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (out, scratch, maxima, max, c);
-        unreachable!("no cached rows without a vector kernel")
-    }
 }
 
 /// The write pass of a row read by [`scan_caching_smoothed`]: `out_i ← c · exp(m_b − m) ·
@@ -454,21 +323,13 @@ pub(crate) fn rescale_smoothed<E: Element>(
     maxima: &BlockMaxima,
     (max, c, b): (f64, f64, f64),
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let len = out.len();
-        let (cache, slopes) = match scratch.map(Scratch::as_slice) {
-            Some(s) if s.len() == 2 * len => (Some(&s[..len]), &s[len..]),
-            Some(s) => (None, s),
-            None => unreachable!("the slopes are in the scratch row"),
-        };
-        vector::rescale(out, cache, Some(slopes), maxima, (max, c, b));
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (out, scratch, maxima, max, c, b);
-        unreachable!("no cached rows without a vector kernel")
-    }
+    let len = out.len();
+    let (cache, slopes) = match scratch.map(Scratch::as_slice) {
+        Some(s) if s.len() == 2 * len => (Some(&s[..len]), &s[len..]),
+        Some(s) => (None, s),
+        None => unreachable!("the slopes are in the scratch row"),
+    };
+    vector::rescale(out, cache, Some(slopes), maxima, (max, c, b));
 }
 
 /// The term and slope buffers of [`scan_caching_smoothed`] for a row of `len` elements: the
@@ -582,11 +443,9 @@ pub(crate) fn softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]) {
     }
     let vector = fast();
     by_pieces(row, out, |x, o| {
-        #[cfg(target_arch = "x86_64")]
         if vector {
             return vector::softmax(x, state.max(), state.denominator(), o);
         }
-        let _ = vector;
         scalar::softmax_row(x, state, o);
     });
 }
@@ -599,11 +458,9 @@ pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]
     }
     let vector = fast();
     by_pieces(row, out, |x, o| {
-        #[cfg(target_arch = "x86_64")]
         if vector {
             return vector::log_softmax(x, state.max(), state.log1p_sum(), o);
         }
-        let _ = vector;
         scalar::log_softmax_row(x, state, o);
     });
 }
@@ -613,11 +470,9 @@ pub(crate) fn log_softmax<E: Element>(row: &[E], state: &RowState, out: &mut [E]
 fn backward_dot<E: Element>(y: &[E], dy: &[E], weighted: bool) -> f64 {
     let vector = fast();
     let piece = |(y, dy): (&[E], &[E])| {
-        #[cfg(target_arch = "x86_64")]
         if vector {
             return vector::backward_dot(y, dy, weighted);
         }
-        let _ = vector;
         scalar::backward_dot(y, dy, weighted)
     };
     if y.len() <= CHUNK {
@@ -648,11 +503,9 @@ pub(crate) fn softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) {
     let dot = backward_dot(y, dy, true);
     let vector = fast();
     by_piece_pairs(y, dy, dx, |y, dy, dx| {
-        #[cfg(target_arch = "x86_64")]
         if vector {
             return vector::softmax_backward(y, dy, dot, dx);
         }
-        let _ = vector;
         scalar::softmax_backward_row(y, dy, dot, dx);
     });
 }
@@ -662,11 +515,9 @@ pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) 
     let total = backward_dot(y, dy, false);
     let vector = fast();
     by_piece_pairs(y, dy, dx, |y, dy, dx| {
-        #[cfg(target_arch = "x86_64")]
         if vector && vector::log_softmax_backward(y, dy, total, dx) {
             return;
         }
-        let _ = vector;
         scalar::log_softmax_backward_row(y, dy, total, dx);
     });
 }
@@ -683,33 +534,24 @@ pub(crate) fn ce_grad<E: Element>(
     g: Option<&mut [E]>,
     w: &scalar::FastWrite<'_, '_, E>,
 ) -> MassesPass {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if x.len() <= CHUNK {
-            return vector::ce_grad(x, g, w);
-        }
-        let one =
-            |i: usize, x: &[E], g: Option<&mut [E]>| vector::ce_grad(x, g, &w.from(i * CHUNK));
-        let passes: Vec<MassesPass> = match g {
-            Some(g) => x
-                .par_chunks(CHUNK)
-                .zip(g.par_chunks_mut(CHUNK))
-                .enumerate()
-                .map(|(i, (x, g))| one(i, x, Some(g)))
-                .collect(),
-            None => x
-                .par_chunks(CHUNK)
-                .enumerate()
-                .map(|(i, x)| one(i, x, None))
-                .collect(),
-        };
-        MassesPass::fold(passes)
+    if x.len() <= CHUNK {
+        return vector::ce_grad(x, g, w);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, g, w);
-        unreachable!("{NO_VECTOR_KERNEL}")
-    }
+    let one = |i: usize, x: &[E], g: Option<&mut [E]>| vector::ce_grad(x, g, &w.from(i * CHUNK));
+    let passes: Vec<MassesPass> = match g {
+        Some(g) => x
+            .par_chunks(CHUNK)
+            .zip(g.par_chunks_mut(CHUNK))
+            .enumerate()
+            .map(|(i, (x, g))| one(i, x, Some(g)))
+            .collect(),
+        None => x
+            .par_chunks(CHUNK)
+            .enumerate()
+            .map(|(i, x)| one(i, x, None))
+            .collect(),
+    };
+    MassesPass::fold(passes)
 }
 
 /// [`ce_grad`] written over the logits.
@@ -720,19 +562,11 @@ pub(crate) fn ce_grad_in_place<E: Element>(
     x: &mut [E],
     w: &scalar::FastWrite<'_, '_, E>,
 ) -> MassesPass {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if x.len() <= CHUNK {
-            return vector::ce_grad_in_place(x, w);
-        }
-        let one = |(i, x): (usize, &mut [E])| vector::ce_grad_in_place(x, &w.from(i * CHUNK));
-        MassesPass::fold(x.par_chunks_mut(CHUNK).enumerate().map(one).collect())
+    if x.len() <= CHUNK {
+        return vector::ce_grad_in_place(x, w);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, w);
-        unreachable!("{NO_VECTOR_KERNEL}")
-    }
+    let one = |(i, x): (usize, &mut [E])| vector::ce_grad_in_place(x, &w.from(i * CHUNK));
+    MassesPass::fold(x.par_chunks_mut(CHUNK).enumerate().map(one).collect())
 }
 
 /// The cross-entropy gradient of one row, or of one piece of a split row, from its plan alone
@@ -807,26 +641,18 @@ pub(crate) fn live_distance<E: Element>(
     masses: Option<&scalar::ClassMasses<'_, '_, E>>,
     map: LogitMap,
 ) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let one = |x: &[E], offset: usize| {
-            let masses = masses.map(|m| m.from(offset));
-            vector::live_distance(x, max, masses.as_ref(), map)
-        };
-        if x.len() <= CHUNK {
-            return one(x, 0);
-        }
-        in_order_sum(
-            x.par_chunks(CHUNK)
-                .enumerate()
-                .map(|(i, x)| one(x, i * CHUNK)),
-        )
+    let one = |x: &[E], offset: usize| {
+        let masses = masses.map(|m| m.from(offset));
+        vector::live_distance(x, max, masses.as_ref(), map)
+    };
+    if x.len() <= CHUNK {
+        return one(x, 0);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, max, masses, map);
-        unreachable!("{NO_VECTOR_KERNEL}")
-    }
+    in_order_sum(
+        x.par_chunks(CHUNK)
+            .enumerate()
+            .map(|(i, x)| one(x, i * CHUNK)),
+    )
 }
 
 /// `(Σ_c w_c q_c, max_c q_c)` of a row of probability targets by the vector kernel; `None`
@@ -835,11 +661,9 @@ pub(crate) fn probability_mass<E: Element>(
     q: &[E],
     weights: Option<&[f64]>,
 ) -> Option<(CompensatedSum, f64)> {
-    #[cfg(target_arch = "x86_64")]
     if fast() {
         return vector::probability_mass(q, weights);
     }
-    let _ = (q, weights);
     None
 }
 
@@ -870,6 +694,3 @@ fn in_order_sum(parts: impl IndexedParallelIterator<Item = f64>) -> f64 {
     let parts: Vec<f64> = parts.collect();
     parts.into_iter().sum()
 }
-
-#[cfg(not(target_arch = "x86_64"))]
-const NO_VECTOR_KERNEL: &str = "vector CE write pass called where `vector_scan` is false";

@@ -30,10 +30,8 @@ use half::{bf16, f16};
 use super::scalar::{
     ClassMasses, FastWrite, LogitMap, RowScan, EXPM1_POLY_F64, LN2_HI, LN2_LO, SOFTCAP_FLOOR,
 };
-use super::simd::avx2::{self, Avx2};
-use super::simd::avx512::{self, Avx512};
-use super::simd::{Float, Isa, Mask, MAX_LANES};
-use super::{BlockMaxima, MassesPass, VectorIsa, MAX_CACHED_LEN};
+use super::simd::{on_isa, Float, Isa, Mask, MAX_LANES};
+use super::{BlockMaxima, MassesPass, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
 use crate::state::{CompensatedSum, RowState};
 
@@ -629,7 +627,7 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         // during this one overlaps the two (a prefetch never faults, even past the row's end).
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
         for_each_step!(I, E, block, neg_inf::<E>(), |x, at, n| {
-            prefetch(next.wrapping_add(at * size_of::<E>()));
+            I::prefetch(next.wrapping_add(at * size_of::<E>()));
             let (y, slope) = map.apply(W::from_row(x));
             let e = y.exp_shifted::<true>(m, neg_m);
             sums.add(e.widen());
@@ -667,12 +665,6 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         nan: 0,
         pos_inf: 0,
     })
-}
-
-#[inline(always)]
-unsafe fn prefetch(p: *const i8) {
-    #[cfg(target_arch = "x86_64")]
-    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p);
 }
 
 /// `softmax_i = exp(x_i − m) / S` (row not fully masked).
@@ -1014,26 +1006,6 @@ macro_rules! with_lanes {
     };
 }
 
-/// Runs `$body` with `$i` the active instruction set, under that instruction set's
-/// `#[target_feature]` entry. SAFETY (all uses): the instruction set is one
-/// [`super::vector_isa`] detected on this CPU.
-#[rustfmt::skip]
-macro_rules! on_isa {
-    ($i:ident => $body:expr) => {
-        match super::vector_isa() {
-            VectorIsa::Avx2 => { type $i = Avx2; unsafe { avx2::run(#[inline(always)] || $body) } }
-            VectorIsa::Avx512 => {
-                type $i = Avx512<false>;
-                unsafe { avx512::run(#[inline(always)] || $body) }
-            }
-            VectorIsa::Avx512Bf16 => {
-                type $i = Avx512<true>;
-                unsafe { avx512::run_bf16(#[inline(always)] || $body) }
-            }
-        }
-    };
-}
-
 /// The entry points for one storage type, each instruction set's body under them.
 ///
 /// Implemented for the four storage types by [`entries!`], not as generic functions: a generic
@@ -1061,39 +1033,39 @@ macro_rules! entries {
     ($($l:ty),*) => {$(
         impl Entries for $l {
             fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
-                on_isa!(I => match map {
+                on_isa!(super::vector_isa(), I => match map {
                     LogitMap::Softcap(cap) => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Capped { cap }),
                     LogitMap::Identity if wide => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Unmapped),
                     LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(row, sink, Unmapped),
                 })
             }
             unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64)) {
-                on_isa!(I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
+                on_isa!(super::vector_isa(), I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
             }
             fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
-                on_isa!(I => softmax_impl::<I, Self>(x, max, denominator, out))
+                on_isa!(super::vector_isa(), I => softmax_impl::<I, Self>(x, max, denominator, out))
             }
             fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]) {
-                on_isa!(I => log_softmax_impl::<I, Self>(x, max, log1p_sum, out))
+                on_isa!(super::vector_isa(), I => log_softmax_impl::<I, Self>(x, max, log1p_sum, out))
             }
             unsafe fn ce_grad(io: (*const Self, *mut Self, usize), w: &FastWrite<'_, '_, Self>, store: bool) -> MassesPass {
-                on_isa!(I => ce_grad_raw::<I, Self>(io, w, store))
+                on_isa!(super::vector_isa(), I => ce_grad_raw::<I, Self>(io, w, store))
             }
             fn probability_mass(q: &[Self], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)> {
-                on_isa!(I => probability_mass_impl::<I, Self>(q, weights))
+                on_isa!(super::vector_isa(), I => probability_mass_impl::<I, Self>(q, weights))
             }
             fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64 {
                 let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
-                on_isa!(I => masses_pass::<I, Self>(io, (max, 0.0, 0.0), masses, map, (false, false)).distance)
+                on_isa!(super::vector_isa(), I => masses_pass::<I, Self>(io, (max, 0.0, 0.0), masses, map, (false, false)).distance)
             }
             fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64 {
-                on_isa!(I => dot_impl::<I, Self>(y, dy, weighted))
+                on_isa!(super::vector_isa(), I => dot_impl::<I, Self>(y, dy, weighted))
             }
             fn softmax_backward(y: &[Self], dy: &[Self], dot: f64, dx: &mut [Self]) {
-                on_isa!(I => softmax_backward_impl::<I, Self>(y, dy, dot, dx))
+                on_isa!(super::vector_isa(), I => softmax_backward_impl::<I, Self>(y, dy, dot, dx))
             }
             fn log_softmax_backward(y: &[Self], dy: &[Self], total: f64, dx: &mut [Self]) -> bool {
-                on_isa!(I => log_softmax_backward_impl::<I, Self>(y, dy, total, dx))
+                on_isa!(super::vector_isa(), I => log_softmax_backward_impl::<I, Self>(y, dy, total, dx))
             }
         }
     )*};
@@ -1349,13 +1321,7 @@ mod tests {
             let (y, slope) = softcap(splat(x), splat(cap), splat(2.0 / cap));
             (y.reduce_max(), slope.reduce_max())
         }
-        // SAFETY: the instruction set is the one detected.
-        super::super::fast().then(|| unsafe {
-            match super::super::vector_isa() {
-                VectorIsa::Avx2 => avx2::run(|| lane0::<Avx2>(x, cap)),
-                _ => avx512::run(|| lane0::<Avx512<false>>(x, cap)),
-            }
-        })
+        super::super::fast().then(|| on_isa!(super::super::vector_isa(), I => lane0::<I>(x, cap)))
     }
 
     #[test]

@@ -11,6 +11,13 @@ use super::{x86_float_ops, Float, Isa, Mask, Pair};
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
 
+/// True when this CPU has AVX2, FMA and F16C.
+pub(crate) fn detect() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
 /// Runs `f` with AVX2, FMA and F16C enabled (`f` and all it calls are `#[inline(always)]`).
 ///
 /// # Safety
@@ -95,6 +102,8 @@ impl Isa for Avx2 {
     const LANES: usize = 8;
     type F32 = __m256;
     type Wide = Pair<__m256d>;
+    #[inline(always)]
+    unsafe fn prefetch(p: *const i8) { _mm_prefetch::<_MM_HINT_T0>(p) }
     #[inline(always)]
     unsafe fn widen(v: __m256) -> Pair<__m256d> {
         Pair::new(

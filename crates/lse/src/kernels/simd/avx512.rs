@@ -11,6 +11,21 @@ use super::{x86_float_ops, Float, Isa, Mask, Pair};
 #[derive(Clone, Copy)]
 pub(crate) struct Avx512<const BF16: bool>;
 
+/// `Some` when this CPU has AVX-512 F/BW/DQ/VL (and what AVX2 has): `Some(true)` with the
+/// AVX512-BF16 conversion. Detected once.
+pub(crate) fn detect() -> Option<bool> {
+    static DETECTED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        let avx512 = super::avx2::detect()
+            && is_x86_feature_detected!("popcnt")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl");
+        avx512.then(|| is_x86_feature_detected!("avx512bf16"))
+    })
+}
+
 /// Runs `f` with AVX-512 F/BW/DQ/VL (and what AVX2 has) enabled.
 ///
 /// # Safety
@@ -79,6 +94,8 @@ impl<const BF16: bool> Isa for Avx512<BF16> {
     const LANES: usize = 16;
     type F32 = __m512;
     type Wide = Pair<__m512d>;
+    #[inline(always)]
+    unsafe fn prefetch(p: *const i8) { _mm_prefetch::<_MM_HINT_T0>(p) }
     #[inline(always)]
     unsafe fn widen(v: __m512) -> Pair<__m512d> {
         Pair::new(

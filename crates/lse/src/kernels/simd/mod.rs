@@ -1,15 +1,14 @@
-//! The instruction sets behind one interface: [`Float`] vectors of `f32` or `f64` lanes with
-//! their [`Mask`]s, and an [`Isa`] that names its `f32` vector, its `f64` pair of the same
-//! element count, and the conversions between them and `f16`/`bf16` memory. The kernel body
-//! ([`super::vector`]) is written once over these; each instruction set implements them with
-//! its intrinsics, every method `#[inline(always)]`, so that under the one
-//! `#[target_feature]` entry per instruction set no intrinsic is left as a call.
+//! The instruction sets behind one interface, and their registry.
 //!
-//! A port adds an implementation: aarch64 NEON would give `float32x4_t` pairs as its `F32`
-//! (8 lanes, like AVX2) and `float64x2_t` quadruples as `F64`, masks as the compare results
-//! (`uint32x4_t`), `vcvt_f32_f16`/`vcvt_f16_f32` for `f16` and a 16-bit shift for `bf16`,
-//! `vfmaq`, `vrndnq`/`vrndmq`, `vshlq_n` on the reinterpreted bits for 2^k, and
-//! `vmaxvq`/`vaddvq` for the reductions.
+//! [`Float`] vectors of `f32` or `f64` lanes with their [`Mask`]s, and an [`Isa`] that names its
+//! `f32` vector, its `f64` pair of the same element count, and the conversions between them and
+//! `f16`/`bf16` memory. The kernel body ([`super::vector`]) is written once over these; each
+//! instruction set implements them with its intrinsics, every method `#[inline(always)]`, so
+//! that under the one `#[target_feature]` entry per instruction set no intrinsic is left as a
+//! call. [`portable`] implements them over plain arrays, for every target.
+//!
+//! The registry: [`Kernel`] names the families, [`VectorIsa`] the instruction sets this build
+//! has, [`isa_of`] detects them on this CPU, and [`on_isa!`] runs a body under the active one.
 
 use half::{bf16, f16};
 
@@ -19,6 +18,137 @@ use super::vector::{Step, SweepLanes};
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+pub(crate) mod portable;
+
+/// A family of row kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// The fastest kernel this CPU supports (the default), or the family the `LSE_KERNEL`
+    /// environment variable names (`scalar`, `portable`, `avx2`, `avx512`, `neon`) when it is
+    /// set.
+    Auto,
+    /// The scalar reference: every element widened to `f64`, each result rounded once.
+    Scalar,
+    /// The vector kernel over plain arrays that the compiler vectorises: every target.
+    Portable,
+    /// x86-64 AVX2 + FMA + F16C, selected only where the CPU has them.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/DQ/VL (with AVX2, FMA, F16C; and the AVX512-BF16 conversion where
+    /// the CPU has it), selected only where the CPU has them.
+    Avx512,
+    /// aarch64 NEON (Advanced SIMD), selected only where the CPU has it.
+    Neon,
+}
+
+impl Kernel {
+    /// Every family, [`Kernel::Auto`] first.
+    pub const ALL: [Kernel; 6] = [
+        Kernel::Auto,
+        Kernel::Scalar,
+        Kernel::Portable,
+        Kernel::Avx2,
+        Kernel::Avx512,
+        Kernel::Neon,
+    ];
+
+    /// The vector families, the one [`Kernel::Auto`] prefers first.
+    pub(crate) const WIDEST_FIRST: [Kernel; 4] =
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Neon, Kernel::Portable];
+
+    /// The lower-case name (`auto`, `scalar`, `portable`, `avx2`, `avx512`, `neon`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Auto => "auto",
+            Kernel::Scalar => "scalar",
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+            Kernel::Neon => "neon",
+        }
+    }
+
+    /// True when this CPU runs the family ([`Kernel::Auto`], [`Kernel::Scalar`] and
+    /// [`Kernel::Portable`] always).
+    pub fn is_supported(self) -> bool {
+        matches!(self, Kernel::Auto | Kernel::Scalar) || isa_of(self).is_some()
+    }
+
+    /// The families this CPU runs, without [`Kernel::Auto`]: the scalar reference first.
+    pub fn supported() -> Vec<Kernel> {
+        Kernel::ALL[1..]
+            .iter()
+            .copied()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+}
+
+/// The instruction sets of this build that the vector kernel runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VectorIsa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// AVX-512 with the AVX512-BF16 conversion.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16,
+}
+
+/// The instruction set the vector family `kernel` runs in on this CPU; `None` for the scalar
+/// family, [`Kernel::Auto`], and a family this CPU or this build's target lacks.
+pub(crate) fn isa_of(kernel: Kernel) -> Option<VectorIsa> {
+    match kernel {
+        Kernel::Portable => Some(VectorIsa::Portable),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => avx2::detect().then_some(VectorIsa::Avx2),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => avx512::detect().map(|bf16| {
+            if bf16 {
+                VectorIsa::Avx512Bf16
+            } else {
+                VectorIsa::Avx512
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Runs `$body` with `$i` the instruction set `$isa` (a [`VectorIsa`] that [`isa_of`] gave),
+/// under that instruction set's `#[target_feature]` entry.
+#[rustfmt::skip]
+macro_rules! on_isa {
+    ($isa:expr, $i:ident => $body:expr) => {
+        match $isa {
+            $crate::kernels::simd::VectorIsa::Portable => {
+                type $i = $crate::kernels::simd::portable::Portable;
+                #[allow(unused_unsafe)]
+                unsafe { $body }
+            }
+            #[cfg(target_arch = "x86_64")]
+            $crate::kernels::simd::VectorIsa::Avx2 => {
+                type $i = $crate::kernels::simd::avx2::Avx2;
+                // SAFETY: `isa_of` detected the instruction set.
+                unsafe { $crate::kernels::simd::avx2::run(#[inline(always)] || $body) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            $crate::kernels::simd::VectorIsa::Avx512 => {
+                type $i = $crate::kernels::simd::avx512::Avx512<false>;
+                // SAFETY: as above.
+                unsafe { $crate::kernels::simd::avx512::run(#[inline(always)] || $body) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            $crate::kernels::simd::VectorIsa::Avx512Bf16 => {
+                type $i = $crate::kernels::simd::avx512::Avx512<true>;
+                // SAFETY: as above.
+                unsafe { $crate::kernels::simd::avx512::run_bf16(#[inline(always)] || $body) }
+            }
+        }
+    };
+}
+pub(crate) use on_isa;
 
 /// The most elements one step of any instruction set covers (AVX-512: 16).
 pub(crate) const MAX_LANES: usize = 16;
@@ -109,6 +239,10 @@ pub(crate) trait Isa: Copy {
     unsafe fn load_bf16(p: *const bf16) -> Self::F32;
     /// Rounded to `bf16`, to nearest even (outputs are never NaN).
     unsafe fn store_bf16(p: *mut bf16, v: Self::F32);
+    /// Asks for the cache line at `p` (which need not be valid memory: a prefetch never
+    /// faults), where the instruction set has a prefetch.
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const i8) {}
 }
 
 /// Two vectors as one of twice the lanes (`lo` first).
