@@ -19,7 +19,7 @@ fn report() -> &'static Report {
     REPORT.get_or_init(|| {
         lse::set_kernel(KERNEL);
         eprintln!("accuracy measured on the {} kernel", lse::active_kernel().name());
-        measure::run(&Plan::test())
+        measure::run(&Plan::from_environment())
     })
 }
 

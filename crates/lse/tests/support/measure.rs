@@ -541,6 +541,26 @@ impl Plan {
         Plan::build(&[(1, 16), (2, 96), (3, 96), (17, 48), (1000, 4)], &wide)
     }
 
+    /// The plan of the accuracy tests under emulation (`LSE_TEST_PLAN=small`, set by
+    /// `.ci/run`'s aarch64 block: qemu runs the oracle tens of times slower): every
+    /// distribution and option at fewer rows, and wide rows only up to two 32 Ki-element pieces.
+    pub fn small() -> Plan {
+        let wide = [(Dist::Normal(0), 32_000, 1), (Dist::FarAbove, 65_536, 1)];
+        Plan::build(&[(1, 8), (2, 32), (3, 32), (17, 16), (1000, 2)], &wide)
+    }
+
+    /// The plan `LSE_TEST_PLAN` names (`small`), else [`Plan::test`].
+    ///
+    /// # Panics
+    /// On another value of `LSE_TEST_PLAN`.
+    pub fn from_environment() -> Plan {
+        match std::env::var("LSE_TEST_PLAN").as_deref() {
+            Err(_) | Ok("") | Ok("test") => Plan::test(),
+            Ok("small") => Plan::small(),
+            Ok(other) => panic!("LSE_TEST_PLAN={other}: `small` or `test`"),
+        }
+    }
+
     /// The plan of the `accuracy_table` example (release build, under a minute on two cores).
     pub fn full() -> Plan {
         let mut wide: Vec<(Dist, usize, usize)> =
