@@ -21,7 +21,7 @@ from conftest import (
     ulps,
 )
 
-# DESIGN §3 targets: f32 outputs ≤ 2 ulp (log domain elementwise, probability domain normwise),
+# The targets of docs/numerics.md: f32 outputs ≤ 2 ulp (log domain elementwise, probability domain normwise),
 # every f16/bf16 output ≤ 1 ulp elementwise; f64 held to 3 ulp.
 LOG_BOUND = {np.float64: 3, np.float32: 2, np.float16: 1, BF16: 1}
 PROB_BOUND = LOG_BOUND

@@ -597,7 +597,7 @@ impl<I: Isa, E: Lanes> MassLanes<I, E> {
 }
 
 /// How far `g_i = c·e_i − b·u_i` may cancel before the error of `c·e_i` in lanes `W`
-/// ([`Step::EXP_ERROR`]) breaks the DESIGN §3 bound: `(normwise, elementwise)` limits on the
+/// ([`Step::EXP_ERROR`]) breaks the bound of docs/numerics.md: `(normwise, elementwise)` limits on the
 /// ratio of `max |c·e_i|` to `max |g_i|` (`f32`: 2 ulp of the row's largest gradient, of which
 /// the final rounding takes half an ulp) and of `|c·e_i|` to `|g_i|` (`f16`, `bf16`: 1 ulp of
 /// each gradient, half of it left after rounding). `f64` outputs have no limit: the scalar
