@@ -405,12 +405,13 @@ fn every_cross_entropy_option() {
         "{e}"
     );
 
-    // Options and class weights the library rejects are errors, and nothing is written.
+    // Options and class weights the library rejects are errors, and nothing is written (any
+    // finite weight is accepted, negative ones too, as PyTorch does).
     let fresh = d.join("fresh.npy");
     let bad_w = write(
         &d.join("bw.npy"),
         &[5],
-        &[1.0f32, -1.0, 1.0, 1.0, 1.0],
+        &[1.0f32, f32::INFINITY, 1.0, 1.0, 1.0],
         Bf16Descr::Void,
     );
     let short_w = write(&d.join("sw.npy"), &[4], &[1.0f32; 4], Bf16Descr::Void);
@@ -419,7 +420,11 @@ fn every_cross_entropy_option() {
         ("--label-smoothing", "1.5", "label_smoothing"),
         ("--z-loss", "-1", "z_loss"),
         ("--softcap", "0", "softcap"),
-        ("--weights", s(&bad_w), "class weight -1 for class 1"),
+        (
+            "--weights",
+            s(&bad_w),
+            "class weight inf for class 1 is not finite",
+        ),
         (
             "--weights",
             s(&short_w),
