@@ -17,14 +17,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import ml_dtypes
 import numpy as np
 
 from . import _lse
+from ._arrays import BFLOAT16, _logits
 from ._errors import EmptyMeanError, OptionError, ShapeError, TargetError
-
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+from ._stats import LogitStats
 
 __all__ = [
     "logsumexp",
@@ -41,17 +39,6 @@ __all__ = [
 def stat_dtype(dtype) -> np.dtype:
     """The dtype of per-row statistics (logsumexp, loss) for logits of ``dtype``."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _logits(x, what: str = "x") -> np.ndarray:
-    x = np.asarray(x)
-    if x.dtype not in DTYPES:
-        raise TypeError(
-            f"{what} has dtype {x.dtype}; lse handles float64, float32, float16 and bfloat16"
-        )
-    if x.ndim == 0:
-        raise ShapeError(f"{what} is a scalar: it needs a class axis")
-    return x
 
 
 def _axis(x: np.ndarray, axis: int) -> int:
@@ -337,8 +324,6 @@ def cross_entropy(
     grad_result = None if grad_buf is None else _deliver(grad_buf, out_grad, axis)
     target_result = None if target_buf is None else _deliver(target_buf, out_target_grad, axis)
     if logit_stats is not None:
-        from .guard import LogitStats
-
         logit_stats = LogitStats._wrap(logit_stats)
     return CrossEntropyResult(value, grad_result, denominator, logit_stats, target_result)
 

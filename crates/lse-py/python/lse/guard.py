@@ -16,50 +16,15 @@ as rows × columns, anything else as one row per leading index over its last axi
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from typing import Optional
 
-import numpy as np
-
 from . import _lse
+from ._arrays import _flat
 from ._errors import OptionError
-from ._numpy import _logits
+from ._stats import LogitStats, _decode, _encode
 
 __all__ = ["LogitStats", "LogitMonitor", "FiniteGuard", "TriageReport", "triage", "LossScaler"]
-
-_NON_FINITE = {"NaN": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def _decode(text: str):
-    """JSON from the core library, with its non-finite numbers ("NaN", "inf", "-inf") as floats."""
-
-    def fix(obj):
-        if isinstance(obj, dict):
-            return {k: fix(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [fix(v) for v in obj]
-        if isinstance(obj, str) and obj in _NON_FINITE:
-            return _NON_FINITE[obj]
-        return obj
-
-    return fix(json.loads(text))
-
-
-def _encode(obj) -> str:
-    """The inverse of :func:`_decode`."""
-
-    def fix(o):
-        if isinstance(o, dict):
-            return {k: fix(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [fix(v) for v in o]
-        if isinstance(o, float) and not math.isfinite(o):
-            return "NaN" if math.isnan(o) else ("inf" if o > 0 else "-inf")
-        return o
-
-    return json.dumps(fix(obj))
-
 
 def _config(native_class, given: dict, what: str) -> dict:
     """The core library's default configuration of ``native_class`` updated by ``given``."""
@@ -69,55 +34,6 @@ def _config(native_class, given: dict, what: str) -> dict:
         raise OptionError(f"{what} has no option {sorted(unknown)}; options: {sorted(config)}")
     config.update(given)
     return config
-
-
-def _flat(array, what: str, writable: bool = False):
-    """``array`` (NumPy or a CPU torch tensor) as a flat C-contiguous NumPy view and its column
-    count; torch tensors are viewed without a copy (bfloat16 through int16)."""
-    if type(array).__module__.startswith("torch"):
-        from .torch import _as_numpy
-
-        array = _as_numpy(array, what)
-    array = _logits(array, what)
-    if not array.flags.c_contiguous:
-        if writable:
-            raise ValueError(f"{what} must be C-contiguous to be unscaled in place")
-        array = np.ascontiguousarray(array)
-    columns = array.shape[-1] if array.ndim else 1
-    return array.reshape(-1), max(columns, 1) if array.size else 1
-
-
-class LogitStats:
-    """Statistics of one batch of logits: max, min, max |x|, NaN/±inf counts, mean and max
-    per-row logsumexp, mean z = lse², and the headroom to naive-exp overflow in f16/bf16/f32.
-
-    From ``lse.cross_entropy(..., stats=True)`` (gathered in the loss's own read pass) or
-    :meth:`LogitStats.of`.
-    """
-
-    __slots__ = ("_native",)
-
-    def __init__(self):
-        raise TypeError("use LogitStats.of(logits) or cross_entropy(..., stats=True)")
-
-    @classmethod
-    def _wrap(cls, native) -> LogitStats:
-        self = object.__new__(cls)
-        self._native = native
-        return self
-
-    @classmethod
-    def of(cls, logits) -> LogitStats:
-        """The statistics of ``logits`` (classes on the last axis)."""
-        flat, columns = _flat(logits, "logits")
-        return cls._wrap(_lse.LogitStats.of(flat, columns))
-
-    def to_dict(self) -> dict:
-        """The statistics as a dict (non-finite values as floats)."""
-        return _decode(self._native.to_json())
-
-    def __repr__(self) -> str:
-        return f"LogitStats({self.to_dict()})"
 
 
 class LogitMonitor:

@@ -27,14 +27,14 @@ import os
 import sys
 from typing import Optional
 
-import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _lse, _numpy
-from ._errors import DeviceError, EmptyMeanError, LseError, OptionError, ShapeError, TargetError
+from ._errors import EmptyMeanError, LseError, OptionError, ShapeError, TargetError
+from ._tensors import NUMPY_DTYPES, as_numpy, as_torch, check_device
 
 __all__ = [
     "cross_entropy",
@@ -46,42 +46,6 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "empty_cache",
 ]
-
-_NUMPY_DTYPES = {
-    torch.float64: np.dtype(np.float64),
-    torch.float32: np.dtype(np.float32),
-    torch.float16: np.dtype(np.float16),
-    torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
-}
-
-
-def _check_device(t: Tensor, op: str, what: str = "input") -> None:
-    if t.device.type != "cpu":
-        raise DeviceError(
-            f"lse.torch.{op}: {what} is on {t.device}; lse's kernels run on the CPU only "
-            f"(move it with .cpu(), or use PyTorch's own op on {t.device.type})"
-        )
-
-
-def _as_numpy(t: Tensor, what: str = "tensor") -> np.ndarray:
-    """A NumPy view of the CPU tensor ``t`` (no copy; bfloat16 through int16)."""
-    _check_device(t, "guard", what)
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    if t.dtype not in _NUMPY_DTYPES:
-        if t.dtype.is_floating_point or t.dtype.is_complex:
-            raise TypeError(f"{what} has dtype {t.dtype}; lse handles float64, float32, float16, bfloat16")
-        return t.numpy()  # integer targets
-    return t.numpy()
-
-
-def _as_torch(a: np.ndarray) -> Tensor:
-    """The NumPy array ``a`` as a tensor sharing its memory (bfloat16 through int16)."""
-    if a.dtype == _NUMPY_DTYPES[torch.bfloat16]:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of losses and logsumexp: float64 for float64, else float32."""
@@ -135,7 +99,7 @@ def empty_cache() -> None:
 
 
 def _empty(shape, dtype: torch.dtype) -> Tensor:
-    return _as_torch(_cache.get(tuple(shape), _NUMPY_DTYPES[dtype]))
+    return as_torch(_cache.get(tuple(shape), NUMPY_DTYPES[dtype]))
 
 
 def _scalar(value, dtype: torch.dtype) -> Tensor:
@@ -148,15 +112,15 @@ def _scalar(value, dtype: torch.dtype) -> Tensor:
 
 def _row_op(kernel, x: Tensor, dim: int) -> Tensor:
     """``kernel`` (an lse NumPy row op) over ``dim`` of ``x`` into a new tensor."""
-    _check_device(x, kernel.__name__)
+    check_device(x, kernel.__name__)
     out = _empty(x.shape, x.dtype)
-    kernel(_as_numpy(x), axis=dim, out=_as_numpy(out))
+    kernel(as_numpy(x), axis=dim, out=as_numpy(out))
     return out
 
 
 def _row_backward(kernel, y: Tensor, dy: Tensor, dim: int) -> Tensor:
     out = _empty(y.shape, y.dtype)
-    kernel(_as_numpy(y), _as_numpy(dy.to(y.dtype).contiguous()), axis=dim, out=_as_numpy(out))
+    kernel(as_numpy(y), as_numpy(dy.to(y.dtype).contiguous()), axis=dim, out=as_numpy(out))
     return out
 
 
@@ -207,9 +171,9 @@ _log_softmax.register_autograd(
 
 @torch.library.custom_op("lse::logsumexp", mutates_args=())
 def _logsumexp(x: Tensor, dim: int, keepdim: bool) -> Tensor:
-    _check_device(x, "logsumexp")
-    result = _numpy.logsumexp(_as_numpy(x), axis=dim, keepdims=keepdim)
-    return _as_torch(np.ascontiguousarray(result))
+    check_device(x, "logsumexp")
+    result = _numpy.logsumexp(as_numpy(x), axis=dim, keepdims=keepdim)
+    return as_torch(np.ascontiguousarray(result))
 
 
 @_logsumexp.register_fake
@@ -264,14 +228,14 @@ def _cross_entropy(
     "none"), with ``compute_grad`` the gradient of the loss (grad_output = 1) with respect to
     ``input`` and with ``compute_target_grad`` the one with respect to the probability targets,
     both in the input's dtype (else empty tensors)."""
-    _check_device(input, "cross_entropy")
-    _check_device(target, "cross_entropy", "target")
+    check_device(input, "cross_entropy")
+    check_device(target, "cross_entropy", "target")
     grad_buffer = _empty(input.shape, input.dtype) if compute_grad else None
     target_buffer = _empty(input.shape, input.dtype) if compute_target_grad else None
     result = _numpy.cross_entropy(
-        _as_numpy(input),
-        _as_numpy(target, "target"),
-        weight=None if weight is None else _as_numpy(weight.to(torch.float64), "weight"),
+        as_numpy(input),
+        as_numpy(target, "target"),
+        weight=None if weight is None else as_numpy(weight.to(torch.float64), "weight"),
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
@@ -280,13 +244,13 @@ def _cross_entropy(
         nonfinite=nonfinite,
         empty_mean=empty_mean,
         grad=compute_grad,
-        out_grad=None if grad_buffer is None else _as_numpy(grad_buffer),
+        out_grad=None if grad_buffer is None else as_numpy(grad_buffer),
         target_grad=compute_target_grad,
-        out_target_grad=None if target_buffer is None else _as_numpy(target_buffer),
+        out_target_grad=None if target_buffer is None else as_numpy(target_buffer),
     )
     loss = result.loss if (compute_grad or compute_target_grad) else result
     if reduction == "none":
-        loss = _as_torch(np.ascontiguousarray(loss))
+        loss = as_torch(np.ascontiguousarray(loss))
     else:
         loss = _scalar(loss, _stat_dtype(input.dtype))
     grad = grad_buffer if compute_grad else input.new_empty(0)
@@ -431,10 +395,10 @@ def cross_entropy(
             with probability targets.
         NonFiniteError, EmptyMeanError: see ``nonfinite`` and ``empty_mean``.
     """
-    _check_device(input, "cross_entropy")
-    _check_device(target, "cross_entropy", "target")
+    check_device(input, "cross_entropy")
+    check_device(target, "cross_entropy", "target")
     if weight is not None:
-        _check_device(weight, "cross_entropy", "weight")
+        check_device(weight, "cross_entropy", "weight")
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -445,7 +409,7 @@ def cross_entropy(
         )
     if input.dim() == 0:
         raise ShapeError("input is a scalar: it needs a class dimension (1-D (C) at least)")
-    if not (input.dtype.is_floating_point and input.dtype in _NUMPY_DTYPES):
+    if not (input.dtype.is_floating_point and input.dtype in NUMPY_DTYPES):
         raise TypeError(f"input has dtype {input.dtype}; lse handles float64, float32, float16, bfloat16")
     probabilities = target.dtype.is_floating_point
     # PyTorch's layout: (C), (N, C) or (N, C, d1, ...); the kernel wants rows × classes.
@@ -545,24 +509,24 @@ def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smo
         raise EmptyMeanError(f"the mean over {rows} rows has no counted row to divide by")
     per_row = 0.0 if empty else 1.0 / denominator if reduction == "mean" else 1.0
     chunk = max(1, budget_bytes // max(1, 2 * classes * h.element_size()))
-    stat = _NUMPY_DTYPES[_stat_dtype(h.dtype)]
+    stat = NUMPY_DTYPES[_stat_dtype(h.dtype)]
     losses = np.zeros(rows, stat)
     dh = dw = db = None
     if compute_grad:
         dh = torch.empty_like(h)
         dw = torch.zeros_like(w, dtype=torch.float32 if w.dtype != torch.float64 else torch.float64)
         db = None if b is None else torch.zeros(classes, dtype=torch.float64)
-    weights = None if class_weight is None else _as_numpy(class_weight.to(torch.float64), "weight")
+    weights = None if class_weight is None else as_numpy(class_weight.to(torch.float64), "weight")
     for first in range(0, rows, chunk):
         hc = h[first:first + chunk]
         logits = F.linear(hc, w, b)
         if compute_grad:
             g = np.full(hc.shape[0], per_row, stat)
             if grad_output is not None:
-                g *= _as_numpy(grad_output[first:first + chunk].to(_stat_dtype(h.dtype)))
+                g *= as_numpy(grad_output[first:first + chunk].to(_stat_dtype(h.dtype)))
         try:
             result = _numpy.cross_entropy(
-                _as_numpy(logits), _as_numpy(t[first:first + chunk], "target"), weight=weights,
+                as_numpy(logits), as_numpy(t[first:first + chunk], "target"), weight=weights,
                 ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing,
                 z_loss=z_loss, softcap=softcap, nonfinite=nonfinite, grad=compute_grad,
                 grad_output=g if compute_grad else 1.0,
@@ -571,7 +535,7 @@ def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smo
             raise _shifted(error, first) from None
         losses[first:first + chunk] = result.loss if compute_grad else result
         if compute_grad:
-            grad = _as_torch(result.grad)
+            grad = as_torch(result.grad)
             dh[first:first + chunk] = grad @ w
             dw += (grad.t() @ hc).to(dw.dtype)
             if db is not None:
@@ -614,35 +578,35 @@ def _linear_cross_entropy(
     for what, tensor in (("input", input), ("linear_weight", linear_weight), ("target", target),
                          ("linear_bias", linear_bias)):
         if tensor is not None:
-            _check_device(tensor, "linear_cross_entropy", what)
+            check_device(tensor, "linear_cross_entropy", what)
     stat = _stat_dtype(input.dtype)
     rust = (input.dtype != torch.float64 and not target.dtype.is_floating_point)
     if rust:
         dh = _empty(input.shape, input.dtype) if compute_grad else None
         dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
         db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None
-        go = None if grad_output is None else _as_numpy(grad_output.to(torch.float32).contiguous())
+        go = None if grad_output is None else as_numpy(grad_output.to(torch.float32).contiguous())
         loss, _, row_loss = _lse.linear_cross_entropy(
-            _as_numpy(input).reshape(-1), _as_numpy(linear_weight, "linear_weight").reshape(-1),
-            linear_weight.shape[0], _as_numpy(target, "target").reshape(-1),
-            bias=None if linear_bias is None else _as_numpy(linear_bias, "linear_bias").reshape(-1),
-            weights=None if weight is None else _as_numpy(weight.to(torch.float64), "weight"),
+            as_numpy(input).reshape(-1), as_numpy(linear_weight, "linear_weight").reshape(-1),
+            linear_weight.shape[0], as_numpy(target, "target").reshape(-1),
+            bias=None if linear_bias is None else as_numpy(linear_bias, "linear_bias").reshape(-1),
+            weights=None if weight is None else as_numpy(weight.to(torch.float64), "weight"),
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, propagate=_numpy._policy(nonfinite),
             empty_mean=empty_mean, budget_bytes=budget_bytes,
-            grad_hidden=None if dh is None else _as_numpy(dh).reshape(-1),
-            grad_weight=None if dw is None else _as_numpy(dw).reshape(-1),
-            grad_bias=None if db is None else _as_numpy(db).reshape(-1),
+            grad_hidden=None if dh is None else as_numpy(dh).reshape(-1),
+            grad_weight=None if dw is None else as_numpy(dw).reshape(-1),
+            grad_bias=None if db is None else as_numpy(db).reshape(-1),
             grad_output=go,
         )
-        loss = _as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
+        loss = as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
     else:
         value, rows, dh, dw, db = _linear_chunked(
             input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
             label_smoothing, z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad,
             grad_output,
         )
-        loss = _as_torch(rows) if reduction == "none" else _scalar(value, stat)
+        loss = as_torch(rows) if reduction == "none" else _scalar(value, stat)
     def given(t):  # an unused output: a distinct empty tensor (outputs may not alias)
         return input.new_empty(0) if t is None else t
 
@@ -840,20 +804,20 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
 def softmax(input: Tensor, dim: int = -1) -> Tensor:
     """``torch.softmax(input, dim)`` computed by lse (overflow-free, rounded once)."""
-    _check_device(input, "softmax")
+    check_device(input, "softmax")
     return _softmax(input, dim)
 
 
 def log_softmax(input: Tensor, dim: int = -1) -> Tensor:
     """``F.log_softmax(input, dim)`` computed by lse (overflow-free, correctly rounded on the
     scalar kernel)."""
-    _check_device(input, "log_softmax")
+    check_device(input, "log_softmax")
     return _log_softmax(input, dim)
 
 
 def logsumexp(input: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
     """``torch.logsumexp(input, dim, keepdim)`` computed by lse (one dim)."""
-    _check_device(input, "logsumexp")
+    check_device(input, "logsumexp")
     return _logsumexp(input, dim, keepdim)
 
 
