@@ -5,12 +5,10 @@
 
 mod audit;
 mod bench;
-mod bench_linear;
 mod demo;
 mod dtype;
 mod error;
 mod eval;
-mod eval_linear;
 mod explain;
 mod format;
 mod input;

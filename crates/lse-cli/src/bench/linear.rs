@@ -19,7 +19,9 @@ use lse::{
 };
 use serde::Serialize;
 
-use crate::bench::{best_and_median, normal_vec, targets, Args};
+use super::args::Args;
+use super::inputs::{normal_vec, targets};
+use super::timing::best_and_median;
 use crate::error::{CliError, Result};
 
 /// One measured case.

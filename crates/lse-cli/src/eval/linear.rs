@@ -12,8 +12,8 @@ use lse::{
 use lse_io::npy::{self, Bf16Descr};
 use lse_io::{shape_string, FloatElement, Format, NpyElement, TensorData};
 
+use super::args::{Args, ReductionArg};
 use crate::error::{CliError, Result};
-use crate::eval::{Args, ReductionArg};
 use crate::format::shortest;
 use crate::input::{self, file_error, ClassLayout, IgnoreIndex, Pick};
 
