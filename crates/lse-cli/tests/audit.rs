@@ -3,6 +3,7 @@
 //! directory by the tests themselves (`.npy` with the crate's own writer, `.safetensors` by hand
 //! and with the reference implementation's writer).
 
+use lse_testkit::rng::Rng;
 use std::path::{Path, PathBuf};
 
 use lse::{bf16, f16, CrossEntropyOptions, Element, NonFinite, Reduction, Targets};
@@ -599,14 +600,9 @@ fn help_documents_every_flag() {
 /// Logits with every case the audit counts: NaN, ±inf, a fully masked row, rows past f16's and
 /// f32's overflow points and below their underflow points, ordinary rows.
 fn awkward_logits(rows: usize, classes: usize) -> Vec<f32> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
     let mut v: Vec<f32> = (0..rows * classes)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 24.0 - 12.0) as f32
-        })
+        .map(|_| rng.range(-12.0, 12.0) as f32)
         .collect();
     v[3] = f32::NAN;
     v[classes + 1] = f32::INFINITY;

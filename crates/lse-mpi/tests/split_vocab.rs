@@ -7,6 +7,8 @@
 //! Run: `cargo test --no-run`, then `mpirun -np 2 target/debug/deps/split_vocab-*` (the README's
 //! MPI section; `.ci/run` does it for 2 and 3 ranks).
 
+use lse_testkit::options::split_option_sets;
+use lse_testkit::rng::Rng;
 use lse::sharded::{self, RowPartial, Shard};
 use lse::{
     CrossEntropyOptions, Element, GradOutput, LinearCrossEntropyOptions, LinearGradients,
@@ -68,14 +70,11 @@ fn batch() -> (Vec<f64>, Vec<i64>) {
         ),
     ];
     // Targets on every class, hence on every shard boundary of every layout below.
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     for t in 0..CLASSES {
         let mut row = [0.0; CLASSES];
         for v in &mut row {
-            seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            *v = ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 12.0;
+            *v = rng.range(-6.0, 6.0);
         }
         rows.push((row, t as i64));
     }
@@ -86,56 +85,6 @@ fn batch() -> (Vec<f64>, Vec<i64>) {
 }
 
 const WEIGHTS: [f64; CLASSES] = [0.5, 2.0, 1.0, 1.5, 0.25, 3.0, 1.0, 0.75, 1.25, 2.5, 1.0];
-
-fn option_sets() -> Vec<(&'static str, CrossEntropyOptions<'static>)> {
-    let base = CrossEntropyOptions {
-        keep_row_loss: true,
-        keep_row_lse: true,
-        ..Default::default()
-    };
-    vec![
-        ("plain", base),
-        (
-            "smoothing 0.1",
-            CrossEntropyOptions {
-                label_smoothing: 0.1,
-                ..base
-            },
-        ),
-        (
-            "class weights",
-            CrossEntropyOptions {
-                weights: Some(&WEIGHTS),
-                ..base
-            },
-        ),
-        (
-            "z-loss 1e-4",
-            CrossEntropyOptions {
-                z_loss: 1e-4,
-                ..base
-            },
-        ),
-        (
-            "softcap 30",
-            CrossEntropyOptions {
-                softcap: Some(30.0),
-                ..base
-            },
-        ),
-        (
-            "everything, sum",
-            CrossEntropyOptions {
-                label_smoothing: 0.1,
-                weights: Some(&WEIGHTS),
-                z_loss: 1e-4,
-                softcap: Some(30.0),
-                reduction: Reduction::Sum,
-                ..base
-            },
-        ),
-    ]
-}
 
 /// Shard layouts for `size` ranks: near-equal (uneven when `size` does not divide 11), skewed
 /// (one column, two, then the rest), and one whose first rank holds nothing.
@@ -200,7 +149,7 @@ fn check_cross_entropy<E: Element>(
         let shard = Shard::new(bounds[rank], bounds[rank + 1], CLASSES).unwrap();
         let split = VocabParallel::new(world, shard);
         let local = columns(&x, shard);
-        for (name, opts) in option_sets() {
+        for (name, opts) in split_option_sets(&WEIGHTS) {
             let what = format!("{} ranks, {layout} layout, {name}, {:?}", size, E::DTYPE);
             let mut grad = vec![E::zero(); local.len()];
             let before = split.collectives();
@@ -456,7 +405,7 @@ fn check_linear(world: &SimpleCommunicator) {
             bias: Some(&bias[a..b]),
             classes: b - a,
         };
-        for (name, ce) in option_sets() {
+        for (name, ce) in split_option_sets(&WEIGHTS) {
             let ce = CrossEntropyOptions {
                 keep_row_lse: false,
                 ..ce

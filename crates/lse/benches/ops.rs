@@ -33,6 +33,7 @@
 //! This measures time only. `lse bench` (the CLI) runs the same ops and also reports the achieved
 //! memory bandwidth as a fraction of the machine's measured copy bandwidth.
 
+use lse_testkit::rng::Rng;
 use std::time::Duration;
 
 use criterion::{
@@ -88,42 +89,15 @@ impl Op {
     }
 }
 
-/// SplitMix64: a small, fast, deterministic generator (no dependency, same stream everywhere).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so its logarithm is finite.
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-/// `n` values `scale · N(0, 1)` (Box–Muller), rounded into `E`.
+/// `n` values `scale · N(0, 1)`, rounded into `E`.
 fn normal<E: Element>(n: usize, scale: f64, seed: u64) -> Vec<E> {
-    let mut rng = SplitMix64(seed);
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let radius = (-2.0 * rng.unit().ln()).sqrt() * scale;
-        let (sin, cos) = (std::f64::consts::TAU * rng.unit()).sin_cos();
-        out.push(E::from_f64(radius * cos));
-        if out.len() < n {
-            out.push(E::from_f64(radius * sin));
-        }
-    }
-    out
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| E::from_f64(scale * rng.normal())).collect()
 }
 
 /// One uniformly random class per row.
 fn class_targets(rows: usize, classes: usize, seed: u64) -> Vec<i64> {
-    let mut rng = SplitMix64(seed);
+    let mut rng = Rng::new(seed);
     (0..rows)
         .map(|_| (rng.next_u64() % classes as u64) as i64)
         .collect()

@@ -9,12 +9,9 @@
 //! `DATE` is printed in the header (default: today's UTC date from the system clock);
 //! `--scalar` measures the scalar reference kernel instead of the dispatched one.
 
-#[path = "../tests/support/measure.rs"]
-mod measure;
-#[path = "../tests/support/oracle.rs"]
-mod oracle;
-
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use lse_testkit::measure;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

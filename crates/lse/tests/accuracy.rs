@@ -3,7 +3,7 @@
 //! Every op runs through the public API on deterministic rows (normal logits with spreads 1e-3 …
 //! 1e30, ties at the max, one class far above the rest, gaps at the f32 and f64 exp underflow
 //! thresholds, -inf masks, negative maxima; C from 1 to 262144) in f64, f32, f16 and bf16, and
-//! each output is compared with a 192-bit astro-float oracle (`support/oracle.rs`) in ulps of the
+//! each output is compared with a 192-bit astro-float oracle (`lse_testkit::oracle`) in ulps of the
 //! output dtype. The whole measurement runs once (`report()`) and each test asserts its op's
 //! targets; a failure names the dtype, op, distribution, the exact generator call and row, the
 //! expected and computed values and the error, so the library can be fixed from the message.
@@ -12,10 +12,8 @@
 //! This binary measures the kernel dispatched on this CPU; `accuracy_scalar.rs` runs the same
 //! tests on the scalar reference kernel.
 
-/// The kernel family measured here: whatever this CPU dispatches to.
-const KERNEL: lse::Kernel = lse::Kernel::Auto;
-
-include!("support/accuracy_tests.rs");
+// The kernel family measured here: whatever this CPU dispatches to.
+lse_testkit::accuracy_tests!(lse::Kernel::Auto);
 
 use oracle::{exp_neg, exp_reference};
 
@@ -47,7 +45,7 @@ fn oracle_fast_exp_agrees_with_astro_float_exp() {
         ds.push(k * ln2 + 0.5 / 4096.0);
         ds.push(k * ln2 - 0.5 / 4096.0);
     }
-    let mut rng = measure::Rng::new(7);
+    let mut rng = lse_testkit::rng::Rng::new(7);
     ds.extend((0..200).map(|_| 10f64.powf(rng.range(-5.0, 5.0))));
     for d in ds {
         let fast = exp_neg(&big(d));

@@ -13,10 +13,7 @@ use lse::{
     EmptyMean, GradOutput, LseError, NonFinite, Reduction, Targets,
 };
 
-#[macro_use]
-#[path = "support/dtypes.rs"]
-mod dtypes;
-use dtypes::{Stat, INF, NAN, NEG};
+use lse_testkit::{all_dtypes, Stat, INF, NAN, NEG};
 
 all_dtypes!(
     all_finite,

@@ -10,10 +10,7 @@ use lse::{
     NonFinite, Reduction, Targets,
 };
 
-#[macro_use]
-#[path = "support/dtypes.rs"]
-mod dtypes;
-use dtypes::{Stat, INF, NAN, NEG};
+use lse_testkit::{all_dtypes, Stat, INF, NAN, NEG};
 
 all_dtypes!(
     empty_classes,

@@ -25,6 +25,7 @@ use lse::{
     log_softmax_backward, logsumexp, softmax, softmax_backward, CrossEntropyOptions,
     CrossEntropyOutput, DType, Element, GradOutput, Reduction, Targets,
 };
+use lse_testkit::rng::Rng;
 
 use half::{bf16, f16};
 
@@ -32,40 +33,10 @@ const IGNORE: i64 = -100;
 const U64: f64 = f64::EPSILON / 2.0;
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic PRNG (splitmix64) — no dependency.
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.unit()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.unit(); // (0, 1]
-        let u2 = self.unit();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
+/// The kit's generator on `seed`, mixed with this file's constant (the streams these tests were
+/// written against).
+fn rng(seed: u64) -> Rng {
+    Rng::new(seed ^ 0x5DEE_CE66_D1CE_4E5B)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,13 +114,13 @@ impl Problem {
             // Probability rows: random mass on live classes, not necessarily summing to 1.
             let q = &mut probs[r * c..(r + 1) * c];
             for &i in &live {
-                q[i] = if rng.chance(0.2) { 0.0 } else { rng.unit() };
+                q[i] = if rng.chance(0.2) { 0.0 } else { rng.uniform() };
             }
             let total: f64 = q.iter().sum();
             let scale = if rng.chance(0.5) {
                 1.0
             } else {
-                rng.uniform(0.5, 1.5)
+                rng.range(0.5, 1.5)
             };
             if total > 0.0 {
                 q.iter_mut().for_each(|v| *v *= scale / total);
@@ -179,11 +150,11 @@ impl Problem {
                 if rng.chance(0.1) {
                     0.0
                 } else {
-                    rng.uniform(0.2, 2.0)
+                    rng.range(0.2, 2.0)
                 }
             })
             .collect();
-        let row_grads = (0..rows).map(|_| rng.uniform(-2.0, 2.0)).collect();
+        let row_grads = (0..rows).map(|_| rng.range(-2.0, 2.0)).collect();
         Problem {
             rows,
             classes,
@@ -452,7 +423,7 @@ fn run(spec: Spec, seeds: u64) {
     let mut largest = 0.0f64;
     for (ci, &classes) in CLASS_COUNTS.iter().enumerate() {
         for seed in 0..seeds {
-            let mut rng = Rng::new(seed * 1000 + ci as u64);
+            let mut rng = rng(seed * 1000 + ci as u64);
             let rows = 2 + rng.below(5);
             let p = Problem::generate(&mut rng, &spec, rows, classes);
             check_forward(&p, &spec);
@@ -654,7 +625,7 @@ fn grad_output_scalar_scales_the_gradient() {
         }
     }
     // And exactly: g·(gradient for g = 1), since the scale is applied once in f64.
-    let mut rng = Rng::new(77);
+    let mut rng = rng(77);
     let p = Problem::generate(&mut rng, &PLAIN, 4, 9);
     let grad_for = |g: f64| {
         let mut grad = vec![0.0; p.logits.len()];
@@ -767,7 +738,7 @@ fn grad_every_option_combination() {
                     grad,
                 };
                 for (k, classes) in [2usize, 7, 19].into_iter().enumerate() {
-                    let mut rng = Rng::new(u64::from(bits) << 8 | (k as u64) << 4 | 9);
+                    let mut rng = rng(u64::from(bits) << 8 | (k as u64) << 4 | 9);
                     let rows = 2 + rng.below(3);
                     let p = Problem::generate(&mut rng, &spec, rows, classes);
                     check_forward(&p, &spec);
@@ -800,7 +771,7 @@ fn forward_loss_matches_reference_for_every_option_combination() {
                 grad: Go::Scalar(1.0),
             };
             for (k, &classes) in CLASS_COUNTS.iter().enumerate() {
-                let mut rng = Rng::new(u64::from(bits) << 8 | (k as u64) << 4 | 3);
+                let mut rng = rng(u64::from(bits) << 8 | (k as u64) << 4 | 3);
                 let rows = 1 + rng.below(16);
                 let p = Problem::generate(&mut rng, &spec, rows, classes);
                 check_forward(&p, &spec);
@@ -825,7 +796,7 @@ fn backward_problem(rng: &mut Rng, classes: usize, mask: bool) -> (Vec<f64>, Vec
             x[0] = 1.0;
         }
     }
-    let dy = (0..classes).map(|_| rng.uniform(-2.0, 2.0)).collect();
+    let dy = (0..classes).map(|_| rng.range(-2.0, 2.0)).collect();
     (x, dy)
 }
 
@@ -837,7 +808,7 @@ fn softmax_backward_matches_finite_differences() {
     for mask in [false, true] {
         for &classes in &CLASS_COUNTS {
             for seed in 0..8 {
-                let mut rng = Rng::new(seed * 31 + classes as u64 + u64::from(mask) * 7777);
+                let mut rng = rng(seed * 31 + classes as u64 + u64::from(mask) * 7777);
                 let (x, dy) = backward_problem(&mut rng, classes, mask);
                 let sm = |x: &[f64]| {
                     let mut y = vec![0.0; x.len()];
@@ -886,7 +857,7 @@ fn log_softmax_backward_matches_finite_differences() {
     for mask in [false, true] {
         for &classes in &CLASS_COUNTS {
             for seed in 0..8 {
-                let mut rng = Rng::new(seed * 37 + classes as u64 + u64::from(mask) * 5555);
+                let mut rng = rng(seed * 37 + classes as u64 + u64::from(mask) * 5555);
                 let (x, dy) = backward_problem(&mut rng, classes, mask);
                 let live: Vec<bool> = x.iter().map(|&v| v > f64::NEG_INFINITY).collect();
                 let masked_dy: f64 = (0..classes).filter(|&i| !live[i]).map(|i| dy[i]).sum();
@@ -1061,7 +1032,7 @@ fn narrow_gradients_match_f64_gradients() {
     for spec in specs {
         for &classes in &CLASS_COUNTS {
             for seed in 0..5 {
-                let mut rng = Rng::new(seed * 101 + classes as u64);
+                let mut rng = rng(seed * 101 + classes as u64);
                 let rows = 1 + rng.below(6);
                 let p = Problem::generate(&mut rng, &spec, rows, classes);
                 check_narrow_against_f64::<f32>(&representable::<f32>(&p), &spec, 2.0);
@@ -1109,7 +1080,7 @@ fn narrow_softmax_and_log_softmax_match_f64() {
     }
     for &classes in &CLASS_COUNTS {
         for seed in 0..10 {
-            let mut rng = Rng::new(seed * 7 + classes as u64);
+            let mut rng = rng(seed * 7 + classes as u64);
             let (x, _) = backward_problem(&mut rng, classes, seed % 2 == 1);
             one::<f32>(&x);
             one::<f16>(&x);

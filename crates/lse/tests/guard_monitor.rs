@@ -5,20 +5,11 @@ use lse::guard::{
     LogitMonitor, LogitStats, MonitorConfig, MonitorEvent, MonitorWarning, WarningKind,
 };
 use lse::{cross_entropy, f16, CrossEntropyOptions, DType, NonFinite, Reduction, Targets};
+use lse_testkit::rng::Rng;
 
-/// Deterministic pseudo-random values in [-1, 1) (splitmix64).
+/// `n` values uniform in [-1, 1) from the stream `seed`.
 fn uniform(seed: u64, n: usize) -> Vec<f64> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
+    Rng::new(seed).fill_range(n, -1.0, 1.0)
 }
 
 /// logsumexp of a row in plain f64 (max-shifted; fine for these moderate rows).

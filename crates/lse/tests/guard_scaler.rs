@@ -5,6 +5,7 @@ use lse::guard::{
     StepReport,
 };
 use lse::{bf16, f16, DType, Element};
+use lse_testkit::rng::Rng;
 
 /// What an f16 backward pass produces for the true gradients `grads` and a loss scaled by
 /// `scale`: every gradient lifted by `scale` and rounded to f16 (`inf` past 65504).
@@ -304,12 +305,10 @@ fn check_rounded_once<E: Element>(values: &[E], scale: f64) -> usize {
 
 /// Deterministic gradients spanning many binades (some become subnormal after unscaling).
 fn gradients<E: Element>(n: usize, max_exp: i32) -> Vec<E> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
     (0..n)
         .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = rng.next_u64();
             let mantissa = 1.0 + (state >> 11) as f64 / (1u64 << 53) as f64;
             let exp = (state % (2 * max_exp as u64 + 1)) as i32 - max_exp;
             let sign = if state & 1 == 0 { 1.0 } else { -1.0 };

@@ -11,6 +11,7 @@
 // The reference's matrix products read best as index arithmetic.
 #![allow(clippy::needless_range_loop)]
 
+use lse_testkit::rng::Rng;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 
@@ -20,24 +21,6 @@ use lse::{
     CrossEntropyOutput, Element, EmptyMean, GradOutput, LinearCrossEntropyOptions, LinearGradients,
     LinearHead, LseError, NonFinite, Reduction, Targets,
 };
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-1, 1)`.
-    fn signed(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-}
 
 /// One problem: `hidden` is `rows × dim`, `weight` `classes × dim`.
 #[derive(Clone, Debug)]
@@ -54,19 +37,21 @@ impl<E: Element<Stat = f32>> Problem<E> {
     /// Entries of `H` uniform in `±h_scale`, of `W` and `b` in `±1`; every `ignore_every`-th
     /// row has target -100, row 1 targets the last class.
     fn new(seed: u64, [rows, dim, classes]: [usize; 3], h_scale: f64, bias: bool) -> Self {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut values = |n: usize, scale: f64| -> Vec<E> {
-            (0..n).map(|_| E::from_f64(scale * rng.signed())).collect()
+            (0..n)
+                .map(|_| E::from_f64(scale * rng.range(-1.0, 1.0)))
+                .collect()
         };
         let hidden = values(rows * dim, h_scale);
         let weight = values(classes * dim, 1.0);
         let bias = bias.then(|| values(classes, 1.0));
-        let mut rng = Rng(seed ^ 0x5555);
+        let mut rng = Rng::new(seed ^ 0x5555);
         let targets = (0..rows)
             .map(|r| match r {
                 1 => classes as i64 - 1,
                 _ if r % 5 == 3 => -100,
-                _ => (rng.next() % classes as u64) as i64,
+                _ => (rng.next_u64() % classes as u64) as i64,
             })
             .collect();
         Self {

@@ -5,7 +5,8 @@
 //! with the one-process `lse` functions, which the accuracy suites hold against an oracle.
 
 use lse::sharded::{self, RowPartial, Shard};
-use lse::{CrossEntropyOptions, Element, GradOutput, LseError, NonFinite, Reduction, Targets};
+use lse::{CrossEntropyOptions, Element, GradOutput, LseError, NonFinite, Targets};
+use lse_testkit::options::split_option_sets;
 
 const NEG: f64 = f64::NEG_INFINITY;
 const CLASSES: usize = 7;
@@ -29,57 +30,6 @@ fn rows() -> (Vec<f64>, Vec<i64>) {
 }
 
 const WEIGHTS: [f64; CLASSES] = [0.5, 2.0, 1.0, 1.5, 0.25, 3.0, 1.0];
-
-/// Every option the split cross-entropy has a meaning for, alone and together.
-fn option_sets() -> Vec<(&'static str, CrossEntropyOptions<'static>)> {
-    let base = CrossEntropyOptions {
-        keep_row_loss: true,
-        keep_row_lse: true,
-        ..Default::default()
-    };
-    vec![
-        ("plain", base),
-        (
-            "smoothing 0.1",
-            CrossEntropyOptions {
-                label_smoothing: 0.1,
-                ..base
-            },
-        ),
-        (
-            "weights",
-            CrossEntropyOptions {
-                weights: Some(&WEIGHTS),
-                ..base
-            },
-        ),
-        (
-            "z-loss",
-            CrossEntropyOptions {
-                z_loss: 1e-4,
-                ..base
-            },
-        ),
-        (
-            "softcap 30",
-            CrossEntropyOptions {
-                softcap: Some(30.0),
-                ..base
-            },
-        ),
-        (
-            "all, sum",
-            CrossEntropyOptions {
-                label_smoothing: 0.1,
-                weights: Some(&WEIGHTS),
-                z_loss: 1e-4,
-                softcap: Some(30.0),
-                reduction: Reduction::Sum,
-                ..base
-            },
-        ),
-    ]
-}
 
 /// Columns `[a, b)` of every row.
 fn columns<E: Copy>(x: &[E], a: usize, b: usize) -> Vec<E> {
@@ -227,7 +177,7 @@ fn worst_over_splits<E: Element>(mantissa: u32) -> (f64, f64, f64) {
     let (logits, targets) = rows();
     let x: Vec<E> = logits.iter().map(|&v| E::from_f64(v)).collect();
     let (mut reduced_worst, mut loss_worst, mut grad_worst) = (0.0f64, 0.0f64, 0.0f64);
-    for (name, opts) in option_sets() {
+    for (name, opts) in split_option_sets(&WEIGHTS) {
         let whole = split_ce(&x, &targets, &opts, &[0, CLASSES], &[0], false).unwrap();
         for cut in cuts() {
             for (order, right) in merge_orders(cut.len() - 1) {
@@ -304,7 +254,7 @@ fn every_split_and_merge_order_gives_the_one_shard_result_f64() {
 #[test]
 fn merge_is_commutative_to_the_bit_with_empty_as_identity() {
     let (logits, targets) = rows();
-    for (name, opts) in option_sets() {
+    for (name, opts) in split_option_sets(&WEIGHTS) {
         let mut parts = Vec::new();
         for (a, b) in [(0, 2), (2, 3), (3, 3), (3, 7)] {
             let mut p = vec![RowPartial::EMPTY; targets.len()];
@@ -332,7 +282,7 @@ fn merge_is_commutative_to_the_bit_with_empty_as_identity() {
 fn one_shard_agrees_with_the_one_process_cross_entropy() {
     let (logits, targets) = rows();
     let x: Vec<f32> = logits.iter().map(|&v| v as f32).collect();
-    for (name, opts) in option_sets() {
+    for (name, opts) in split_option_sets(&WEIGHTS) {
         // The one-process call checks the ignored row's NaN as the split one does: not at all.
         let s = split_ce(&x, &targets, &opts, &[0, CLASSES], &[0], false).unwrap();
         let mut grad = vec![0.0f32; x.len()];

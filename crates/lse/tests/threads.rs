@@ -3,28 +3,20 @@
 //! pieces merged with the row-state rule; the in-place loss equals the out-of-place one bit for
 //! bit; and an error names the smallest bad row whichever thread finds it.
 
-#[macro_use]
-#[path = "support/dtypes.rs"]
-mod dtypes;
-
-use dtypes::{Stat, INF, NAN, NEG};
-
 use lse::{CrossEntropyOptions, Element, GradOutput, LseError, NonFinite, Reduction, Targets};
+use lse_testkit::rng::Rng;
+use lse_testkit::{all_dtypes, Stat, INF, NAN, NEG};
 
-/// Deterministic logits: `3·N(0,1)`-like values from splitmix64, every 97th class masked.
+/// Deterministic logits: uniform in [−6, 6) (the kit's splitmix64), every 97th class masked.
 fn logits<E: Element>(rows: usize, classes: usize, seed: u64) -> Vec<E> {
-    let mut state = seed;
+    let mut rng = Rng::new(seed);
     (0..rows * classes)
         .map(|i| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            let u = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+            let u = rng.range(-6.0, 6.0);
             if i % 97 == 5 {
                 NEG
             } else {
-                E::from_f64(12.0 * (u - 0.5)).to_f64()
+                u
             }
         })
         .map(E::from_f64)

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lse_candle::{CrossEntropyOptions, Reduction};
+use lse_testkit::rng::Rng;
 
 pub const DEV: &Device = &Device::Cpu;
 pub const DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::F16, DType::BF16];
@@ -18,19 +19,9 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
     }
 }
 
-/// Deterministic pseudo-random values in `[-scale, scale]`.
+/// Deterministic pseudo-random values in `[-scale, scale)`.
 pub fn values(len: usize, seed: u64, scale: f64) -> Vec<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    Rng::new(seed).fill_range(len, -scale, scale)
 }
 
 /// A tensor of `dtype` from f64 values.

@@ -220,7 +220,7 @@ pub enum OpChoice {
     /// One op.
     One(Op),
     /// `linear_cross_entropy`: the fused linear cross-entropy, benchmarked on its own
-    /// ([`crate::bench_linear`]).
+    /// ([`super::linear`]).
     LinearCrossEntropy,
 }
 

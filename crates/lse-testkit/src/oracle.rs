@@ -14,8 +14,6 @@
 //! (spacing of subnormals below the smallest normal), with an absolute error below the dtype's
 //! smallest normal number counted as 0, and Higham's normwise measure for probability outputs.
 
-#![allow(dead_code)]
-
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
@@ -46,15 +44,19 @@ pub fn big(x: f64) -> BigFloat {
     BigFloat::from_f64(x, PREC)
 }
 
+/// `a + b` at [`PREC`] bits.
 pub fn add(a: &BigFloat, b: &BigFloat) -> BigFloat {
     a.add(b, PREC, RM)
 }
+/// `a − b` at [`PREC`] bits.
 pub fn sub(a: &BigFloat, b: &BigFloat) -> BigFloat {
     a.sub(b, PREC, RM)
 }
+/// `a · b` at [`PREC`] bits.
 pub fn mul(a: &BigFloat, b: &BigFloat) -> BigFloat {
     a.mul(b, PREC, RM)
 }
+/// `a / b` at [`PREC`] bits.
 pub fn div(a: &BigFloat, b: &BigFloat) -> BigFloat {
     a.div(b, PREC, RM)
 }
@@ -237,8 +239,11 @@ pub struct CeSpec<'a> {
     pub target: Option<usize>,
     /// Probability targets (0 on masked classes), in place of `target` when given.
     pub probabilities: Option<&'a [f64]>,
+    /// Label smoothing ε.
     pub label_smoothing: f64,
+    /// Class weights.
     pub weights: Option<&'a [f64]>,
+    /// z-loss coefficient.
     pub z_loss: f64,
 }
 
@@ -257,7 +262,9 @@ impl Default for CeSpec<'_> {
 /// Exact loss and gradient of one cross-entropy row.
 #[derive(Clone, Debug)]
 pub struct ExactCe {
+    /// The row's loss.
     pub loss: BigFloat,
+    /// Its gradient with respect to the (raw) logits.
     pub grad: Vec<BigFloat>,
 }
 
@@ -369,10 +376,12 @@ impl ExactRow {
         }
     }
 
+    /// The row's length.
     pub fn classes(&self) -> usize {
         self.delta.len()
     }
 
+    /// True when every logit is −inf.
     pub fn is_fully_masked(&self) -> bool {
         self.argmax.is_none()
     }

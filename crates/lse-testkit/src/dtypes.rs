@@ -1,7 +1,8 @@
-//! Shared by the generic test files: run one generic test for every dtype.
+//! One generic test for every dtype, and short names for the contract's special values.
 
 /// Instantiates each generic test `fn name<E: Element>()` for the four dtypes, as
 /// `name::f64`, `name::f32`, `name::f16` and `name::bf16`, so a failure names its dtype.
+#[macro_export]
 macro_rules! all_dtypes {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -15,11 +16,11 @@ macro_rules! all_dtypes {
             }
             #[test]
             fn f16() {
-                super::$name::<lse::f16>()
+                super::$name::<$crate::__lse::f16>()
             }
             #[test]
             fn bf16() {
-                super::$name::<lse::bf16>()
+                super::$name::<$crate::__lse::bf16>()
             }
         }
     )*};

@@ -1,10 +1,8 @@
-//! The accuracy measurement shared by `tests/accuracy.rs` (which asserts the docs/numerics.md targets)
-//! and `examples/accuracy_table.rs` (which prints them): deterministic row generators, the
-//! library calls through the public API, and the table of worst errors per
-//! op × dtype × distribution. Both include this file and `oracle.rs` with `#[path]`, so the two
-//! can never measure differently.
-
-#![allow(dead_code)]
+//! The accuracy measurement shared by lse's accuracy tests (which assert the docs/numerics.md
+//! targets, through [`crate::accuracy_tests!`]) and `examples/accuracy_table.rs` (which prints
+//! them): deterministic row generators, the library calls through the public API, and the table
+//! of worst errors per op × dtype × distribution. One module for both, so the two can never
+//! measure differently.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,53 +14,10 @@ use astro_float::BigFloat;
 use lse::{bf16, f16, CrossEntropyOptions, DType, Element, GradOutput, Reduction, Targets};
 
 use crate::oracle::{self, normwise_error, to_f64, ulp_error, CeSpec, ExactRow};
+use crate::rng::Rng;
 
 /// The library's default ignore index, used for rows that have no live class to target.
 const IGNORE: i64 = -100;
-
-// ---------------------------------------------------------------------------------------------
-// A small deterministic generator (no dependency, same numbers on every platform)
-// ---------------------------------------------------------------------------------------------
-
-/// splitmix64 with Box–Muller normals.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * 2f64.powi(-53)
-    }
-
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.uniform()
-    }
-
-    /// Uniform in 0..n (n > 0; the modulo bias is irrelevant here).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform(); // (0, 1]: ln never sees 0
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Distributions of rows
@@ -94,6 +49,7 @@ pub enum Dist {
 }
 
 impl Dist {
+    /// Every distribution the plans draw from.
     pub const ALL: [Dist; 11] = [
         Dist::Normal(-3),
         Dist::Normal(0),
@@ -108,6 +64,7 @@ impl Dist {
         Dist::NegativeMax,
     ];
 
+    /// The name in reports and failure messages (`normal σ=1`, `ties`, …).
     pub fn name(self) -> String {
         match self {
             Dist::Normal(0) => "normal σ=1".into(),
@@ -207,9 +164,13 @@ impl Dist {
 /// The seed of a block: a function of dtype, distribution and class count only, so a failing
 /// case can be regenerated with [`block_data`].
 pub fn block_seed(dtype: DType, dist: Dist, classes: usize) -> u64 {
-    let mut rng = Rng::new(0x15e0_acc0 ^ dist.tag().wrapping_mul(0x1_0000_0001));
     let d = DType::ALL.iter().position(|&d| d == dtype).unwrap() as u64;
-    rng.0 ^= d.wrapping_mul(0x9e37_79b9) ^ (classes as u64).wrapping_mul(0x85eb_ca6b_0000_0001);
+    let mut rng = Rng::new(
+        0x15e0_acc0
+            ^ dist.tag().wrapping_mul(0x1_0000_0001)
+            ^ d.wrapping_mul(0x9e37_79b9)
+            ^ (classes as u64).wrapping_mul(0x85eb_ca6b_0000_0001),
+    );
     rng.next_u64()
 }
 
@@ -263,12 +224,18 @@ fn block_weights(classes: usize, seed: u64) -> Vec<f64> {
 // Ops, measures and targets
 // ---------------------------------------------------------------------------------------------
 
+/// An output the measurement compares with the oracle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Op {
+    /// Per-row logsumexp.
     LogSumExp,
+    /// Every log-softmax entry.
     LogSoftmax,
+    /// Every softmax entry (normwise).
     Softmax,
+    /// Per-row cross-entropy loss, class targets, no options.
     CeLoss,
+    /// The cross-entropy gradient, class targets, no options.
     CeGrad,
     /// Cross-entropy loss under the option variants of [`VARIANTS`].
     CeLossOptions,
@@ -277,6 +244,7 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every op, in report order.
     pub const ALL: [Op; 7] = [
         Op::LogSumExp,
         Op::LogSoftmax,
@@ -287,6 +255,7 @@ impl Op {
         Op::CeGradOptions,
     ];
 
+    /// The name in reports.
     pub fn name(self) -> &'static str {
         match self {
             Op::LogSumExp => "logsumexp",
@@ -359,10 +328,15 @@ pub fn bound(op: Op, input: DType) -> f64 {
 /// Cross-entropy option variants, each measured on every block with `options: true`.
 #[derive(Clone, Copy, Debug)]
 pub struct Variant {
+    /// The name in reports (`label_smoothing=0.1`, …).
     pub name: &'static str,
+    /// `CrossEntropyOptions::label_smoothing`.
     pub label_smoothing: f64,
+    /// Class weights drawn per block (`2^U(−1, 1)`).
     pub weights: bool,
+    /// `CrossEntropyOptions::z_loss`.
     pub z_loss: f64,
+    /// `CrossEntropyOptions::softcap`.
     pub softcap: Option<f64>,
     /// Probability targets instead of the block's class targets.
     pub soft: Option<Soft>,
@@ -378,6 +352,7 @@ pub enum Soft {
     NearPrediction,
 }
 
+/// The option variants measured: each option alone, together, and probability targets.
 pub const VARIANTS: [Variant; 9] = [
     Variant {
         name: "label_smoothing=0.1",
@@ -485,16 +460,21 @@ fn soft_targets<E: Element>(logits: &[E], classes: usize, kind: Soft, seed: u64)
 /// `rows` rows of `classes` logits drawn from `dist`, for every dtype.
 #[derive(Clone, Copy, Debug)]
 pub struct Block {
+    /// How the logits are drawn.
     pub dist: Dist,
+    /// Classes per row.
     pub classes: usize,
+    /// Rows of the block.
     pub rows: usize,
     /// Also measure the cross-entropy option variants (kept to small rows: softcap doubles the
     /// oracle's work).
     pub options: bool,
 }
 
+/// What one measurement runs: its blocks.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// The blocks, each run in every dtype.
     pub blocks: Vec<Block>,
 }
 
@@ -585,6 +565,7 @@ pub struct Stat {
     pub max_raw: f64,
     /// The largest condition number seen ([`Measure::Conditioned`] only).
     pub max_condition: f64,
+    /// Rows measured.
     pub rows: usize,
     /// Outputs compared with the oracle.
     pub outputs: usize,
@@ -615,8 +596,10 @@ impl Stat {
     }
 }
 
+/// A cell of the report: op × dtype × distribution.
 pub type Key = (Op, DType, Dist);
 
+/// The worst errors of one measurement, per cell.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     /// op × dtype × distribution.
@@ -624,6 +607,7 @@ pub struct Report {
     /// The option ops again, per variant (index into [`VARIANTS`]) × dtype, over all
     /// distributions: pins a failure on one option.
     pub variants: BTreeMap<(usize, Op, DType), Stat>,
+    /// Wall time of the measurement.
     pub elapsed: Duration,
 }
 
