@@ -163,10 +163,13 @@ pub(crate) const MAX_LANES: usize = 16;
 /// another of its vectors, so that holding one proves this CPU runs `I`. That is what makes the
 /// lane operations safe functions: each does `unsafe { intrinsic(..) }` on the registers of
 /// the vectors it was given. The field is private to this module and the instruction sets'.
+/// ([`portable`]'s arrays need no proof: they are made directly.)
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 pub(crate) struct Vector<R, I>(R, core::marker::PhantomData<I>);
 
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl<R, I> Vector<R, I> {
     /// For the instruction set's file only, and only with its token or a vector of it at hand.
     #[inline(always)]
