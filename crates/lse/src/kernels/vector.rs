@@ -24,6 +24,11 @@
 //! Each entry point runs its body under the `#[target_feature]` entry of the active
 //! instruction set ([`on_isa!`]), compiled once per storage type ([`Entries`]); everything
 //! below is `#[inline(always)]`.
+//!
+//! The lane operations are safe functions (the instruction set's token, `isa` below, made the
+//! vectors); `unsafe` is left to the loads and stores through raw pointers, each block saying
+//! why its memory is there.
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use half::{bf16, f16};
 
@@ -63,15 +68,16 @@ impl Lanes for f32 {
     const CACHES: bool = true;
     #[inline(always)]
     unsafe fn store_f32<I: Isa>(p: *mut Self, v: I::F32) {
-        v.store(p);
+        // SAFETY (here and in the other `Lanes` methods): `p` holds a step, the caller's promise.
+        unsafe { v.store(p) }
     }
     #[inline(always)]
     unsafe fn load<I: Isa>(isa: I, p: *const Self) -> I::F32 {
-        I::F32::load(isa, p)
+        unsafe { I::F32::load(isa, p) }
     }
     #[inline(always)]
     unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
-        I::narrow(v).store(p);
+        unsafe { I::narrow(v).store(p) }
     }
 }
 
@@ -84,15 +90,15 @@ macro_rules! half_lanes {
             const HALF: bool = true;
             #[inline(always)]
             unsafe fn load<I: Isa>(isa: I, p: *const Self) -> I::F32 {
-                isa.$load(p)
+                unsafe { isa.$load(p) }
             }
             #[inline(always)]
             unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
-                I::$store(p, I::narrow(v));
+                unsafe { I::$store(p, I::narrow(v)) }
             }
             #[inline(always)]
             unsafe fn store_f32<I: Isa>(p: *mut Self, v: I::F32) {
-                I::$store(p, v);
+                unsafe { I::$store(p, v) }
             }
         }
     };
@@ -104,23 +110,26 @@ impl Lanes for f64 {
     type V<I: Isa> = I::Wide;
     #[inline(always)]
     unsafe fn load<I: Isa>(isa: I, p: *const Self) -> I::Wide {
-        I::Wide::load(isa, p)
+        unsafe { I::Wide::load(isa, p) }
     }
     #[inline(always)]
     unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
-        v.store(p);
+        unsafe { v.store(p) }
     }
 }
 
 /// Stores the first `n` of one step of `f32` results at `p`, rounded to `E`.
 #[inline(always)]
 pub(crate) unsafe fn store_f32_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I::F32) {
-    if n == I::LANES {
-        E::store_f32::<I>(p, v);
-    } else {
-        let mut buf = [<E as Element>::zero(); MAX_LANES];
-        E::store_f32::<I>(buf.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    // SAFETY: `p` holds `n` elements (the caller's promise), `buf` a step.
+    unsafe {
+        if n == I::LANES {
+            E::store_f32::<I>(p, v);
+        } else {
+            let mut buf = [<E as Element>::zero(); MAX_LANES];
+            E::store_f32::<I>(buf.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+        }
     }
 }
 
@@ -208,7 +217,8 @@ impl<I: Isa> LaneMap<I, I::Wide> for Capped {
     }
     #[inline(always)]
     unsafe fn store_slope(slope: I::Wide, p: *mut f32, n: usize) {
-        store_first::<I, f32>(p, n, slope);
+        // SAFETY: `p` holds `n` values (the caller's promise).
+        unsafe { store_first::<I, f32>(p, n, slope) }
     }
 }
 
@@ -275,24 +285,30 @@ impl<I: Isa, W: Step<I>> LaneSums<I, W> {
 /// The step of `n` elements at `p`, padded with `fill` when `n` is short of `I::LANES`.
 #[inline(always)]
 unsafe fn load_step<I: Isa, E: Lanes>(isa: I, p: *const E, n: usize, fill: E) -> E::V<I> {
-    if n == I::LANES {
-        E::load(isa, p)
-    } else {
-        let mut buf = [fill; MAX_LANES];
-        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-        E::load(isa, buf.as_ptr())
+    // SAFETY: `p` holds `n` elements (the caller's promise), `buf` a step.
+    unsafe {
+        if n == I::LANES {
+            E::load(isa, p)
+        } else {
+            let mut buf = [fill; MAX_LANES];
+            core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+            E::load(isa, buf.as_ptr())
+        }
     }
 }
 
 /// Stores the first `n` of one step of results at `p`.
 #[inline(always)]
 pub(crate) unsafe fn store_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I::Wide) {
-    if n == I::LANES {
-        E::store::<I>(p, v);
-    } else {
-        let mut buf = [<E as Element>::zero(); MAX_LANES];
-        E::store::<I>(buf.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    // SAFETY: `p` holds `n` elements (the caller's promise), `buf` a step.
+    unsafe {
+        if n == I::LANES {
+            E::store::<I>(p, v);
+        } else {
+            let mut buf = [<E as Element>::zero(); MAX_LANES];
+            E::store::<I>(buf.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+        }
     }
 }
 
@@ -333,8 +349,11 @@ macro_rules! map_steps {
         let mut at = 0;
         while at < len {
             let n = (len - at).min(<$i>::LANES);
-            let $v = load_step::<$i, $e>($isa, x.add(at), n, neg_inf::<$e>());
-            store_first::<$i, $e>(out.add(at), n, $body);
+            // SAFETY: `x` and `out` hold `len` elements (what the macro's user vouches for).
+            let $v = unsafe { load_step::<$i, $e>($isa, x.add(at), n, neg_inf::<$e>()) };
+            let result = $body;
+            // SAFETY: as above.
+            unsafe { store_first::<$i, $e>(out.add(at), n, result) };
             at += <$i>::LANES;
         }
     }};
@@ -398,16 +417,18 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
             min = min.min(lo.reduce_min());
         }
         let mapped_max = map.map_max(block_max);
+        // SAFETY (the sink's buffers here and below): the caller's promise, that they hold the
+        // row and `maxima` is valid; `block` is in `row`.
         let at = |buf: Option<*mut f32>| {
-            buf.map(|b| b.add(block.as_ptr().offset_from(row.as_ptr()) as usize))
+            buf.map(|b| unsafe { b.add(block.as_ptr().offset_from(row.as_ptr()) as usize) })
         };
         let (cache, slopes) = (at(sink.cache), at(sink.slopes));
         if no_finite {
             for buf in [cache, slopes].into_iter().flatten() {
-                core::ptr::write_bytes(buf, 0, block.len());
+                unsafe { core::ptr::write_bytes(buf, 0, block.len()) };
             }
             if let Some(maxima) = sink.maxima {
-                (*maxima).push(mapped_max, (0.0, 0.0));
+                unsafe { (*maxima).push(mapped_max, (0.0, 0.0)) };
             }
             continue;
         }
@@ -430,10 +451,10 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
             ties = is_tie.count(ties);
             if let Some(cache) = cache {
                 let (term, is_one) = M::cache_term(slope, e, is_tie);
-                W::store_exp(cache.add(at), n, term, is_one);
+                unsafe { W::store_exp(cache.add(at), n, term, is_one) };
             }
             if let Some(slopes) = slopes {
-                M::store_slope(slope, slopes.add(at), n);
+                unsafe { M::store_slope(slope, slopes.add(at), n) };
             }
             if sink.distances {
                 let is_live = y.ne(W::splat(isa, f64::NEG_INFINITY));
@@ -443,7 +464,7 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
         });
         if let Some(maxima) = sink.maxima {
             let live = <W::Mask as Mask>::total(live) as f64;
-            (*maxima).push(mapped_max, (distance.reduce_sum(), live));
+            unsafe { (*maxima).push(mapped_max, (distance.reduce_sum(), live)) };
         }
         let rest = sums.total((<W::Mask as Mask>::total(ties) - 1) as f64);
         if rest.value().is_nan() {
@@ -464,13 +485,8 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
 
 /// `softmax_i = exp(x_i − m) / S` (row not fully masked).
 #[inline(always)]
-unsafe fn softmax_impl<I: Isa, E: Lanes>(
-    isa: I,
-    x: &[E],
-    max: f64,
-    denominator: f64,
-    out: &mut [E],
-) {
+fn softmax_impl<I: Isa, E: Lanes>(isa: I, x: &[E], max: f64, denominator: f64, out: &mut [E]) {
+    assert!(out.len() >= x.len());
     let (m, neg_m) = (E::V::<I>::splat(isa, max), E::V::<I>::splat(isa, -max));
     let inv = I::Wide::splat(isa, 1.0 / denominator / E::V::<I>::EXP_SCALE);
     map_steps!(I, isa, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
@@ -497,13 +513,16 @@ unsafe fn rescale_impl<I: Isa, E: Lanes>(
             let neg_b = <$t>::splat(isa, -b);
             for i in $range.clone().step_by(I::LANES) {
                 let (n, mut shift) = (($range.end - i).min(I::LANES), zero);
+                // SAFETY (the three blocks): `cache`, `out` and `slopes` (when not null) hold
+                // `len` elements, the caller's promise; `i + n ≤ len`.
                 if !slopes.is_null() {
-                    shift =
-                        $from(load_step::<I, f32>(isa, slopes.add(i), n, 0.0)).mul_add(neg_b, zero);
+                    let slope = unsafe { load_step::<I, f32>(isa, slopes.add(i), n, 0.0) };
+                    shift = $from(slope).mul_add(neg_b, zero);
                 }
                 // `e·f + shift`, `shift` never −0: a zero result is +0 whatever the signs.
-                let term = $from(load_step::<I, f32>(isa, cache.add(i), n, 0.0));
-                $store::<I, E>(out.add(i), n, term.mul_add(factor, shift));
+                let term = $from(unsafe { load_step::<I, f32>(isa, cache.add(i), n, 0.0) });
+                let result = term.mul_add(factor, shift);
+                unsafe { $store::<I, E>(out.add(i), n, result) };
             }
         }};
     }
@@ -528,13 +547,8 @@ unsafe fn rescale_impl<I: Isa, E: Lanes>(
 
 /// `log_softmax_i = (x_i − m) − log1p(s')`, saturating finite results at `−MAX`, `−inf` kept.
 #[inline(always)]
-unsafe fn log_softmax_impl<I: Isa, E: Lanes>(
-    isa: I,
-    x: &[E],
-    max: f64,
-    log1p_sum: f64,
-    out: &mut [E],
-) {
+fn log_softmax_impl<I: Isa, E: Lanes>(isa: I, x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
+    assert!(out.len() >= x.len());
     let (m, l) = (I::Wide::splat(isa, max), I::Wide::splat(isa, log1p_sum));
     let floor = I::Wide::splat(isa, -E::MAX.to_f64());
     let minus_inf = I::Wide::splat(isa, f64::NEG_INFINITY);
@@ -610,12 +624,13 @@ impl<I: Isa, E: Lanes> MassLanes<I, E> {
     #[inline(always)]
     unsafe fn at(&self, at: usize, n: usize) -> I::Wide {
         let (mut u, isa) = (self.share, self.share.token());
+        // SAFETY (both blocks): the `n` classes from `at` are in the row, the caller's promise.
         if !self.probabilities.is_null() {
-            let q = load_step::<I, E>(isa, self.probabilities.add(at), n, E::zero());
+            let q = unsafe { load_step::<I, E>(isa, self.probabilities.add(at), n, E::zero()) };
             u = self.keep.mul_add(q.widen(), u);
         }
         if !self.weights.is_null() {
-            u = u.mul(load_step::<I, f64>(isa, self.weights.add(at), n, 0.0));
+            u = u.mul(unsafe { load_step::<I, f64>(isa, self.weights.add(at), n, 0.0) });
         }
         u
     }
@@ -666,9 +681,11 @@ unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: La
     let mut at = 0;
     while at < len {
         let n = (len - at).min(I::LANES);
-        let v = load_step::<I, E>(isa, x.add(at), n, neg_inf::<E>());
+        // SAFETY (these two, and the store below): `x`, `g` when `store` and the masses hold
+        // `len` elements, the caller's promise; `at + n ≤ len`.
+        let v = unsafe { load_step::<I, E>(isa, x.add(at), n, neg_inf::<E>()) };
         let live = live::<I>(v.widen());
-        let u = masses.at(at, n);
+        let u = unsafe { masses.at(at, n) };
         let (y, slope) = map.apply(W::from_row(v));
         sum = sum.add(distance::<I>(m_wide, y.widen(), live, u));
         if store || verify {
@@ -685,7 +702,7 @@ unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: La
                 cancels = cancels.or(ce.gt(elementwise.mul(grad)));
             }
             if store {
-                store_first::<I, E>(g.add(at), n, grad);
+                unsafe { store_first::<I, E>(g.add(at), n, grad) };
             }
         }
         at += I::LANES;
@@ -701,12 +718,18 @@ unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: La
 macro_rules! for_each_pair {
     ($i:ty, $isa:expr, $e:ty, $y:expr, $dy:expr, |$a:ident, $b:ident, $at:ident, $n:ident| $body:block) => {{
         let (y, dy): (&[$e], &[$e]) = ($y, $dy);
+        assert!(dy.len() >= y.len());
         let mut $at = 0;
         while $at < y.len() {
             let $n = (y.len() - $at).min(<$i>::LANES);
             let zero = <$e as Element>::zero();
-            let $a = load_step::<$i, $e>($isa, y.as_ptr().add($at), $n, zero);
-            let $b = load_step::<$i, $e>($isa, dy.as_ptr().add($at), $n, zero);
+            // SAFETY: the `$n` elements from `$at` are in `y`, and `dy` is as long.
+            let ($a, $b) = unsafe {
+                (
+                    load_step::<$i, $e>($isa, y.as_ptr().add($at), $n, zero),
+                    load_step::<$i, $e>($isa, dy.as_ptr().add($at), $n, zero),
+                )
+            };
             $body
             $at += <$i>::LANES;
         }
@@ -715,7 +738,7 @@ macro_rules! for_each_pair {
 
 /// `Σ_j y_j dy_j` (softmax backward) or `Σ_j dy_j` (log-softmax backward), in `f64`.
 #[inline(always)]
-unsafe fn dot_impl<I: Isa, E: Lanes>(isa: I, y: &[E], dy: &[E], weighted: bool) -> f64 {
+fn dot_impl<I: Isa, E: Lanes>(isa: I, y: &[E], dy: &[E], weighted: bool) -> f64 {
     let mut acc = I::Wide::splat(isa, 0.0);
     for_each_pair!(I, isa, E, y, dy, |a, b, _at, _n| {
         let (a, b) = (a.widen(), b.widen());
@@ -730,30 +753,28 @@ unsafe fn dot_impl<I: Isa, E: Lanes>(isa: I, y: &[E], dy: &[E], weighted: bool) 
 
 /// `dx_i = y_i · (dy_i − dot)`.
 #[inline(always)]
-unsafe fn softmax_backward_impl<I: Isa, E: Lanes>(
-    isa: I,
-    y: &[E],
-    dy: &[E],
-    dot: f64,
-    dx: &mut [E],
-) {
+fn softmax_backward_impl<I: Isa, E: Lanes>(isa: I, y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
+    assert!(dx.len() >= y.len());
     let dot = I::Wide::splat(isa, dot);
     let out = dx.as_mut_ptr();
     for_each_pair!(I, isa, E, y, dy, |a, b, at, n| {
-        store_first::<I, E>(out.add(at), n, a.widen().mul(b.widen().sub(dot)));
+        let result = a.widen().mul(b.widen().sub(dot));
+        // SAFETY: the `n` elements from `at` are in `y`, and `dx` is as long.
+        unsafe { store_first::<I, E>(out.add(at), n, result) };
     });
 }
 
 /// `dx_i = dy_i − exp(y_i) · total` for log-probabilities `y ≤ 0`; `false` (nothing written)
 /// when some `y_i` is positive or NaN, which the scalar kernel handles.
 #[inline(always)]
-unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
+fn log_softmax_backward_impl<I: Isa, E: Lanes>(
     isa: I,
     y: &[E],
     dy: &[E],
     total: f64,
     dx: &mut [E],
 ) -> bool {
+    assert!(dx.len() >= y.len());
     let zero = E::V::<I>::splat(isa, 0.0);
     let mut out_of_range = <<E::V<I> as Float>::Mask as Mask>::none(isa);
     for_each_step!(I, isa, E, y, neg_inf::<E>(), |v, _at, _n| {
@@ -766,7 +787,9 @@ unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
     let out = dx.as_mut_ptr();
     for_each_pair!(I, isa, E, y, dy, |v, d, at, n| {
         let e = v.exp_shifted::<false>(zero, zero).widen();
-        store_first::<I, E>(out.add(at), n, e.neg_mul_add(total, d.widen()));
+        let result = e.neg_mul_add(total, d.widen());
+        // SAFETY: the `n` elements from `at` are in `y`, and `dx` is as long.
+        unsafe { store_first::<I, E>(out.add(at), n, result) };
     });
     true
 }
@@ -774,11 +797,12 @@ unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
 /// `(Σ_c w_c q_c, max_c q_c)` over a row of probability targets, or `None` when some `q_c` is
 /// not a finite number ≥ 0.
 #[inline(always)]
-unsafe fn probability_mass_impl<I: Isa, E: Lanes>(
+fn probability_mass_impl<I: Isa, E: Lanes>(
     isa: I,
     q: &[E],
     weights: Option<&[f64]>,
 ) -> Option<(CompensatedSum, f64)> {
+    assert!(weights.is_none_or(|w| w.len() >= q.len()));
     let masses = MassLanes::<I, E>::new(
         isa,
         &ClassMasses {
@@ -795,7 +819,9 @@ unsafe fn probability_mass_impl<I: Isa, E: Lanes>(
         // Ordered compares: NaN is invalid too.
         invalid = invalid.or(v.ge(zero).and(v.lt(inf)).not());
         peak = peak.max(v);
-        sums.add(masses.at(at, n).mul(v));
+        // SAFETY: the `n` classes from `at` are in `q`, and the weights are as many.
+        let u = unsafe { masses.at(at, n) };
+        sums.add(u.mul(v));
     });
     if invalid.any() {
         return None;
@@ -866,22 +892,21 @@ macro_rules! entries {
                 } })
             }
             unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64)) {
-                on_isa!(super::vector_isa(), I, isa => rescale_impl::<I, Self>(isa, caches, out, len, maxima, mcb))
+                // SAFETY: the caller's promise.
+                on_isa!(super::vector_isa(), I, isa => unsafe { rescale_impl::<I, Self>(isa, caches, out, len, maxima, mcb) })
             }
             fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
-                // SAFETY: `out` is as long as `x` (the ops checked).
-                on_isa!(super::vector_isa(), I, isa => unsafe { softmax_impl::<I, Self>(isa, x, max, denominator, out) })
+                on_isa!(super::vector_isa(), I, isa => softmax_impl::<I, Self>(isa, x, max, denominator, out))
             }
             fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]) {
-                // SAFETY: as in `softmax`.
-                on_isa!(super::vector_isa(), I, isa => unsafe { log_softmax_impl::<I, Self>(isa, x, max, log1p_sum, out) })
+                on_isa!(super::vector_isa(), I, isa => log_softmax_impl::<I, Self>(isa, x, max, log1p_sum, out))
             }
             unsafe fn ce_grad(io: (*const Self, *mut Self, usize), w: &FastWrite<'_, '_, Self>, store: bool) -> MassesPass {
-                on_isa!(super::vector_isa(), I, isa => ce_grad_raw::<I, Self>(isa, io, w, store))
+                // SAFETY: the caller's promise.
+                on_isa!(super::vector_isa(), I, isa => unsafe { ce_grad_raw::<I, Self>(isa, io, w, store) })
             }
             fn probability_mass(q: &[Self], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)> {
-                // SAFETY: `weights` are as many as `q` (the ops checked).
-                on_isa!(super::vector_isa(), I, isa => unsafe { probability_mass_impl::<I, Self>(isa, q, weights) })
+                on_isa!(super::vector_isa(), I, isa => probability_mass_impl::<I, Self>(isa, q, weights))
             }
             fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64 {
                 let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
@@ -889,16 +914,13 @@ macro_rules! entries {
                 on_isa!(super::vector_isa(), I, isa => unsafe { masses_pass::<I, Self>(isa, io, (max, 0.0, 0.0), masses, map, (false, false)) }.distance)
             }
             fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64 {
-                // SAFETY: `dy` is as long as `y` (the ops checked).
-                on_isa!(super::vector_isa(), I, isa => unsafe { dot_impl::<I, Self>(isa, y, dy, weighted) })
+                on_isa!(super::vector_isa(), I, isa => dot_impl::<I, Self>(isa, y, dy, weighted))
             }
             fn softmax_backward(y: &[Self], dy: &[Self], dot: f64, dx: &mut [Self]) {
-                // SAFETY: `dy` and `dx` are as long as `y` (the ops checked).
-                on_isa!(super::vector_isa(), I, isa => unsafe { softmax_backward_impl::<I, Self>(isa, y, dy, dot, dx) })
+                on_isa!(super::vector_isa(), I, isa => softmax_backward_impl::<I, Self>(isa, y, dy, dot, dx))
             }
             fn log_softmax_backward(y: &[Self], dy: &[Self], total: f64, dx: &mut [Self]) -> bool {
-                // SAFETY: as in `softmax_backward`.
-                on_isa!(super::vector_isa(), I, isa => unsafe { log_softmax_backward_impl::<I, Self>(isa, y, dy, total, dx) })
+                on_isa!(super::vector_isa(), I, isa => log_softmax_backward_impl::<I, Self>(isa, y, dy, total, dx))
             }
         }
     )*};
@@ -1057,27 +1079,30 @@ where
     I::Wide: SweepLanes<I, L::V<I>>,
 {
     let constants = (w.max, w.c, w.b);
+    // SAFETY (the three blocks): `io` as the caller promised; `w`'s masses hold the row.
     if w.masses.is_none() && w.map == LogitMap::Identity {
         debug_assert!(store);
         let (x, g, len) = io;
         let distance = if w.sweep_distance {
-            ce_grad_impl::<I, L, true>(isa, x, g, len, constants)
+            unsafe { ce_grad_impl::<I, L, true>(isa, x, g, len, constants) }
         } else {
-            ce_grad_impl::<I, L, false>(isa, x, g, len, constants)
+            unsafe { ce_grad_impl::<I, L, false>(isa, x, g, len, constants) }
         };
         return MassesPass {
             distance,
             cancels: false,
         };
     }
-    masses_pass::<I, L>(
-        isa,
-        io,
-        constants,
-        w.masses.as_ref(),
-        w.map,
-        (store, w.verify()),
-    )
+    unsafe {
+        masses_pass::<I, L>(
+            isa,
+            io,
+            constants,
+            w.masses.as_ref(),
+            w.map,
+            (store, w.verify()),
+        )
+    }
 }
 
 /// [`ce_grad_masses_impl`] in the lanes its map and `verify` ask for: probability targets and
@@ -1095,16 +1120,19 @@ where
     I::Wide: SweepLanes<I, L::V<I>>,
 {
     let masses = MassLanes::new(isa, masses.unwrap_or(&ClassMasses::UNIT));
-    match map {
-        LogitMap::Softcap(cap) => {
-            let map = Capped { cap };
-            ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, map, flags)
-        }
-        LogitMap::Identity if flags.1 => {
-            ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, Unmapped, flags)
-        }
-        LogitMap::Identity => {
-            ce_grad_masses_impl::<I, L, L::V<I>, _>(isa, io, constants, masses, Unmapped, flags)
+    // SAFETY: `io` and `masses` as the caller promised.
+    unsafe {
+        match map {
+            LogitMap::Softcap(cap) => {
+                let map = Capped { cap };
+                ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, map, flags)
+            }
+            LogitMap::Identity if flags.1 => {
+                ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, Unmapped, flags)
+            }
+            LogitMap::Identity => {
+                ce_grad_masses_impl::<I, L, L::V<I>, _>(isa, io, constants, masses, Unmapped, flags)
+            }
         }
     }
 }
