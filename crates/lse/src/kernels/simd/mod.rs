@@ -7,8 +7,14 @@
 //! that under the one `#[target_feature]` entry per instruction set no intrinsic is left as a
 //! call. [`portable`] implements them over plain arrays, for every target.
 //!
+//! Each instruction set is a zero-sized token type that only its detection makes, and its
+//! vectors ([`Vector`]) are made only from the token or from other vectors: holding either
+//! proves the CPU runs the set, so the lane operations are safe functions. Loads and stores
+//! (their pointers) and the `#[target_feature]` entries stay `unsafe`.
+//!
 //! The registry: [`Kernel`] names the families, [`VectorIsa`] the instruction sets this build
-//! has, [`isa_of`] detects them on this CPU, and [`on_isa!`] runs a body under the active one.
+//! has (with their tokens), [`isa_of`] detects them on this CPU, and [`on_isa!`] runs a body
+//! under the active one, handing it the token.
 
 use half::{bf16, f16};
 
@@ -279,7 +285,8 @@ pub(crate) trait Isa: Copy {
     /// Rounded to `f32`, to nearest even.
     fn narrow(v: Self::Wide) -> Self::F32;
     /// # Safety
-    /// `p` is valid for reading `LANES` values (so for the others).
+    /// `p` is valid for reading `LANES` values; the stores and `load_bf16` likewise for their
+    /// access.
     unsafe fn load_f16(self, p: *const f16) -> Self::F32;
     /// Rounded to `f16`, to nearest even.
     unsafe fn store_f16(p: *mut f16, v: Self::F32);
