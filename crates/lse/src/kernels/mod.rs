@@ -76,7 +76,7 @@ fn from_environment() -> Option<Kernel> {
 /// The instruction set the vector kernel runs in (the vector entry points are reached only
 /// while [`active_kernel`] is a vector family).
 pub(crate) fn vector_isa() -> VectorIsa {
-    simd::isa_of(active_kernel()).unwrap_or(VectorIsa::Portable)
+    simd::isa_of(active_kernel()).unwrap_or(VectorIsa::Portable(simd::portable::Portable::new()))
 }
 
 /// Elements per piece of a long row. A row longer than this is read as a sequence of such

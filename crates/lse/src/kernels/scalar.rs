@@ -33,8 +33,7 @@ impl LogitMap {
     pub(crate) fn with_slope(self, x: f64) -> (f64, f64) {
         match self {
             LogitMap::Identity => (x, 1.0),
-            // SAFETY: `f64`'s lane operations are plain arithmetic, without a target feature.
-            LogitMap::Softcap(cap) => unsafe { softcap(x, cap, 2.0 / cap) },
+            LogitMap::Softcap(cap) => softcap(x, cap, 2.0 / cap),
         }
     }
 }

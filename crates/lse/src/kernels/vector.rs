@@ -24,6 +24,11 @@
 //! Each entry point runs its body under the `#[target_feature]` entry of the active
 //! instruction set ([`on_isa!`]), compiled once per storage type ([`Entries`]); everything
 //! below is `#[inline(always)]`.
+//!
+//! The lane operations are safe functions (the instruction set's token, `isa` below, made the
+//! vectors); `unsafe` is left to the loads and stores through raw pointers, each block saying
+//! why its memory is there.
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use half::{bf16, f16};
 
@@ -41,7 +46,7 @@ pub(crate) const BLOCK: usize = 2048;
 pub(crate) trait Lanes: Element {
     type V<I: Isa>: Step<I>;
     /// Loads one step at `p`.
-    unsafe fn load<I: Isa>(p: *const Self) -> Self::V<I>;
+    unsafe fn load<I: Isa>(isa: I, p: *const Self) -> Self::V<I>;
     /// Stores one step of results given as `f64`, rounded to `Self`.
     unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide);
     /// True for the half types, whose outputs are rounded through `f32` anyway: a product
@@ -63,15 +68,16 @@ impl Lanes for f32 {
     const CACHES: bool = true;
     #[inline(always)]
     unsafe fn store_f32<I: Isa>(p: *mut Self, v: I::F32) {
-        v.store(p);
+        // SAFETY (here and in the other `Lanes` methods): `p` holds a step, the caller's promise.
+        unsafe { v.store(p) }
     }
     #[inline(always)]
-    unsafe fn load<I: Isa>(p: *const Self) -> I::F32 {
-        I::F32::load(p)
+    unsafe fn load<I: Isa>(isa: I, p: *const Self) -> I::F32 {
+        unsafe { I::F32::load(isa, p) }
     }
     #[inline(always)]
     unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
-        I::narrow(v).store(p);
+        unsafe { I::narrow(v).store(p) }
     }
 }
 
@@ -83,16 +89,16 @@ macro_rules! half_lanes {
             const CACHES: bool = true;
             const HALF: bool = true;
             #[inline(always)]
-            unsafe fn load<I: Isa>(p: *const Self) -> I::F32 {
-                I::$load(p)
+            unsafe fn load<I: Isa>(isa: I, p: *const Self) -> I::F32 {
+                unsafe { isa.$load(p) }
             }
             #[inline(always)]
             unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
-                I::$store(p, I::narrow(v));
+                unsafe { I::$store(p, I::narrow(v)) }
             }
             #[inline(always)]
             unsafe fn store_f32<I: Isa>(p: *mut Self, v: I::F32) {
-                I::$store(p, v);
+                unsafe { I::$store(p, v) }
             }
         }
     };
@@ -103,24 +109,27 @@ half_lanes!(bf16, load_bf16, store_bf16);
 impl Lanes for f64 {
     type V<I: Isa> = I::Wide;
     #[inline(always)]
-    unsafe fn load<I: Isa>(p: *const Self) -> I::Wide {
-        I::Wide::load(p)
+    unsafe fn load<I: Isa>(isa: I, p: *const Self) -> I::Wide {
+        unsafe { I::Wide::load(isa, p) }
     }
     #[inline(always)]
     unsafe fn store<I: Isa>(p: *mut Self, v: I::Wide) {
-        v.store(p);
+        unsafe { v.store(p) }
     }
 }
 
 /// Stores the first `n` of one step of `f32` results at `p`, rounded to `E`.
 #[inline(always)]
 pub(crate) unsafe fn store_f32_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I::F32) {
-    if n == I::LANES {
-        E::store_f32::<I>(p, v);
-    } else {
-        let mut buf = [<E as Element>::zero(); MAX_LANES];
-        E::store_f32::<I>(buf.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    // SAFETY: `p` holds `n` elements (the caller's promise), `buf` a step.
+    unsafe {
+        if n == I::LANES {
+            E::store_f32::<I>(p, v);
+        } else {
+            let mut buf = [<E as Element>::zero(); MAX_LANES];
+            E::store_f32::<I>(buf.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+        }
     }
 }
 
@@ -134,11 +143,11 @@ trait LaneMap<I: Isa, W: Step<I>>: Copy {
     /// The map of a row's maximum: the map is increasing, so it is the maximum of the mapped row.
     fn map_max(self, max: f64) -> f64;
     /// The mapped lanes, and what the gradient is multiplied by there.
-    unsafe fn apply(self, x: W) -> (W, Self::Slope);
-    unsafe fn times_slope(slope: Self::Slope, g: I::Wide) -> I::Wide;
+    fn apply(self, x: W) -> (W, Self::Slope);
+    fn times_slope(slope: Self::Slope, g: I::Wide) -> I::Wide;
     /// What the read pass caches for the write pass of a plain row, from the exp terms `e`
     /// (0 at ties with the block max): the term, and the lanes whose term is 1.
-    unsafe fn cache_term(slope: Self::Slope, e: W, ties: W::Mask) -> (W, W::Mask);
+    fn cache_term(slope: Self::Slope, e: W, ties: W::Mask) -> (W, W::Mask);
     /// Stores the first `n` slopes as `f32` (maps with a slope only).
     unsafe fn store_slope(_slope: Self::Slope, _p: *mut f32, _n: usize) {
         unreachable!("only a map with a slope stores it")
@@ -158,15 +167,15 @@ impl<I: Isa, W: Step<I>> LaneMap<I, W> for Unmapped {
         max
     }
     #[inline(always)]
-    unsafe fn apply(self, x: W) -> (W, ()) {
+    fn apply(self, x: W) -> (W, ()) {
         (x, ())
     }
     #[inline(always)]
-    unsafe fn times_slope((): (), g: I::Wide) -> I::Wide {
+    fn times_slope((): (), g: I::Wide) -> I::Wide {
         g
     }
     #[inline(always)]
-    unsafe fn cache_term((): (), e: W, ties: W::Mask) -> (W, W::Mask) {
+    fn cache_term((): (), e: W, ties: W::Mask) -> (W, W::Mask) {
         (e, ties)
     }
 }
@@ -187,22 +196,29 @@ impl<I: Isa> LaneMap<I, I::Wide> for Capped {
         LogitMap::Softcap(self.cap).apply(max)
     }
     #[inline(always)]
-    unsafe fn apply(self, x: I::Wide) -> (I::Wide, I::Wide) {
-        softcap(x, I::Wide::splat(self.cap), I::Wide::splat(2.0 / self.cap))
+    fn apply(self, x: I::Wide) -> (I::Wide, I::Wide) {
+        let isa = x.token();
+        softcap(
+            x,
+            I::Wide::splat(isa, self.cap),
+            I::Wide::splat(isa, 2.0 / self.cap),
+        )
     }
     #[inline(always)]
-    unsafe fn times_slope(slope: I::Wide, g: I::Wide) -> I::Wide {
+    fn times_slope(slope: I::Wide, g: I::Wide) -> I::Wide {
         slope.mul(g)
     }
     /// `slope · exp(y − m_b)`: the write pass's rescaling then gives the gradient with its slope.
     #[inline(always)]
-    unsafe fn cache_term(slope: I::Wide, e: I::Wide, ties: Mask64<I>) -> (I::Wide, Mask64<I>) {
-        let e = e.select(I::Wide::splat(1.0), ties);
-        (slope.mul(e), Mask::none())
+    fn cache_term(slope: I::Wide, e: I::Wide, ties: Mask64<I>) -> (I::Wide, Mask64<I>) {
+        let isa = e.token();
+        let e = e.select(I::Wide::splat(isa, 1.0), ties);
+        (slope.mul(e), Mask::none(isa))
     }
     #[inline(always)]
     unsafe fn store_slope(slope: I::Wide, p: *mut f32, n: usize) {
-        store_first::<I, f32>(p, n, slope);
+        // SAFETY: `p` holds `n` values (the caller's promise).
+        unsafe { store_first::<I, f32>(p, n, slope) }
     }
 }
 
@@ -219,8 +235,8 @@ struct LaneSums<I: Isa, W> {
 
 impl<I: Isa, W: Step<I>> LaneSums<I, W> {
     #[inline(always)]
-    unsafe fn new() -> Self {
-        let zero = I::Wide::splat(0.0);
+    fn new(isa: I) -> Self {
+        let zero = I::Wide::splat(isa, 0.0);
         Self {
             sum: zero,
             carry: zero,
@@ -229,7 +245,7 @@ impl<I: Isa, W: Step<I>> LaneSums<I, W> {
     }
 
     #[inline(always)]
-    unsafe fn add(&mut self, term: I::Wide) {
+    fn add(&mut self, term: I::Wide) {
         let sum = self.sum.add(term);
         if W::COMPENSATED {
             let virtual_term = sum.sub(self.sum);
@@ -245,13 +261,16 @@ impl<I: Isa, W: Step<I>> LaneSums<I, W> {
     /// The lanes' total divided by `W::EXP_SCALE` (exactly), plus `extra` (an exact small
     /// integer).
     #[inline(always)]
-    unsafe fn total(&self, extra: f64) -> CompensatedSum {
+    fn total(&self, extra: f64) -> CompensatedSum {
         let mut total = CompensatedSum::ZERO;
         let unscale = 1.0 / W::EXP_SCALE;
         if W::COMPENSATED {
             let mut lanes = [0.0; 2 * MAX_LANES];
-            self.sum.store(lanes.as_mut_ptr());
-            self.carry.store(lanes.as_mut_ptr().add(I::LANES));
+            // SAFETY: `lanes` holds two steps.
+            unsafe {
+                self.sum.store(lanes.as_mut_ptr());
+                self.carry.store(lanes.as_mut_ptr().add(I::LANES));
+            }
             lanes[..2 * I::LANES]
                 .iter()
                 .for_each(|&v| total.add(v * unscale));
@@ -265,25 +284,31 @@ impl<I: Isa, W: Step<I>> LaneSums<I, W> {
 
 /// The step of `n` elements at `p`, padded with `fill` when `n` is short of `I::LANES`.
 #[inline(always)]
-unsafe fn load_step<I: Isa, E: Lanes>(p: *const E, n: usize, fill: E) -> E::V<I> {
-    if n == I::LANES {
-        E::load::<I>(p)
-    } else {
-        let mut buf = [fill; MAX_LANES];
-        core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-        E::load::<I>(buf.as_ptr())
+unsafe fn load_step<I: Isa, E: Lanes>(isa: I, p: *const E, n: usize, fill: E) -> E::V<I> {
+    // SAFETY: `p` holds `n` elements (the caller's promise), `buf` a step.
+    unsafe {
+        if n == I::LANES {
+            E::load(isa, p)
+        } else {
+            let mut buf = [fill; MAX_LANES];
+            core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+            E::load(isa, buf.as_ptr())
+        }
     }
 }
 
 /// Stores the first `n` of one step of results at `p`.
 #[inline(always)]
 pub(crate) unsafe fn store_first<I: Isa, E: Lanes>(p: *mut E, n: usize, v: I::Wide) {
-    if n == I::LANES {
-        E::store::<I>(p, v);
-    } else {
-        let mut buf = [<E as Element>::zero(); MAX_LANES];
-        E::store::<I>(buf.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    // SAFETY: `p` holds `n` elements (the caller's promise), `buf` a step.
+    unsafe {
+        if n == I::LANES {
+            E::store::<I>(p, v);
+        } else {
+            let mut buf = [<E as Element>::zero(); MAX_LANES];
+            E::store::<I>(buf.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+        }
     }
 }
 
@@ -293,8 +318,8 @@ fn neg_inf<E: Element>() -> E {
 
 /// Lanes that are not `−inf`.
 #[inline(always)]
-unsafe fn live<I: Isa>(x: I::Wide) -> Mask64<I> {
-    x.ne(I::Wide::splat(f64::NEG_INFINITY))
+fn live<I: Isa>(x: I::Wide) -> Mask64<I> {
+    x.ne(I::Wide::splat(x.token(), f64::NEG_INFINITY))
 }
 
 /// Runs `$body` with `$x` bound to each step of `$row` (`&[$e]`), the last one padded with
@@ -302,12 +327,13 @@ unsafe fn live<I: Isa>(x: I::Wide) -> Mask64<I> {
 /// A macro, not a closure: closures do not inherit `#[target_feature]`, and their intrinsics
 /// would become calls.
 macro_rules! for_each_step {
-    ($i:ty, $e:ty, $row:expr, $fill:expr, |$x:ident, $at:ident, $n:ident| $body:block) => {{
+    ($i:ty, $isa:expr, $e:ty, $row:expr, $fill:expr, |$x:ident, $at:ident, $n:ident| $body:block) => {{
         let row: &[$e] = $row;
         let mut $at = 0;
         while $at < row.len() {
             let $n = (row.len() - $at).min(<$i>::LANES);
-            let $x = load_step::<$i, $e>(row.as_ptr().add($at), $n, $fill);
+            // SAFETY: the `$n` elements from `$at` are in the row.
+            let $x = unsafe { load_step::<$i, $e>($isa, row.as_ptr().add($at), $n, $fill) };
             $body
             $at += <$i>::LANES;
         }
@@ -318,13 +344,16 @@ macro_rules! for_each_step {
 /// `$out`, `$len` elements (the tail padded with `−inf`). `$x` and `$out` may be the same
 /// memory: every step is read before it is written.
 macro_rules! map_steps {
-    ($i:ty, $e:ty, $x:expr, $out:expr, $len:expr, |$v:ident| $body:block) => {{
+    ($i:ty, $isa:expr, $e:ty, $x:expr, $out:expr, $len:expr, |$v:ident| $body:block) => {{
         let (x, out, len): (*const $e, *mut $e, usize) = ($x, $out, $len);
         let mut at = 0;
         while at < len {
             let n = (len - at).min(<$i>::LANES);
-            let $v = load_step::<$i, $e>(x.add(at), n, neg_inf::<$e>());
-            store_first::<$i, $e>(out.add(at), n, $body);
+            // SAFETY: `x` and `out` hold `len` elements (what the macro's user vouches for).
+            let $v = unsafe { load_step::<$i, $e>($isa, x.add(at), n, neg_inf::<$e>()) };
+            let result = $body;
+            // SAFETY: as above.
+            unsafe { store_first::<$i, $e>(out.add(at), n, result) };
             at += <$i>::LANES;
         }
     }};
@@ -350,6 +379,7 @@ struct ScanSink {
 /// the first one and applies the caller's policy).
 #[inline(always)]
 unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W>>(
+    isa: I,
     row: &[E],
     sink: ScanSink,
     map: M,
@@ -357,15 +387,15 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
     let mut state = RowState::EMPTY;
     let mut masked = 0;
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-    let inf = E::V::<I>::splat(f64::INFINITY);
-    let minus_inf = E::V::<I>::splat(f64::NEG_INFINITY);
+    let inf = E::V::<I>::splat(isa, f64::INFINITY);
+    let minus_inf = E::V::<I>::splat(isa, f64::NEG_INFINITY);
     for block in row.chunks(BLOCK) {
         // Sweep 1: max (and with the tally: min of finite elements, −inf count). NaN and
         // `+inf` need no test of their own: `+inf` is the block max, and a NaN makes the max
         // or the exp sweep's sum NaN — except in a block of only −inf and NaN.
         let (mut hi, mut lo) = (minus_inf, inf);
-        let mut masked_lanes = <<E::V<I> as Float>::Mask as Mask>::count_zero();
-        for_each_step!(I, E, block, neg_inf::<E>(), |x, _at, _n| {
+        let mut masked_lanes = <<E::V<I> as Float>::Mask as Mask>::count_zero(isa);
+        for_each_step!(I, isa, E, block, neg_inf::<E>(), |x, _at, _n| {
             hi = hi.max(x);
             if sink.tally {
                 let is_masked = x.eq(minus_inf);
@@ -387,30 +417,33 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
             min = min.min(lo.reduce_min());
         }
         let mapped_max = map.map_max(block_max);
+        // SAFETY (the sink's buffers here and below): the caller's promise, that they hold the
+        // row and `maxima` is valid; `block` is in `row`.
         let at = |buf: Option<*mut f32>| {
-            buf.map(|b| b.add(block.as_ptr().offset_from(row.as_ptr()) as usize))
+            buf.map(|b| unsafe { b.add(block.as_ptr().offset_from(row.as_ptr()) as usize) })
         };
         let (cache, slopes) = (at(sink.cache), at(sink.slopes));
         if no_finite {
             for buf in [cache, slopes].into_iter().flatten() {
-                core::ptr::write_bytes(buf, 0, block.len());
+                unsafe { core::ptr::write_bytes(buf, 0, block.len()) };
             }
             if let Some(maxima) = sink.maxima {
-                (*maxima).push(mapped_max, (0.0, 0.0));
+                unsafe { (*maxima).push(mapped_max, (0.0, 0.0)) };
             }
             continue;
         }
         max = max.max(block_max);
         // Sweep 2 (from L1): Σ exp(y − m_b) over the mapped elements below the mapped max.
-        let (m, neg_m) = (W::splat(mapped_max), W::splat(-mapped_max));
-        let mut sums = LaneSums::<I, W>::new();
-        let mut ties = <W::Mask as Mask>::count_zero();
-        let (mut distance, mut live) = (I::Wide::splat(0.0), <W::Mask as Mask>::count_zero());
+        let (m, neg_m) = (W::splat(isa, mapped_max), W::splat(isa, -mapped_max));
+        let mut sums = LaneSums::<I, W>::new(isa);
+        let mut ties = <W::Mask as Mask>::count_zero(isa);
+        let zero = I::Wide::splat(isa, 0.0);
+        let (mut distance, mut live) = (zero, <W::Mask as Mask>::count_zero(isa));
         // The max sweep waits on memory, the exp sweep on arithmetic: fetching the next block
         // during this one overlaps the two (a prefetch never faults, even past the row's end).
         let next = block.as_ptr().wrapping_add(2 * BLOCK).cast::<i8>();
-        for_each_step!(I, E, block, neg_inf::<E>(), |x, at, n| {
-            I::prefetch(next.wrapping_add(at * size_of::<E>()));
+        for_each_step!(I, isa, E, block, neg_inf::<E>(), |x, at, n| {
+            isa.prefetch(next.wrapping_add(at * size_of::<E>()));
             let (y, slope) = map.apply(W::from_row(x));
             let e = y.exp_shifted::<true>(m, neg_m);
             sums.add(e.widen());
@@ -418,20 +451,20 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
             ties = is_tie.count(ties);
             if let Some(cache) = cache {
                 let (term, is_one) = M::cache_term(slope, e, is_tie);
-                W::store_exp(cache.add(at), n, term, is_one);
+                unsafe { W::store_exp(cache.add(at), n, term, is_one) };
             }
             if let Some(slopes) = slopes {
-                M::store_slope(slope, slopes.add(at), n);
+                unsafe { M::store_slope(slope, slopes.add(at), n) };
             }
             if sink.distances {
-                let is_live = y.ne(W::splat(f64::NEG_INFINITY));
+                let is_live = y.ne(W::splat(isa, f64::NEG_INFINITY));
                 distance = distance.add(m.sub(y).keep(is_live).widen());
                 live = is_live.count(live);
             }
         });
         if let Some(maxima) = sink.maxima {
             let live = <W::Mask as Mask>::total(live) as f64;
-            (*maxima).push(mapped_max, (distance.reduce_sum(), live));
+            unsafe { (*maxima).push(mapped_max, (distance.reduce_sum(), live)) };
         }
         let rest = sums.total((<W::Mask as Mask>::total(ties) - 1) as f64);
         if rest.value().is_nan() {
@@ -452,10 +485,11 @@ unsafe fn scan_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W
 
 /// `softmax_i = exp(x_i − m) / S` (row not fully masked).
 #[inline(always)]
-unsafe fn softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, denominator: f64, out: &mut [E]) {
-    let (m, neg_m) = (E::V::<I>::splat(max), E::V::<I>::splat(-max));
-    let inv = I::Wide::splat(1.0 / denominator / E::V::<I>::EXP_SCALE);
-    map_steps!(I, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
+fn softmax_impl<I: Isa, E: Lanes>(isa: I, x: &[E], max: f64, denominator: f64, out: &mut [E]) {
+    assert!(out.len() >= x.len());
+    let (m, neg_m) = (E::V::<I>::splat(isa, max), E::V::<I>::splat(isa, -max));
+    let inv = I::Wide::splat(isa, 1.0 / denominator / E::V::<I>::EXP_SCALE);
+    map_steps!(I, isa, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
         v.exp_shifted::<false>(m, neg_m).widen().mul(inv)
     });
 }
@@ -465,6 +499,7 @@ unsafe fn softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, denominator: f64, ou
 /// With `slopes` (not null), also subtracts `b · slope_i`.
 #[inline(always)]
 unsafe fn rescale_impl<I: Isa, E: Lanes>(
+    isa: I,
     (cache, slopes): (*const f32, *const f32),
     out: *mut E,
     len: usize,
@@ -474,15 +509,20 @@ unsafe fn rescale_impl<I: Isa, E: Lanes>(
     // One block's steps in lanes `$t` from the cache's `f32` lanes, stored by `$store`.
     macro_rules! block {
         ($t:ty, $from:expr, $store:ident, $range:expr, $factor:expr) => {{
-            let (factor, zero, neg_b) = (<$t>::splat($factor), <$t>::splat(0.0), <$t>::splat(-b));
+            let (factor, zero) = (<$t>::splat(isa, $factor), <$t>::splat(isa, 0.0));
+            let neg_b = <$t>::splat(isa, -b);
             for i in $range.clone().step_by(I::LANES) {
                 let (n, mut shift) = (($range.end - i).min(I::LANES), zero);
+                // SAFETY (the three blocks): `cache`, `out` and `slopes` (when not null) hold
+                // `len` elements, the caller's promise; `i + n ≤ len`.
                 if !slopes.is_null() {
-                    shift = $from(load_step::<I, f32>(slopes.add(i), n, 0.0)).mul_add(neg_b, zero);
+                    let slope = unsafe { load_step::<I, f32>(isa, slopes.add(i), n, 0.0) };
+                    shift = $from(slope).mul_add(neg_b, zero);
                 }
                 // `e·f + shift`, `shift` never −0: a zero result is +0 whatever the signs.
-                let term = $from(load_step::<I, f32>(cache.add(i), n, 0.0));
-                $store::<I, E>(out.add(i), n, term.mul_add(factor, shift));
+                let term = $from(unsafe { load_step::<I, f32>(isa, cache.add(i), n, 0.0) });
+                let result = term.mul_add(factor, shift);
+                unsafe { $store::<I, E>(out.add(i), n, result) };
             }
         }};
     }
@@ -507,11 +547,12 @@ unsafe fn rescale_impl<I: Isa, E: Lanes>(
 
 /// `log_softmax_i = (x_i − m) − log1p(s')`, saturating finite results at `−MAX`, `−inf` kept.
 #[inline(always)]
-unsafe fn log_softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
-    let (m, l) = (I::Wide::splat(max), I::Wide::splat(log1p_sum));
-    let floor = I::Wide::splat(-E::MAX.to_f64());
-    let minus_inf = I::Wide::splat(f64::NEG_INFINITY);
-    map_steps!(I, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
+fn log_softmax_impl<I: Isa, E: Lanes>(isa: I, x: &[E], max: f64, log1p_sum: f64, out: &mut [E]) {
+    assert!(out.len() >= x.len());
+    let (m, l) = (I::Wide::splat(isa, max), I::Wide::splat(isa, log1p_sum));
+    let floor = I::Wide::splat(isa, -E::MAX.to_f64());
+    let minus_inf = I::Wide::splat(isa, f64::NEG_INFINITY);
+    map_steps!(I, isa, E, x.as_ptr(), out.as_mut_ptr(), x.len(), |v| {
         let x = v.widen();
         let y = x.sub(m).sub(l).max(floor);
         y.select(minus_inf, x.eq(minus_inf))
@@ -523,19 +564,17 @@ unsafe fn log_softmax_impl<I: Isa, E: Lanes>(x: &[E], max: f64, log1p_sum: f64, 
 /// `Σ_live (m − x_i)` (every term ≥ 0), else 0.
 #[inline(always)]
 unsafe fn ce_grad_impl<I: Isa, E: Lanes, const SWEEP: bool>(
+    isa: I,
     x: *const E,
     g: *mut E,
     len: usize,
     (max, c, b): (f64, f64, f64),
 ) -> f64 {
-    let (m, neg_m) = (E::V::<I>::splat(max), E::V::<I>::splat(-max));
-    let (c, b) = (I::Wide::splat(c / E::V::<I>::EXP_SCALE), I::Wide::splat(b));
-    let (mut sum, one, m_wide) = (
-        I::Wide::splat(0.0),
-        I::Wide::splat(1.0),
-        I::Wide::splat(max),
-    );
-    map_steps!(I, E, x, g, len, |v| {
+    let (m, neg_m) = (E::V::<I>::splat(isa, max), E::V::<I>::splat(isa, -max));
+    let c = I::Wide::splat(isa, c / E::V::<I>::EXP_SCALE);
+    let (b, one) = (I::Wide::splat(isa, b), I::Wide::splat(isa, 1.0));
+    let (mut sum, m_wide) = (I::Wide::splat(isa, 0.0), I::Wide::splat(isa, max));
+    map_steps!(I, isa, E, x, g, len, |v| {
         let e = v.exp_shifted::<false>(m, neg_m).widen();
         let live = live::<I>(v.widen());
         if SWEEP {
@@ -551,9 +590,9 @@ unsafe fn ce_grad_impl<I: Isa, E: Lanes, const SWEEP: bool>(
 /// (every term ≥ 0; an `f64` row's `m − x_i` may be `+inf`, which a zero mass must not turn
 /// into NaN).
 #[inline(always)]
-unsafe fn distance<I: Isa>(m: I::Wide, x: I::Wide, live: Mask64<I>, u: I::Wide) -> I::Wide {
+fn distance<I: Isa>(m: I::Wide, x: I::Wide, live: Mask64<I>, u: I::Wide) -> I::Wide {
     // Any non-zero mass counts: negative class weights and targets are PyTorch's too.
-    let zero = I::Wide::splat(0.0);
+    let zero = I::Wide::splat(u.token(), 0.0);
     let counted = live.and(u.gt(zero).or(u.lt(zero)));
     u.mul(m.sub(x)).keep(counted)
 }
@@ -570,27 +609,28 @@ struct MassLanes<I: Isa, E> {
 
 impl<I: Isa, E: Lanes> MassLanes<I, E> {
     #[inline(always)]
-    unsafe fn new(masses: &ClassMasses<'_, '_, E>) -> Self {
+    fn new(isa: I, masses: &ClassMasses<'_, '_, E>) -> Self {
         Self {
             weights: masses.weights.map_or(core::ptr::null(), <[f64]>::as_ptr),
             probabilities: masses
                 .probabilities
                 .map_or(core::ptr::null(), <[E]>::as_ptr),
-            share: I::Wide::splat(masses.share),
-            keep: I::Wide::splat(masses.keep),
+            share: I::Wide::splat(isa, masses.share),
+            keep: I::Wide::splat(isa, masses.keep),
         }
     }
 
     /// The masses of the `n` classes from `at` (the rest of the lanes: `share`).
     #[inline(always)]
     unsafe fn at(&self, at: usize, n: usize) -> I::Wide {
-        let mut u = self.share;
+        let (mut u, isa) = (self.share, self.share.token());
+        // SAFETY (both blocks): the `n` classes from `at` are in the row, the caller's promise.
         if !self.probabilities.is_null() {
-            let q = load_step::<I, E>(self.probabilities.add(at), n, E::zero());
+            let q = unsafe { load_step::<I, E>(isa, self.probabilities.add(at), n, E::zero()) };
             u = self.keep.mul_add(q.widen(), u);
         }
         if !self.weights.is_null() {
-            u = u.mul(load_step::<I, f64>(self.weights.add(at), n, 0.0));
+            u = u.mul(unsafe { load_step::<I, f64>(isa, self.weights.add(at), n, 0.0) });
         }
         u
     }
@@ -621,25 +661,31 @@ fn cancellation_limits<I: Isa, W: Step<I>>(dtype: DType, argument_error: f64) ->
 /// sum (no exp).
 #[inline(always)]
 unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: LaneMap<I, W>>(
+    isa: I,
     (x, g, len): (*const E, *mut E, usize),
     (max, c, b): (f64, f64, f64),
     masses: MassLanes<I, E>,
     map: M,
     (store, verify): (bool, bool),
 ) -> MassesPass {
-    let (m, neg_m) = (W::splat(max), W::splat(-max));
-    let (c, b) = (I::Wide::splat(c / W::EXP_SCALE), I::Wide::splat(b));
-    let (mut sum, m_wide) = (I::Wide::splat(0.0), I::Wide::splat(max));
+    let (m, neg_m) = (W::splat(isa, max), W::splat(isa, -max));
+    let (c, b) = (
+        I::Wide::splat(isa, c / W::EXP_SCALE),
+        I::Wide::splat(isa, b),
+    );
+    let (mut sum, m_wide) = (I::Wide::splat(isa, 0.0), I::Wide::splat(isa, max));
     let (normwise, elementwise) = cancellation_limits::<I, W>(E::DTYPE, map.argument_error());
-    let elementwise = I::Wide::splat(elementwise);
-    let zero = I::Wide::splat(0.0);
-    let (mut peak_ce, mut peak_g, mut cancels) = (zero, zero, Mask64::<I>::none());
+    let elementwise = I::Wide::splat(isa, elementwise);
+    let zero = I::Wide::splat(isa, 0.0);
+    let (mut peak_ce, mut peak_g, mut cancels) = (zero, zero, Mask64::<I>::none(isa));
     let mut at = 0;
     while at < len {
         let n = (len - at).min(I::LANES);
-        let v = load_step::<I, E>(x.add(at), n, neg_inf::<E>());
+        // SAFETY (these two, and the store below): `x`, `g` when `store` and the masses hold
+        // `len` elements, the caller's promise; `at + n ≤ len`.
+        let v = unsafe { load_step::<I, E>(isa, x.add(at), n, neg_inf::<E>()) };
         let live = live::<I>(v.widen());
-        let u = masses.at(at, n);
+        let u = unsafe { masses.at(at, n) };
         let (y, slope) = map.apply(W::from_row(v));
         sum = sum.add(distance::<I>(m_wide, y.widen(), live, u));
         if store || verify {
@@ -656,7 +702,7 @@ unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: La
                 cancels = cancels.or(ce.gt(elementwise.mul(grad)));
             }
             if store {
-                store_first::<I, E>(g.add(at), n, grad);
+                unsafe { store_first::<I, E>(g.add(at), n, grad) };
             }
         }
         at += I::LANES;
@@ -670,14 +716,20 @@ unsafe fn ce_grad_masses_impl<I: Isa, E: Lanes, W: SweepLanes<I, E::V<I>>, M: La
 /// Runs `$body` with `$a`, `$b` bound to matching steps of `$y` and `$dy` (the tails padded
 /// with zeros), `$at` the offset and `$n` the number of row elements in the step.
 macro_rules! for_each_pair {
-    ($i:ty, $e:ty, $y:expr, $dy:expr, |$a:ident, $b:ident, $at:ident, $n:ident| $body:block) => {{
+    ($i:ty, $isa:expr, $e:ty, $y:expr, $dy:expr, |$a:ident, $b:ident, $at:ident, $n:ident| $body:block) => {{
         let (y, dy): (&[$e], &[$e]) = ($y, $dy);
+        assert!(dy.len() >= y.len());
         let mut $at = 0;
         while $at < y.len() {
             let $n = (y.len() - $at).min(<$i>::LANES);
             let zero = <$e as Element>::zero();
-            let $a = load_step::<$i, $e>(y.as_ptr().add($at), $n, zero);
-            let $b = load_step::<$i, $e>(dy.as_ptr().add($at), $n, zero);
+            // SAFETY: the `$n` elements from `$at` are in `y`, and `dy` is as long.
+            let ($a, $b) = unsafe {
+                (
+                    load_step::<$i, $e>($isa, y.as_ptr().add($at), $n, zero),
+                    load_step::<$i, $e>($isa, dy.as_ptr().add($at), $n, zero),
+                )
+            };
             $body
             $at += <$i>::LANES;
         }
@@ -686,9 +738,9 @@ macro_rules! for_each_pair {
 
 /// `Σ_j y_j dy_j` (softmax backward) or `Σ_j dy_j` (log-softmax backward), in `f64`.
 #[inline(always)]
-unsafe fn dot_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
-    let mut acc = I::Wide::splat(0.0);
-    for_each_pair!(I, E, y, dy, |a, b, _at, _n| {
+fn dot_impl<I: Isa, E: Lanes>(isa: I, y: &[E], dy: &[E], weighted: bool) -> f64 {
+    let mut acc = I::Wide::splat(isa, 0.0);
+    for_each_pair!(I, isa, E, y, dy, |a, b, _at, _n| {
         let (a, b) = (a.widen(), b.widen());
         acc = if weighted {
             a.mul_add(b, acc)
@@ -701,36 +753,43 @@ unsafe fn dot_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], weighted: bool) -> f64 {
 
 /// `dx_i = y_i · (dy_i − dot)`.
 #[inline(always)]
-unsafe fn softmax_backward_impl<I: Isa, E: Lanes>(y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
-    let dot = I::Wide::splat(dot);
+fn softmax_backward_impl<I: Isa, E: Lanes>(isa: I, y: &[E], dy: &[E], dot: f64, dx: &mut [E]) {
+    assert!(dx.len() >= y.len());
+    let dot = I::Wide::splat(isa, dot);
     let out = dx.as_mut_ptr();
-    for_each_pair!(I, E, y, dy, |a, b, at, n| {
-        store_first::<I, E>(out.add(at), n, a.widen().mul(b.widen().sub(dot)));
+    for_each_pair!(I, isa, E, y, dy, |a, b, at, n| {
+        let result = a.widen().mul(b.widen().sub(dot));
+        // SAFETY: the `n` elements from `at` are in `y`, and `dx` is as long.
+        unsafe { store_first::<I, E>(out.add(at), n, result) };
     });
 }
 
 /// `dx_i = dy_i − exp(y_i) · total` for log-probabilities `y ≤ 0`; `false` (nothing written)
 /// when some `y_i` is positive or NaN, which the scalar kernel handles.
 #[inline(always)]
-unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
+fn log_softmax_backward_impl<I: Isa, E: Lanes>(
+    isa: I,
     y: &[E],
     dy: &[E],
     total: f64,
     dx: &mut [E],
 ) -> bool {
-    let zero = E::V::<I>::splat(0.0);
-    let mut out_of_range = <<E::V<I> as Float>::Mask as Mask>::none();
-    for_each_step!(I, E, y, neg_inf::<E>(), |v, _at, _n| {
+    assert!(dx.len() >= y.len());
+    let zero = E::V::<I>::splat(isa, 0.0);
+    let mut out_of_range = <<E::V<I> as Float>::Mask as Mask>::none(isa);
+    for_each_step!(I, isa, E, y, neg_inf::<E>(), |v, _at, _n| {
         out_of_range = out_of_range.or(v.nan_or_above(zero));
     });
     if out_of_range.any() {
         return false;
     }
-    let total = I::Wide::splat(total / E::V::<I>::EXP_SCALE);
+    let total = I::Wide::splat(isa, total / E::V::<I>::EXP_SCALE);
     let out = dx.as_mut_ptr();
-    for_each_pair!(I, E, y, dy, |v, d, at, n| {
+    for_each_pair!(I, isa, E, y, dy, |v, d, at, n| {
         let e = v.exp_shifted::<false>(zero, zero).widen();
-        store_first::<I, E>(out.add(at), n, e.neg_mul_add(total, d.widen()));
+        let result = e.neg_mul_add(total, d.widen());
+        // SAFETY: the `n` elements from `at` are in `y`, and `dx` is as long.
+        unsafe { store_first::<I, E>(out.add(at), n, result) };
     });
     true
 }
@@ -738,24 +797,31 @@ unsafe fn log_softmax_backward_impl<I: Isa, E: Lanes>(
 /// `(Σ_c w_c q_c, max_c q_c)` over a row of probability targets, or `None` when some `q_c` is
 /// not a finite number ≥ 0.
 #[inline(always)]
-unsafe fn probability_mass_impl<I: Isa, E: Lanes>(
+fn probability_mass_impl<I: Isa, E: Lanes>(
+    isa: I,
     q: &[E],
     weights: Option<&[f64]>,
 ) -> Option<(CompensatedSum, f64)> {
-    let masses = MassLanes::<I, E>::new(&ClassMasses {
-        weights,
-        ..ClassMasses::UNIT
-    });
-    let (zero, inf) = (I::Wide::splat(0.0), I::Wide::splat(f64::INFINITY));
-    let (mut peak, mut invalid) = (zero, Mask64::<I>::none());
+    assert!(weights.is_none_or(|w| w.len() >= q.len()));
+    let masses = MassLanes::<I, E>::new(
+        isa,
+        &ClassMasses {
+            weights,
+            ..ClassMasses::UNIT
+        },
+    );
+    let (zero, inf) = (I::Wide::splat(isa, 0.0), I::Wide::splat(isa, f64::INFINITY));
+    let (mut peak, mut invalid) = (zero, Mask64::<I>::none(isa));
     // Compensated lanes whatever the dtype: `A − a_c` keeps the digits below `A`'s.
-    let mut sums = LaneSums::<I, I::Wide>::new();
-    for_each_step!(I, E, q, E::zero(), |v, at, n| {
+    let mut sums = LaneSums::<I, I::Wide>::new(isa);
+    for_each_step!(I, isa, E, q, E::zero(), |v, at, n| {
         let v = v.widen();
         // Ordered compares: NaN is invalid too.
         invalid = invalid.or(v.ge(zero).and(v.lt(inf)).not());
         peak = peak.max(v);
-        sums.add(masses.at(at, n).mul(v));
+        // SAFETY: the `n` classes from `at` are in `q`, and the weights are as many.
+        let u = unsafe { masses.at(at, n) };
+        sums.add(u.mul(v));
     });
     if invalid.any() {
         return None;
@@ -818,39 +884,43 @@ macro_rules! entries {
     ($($l:ty),*) => {$(
         impl Entries for $l {
             fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
-                on_isa!(super::vector_isa(), I => match map {
-                    LogitMap::Softcap(cap) => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Capped { cap }),
-                    LogitMap::Identity if wide => scan_impl::<I, Self, <I as Isa>::Wide, _>(row, sink, Unmapped),
-                    LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(row, sink, Unmapped),
-                })
+                // SAFETY: the sink's buffers hold the row (`scan_caching` checked them).
+                on_isa!(super::vector_isa(), I, isa => unsafe { match map {
+                    LogitMap::Softcap(cap) => scan_impl::<I, Self, <I as Isa>::Wide, _>(isa, row, sink, Capped { cap }),
+                    LogitMap::Identity if wide => scan_impl::<I, Self, <I as Isa>::Wide, _>(isa, row, sink, Unmapped),
+                    LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(isa, row, sink, Unmapped),
+                } })
             }
             unsafe fn rescale(caches: (*const f32, *const f32), out: *mut Self, len: usize, maxima: &BlockMaxima, mcb: (f64, f64, f64)) {
-                on_isa!(super::vector_isa(), I => rescale_impl::<I, Self>(caches, out, len, maxima, mcb))
+                // SAFETY: the caller's promise.
+                on_isa!(super::vector_isa(), I, isa => unsafe { rescale_impl::<I, Self>(isa, caches, out, len, maxima, mcb) })
             }
             fn softmax(x: &[Self], max: f64, denominator: f64, out: &mut [Self]) {
-                on_isa!(super::vector_isa(), I => softmax_impl::<I, Self>(x, max, denominator, out))
+                on_isa!(super::vector_isa(), I, isa => softmax_impl::<I, Self>(isa, x, max, denominator, out))
             }
             fn log_softmax(x: &[Self], max: f64, log1p_sum: f64, out: &mut [Self]) {
-                on_isa!(super::vector_isa(), I => log_softmax_impl::<I, Self>(x, max, log1p_sum, out))
+                on_isa!(super::vector_isa(), I, isa => log_softmax_impl::<I, Self>(isa, x, max, log1p_sum, out))
             }
             unsafe fn ce_grad(io: (*const Self, *mut Self, usize), w: &FastWrite<'_, '_, Self>, store: bool) -> MassesPass {
-                on_isa!(super::vector_isa(), I => ce_grad_raw::<I, Self>(io, w, store))
+                // SAFETY: the caller's promise.
+                on_isa!(super::vector_isa(), I, isa => unsafe { ce_grad_raw::<I, Self>(isa, io, w, store) })
             }
             fn probability_mass(q: &[Self], weights: Option<&[f64]>) -> Option<(CompensatedSum, f64)> {
-                on_isa!(super::vector_isa(), I => probability_mass_impl::<I, Self>(q, weights))
+                on_isa!(super::vector_isa(), I, isa => probability_mass_impl::<I, Self>(isa, q, weights))
             }
             fn live_distance(x: &[Self], max: f64, masses: Option<&ClassMasses<'_, '_, Self>>, map: LogitMap) -> f64 {
                 let io = (x.as_ptr(), core::ptr::null_mut(), x.len());
-                on_isa!(super::vector_isa(), I => masses_pass::<I, Self>(io, (max, 0.0, 0.0), masses, map, (false, false)).distance)
+                // SAFETY: `io` is `x`; `masses` are as many as `x` (the ops checked).
+                on_isa!(super::vector_isa(), I, isa => unsafe { masses_pass::<I, Self>(isa, io, (max, 0.0, 0.0), masses, map, (false, false)) }.distance)
             }
             fn backward_dot(y: &[Self], dy: &[Self], weighted: bool) -> f64 {
-                on_isa!(super::vector_isa(), I => dot_impl::<I, Self>(y, dy, weighted))
+                on_isa!(super::vector_isa(), I, isa => dot_impl::<I, Self>(isa, y, dy, weighted))
             }
             fn softmax_backward(y: &[Self], dy: &[Self], dot: f64, dx: &mut [Self]) {
-                on_isa!(super::vector_isa(), I => softmax_backward_impl::<I, Self>(y, dy, dot, dx))
+                on_isa!(super::vector_isa(), I, isa => softmax_backward_impl::<I, Self>(isa, y, dy, dot, dx))
             }
             fn log_softmax_backward(y: &[Self], dy: &[Self], total: f64, dx: &mut [Self]) -> bool {
-                on_isa!(super::vector_isa(), I => log_softmax_backward_impl::<I, Self>(y, dy, total, dx))
+                on_isa!(super::vector_isa(), I, isa => log_softmax_backward_impl::<I, Self>(isa, y, dy, total, dx))
             }
         }
     )*};
@@ -1000,6 +1070,7 @@ fn cast_ref<E: Element, L: Element, T, U>(r: &T) -> &U {
 /// unless `store`).
 #[inline(always)]
 unsafe fn ce_grad_raw<I: Isa, L: Lanes>(
+    isa: I,
     io: (*const L, *mut L, usize),
     w: &FastWrite<'_, '_, L>,
     store: bool,
@@ -1008,26 +1079,37 @@ where
     I::Wide: SweepLanes<I, L::V<I>>,
 {
     let constants = (w.max, w.c, w.b);
+    // SAFETY (the three blocks): `io` as the caller promised; `w`'s masses hold the row.
     if w.masses.is_none() && w.map == LogitMap::Identity {
         debug_assert!(store);
         let (x, g, len) = io;
         let distance = if w.sweep_distance {
-            ce_grad_impl::<I, L, true>(x, g, len, constants)
+            unsafe { ce_grad_impl::<I, L, true>(isa, x, g, len, constants) }
         } else {
-            ce_grad_impl::<I, L, false>(x, g, len, constants)
+            unsafe { ce_grad_impl::<I, L, false>(isa, x, g, len, constants) }
         };
         return MassesPass {
             distance,
             cancels: false,
         };
     }
-    masses_pass::<I, L>(io, constants, w.masses.as_ref(), w.map, (store, w.verify()))
+    unsafe {
+        masses_pass::<I, L>(
+            isa,
+            io,
+            constants,
+            w.masses.as_ref(),
+            w.map,
+            (store, w.verify()),
+        )
+    }
 }
 
 /// [`ce_grad_masses_impl`] in the lanes its map and `verify` ask for: probability targets and
 /// soft-capped rows with the exp in `f64` lanes, as their read pass ([`scan`] with `wide`).
 #[inline(always)]
 unsafe fn masses_pass<I: Isa, L: Lanes>(
+    isa: I,
     io: (*const L, *mut L, usize),
     constants: (f64, f64, f64),
     masses: Option<&ClassMasses<'_, '_, L>>,
@@ -1037,17 +1119,20 @@ unsafe fn masses_pass<I: Isa, L: Lanes>(
 where
     I::Wide: SweepLanes<I, L::V<I>>,
 {
-    let masses = MassLanes::new(masses.unwrap_or(&ClassMasses::UNIT));
-    match map {
-        LogitMap::Softcap(cap) => {
-            let map = Capped { cap };
-            ce_grad_masses_impl::<I, L, I::Wide, _>(io, constants, masses, map, flags)
-        }
-        LogitMap::Identity if flags.1 => {
-            ce_grad_masses_impl::<I, L, I::Wide, _>(io, constants, masses, Unmapped, flags)
-        }
-        LogitMap::Identity => {
-            ce_grad_masses_impl::<I, L, L::V<I>, _>(io, constants, masses, Unmapped, flags)
+    let masses = MassLanes::new(isa, masses.unwrap_or(&ClassMasses::UNIT));
+    // SAFETY: `io` and `masses` as the caller promised.
+    unsafe {
+        match map {
+            LogitMap::Softcap(cap) => {
+                let map = Capped { cap };
+                ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, map, flags)
+            }
+            LogitMap::Identity if flags.1 => {
+                ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, Unmapped, flags)
+            }
+            LogitMap::Identity => {
+                ce_grad_masses_impl::<I, L, L::V<I>, _>(isa, io, constants, masses, Unmapped, flags)
+            }
         }
     }
 }
@@ -1101,12 +1186,13 @@ mod tests {
     /// The vector soft-cap of `x` (equal lanes) in the widest instruction set this CPU has.
     fn softcap_lanes(x: f64, cap: f64) -> Option<(f64, f64)> {
         #[inline(always)]
-        unsafe fn lane0<I: Isa>(x: f64, cap: f64) -> (f64, f64) {
-            let splat = <I::Wide as Float>::splat;
+        fn lane0<I: Isa>(isa: I, x: f64, cap: f64) -> (f64, f64) {
+            let splat = |v| <I::Wide as Float>::splat(isa, v);
             let (y, slope) = softcap(splat(x), splat(cap), splat(2.0 / cap));
             (y.reduce_max(), slope.reduce_max())
         }
-        super::super::fast().then(|| on_isa!(super::super::vector_isa(), I => lane0::<I>(x, cap)))
+        let fast = super::super::fast();
+        fast.then(|| on_isa!(super::super::vector_isa(), I, isa => lane0::<I>(isa, x, cap)))
     }
 
     #[test]

@@ -12,52 +12,74 @@ use core::arch::asm;
 
 use half::{bf16, f16};
 
-use super::{Float, Isa, Mask, Pair};
+use super::{Float, Isa, Mask, Pair, Vector};
 
-/// NEON.
-#[derive(Clone, Copy)]
-pub(crate) struct Neon;
+/// NEON: the token, made only by [`Neon::detect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Neon(());
 
-/// True when this CPU has NEON.
-pub(crate) fn detect() -> bool {
-    std::arch::is_aarch64_feature_detected!("neon")
+type F32x4 = Vector<float32x4_t, Neon>;
+type F64x2 = Vector<float64x2_t, Neon>;
+/// A compare's mask of four `f32` lanes, and the per-lane counts of set lanes.
+type M32x4 = Vector<uint32x4_t, Neon>;
+/// A compare's mask of two `f64` lanes, and the per-lane counts of set lanes.
+type M64x2 = Vector<uint64x2_t, Neon>;
+
+impl Neon {
+    /// The token, when this CPU has NEON.
+    pub(crate) fn detect() -> Option<Self> {
+        std::arch::is_aarch64_feature_detected!("neon").then_some(Neon(()))
+    }
+
+    /// Runs `f` with NEON enabled (`f` and all it calls are `#[inline(always)]`).
+    #[inline(always)]
+    pub(crate) fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        // SAFETY: `self` exists, so detection found NEON.
+        unsafe { enabled(f) }
+    }
 }
 
-/// Runs `f` with NEON enabled (`f` and all it calls are `#[inline(always)]`).
+/// [`Neon::run`]'s `#[target_feature]` entry.
 ///
 /// # Safety
 /// The CPU has NEON.
 #[target_feature(enable = "neon")]
-pub(crate) unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+unsafe fn enabled<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+// Every `unsafe` block below calls NEON intrinsics on vectors of the set (or with its token):
+// they exist, so the CPU has NEON.
+
 #[rustfmt::skip]
-impl Mask for uint32x4_t {
-    type Count = uint32x4_t;
-    #[inline(always)] unsafe fn none() -> Self { vdupq_n_u32(0) }
-    #[inline(always)] unsafe fn or(self, o: Self) -> Self { vorrq_u32(self, o) }
-    #[inline(always)] unsafe fn and(self, o: Self) -> Self { vandq_u32(self, o) }
-    #[inline(always)] unsafe fn not(self) -> Self { vmvnq_u32(self) }
-    #[inline(always)] unsafe fn any(self) -> bool { vmaxvq_u32(self) != 0 }
-    #[inline(always)] unsafe fn count_zero() -> Self { vdupq_n_u32(0) }
+impl Mask for M32x4 {
+    type Count = M32x4;
+    type Token = Neon;
+    #[inline(always)] fn none(_: Neon) -> Self { Vector::wrap(unsafe { vdupq_n_u32(0) }) }
+    #[inline(always)] fn or(self, o: Self) -> Self { Vector::wrap(unsafe { vorrq_u32(self.0, o.0) }) }
+    #[inline(always)] fn and(self, o: Self) -> Self { Vector::wrap(unsafe { vandq_u32(self.0, o.0) }) }
+    #[inline(always)] fn not(self) -> Self { Vector::wrap(unsafe { vmvnq_u32(self.0) }) }
+    #[inline(always)] fn any(self) -> bool { unsafe { vmaxvq_u32(self.0) != 0 } }
+    #[inline(always)] fn count_zero(_: Neon) -> Self { Vector::wrap(unsafe { vdupq_n_u32(0) }) }
     /// Set lanes are −1 as integers.
-    #[inline(always)] unsafe fn count(self, c: Self) -> Self { vsubq_u32(c, self) }
-    #[inline(always)] unsafe fn total(c: Self) -> usize { vaddvq_u32(c) as usize }
+    #[inline(always)] fn count(self, c: Self) -> Self { Vector::wrap(unsafe { vsubq_u32(c.0, self.0) }) }
+    #[inline(always)] fn total(c: Self) -> usize { unsafe { vaddvq_u32(c.0) as usize } }
 }
 
 #[rustfmt::skip]
-impl Mask for uint64x2_t {
-    type Count = uint64x2_t;
-    #[inline(always)] unsafe fn none() -> Self { vdupq_n_u64(0) }
-    #[inline(always)] unsafe fn or(self, o: Self) -> Self { vorrq_u64(self, o) }
-    #[inline(always)] unsafe fn and(self, o: Self) -> Self { vandq_u64(self, o) }
-    #[inline(always)] unsafe fn not(self) -> Self { veorq_u64(self, vdupq_n_u64(u64::MAX)) }
+impl Mask for M64x2 {
+    type Count = M64x2;
+    type Token = Neon;
+    #[inline(always)] fn none(_: Neon) -> Self { Vector::wrap(unsafe { vdupq_n_u64(0) }) }
+    #[inline(always)] fn or(self, o: Self) -> Self { Vector::wrap(unsafe { vorrq_u64(self.0, o.0) }) }
+    #[inline(always)] fn and(self, o: Self) -> Self { Vector::wrap(unsafe { vandq_u64(self.0, o.0) }) }
     #[inline(always)]
-    unsafe fn any(self) -> bool { vmaxvq_u32(vreinterpretq_u32_u64(self)) != 0 }
-    #[inline(always)] unsafe fn count_zero() -> Self { vdupq_n_u64(0) }
-    #[inline(always)] unsafe fn count(self, c: Self) -> Self { vsubq_u64(c, self) }
-    #[inline(always)] unsafe fn total(c: Self) -> usize { vaddvq_u64(c) as usize }
+    fn not(self) -> Self { Vector::wrap(unsafe { veorq_u64(self.0, vdupq_n_u64(u64::MAX)) }) }
+    #[inline(always)]
+    fn any(self) -> bool { unsafe { vmaxvq_u32(vreinterpretq_u32_u64(self.0)) != 0 } }
+    #[inline(always)] fn count_zero(_: Neon) -> Self { Vector::wrap(unsafe { vdupq_n_u64(0) }) }
+    #[inline(always)] fn count(self, c: Self) -> Self { Vector::wrap(unsafe { vsubq_u64(c.0, self.0) }) }
+    #[inline(always)] fn total(c: Self) -> usize { unsafe { vaddvq_u64(c.0) as usize } }
 }
 
 /// [`Float`] for the vector `$t` of `$s` lanes with the mask `$m`; `$q` the intrinsics' lane
@@ -68,82 +90,102 @@ macro_rules! neon_float {
     ($t:ty, $s:ty, $m:ty, $q:ident, $u:ident, $i:ident, $bits:literal) => { paste::paste! {
         impl Float for $t {
             type Scalar = $s;
+            type Token = Neon;
             type Mask = $m;
             const LANES: usize = 16 / size_of::<$s>();
-            #[inline(always)] unsafe fn splat(v: f64) -> Self { [<vdupq_n_ $q>](v as $s) }
-            #[inline(always)] unsafe fn load(p: *const $s) -> Self { [<vld1q_ $q>](p) }
-            #[inline(always)] unsafe fn store(self, p: *mut $s) { [<vst1q_ $q>](p, self) }
-            #[inline(always)] unsafe fn add(self, o: Self) -> Self { [<vaddq_ $q>](self, o) }
-            #[inline(always)] unsafe fn sub(self, o: Self) -> Self { [<vsubq_ $q>](self, o) }
-            #[inline(always)] unsafe fn mul(self, o: Self) -> Self { [<vmulq_ $q>](self, o) }
-            #[inline(always)] unsafe fn div(self, o: Self) -> Self { [<vdivq_ $q>](self, o) }
+            #[inline(always)] fn token(self) -> Neon { Neon(()) }
+            #[inline(always)] fn splat(_: Neon, v: f64) -> Self { Vector::wrap(unsafe { [<vdupq_n_ $q>](v as $s) }) }
+            #[inline(always)] unsafe fn load(_: Neon, p: *const $s) -> Self { Vector::wrap([<vld1q_ $q>](p)) }
+            #[inline(always)] unsafe fn store(self, p: *mut $s) { [<vst1q_ $q>](p, self.0) }
+            #[inline(always)] fn add(self, o: Self) -> Self { Vector::wrap(unsafe { [<vaddq_ $q>](self.0, o.0) }) }
+            #[inline(always)] fn sub(self, o: Self) -> Self { Vector::wrap(unsafe { [<vsubq_ $q>](self.0, o.0) }) }
+            #[inline(always)] fn mul(self, o: Self) -> Self { Vector::wrap(unsafe { [<vmulq_ $q>](self.0, o.0) }) }
+            #[inline(always)] fn div(self, o: Self) -> Self { Vector::wrap(unsafe { [<vdivq_ $q>](self.0, o.0) }) }
             /// NaN when either operand is NaN.
-            #[inline(always)] unsafe fn min(self, o: Self) -> Self { [<vminq_ $q>](self, o) }
-            #[inline(always)] unsafe fn max(self, o: Self) -> Self { [<vmaxq_ $q>](self, o) }
+            #[inline(always)] fn min(self, o: Self) -> Self { Vector::wrap(unsafe { [<vminq_ $q>](self.0, o.0) }) }
+            #[inline(always)] fn max(self, o: Self) -> Self { Vector::wrap(unsafe { [<vmaxq_ $q>](self.0, o.0) }) }
             #[inline(always)]
-            unsafe fn mul_add(self, b: Self, c: Self) -> Self { [<vfmaq_ $q>](c, self, b) }
+            fn mul_add(self, b: Self, c: Self) -> Self { Vector::wrap(unsafe { [<vfmaq_ $q>](c.0, self.0, b.0) }) }
             #[inline(always)]
-            unsafe fn mul_sub(self, b: Self, c: Self) -> Self { [<vfmaq_ $q>]([<vnegq_ $q>](c), self, b) }
+            fn mul_sub(self, b: Self, c: Self) -> Self { Vector::wrap(unsafe { [<vfmaq_ $q>]([<vnegq_ $q>](c.0), self.0, b.0) }) }
             #[inline(always)]
-            unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self { [<vfmsq_ $q>](c, self, b) }
-            #[inline(always)] unsafe fn round(self) -> Self { [<vrndnq_ $q>](self) }
-            #[inline(always)] unsafe fn floor(self) -> Self { [<vrndmq_ $q>](self) }
-            #[inline(always)] unsafe fn abs(self) -> Self { [<vabsq_ $q>](self) }
-            #[inline(always)] unsafe fn neg(self) -> Self { [<vnegq_ $q>](self) }
+            fn neg_mul_add(self, b: Self, c: Self) -> Self { Vector::wrap(unsafe { [<vfmsq_ $q>](c.0, self.0, b.0) }) }
+            #[inline(always)] fn round(self) -> Self { Vector::wrap(unsafe { [<vrndnq_ $q>](self.0) }) }
+            #[inline(always)] fn floor(self) -> Self { Vector::wrap(unsafe { [<vrndmq_ $q>](self.0) }) }
+            #[inline(always)] fn abs(self) -> Self { Vector::wrap(unsafe { [<vabsq_ $q>](self.0) }) }
+            #[inline(always)] fn neg(self) -> Self { Vector::wrap(unsafe { [<vnegq_ $q>](self.0) }) }
             #[inline(always)]
-            unsafe fn copysign(self, sign: Self) -> Self {
-                let bit = [<vreinterpretq_ $u _ $q>](Self::splat(-0.0));
-                [<vbslq_ $q>](bit, sign, self)
+            fn copysign(self, sign: Self) -> Self {
+                Vector::wrap(unsafe {
+                    let bit = [<vreinterpretq_ $u _ $q>]([<vdupq_n_ $q>](-0.0));
+                    [<vbslq_ $q>](bit, sign.0, self.0)
+                })
             }
-            #[inline(always)] unsafe fn eq(self, o: Self) -> $m { [<vceqq_ $q>](self, o) }
+            #[inline(always)] fn eq(self, o: Self) -> $m { Vector::wrap(unsafe { [<vceqq_ $q>](self.0, o.0) }) }
             #[inline(always)]
-            unsafe fn ne(self, o: Self) -> $m { [<vorrq_ $u>]([<vcltq_ $q>](self, o), [<vcgtq_ $q>](self, o)) }
-            #[inline(always)] unsafe fn lt(self, o: Self) -> $m { [<vcltq_ $q>](self, o) }
-            #[inline(always)] unsafe fn gt(self, o: Self) -> $m { [<vcgtq_ $q>](self, o) }
-            #[inline(always)] unsafe fn ge(self, o: Self) -> $m { [<vcgeq_ $q>](self, o) }
+            fn ne(self, o: Self) -> $m {
+                Vector::wrap(unsafe { [<vorrq_ $u>]([<vcltq_ $q>](self.0, o.0), [<vcgtq_ $q>](self.0, o.0)) })
+            }
+            #[inline(always)] fn lt(self, o: Self) -> $m { Vector::wrap(unsafe { [<vcltq_ $q>](self.0, o.0) }) }
+            #[inline(always)] fn gt(self, o: Self) -> $m { Vector::wrap(unsafe { [<vcgtq_ $q>](self.0, o.0) }) }
+            #[inline(always)] fn ge(self, o: Self) -> $m { Vector::wrap(unsafe { [<vcgeq_ $q>](self.0, o.0) }) }
             #[inline(always)]
-            unsafe fn nan_or_above(self, o: Self) -> $m { Mask::not([<vcleq_ $q>](self, o)) }
-            #[inline(always)]
-            unsafe fn select(self, other: Self, mask: $m) -> Self { [<vbslq_ $q>](mask, other, self) }
-            #[inline(always)]
-            unsafe fn keep(self, mask: $m) -> Self {
-                [<vreinterpretq_ $q _ $u>]([<vandq_ $u>]([<vreinterpretq_ $u _ $q>](self), mask))
+            fn nan_or_above(self, o: Self) -> $m {
+                let at_most: $m = Vector::wrap(unsafe { [<vcleq_ $q>](self.0, o.0) });
+                Mask::not(at_most)
             }
             #[inline(always)]
-            unsafe fn zero_where(self, mask: $m) -> Self {
-                [<vreinterpretq_ $q _ $u>]([<vbicq_ $u>]([<vreinterpretq_ $u _ $q>](self), mask))
-            }
-            #[inline(always)] unsafe fn reduce_max(self) -> f64 { [<vmaxvq_ $q>](self).into() }
-            #[inline(always)] unsafe fn reduce_min(self) -> f64 { [<vminvq_ $q>](self).into() }
-            #[inline(always)] unsafe fn reduce_sum(self) -> f64 { [<vaddvq_ $q>](self).into() }
+            fn select(self, other: Self, mask: $m) -> Self { Vector::wrap(unsafe { [<vbslq_ $q>](mask.0, other.0, self.0) }) }
             #[inline(always)]
-            unsafe fn exponent(self, bias: i32) -> Self {
-                let biased = [<vaddq_ $i>]([<vreinterpretq_ $i _ $q>](self), [<vdupq_n_ $i>](bias.into()));
-                [<vreinterpretq_ $q _ $i>]([<vshlq_n_ $i>]::<$bits>(biased))
+            fn keep(self, mask: $m) -> Self {
+                Vector::wrap(unsafe {
+                    [<vreinterpretq_ $q _ $u>]([<vandq_ $u>]([<vreinterpretq_ $u _ $q>](self.0), mask.0))
+                })
+            }
+            #[inline(always)]
+            fn zero_where(self, mask: $m) -> Self {
+                Vector::wrap(unsafe {
+                    [<vreinterpretq_ $q _ $u>]([<vbicq_ $u>]([<vreinterpretq_ $u _ $q>](self.0), mask.0))
+                })
+            }
+            #[inline(always)] fn reduce_max(self) -> f64 { unsafe { [<vmaxvq_ $q>](self.0) }.into() }
+            #[inline(always)] fn reduce_min(self) -> f64 { unsafe { [<vminvq_ $q>](self.0) }.into() }
+            #[inline(always)] fn reduce_sum(self) -> f64 { unsafe { [<vaddvq_ $q>](self.0) }.into() }
+            #[inline(always)]
+            fn exponent(self, bias: i32) -> Self {
+                Vector::wrap(unsafe {
+                    let biased = [<vaddq_ $i>]([<vreinterpretq_ $i _ $q>](self.0), [<vdupq_n_ $i>](bias.into()));
+                    [<vreinterpretq_ $q _ $i>]([<vshlq_n_ $i>]::<$bits>(biased))
+                })
             }
         }
     }};
 }
-neon_float!(float32x4_t, f32, uint32x4_t, f32, u32, s32, 23);
-neon_float!(float64x2_t, f64, uint64x2_t, f64, u64, s64, 52);
+neon_float!(F32x4, f32, M32x4, f32, u32, s32, 23);
+neon_float!(F64x2, f64, M64x2, f64, u64, s64, 52);
 
+/// The conversions' `unsafe` blocks: the vectors given, or `self`, prove the CPU has NEON.
 #[rustfmt::skip]
 impl Isa for Neon {
     const LANES: usize = 8;
-    type F32 = Pair<float32x4_t>;
-    type Wide = Pair<Pair<float64x2_t>>;
+    type F32 = Pair<F32x4>;
+    type Wide = Pair<Pair<F64x2>>;
     #[inline(always)]
-    unsafe fn widen(v: Pair<float32x4_t>) -> Pair<Pair<float64x2_t>> {
-        let widen = |v: float32x4_t| Pair::new(vcvt_f64_f32(vget_low_f32(v)), vcvt_high_f64_f32(v));
-        Pair::new(widen(v.lo), widen(v.hi))
+    fn widen(v: Pair<F32x4>) -> Pair<Pair<F64x2>> {
+        // SAFETY: `v` proves NEON.
+        let widen = |v: float32x4_t| unsafe {
+            Pair::new(Vector::wrap(vcvt_f64_f32(vget_low_f32(v))), Vector::wrap(vcvt_high_f64_f32(v)))
+        };
+        Pair::new(widen(v.lo.0), widen(v.hi.0))
     }
     #[inline(always)]
-    unsafe fn narrow(v: Pair<Pair<float64x2_t>>) -> Pair<float32x4_t> {
-        let narrow = |v: Pair<float64x2_t>| vcvt_high_f32_f64(vcvt_f32_f64(v.lo), v.hi);
+    fn narrow(v: Pair<Pair<F64x2>>) -> Pair<F32x4> {
+        // SAFETY: `v` proves NEON.
+        let narrow = |v: Pair<F64x2>| Vector::wrap(unsafe { vcvt_high_f32_f64(vcvt_f32_f64(v.lo.0), v.hi.0) });
         Pair::new(narrow(v.lo), narrow(v.hi))
     }
     #[inline(always)]
-    unsafe fn load_f16(p: *const f16) -> Pair<float32x4_t> {
+    unsafe fn load_f16(self, p: *const f16) -> Pair<F32x4> {
         let halves = vld1q_u16(p.cast());
         let (lo, hi): (float32x4_t, float32x4_t);
         asm!(
@@ -152,39 +194,42 @@ impl Isa for Neon {
             h = in(vreg) halves, lo = out(vreg) lo, hi = out(vreg) hi,
             options(pure, nomem, nostack, preserves_flags),
         );
-        Pair::new(lo, hi)
+        Pair::new(Vector::wrap(lo), Vector::wrap(hi))
     }
     #[inline(always)]
-    unsafe fn store_f16(p: *mut f16, v: Pair<float32x4_t>) {
+    unsafe fn store_f16(p: *mut f16, v: Pair<F32x4>) {
         let halves: uint16x8_t;
         asm!(
             "fcvtn {h:v}.4h, {lo:v}.4s",
             "fcvtn2 {h:v}.8h, {hi:v}.4s",
-            lo = in(vreg) v.lo, hi = in(vreg) v.hi, h = out(vreg) halves,
+            lo = in(vreg) v.lo.0, hi = in(vreg) v.hi.0, h = out(vreg) halves,
             options(pure, nomem, nostack, preserves_flags),
         );
         vst1q_u16(p.cast(), halves);
     }
     #[inline(always)]
-    unsafe fn load_bf16(p: *const bf16) -> Pair<float32x4_t> {
+    unsafe fn load_bf16(self, p: *const bf16) -> Pair<F32x4> {
         let halves = vld1q_u16(p.cast());
-        let widen = |h: uint16x4_t| vreinterpretq_f32_u32(vshll_n_u16::<16>(h));
+        let widen = |h: uint16x4_t| Vector::wrap(vreinterpretq_f32_u32(vshll_n_u16::<16>(h)));
         Pair::new(widen(vget_low_u16(halves)), widen(vget_high_u16(halves)))
     }
     #[inline(always)]
-    unsafe fn store_bf16(p: *mut bf16, v: Pair<float32x4_t>) {
+    unsafe fn store_bf16(p: *mut bf16, v: Pair<F32x4>) {
         // Round to nearest even on the upper 16 bits.
-        let top = |v: float32x4_t| {
-            let bits = vreinterpretq_u32_f32(v);
+        let top = |v: F32x4| {
+            let bits = vreinterpretq_u32_f32(v.0);
             let odd = vandq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(1));
             vshrn_n_u32::<16>(vaddq_u32(bits, vaddq_u32(odd, vdupq_n_u32(0x7fff))))
         };
         vst1q_u16(p.cast(), vcombine_u16(top(v.lo), top(v.hi)));
     }
     #[inline(always)]
-    unsafe fn prefetch(p: *const i8) {
-        asm!("prfm pldl1keep, [{p}]", p = in(reg) p, options(readonly, nostack, preserves_flags));
+    fn prefetch(self, p: *const i8) {
+        // SAFETY: `self` proves NEON; a prefetch never faults.
+        unsafe {
+            asm!("prfm pldl1keep, [{p}]", p = in(reg) p, options(readonly, nostack, preserves_flags));
+        }
     }
 }
 
-super::math::steps!([] Neon, Pair<float32x4_t>, Pair<float64x2_t>);
+super::math::steps!([] Neon, Pair<F32x4>, Pair<F64x2>);

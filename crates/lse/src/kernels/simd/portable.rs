@@ -14,9 +14,15 @@ use half::{bf16, f16};
 
 use super::{Float, Isa, Mask, Pair};
 
-/// The portable instruction set.
-#[derive(Clone, Copy)]
-pub(crate) struct Portable;
+/// The portable instruction set's token: every CPU runs it, so anyone may make one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Portable(());
+
+impl Portable {
+    pub(crate) const fn new() -> Self {
+        Portable(())
+    }
+}
 
 /// Eight `f32` lanes.
 #[derive(Clone, Copy)]
@@ -81,36 +87,37 @@ macro_rules! lanes_mask {
     ($u:ty, $n:literal) => {
         impl Mask for Lanes<$u, $n> {
             type Count = [$u; $n];
+            type Token = Portable;
             #[inline(always)]
-            unsafe fn none() -> Self {
+            fn none(_: Portable) -> Self {
                 Lanes([0; $n])
             }
             #[inline(always)]
-            unsafe fn or(self, o: Self) -> Self {
+            fn or(self, o: Self) -> Self {
                 Lanes(zip(self.0, o.0, |a, b| a | b))
             }
             #[inline(always)]
-            unsafe fn and(self, o: Self) -> Self {
+            fn and(self, o: Self) -> Self {
                 Lanes(zip(self.0, o.0, |a, b| a & b))
             }
             #[inline(always)]
-            unsafe fn not(self) -> Self {
+            fn not(self) -> Self {
                 Lanes(map(self.0, |a| !a))
             }
             #[inline(always)]
-            unsafe fn any(self) -> bool {
+            fn any(self) -> bool {
                 self.0.iter().fold(0, |acc, &a| acc | a) != 0
             }
             #[inline(always)]
-            unsafe fn count_zero() -> [$u; $n] {
+            fn count_zero(_: Portable) -> [$u; $n] {
                 [0; $n]
             }
             #[inline(always)]
-            unsafe fn count(self, c: [$u; $n]) -> [$u; $n] {
+            fn count(self, c: [$u; $n]) -> [$u; $n] {
                 zip(c, self.0, |c, m| c + (m & 1))
             }
             #[inline(always)]
-            unsafe fn total(c: [$u; $n]) -> usize {
+            fn total(c: [$u; $n]) -> usize {
                 c.iter().map(|&c| c as usize).sum()
             }
         }
@@ -138,14 +145,19 @@ macro_rules! portable_float {
 
         impl Float for $t {
             type Scalar = $s;
+            type Token = Portable;
             type Mask = Lanes<$u, $n>;
             const LANES: usize = $n;
             #[inline(always)]
-            unsafe fn splat(v: f64) -> Self {
+            fn token(self) -> Portable {
+                Portable(())
+            }
+            #[inline(always)]
+            fn splat(_: Portable, v: f64) -> Self {
                 $t([v as $s; $n])
             }
             #[inline(always)]
-            unsafe fn load(p: *const $s) -> Self {
+            unsafe fn load(_: Portable, p: *const $s) -> Self {
                 $t(p.cast::<[$s; $n]>().read_unaligned())
             }
             #[inline(always)]
@@ -153,47 +165,47 @@ macro_rules! portable_float {
                 p.cast::<[$s; $n]>().write_unaligned(self.0);
             }
             #[inline(always)]
-            unsafe fn add(self, o: Self) -> Self {
+            fn add(self, o: Self) -> Self {
                 $t(zip(self.0, o.0, |a, b| a + b))
             }
             #[inline(always)]
-            unsafe fn sub(self, o: Self) -> Self {
+            fn sub(self, o: Self) -> Self {
                 $t(zip(self.0, o.0, |a, b| a - b))
             }
             #[inline(always)]
-            unsafe fn mul(self, o: Self) -> Self {
+            fn mul(self, o: Self) -> Self {
                 $t(zip(self.0, o.0, |a, b| a * b))
             }
             #[inline(always)]
-            unsafe fn div(self, o: Self) -> Self {
+            fn div(self, o: Self) -> Self {
                 $t(zip(self.0, o.0, |a, b| a / b))
             }
             /// `o` unless `self < o`: NaN in `o` is kept.
             #[inline(always)]
-            unsafe fn min(self, o: Self) -> Self {
+            fn min(self, o: Self) -> Self {
                 $t(zip(self.0, o.0, |a, b| if a < b { a } else { b }))
             }
             /// `o` unless `self > o`: NaN in `o` is kept.
             #[inline(always)]
-            unsafe fn max(self, o: Self) -> Self {
+            fn max(self, o: Self) -> Self {
                 $t(zip(self.0, o.0, |a, b| if a > b { a } else { b }))
             }
             #[inline(always)]
-            unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+            fn mul_add(self, b: Self, c: Self) -> Self {
                 $t(zip3(self.0, b.0, c.0, $fma))
             }
             #[inline(always)]
-            unsafe fn mul_sub(self, b: Self, c: Self) -> Self {
+            fn mul_sub(self, b: Self, c: Self) -> Self {
                 $t(zip3(self.0, b.0, c.0, |a, b, c| $fma(a, b, -c)))
             }
             #[inline(always)]
-            unsafe fn neg_mul_add(self, b: Self, c: Self) -> Self {
+            fn neg_mul_add(self, b: Self, c: Self) -> Self {
                 $t(zip3(self.0, b.0, c.0, |a, b, c| $fma(-a, b, c)))
             }
             /// Adding and subtracting `2^bits` rounds `|x| < 2^bits` to an integer, ties to
             /// even; larger magnitudes (and NaN) are integers already.
             #[inline(always)]
-            unsafe fn round(self) -> Self {
+            fn round(self) -> Self {
                 let big: $s = $big;
                 $t(map(self.0, |x| {
                     let r = ((x.abs() + big) - big).copysign(x);
@@ -205,79 +217,79 @@ macro_rules! portable_float {
                 }))
             }
             #[inline(always)]
-            unsafe fn floor(self) -> Self {
+            fn floor(self) -> Self {
                 let r = self.round();
                 $t(zip(r.0, self.0, |r, x| if r > x { r - 1.0 } else { r }))
             }
             #[inline(always)]
-            unsafe fn abs(self) -> Self {
+            fn abs(self) -> Self {
                 self.bits(|b| b & !((1 as $u) << (<$u>::BITS - 1)))
             }
             #[inline(always)]
-            unsafe fn neg(self) -> Self {
+            fn neg(self) -> Self {
                 self.bits(|b| b ^ ((1 as $u) << (<$u>::BITS - 1)))
             }
             #[inline(always)]
-            unsafe fn copysign(self, sign: Self) -> Self {
+            fn copysign(self, sign: Self) -> Self {
                 $t(zip(self.0, sign.0, <$s>::copysign))
             }
             #[inline(always)]
-            unsafe fn eq(self, o: Self) -> Self::Mask {
+            fn eq(self, o: Self) -> Self::Mask {
                 self.test(o, |a, b| a == b)
             }
             /// Ordered: `a != b` would hold for NaN.
             #[allow(clippy::double_comparisons)]
             #[inline(always)]
-            unsafe fn ne(self, o: Self) -> Self::Mask {
+            fn ne(self, o: Self) -> Self::Mask {
                 self.test(o, |a, b| a < b || a > b)
             }
             #[inline(always)]
-            unsafe fn lt(self, o: Self) -> Self::Mask {
+            fn lt(self, o: Self) -> Self::Mask {
                 self.test(o, |a, b| a < b)
             }
             #[inline(always)]
-            unsafe fn gt(self, o: Self) -> Self::Mask {
+            fn gt(self, o: Self) -> Self::Mask {
                 self.test(o, |a, b| a > b)
             }
             #[inline(always)]
-            unsafe fn ge(self, o: Self) -> Self::Mask {
+            fn ge(self, o: Self) -> Self::Mask {
                 self.test(o, |a, b| a >= b)
             }
             /// Unordered: `a > b` would not hold for NaN.
             #[allow(clippy::neg_cmp_op_on_partial_ord)]
             #[inline(always)]
-            unsafe fn nan_or_above(self, o: Self) -> Self::Mask {
+            fn nan_or_above(self, o: Self) -> Self::Mask {
                 self.test(o, |a, b| !(a <= b))
             }
             #[inline(always)]
-            unsafe fn select(self, other: Self, mask: Self::Mask) -> Self {
+            fn select(self, other: Self, mask: Self::Mask) -> Self {
                 let (a, b) = (self.0, other.0);
                 $t(core::array::from_fn(|i| {
                     <$s>::from_bits(a[i].to_bits() & !mask.0[i] | b[i].to_bits() & mask.0[i])
                 }))
             }
             #[inline(always)]
-            unsafe fn keep(self, mask: Self::Mask) -> Self {
+            fn keep(self, mask: Self::Mask) -> Self {
                 $t(core::array::from_fn(|i| <$s>::from_bits(self.0[i].to_bits() & mask.0[i])))
             }
             #[inline(always)]
-            unsafe fn zero_where(self, mask: Self::Mask) -> Self {
+            fn zero_where(self, mask: Self::Mask) -> Self {
                 $t(core::array::from_fn(|i| <$s>::from_bits(self.0[i].to_bits() & !mask.0[i])))
             }
             #[inline(always)]
-            unsafe fn reduce_max(self) -> f64 {
+            fn reduce_max(self) -> f64 {
                 self.0[1..].iter().fold(self.0[0], |m, &x| if m > x { m } else { x }).into()
             }
             #[inline(always)]
-            unsafe fn reduce_min(self) -> f64 {
+            fn reduce_min(self) -> f64 {
                 self.0[1..].iter().fold(self.0[0], |m, &x| if m < x { m } else { x }).into()
             }
             #[inline(always)]
-            unsafe fn reduce_sum(self) -> f64 {
+            fn reduce_sum(self) -> f64 {
                 self.0[1..].iter().fold(self.0[0], |s, &x| s + x).into()
             }
             #[inline(always)]
-            unsafe fn exponent(self, bias: i32) -> Self {
+            fn exponent(self, bias: i32) -> Self {
                 self.bits(|b| ((b as $i).wrapping_add(bias as $i) as $u) << $bits)
             }
         }
@@ -300,20 +312,20 @@ impl Isa for Portable {
     type F32 = F32x8;
     type Wide = Pair<F64x4>;
     #[inline(always)]
-    unsafe fn widen(v: F32x8) -> Pair<F64x4> {
+    fn widen(v: F32x8) -> Pair<F64x4> {
         let [a, b, c, d, e, f, g, h] = v.0.map(f64::from);
         Pair::new(F64x4([a, b, c, d]), F64x4([e, f, g, h]))
     }
     /// `as` rounds to nearest even.
     #[inline(always)]
-    unsafe fn narrow(v: Pair<F64x4>) -> F32x8 {
+    fn narrow(v: Pair<F64x4>) -> F32x8 {
         let (lo, hi) = (v.lo.0, v.hi.0);
         F32x8(core::array::from_fn(
             |i| if i < 4 { lo[i] } else { hi[i - 4] } as f32,
         ))
     }
     #[inline(always)]
-    unsafe fn load_f16(p: *const f16) -> F32x8 {
+    unsafe fn load_f16(self, p: *const f16) -> F32x8 {
         F32x8(p.cast::<[f16; 8]>().read_unaligned().map(f16::to_f32))
     }
     #[inline(always)]
@@ -321,7 +333,7 @@ impl Isa for Portable {
         p.cast::<[f16; 8]>().write_unaligned(v.0.map(f16::from_f32));
     }
     #[inline(always)]
-    unsafe fn load_bf16(p: *const bf16) -> F32x8 {
+    unsafe fn load_bf16(self, p: *const bf16) -> F32x8 {
         let bits = p.cast::<[u16; 8]>().read_unaligned();
         F32x8(bits.map(|b| f32::from_bits(u32::from(b) << 16)))
     }
