@@ -373,3 +373,91 @@ fn eval_errors_name_the_row() {
     assert!(String::from_utf8_lossy(&output.stderr)
         .contains("--z-loss applies to --op cross_entropy only"));
 }
+
+/// A `.safetensors` file of `(name, dtype, shape, little-endian bytes)` tensors.
+fn safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+    let mut offset = 0;
+    let entries: Vec<String> = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let shape: Vec<String> = shape.iter().map(ToString::to_string).collect();
+            let entry = format!(
+                "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
+                shape.join(","),
+                offset + bytes.len()
+            );
+            offset += bytes.len();
+            entry
+        })
+        .collect();
+    let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    for (_, _, _, bytes) in tensors {
+        file.extend(bytes);
+    }
+    file
+}
+
+/// A `.safetensors` input with two float tensors: `--tensor` picks one, as in `lse eval`; a
+/// BF16 tensor's outputs are described as `'<V2'`, as `lse eval` writes them.
+#[test]
+fn eval_safetensors_input() {
+    let lse = lse_binary();
+    let gpu = PathBuf::from(env!("CARGO_BIN_EXE_lse-gpu"));
+    let dir = Dir::new("safetensors");
+    let (rows, classes) = (4usize, 50usize);
+    let x = logits(rows, classes);
+    let as_bf16: Vec<u8> = x
+        .iter()
+        .flat_map(|&v| bf16::from_f64(v).to_le_bytes())
+        .collect();
+    let as_f32: Vec<u8> = x.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+    let input = dir.at("x.safetensors");
+    std::fs::write(
+        &input,
+        safetensors(&[
+            ("logits", "BF16", vec![rows, classes], as_bf16),
+            ("other", "F32", vec![rows, classes], as_f32),
+        ]),
+    )
+    .unwrap();
+    for op in ["softmax", "logsumexp"] {
+        let (a, b) = (dir.at("a.npy"), dir.at("b.npy"));
+        let args = |out: &Path| {
+            vec![
+                "--op".to_string(),
+                op.into(),
+                input.display().to_string(),
+                "--tensor".into(),
+                "logits".into(),
+                "--out".into(),
+                out.display().to_string(),
+            ]
+        };
+        run(&lse, &["eval"], &args(&a));
+        run(&gpu, &["eval"], &args(&b));
+        let (want, wd, ws) = load(&a);
+        let (got, gd, gs) = load(&b);
+        assert_eq!((&gd, &gs), (&wd, &ws), "{op}: descr and shape");
+        if op == "softmax" {
+            assert_eq!(gd, "<V2");
+            compare(op, DType::BF16, &got, &want, 1.0, |_| 0.0);
+        } else {
+            compare(op, DType::F32, &got, &want, 4.0, |_| 0.0);
+        }
+    }
+    // Without --tensor, two float tensors are a usage error.
+    let output = Command::new(&gpu)
+        .args(["eval", "--op", "softmax"])
+        .arg(&input)
+        .arg("--out")
+        .arg(dir.at("c.npy"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--tensor"));
+}
