@@ -11,13 +11,22 @@ use lse_gpu::GpuElement;
 use lse_io::npy::{self, Bf16Descr, ReadOptions};
 use lse_io::{NpyElement, TensorData};
 
-/// The `lse` binary of the workspace: `cargo build -p lse-cli --bin lse` (a no-op when CI's
-/// workspace blocks built it), its path from cargo's JSON messages.
+/// The `lse` binary of the workspace: `cargo build --workspace --all-features --bin lse` (a
+/// no-op when CI's workspace blocks built it), its path from cargo's JSON messages.
 fn lse_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let output = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "lse-cli", "--bin", "lse"])
+        // The workspace's features, as `.ci/run`'s `cargo test --workspace --all-features`
+        // built it: then nothing is rebuilt.
+        .args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--all-features",
+            "--bin",
+            "lse",
+        ])
         .arg("--manifest-path")
         .arg(&manifest)
         .args(["--message-format", "json"])

@@ -932,8 +932,10 @@ impl<E: Element> RowIo<'_, E> {
     }
 }
 
-/// A cross-entropy over class targets whose logits arrive a chunk of rows at a time: a file read
-/// piece by piece, or the logits that the fused linear cross-entropy forms block by block.
+/// A cross-entropy over class targets (or probability targets,
+/// [`ChunkedCrossEntropy::with_probabilities`]) whose logits arrive a chunk of rows at a time: a
+/// file read piece by piece, or the logits that the fused linear cross-entropy forms block by
+/// block.
 ///
 /// The same checks, per-row work, gradient scale, reduction and statistics as one
 /// [`cross_entropy`] / [`cross_entropy_with_grad`] call over all the rows, bit for bit, for any
