@@ -54,6 +54,8 @@ impl Gpu {
         let (loss, lse) = (self.words(rows), self.words(rows));
         let grad = self.words(n);
         let copy = self.words(n);
+        // The probability-target buffers of `ce_grad`, never read for class targets.
+        let unused = self.words(1);
         let params = || CeParamsLaunch::new(0.0, 0.0, 0.0, 0);
         let fused = || {
             kernels::ce_stats::launch(
@@ -79,6 +81,8 @@ impl Gpu {
                 arg(&x, n),
                 arg(&stats, rows * STAT_WORDS),
                 arg(&t, rows),
+                arg(&unused, 1),
+                arg(&unused, 1),
                 arg(&w, 1),
                 arg(&caller, rows),
                 arg(&grad, n),
@@ -87,6 +91,7 @@ impl Gpu {
                 1.0 / rows as f32,
                 params(),
                 E::CODE,
+                false,
             );
         };
         let copied = || {

@@ -829,11 +829,16 @@ fn ce_row(
 ///
 /// `slope(x_i) · ((A − a_i) e_i − a_i (S − e_i)) / S + 2 z lse e_i / S`: `A − a_i` and
 /// `S − e_i` are formed from their parts, so `p_y − 1` keeps its digits when `p_y` rounds to 1.
+/// With `probabilities` the target mass of class `c` is `w_c ((1 − ε) q_c + ε/K)` (`q` the
+/// row's probability targets, `kept[row] = Σ_c w_c q_c`); otherwise the row's class target's.
 #[cube]
-#[allow(clippy::too_many_arguments)]
+// `mass` and `other_mass` are set in either comptime branch.
+#[allow(clippy::too_many_arguments, unused_assignments)]
 fn ce_gradient(
     stats: &[u32],
     targets: &[u32],
+    q: &[u32],
+    kept: &[f32],
     weights: &[f32],
     caller: &[f32],
     bits: u32,
@@ -845,6 +850,7 @@ fn ce_gradient(
     cap: f32,
     weighted: u32,
     #[comptime] dtype: u32,
+    #[comptime] probabilities: bool,
 ) -> u32 {
     let row = i / classes;
     let c = i % classes;
@@ -858,7 +864,6 @@ fn ce_gradient(
         && bits != NEG_INF_BITS
     {
         // A masked target under the propagate policy: loss +inf, the gradient as usual.
-        let y = targets[row] as usize;
         let max = f32::from_bits(stats[at + S_MAX]);
         let rest = f32::from_bits(stats[at + S_REST]);
         let share = f32::from_bits(stats[at + S_SHARE]);
@@ -872,10 +877,20 @@ fn ce_gradient(
             slope = capped.slope;
         }
         let w = class_weight(weights, c, weighted);
-        let w_y = class_weight(weights, y, weighted);
-        let is_target = c == y;
-        let mass = w * (select(is_target, keep, 0.0) + share);
-        let other_mass = select(is_target, 0.0, keep * w_y) + share * (live_weight - w);
+        let mut mass = 0.0f32;
+        let mut other_mass = 0.0f32;
+        if comptime![probabilities] {
+            let q_c = f32::from_bits(load_bits(q, i, dtype));
+            let wq = w * q_c;
+            mass = w * (keep * q_c + share);
+            other_mass = keep * (kept[row] - wq) + share * (live_weight - w);
+        } else {
+            let y = targets[row] as usize;
+            let w_y = class_weight(weights, y, weighted);
+            let is_target = c == y;
+            mass = w * (select(is_target, keep, 0.0) + share);
+            other_mass = select(is_target, 0.0, keep * w_y) + share * (live_weight - w);
+        }
         let e = exp_difference(v, max);
         let others = select(v == max, rest, 1.0 + (rest - e));
         let s = 1.0 + rest;
@@ -892,13 +907,16 @@ fn ce_gradient(
     out
 }
 
-/// Write pass of the cross-entropy gradient: one unit per output word.
+/// Write pass of the cross-entropy gradient: one unit per output word. `targets` is read for
+/// class targets, `q` and `kept` for probability targets (see [`ce_gradient`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ce_grad(
     x: &[u32],
     stats: &[u32],
     targets: &[u32],
+    q: &[u32],
+    kept: &[f32],
     weights: &[f32],
     caller: &[f32],
     grad: &mut [u32],
@@ -907,6 +925,7 @@ pub(crate) fn ce_grad(
     reduction: f32,
     params: CeParams,
     #[comptime] dtype: u32,
+    #[comptime] probabilities: bool,
 ) {
     let word = unit_index();
     let smoothing = params.smoothing;
@@ -921,13 +940,145 @@ pub(crate) fn ce_grad(
             if i < elements {
                 let bits = load_bits(x, i, dtype);
                 let g = ce_gradient(
-                    stats, targets, weights, caller, bits, i, classes, reduction, smoothing,
-                    z_loss, cap, weighted, dtype,
+                    stats,
+                    targets,
+                    q,
+                    kept,
+                    weights,
+                    caller,
+                    bits,
+                    i,
+                    classes,
+                    reduction,
+                    smoothing,
+                    z_loss,
+                    cap,
+                    weighted,
+                    dtype,
+                    probabilities,
                 );
                 packed |= encode(g, dtype) << (half * 16);
             }
         }
         grad[word] = packed;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy over probability targets.
+
+/// The smallest `value` over the cube (a column; [`NO_COLUMN`] for none). Every unit gets it.
+#[cube]
+fn cube_min(value: u32, #[comptime] units: u32) -> u32 {
+    let unit = UNIT_POS_X as usize;
+    let mut least = Shared::<[u32]>::new_slice(units as usize);
+    least[unit] = value;
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime![units.trailing_zeros()] {
+        let stride = comptime![(units >> (level + 1)) as usize];
+        if unit < stride {
+            least[unit] = min(least[unit], least[unit + stride]);
+        }
+        sync_cube();
+    }
+    let found = least[0];
+    sync_cube();
+    found
+}
+
+/// Read pass of the cross-entropy over probability targets `q` (`rows × classes`, the logits'
+/// dtype, every value finite: the host checks them): per row its loss and logsumexp (bits) and
+/// the stats its gradient needs. One cube per row. `kept[row] = Σ_c w_c q_c` (host, `f64`).
+///
+/// With `a_c = w_c ((1−ε) q_c + ε/K)` over the `K` live classes and `A = (1−ε) kept + (ε/K)
+/// Σ_live w_c`, the row loss is `Σ_live a_c (m − x_c) + A log1p(s') + z lse²`: the log1p form.
+/// Target mass `(1−ε) w_c q_c ≠ 0` on a masked class is [`FAULT_MASKED_TARGET`] (loss `+inf`).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ce_prob_stats(
+    x: &[u32],
+    q: &[u32],
+    kept: &[f32],
+    weights: &[f32],
+    stats: &mut [u32],
+    row_loss: &mut [u32],
+    row_lse: &mut [u32],
+    rows: usize,
+    classes: usize,
+    params: CeParams,
+    #[comptime] dtype: u32,
+    #[comptime] units: u32,
+) {
+    let row = cube_row();
+    if row < rows {
+        let at = row * STAT_WORDS;
+        let scan = scan_row(x, row, classes, params.cap, dtype, units);
+        let keep = 1.0 - params.smoothing;
+        let share = select(
+            scan.live > 0,
+            params.smoothing / f32::cast_from(scan.live),
+            0.0,
+        );
+        let mut weight_part = 0.0f32;
+        let mut distance_part = 0.0f32;
+        let mut masked = NO_COLUMN.runtime();
+        for c in range_stepped(UNIT_POS_X as usize, classes, units as usize) {
+            let i = row * classes + c;
+            let bits = load_bits(x, i, dtype);
+            let w = class_weight(weights, c, params.weighted);
+            let q_c = f32::from_bits(load_bits(q, i, dtype));
+            if (bits & ABS_MASK) < POS_INF_BITS {
+                let mut v = f32::from_bits(bits);
+                if params.cap > 0.0 {
+                    v = softcap(v, params.cap).value;
+                }
+                weight_part += w;
+                let a = w * (keep * q_c + share);
+                if a != 0.0 {
+                    distance_part += saturate(a * saturate(scan.max - v));
+                }
+            } else if bits == NEG_INF_BITS && keep * (w * q_c) != 0.0 {
+                masked = min(masked, c as u32);
+            }
+        }
+        let live_weight = cube_sum(weight_part, units);
+        let distance = cube_sum(distance_part, units);
+        let masked_column = cube_min(masked, units);
+        if UNIT_POS_X == 0 {
+            let mass = keep * kept[row] + share * live_weight;
+            let mut fault = FAULT_NONE.runtime();
+            let mut column = NO_COLUMN.runtime();
+            let mut loss_bits = 0u32;
+            let mut lse_out = lse_bits(scan.max, scan.rest, scan.live);
+            if scan.bad_column != NO_COLUMN {
+                fault = FAULT_NON_FINITE;
+                column = scan.bad_column;
+                loss_bits = NAN_BITS;
+                lse_out = NAN_BITS;
+            } else if masked_column != NO_COLUMN {
+                fault = FAULT_MASKED_TARGET;
+                column = masked_column;
+                loss_bits = POS_INF_BITS;
+            } else if scan.live > 0 {
+                let mut loss = saturate(distance + mass * log1p(scan.rest));
+                if params.z_loss > 0.0 {
+                    let lse = f32::from_bits(lse_out);
+                    loss = saturate(loss + saturate(params.z_loss * saturate(lse * lse)));
+                }
+                loss_bits = f32::to_bits(loss);
+            }
+            stats[at + S_MAX] = f32::to_bits(scan.max);
+            stats[at + S_REST] = f32::to_bits(scan.rest);
+            stats[at + S_LIVE] = scan.live;
+            stats[at + S_FAULT] = fault;
+            stats[at + S_COLUMN] = column;
+            stats[at + S_MASS] = f32::to_bits(mass);
+            stats[at + S_LIVE_WEIGHT] = f32::to_bits(live_weight);
+            stats[at + S_SHARE] = f32::to_bits(share);
+            row_loss[row] = loss_bits;
+            row_lse[row] = lse_out;
+        }
     }
 }
 

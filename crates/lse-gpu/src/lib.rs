@@ -1,7 +1,7 @@
 //! # lse-gpu — `lse`'s kernels on GPUs, written once in CubeCL
 //!
 //! logsumexp, softmax, log_softmax (and their backward) and the fused cross-entropy forward and
-//! gradient over class targets, as [CubeCL](https://github.com/tracel-ai/cubecl) kernels: one
+//! gradient over class or probability targets, as [CubeCL](https://github.com/tracel-ai/cubecl) kernels: one
 //! source for Vulkan, Metal, DX12 and WebGPU (through wgpu), CUDA and ROCm. Storage is `f32`,
 //! [`half::f16`] or [`half::bf16`]; arithmetic is `f32`. The semantics are `lse`'s: the same
 //! checks, policies and typed errors ([`lse::LseError`]), the loss in the log1p form

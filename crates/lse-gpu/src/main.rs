@@ -3,7 +3,12 @@
 //! ```text
 //! lse-gpu devices                          adapters wgpu finds: index, name, backend, type
 //! lse-gpu bench [--device N] [--rows R] [--classes K] [--dtype f32|f16|bf16] [--repeats N]
+//! lse-gpu eval --op OP INPUT --out OUT.npy [--device N] [lse eval's options]
 //! ```
+//!
+//! `eval` is `lse eval` for logsumexp, softmax, log_softmax and cross_entropy on the device: the
+//! same arguments, inputs (`.npy`, `.safetensors`) and outputs (`.npy` of the same dtypes and
+//! shapes); any error prints one line and exits with status 2, as `lse eval` does.
 //!
 //! `bench` times the fused cross-entropy forward + gradient on the device (inputs resident,
 //! kernels only) and prints G elem/s and the fraction of the device's measured copy bandwidth.
@@ -14,10 +19,24 @@ use std::process::ExitCode;
 use half::{bf16, f16};
 use lse_gpu::{adapters, Gpu};
 
-const USAGE: &str = "usage: lse-gpu devices\n       lse-gpu bench [--device N] [--rows R] [--classes K] [--dtype f32|f16|bf16] [--repeats N]";
+mod eval;
+
+const USAGE: &str = "usage: lse-gpu devices\n       lse-gpu bench [--device N] [--rows R] [--classes K] [--dtype f32|f16|bf16] [--repeats N]\n       lse-gpu eval --op OP INPUT --out OUT.npy [--device N] [lse eval's options]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("eval") {
+        return match eval::run(&args[1..]) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(eval::EvalError(message)) => {
+                eprintln!("lse-gpu eval: error: {message}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -340,24 +340,14 @@ impl Gpu {
     ) -> Result<CrossEntropyOutput<f32>, Error> {
         let rows = row_count("logits", logits.len(), classes)?;
         expect_len("targets", rows, targets.len())?;
-        if let Some(g) = &grad {
-            expect_len("gradient", logits.len(), g.len())?;
-        }
-        if options.keep_logit_stats {
-            return Err(Error::Unsupported("keep_logit_stats"));
-        }
+        check_ce_call(logits, grad.as_deref(), options)?;
         // `lse`'s own checks of everything but the logits, and the mean's denominator.
         let checked =
             ChunkedCrossEntropy::<E>::new(classes, targets, options, grad_output)?.finish();
-        let denominator = checked.denominator;
-        let empty_mean = options.reduction == Reduction::Mean && denominator == 0.0;
-        let keep_rows = options.keep_row_loss || options.reduction == Reduction::None;
         if rows == 0 {
             return Ok(checked);
         }
-
-        let words = E::pack(logits);
-        let x = self.upload(&words);
+        let call = CeCall::new(self, logits, classes, options);
         let target_words: Vec<u32> = targets
             .iter()
             .map(|&t| {
@@ -369,51 +359,24 @@ impl Gpu {
             })
             .collect();
         let t = self.upload(&target_words);
-        let weights: Vec<f32> = options
-            .weights
-            .map_or_else(|| vec![1.0], |w| w.iter().map(|&v| v as f32).collect());
-        let w = self.upload_f32(&weights);
-        let params = || {
-            CeParamsLaunch::new(
-                options.label_smoothing as f32,
-                options.z_loss as f32,
-                options.softcap.map_or(0.0, |c| c as f32),
-                u32::from(options.weights.is_some()),
-            )
-        };
-        let stats = self.words(rows * STAT_WORDS);
-        let (row_loss, row_lse) = (self.words(rows), self.words(rows));
         kernels::ce_stats::launch(
             &self.client,
             cube_count(rows),
             units(),
-            arg(&x, words.len()),
+            arg(&call.x, call.words),
             arg(&t, rows),
-            arg(&w, weights.len()),
-            arg(&stats, rows * STAT_WORDS),
-            arg(&row_loss, rows),
-            arg(&row_lse, rows),
+            arg(&call.weights, call.weight_count),
+            arg(&call.stats, rows * STAT_WORDS),
+            arg(&call.row_loss, rows),
+            arg(&call.row_lse, rows),
             rows,
             classes,
-            params(),
+            call.params(),
             E::CODE,
             CUBE_UNITS,
         );
-        let stat_words = self.read(stats.clone())?;
-        if options.non_finite == NonFinite::Error {
-            for (row, s) in stat_words.chunks_exact(STAT_WORDS).enumerate() {
-                let column = s[4] as usize;
-                match s[3] {
-                    kernels::FAULT_NON_FINITE => {
-                        return Err(non_finite_logit(logits, classes, row, column).into())
-                    }
-                    kernels::FAULT_MASKED_TARGET => {
-                        return Err(LseError::MaskedTarget { row, class: column }.into())
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let targets_of = CeTargets::Classes(&t);
+        let stat_words = self.read(call.stats.clone())?;
         if let Some(row) = stat_words
             .chunks_exact(STAT_WORDS)
             .position(|s| s[3] == kernels::FAULT_TARGET_RANGE)
@@ -426,8 +389,165 @@ impl Gpu {
             }
             .into());
         }
+        self.finish_cross_entropy(
+            call,
+            &stat_words,
+            None,
+            targets_of,
+            checked,
+            grad_output,
+            grad,
+        )
+    }
+
+    /// The cross-entropy of `logits` (`rows × classes`) against probability targets
+    /// `probabilities` (`rows × classes`, row-major, the logits' dtype), fused with its gradient
+    /// when `grad` is given: [`lse::cross_entropy_with_grad`] with [`lse::Targets::Probabilities`]
+    /// (any finite values; class weights, label smoothing, z-loss, soft-cap, the reductions —
+    /// the mean divides by the row count — and the NaN/`+inf` policies; there is no ignore
+    /// index), computed in `f32` on the device; `Σ_c w_c q_c` of each row and the reduction of
+    /// the row losses on the host, in `f64`.
+    ///
+    /// # Errors
+    /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, the
+    /// incoming gradient, [`LseError::BadProbability`] for the first non-finite target of the
+    /// first faulty row, NaN/`+inf` logits and target mass on a masked (`-inf`) logit under
+    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats`;
+    /// [`Error::Device`]. `grad` is written only on success; no input is modified.
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does.
+    pub fn cross_entropy_probabilities<E: GpuElement>(
+        &self,
+        logits: &[E],
+        classes: usize,
+        probabilities: &[E],
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_, f32>,
+        grad: Option<&mut [E]>,
+    ) -> Result<CrossEntropyOutput<f32>, Error> {
+        let rows = row_count("logits", logits.len(), classes)?;
+        expect_len("probability targets", logits.len(), probabilities.len())?;
+        check_ce_call(logits, grad.as_deref(), options)?;
+        let checked = ChunkedCrossEntropy::<E>::with_probabilities(
+            classes,
+            probabilities,
+            options,
+            grad_output,
+        )?
+        .finish();
+        if rows == 0 {
+            return Ok(checked);
+        }
+        // The targets on the host: the first non-finite one (an error whatever the logits hold,
+        // found before the row's logits are looked at, as on the CPU) and each row's weighted
+        // mass `Σ_c w_c q_c`, in `f64`.
+        let mut bad_target = None;
+        let kept: Vec<f32> = probabilities
+            .chunks_exact(classes)
+            .enumerate()
+            .map(|(row, q)| {
+                let mut mass = CompensatedSum::ZERO;
+                for (column, v) in q.iter().enumerate() {
+                    let value = v.to_f64();
+                    if !value.is_finite() && bad_target.is_none() {
+                        bad_target = Some((row, LseError::BadProbability { row, column, value }));
+                    }
+                    mass.add(options.weights.map_or(1.0, |w| w[column]) * value);
+                }
+                mass.value() as f32
+            })
+            .collect();
+        if options.non_finite == NonFinite::Propagate {
+            if let Some((_, error)) = bad_target {
+                return Err(error.into());
+            }
+        }
+        let call = CeCall::new(self, logits, classes, options);
+        let q_words = E::pack(probabilities);
+        let q = self.upload(&q_words);
+        let kept = self.upload_f32(&kept);
+        kernels::ce_prob_stats::launch(
+            &self.client,
+            cube_count(rows),
+            units(),
+            arg(&call.x, call.words),
+            arg(&q, q_words.len()),
+            arg(&kept, rows),
+            arg(&call.weights, call.weight_count),
+            arg(&call.stats, rows * STAT_WORDS),
+            arg(&call.row_loss, rows),
+            arg(&call.row_lse, rows),
+            rows,
+            classes,
+            call.params(),
+            E::CODE,
+            CUBE_UNITS,
+        );
+        let stat_words = self.read(call.stats.clone())?;
+        self.finish_cross_entropy(
+            call,
+            &stat_words,
+            bad_target,
+            CeTargets::Probabilities {
+                q: &q,
+                words: q_words.len(),
+                kept: &kept,
+            },
+            checked,
+            grad_output,
+            grad,
+        )
+    }
+
+    /// The rest of a cross-entropy call after its read pass: the first faulty row's error
+    /// (`bad_target`: a row whose targets are bad, checked before that row's logits), the row
+    /// losses, the gradient's write pass and the reduction of `lse`'s `Batch::finish`.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_cross_entropy<E: GpuElement>(
+        &self,
+        call: CeCall<'_, E>,
+        stat_words: &[u32],
+        bad_target: Option<(usize, LseError)>,
+        targets: CeTargets<'_>,
+        checked: CrossEntropyOutput<f32>,
+        grad_output: GradOutput<'_, f32>,
+        grad: Option<&mut [E]>,
+    ) -> Result<CrossEntropyOutput<f32>, Error> {
+        let CeCall {
+            logits,
+            classes,
+            options,
+            ..
+        } = call;
+        let rows = logits.len() / classes;
+        let error_policy = options.non_finite == NonFinite::Error;
+        for (row, s) in stat_words.chunks_exact(STAT_WORDS).enumerate() {
+            if let Some((bad_row, _)) = &bad_target {
+                if *bad_row == row {
+                    let (_, error) = bad_target.expect("just matched");
+                    return Err(error.into());
+                }
+            }
+            if !error_policy {
+                continue;
+            }
+            let column = s[4] as usize;
+            match s[3] {
+                kernels::FAULT_NON_FINITE => {
+                    return Err(non_finite_logit(logits, classes, row, column).into())
+                }
+                kernels::FAULT_MASKED_TARGET => {
+                    return Err(LseError::MaskedTarget { row, class: column }.into())
+                }
+                _ => {}
+            }
+        }
+        let denominator = checked.denominator;
+        let empty_mean = options.reduction == Reduction::Mean && denominator == 0.0;
+        let keep_rows = options.keep_row_loss || options.reduction == Reduction::None;
         let row_loss: Vec<f32> = self
-            .read(row_loss)?
+            .read(call.row_loss.clone())?
             .into_iter()
             .map(f32::from_bits)
             .collect();
@@ -443,22 +563,31 @@ impl Gpu {
                 GradOutput::PerRow(gs) => gs.to_vec(),
             };
             let c = self.upload_f32(&caller);
-            let out = self.words(words.len());
+            let out = self.words(call.words);
+            // The buffers of the other kind of target: a word that is never read.
+            let unused = self.words(1);
+            let (t, q, q_len, kept, probabilities) = match targets {
+                CeTargets::Classes(t) => (t, &unused, 1, &unused, false),
+                CeTargets::Probabilities { q, words, kept } => (&unused, q, words, kept, true),
+            };
             kernels::ce_grad::launch(
                 &self.client,
-                element_cubes(words.len()),
+                element_cubes(call.words),
                 units(),
-                arg(&x, words.len()),
-                arg(&stats, rows * STAT_WORDS),
-                arg(&t, rows),
-                arg(&w, weights.len()),
+                arg(&call.x, call.words),
+                arg(&call.stats, rows * STAT_WORDS),
+                arg(t, if probabilities { 1 } else { rows }),
+                arg(q, q_len),
+                arg(kept, if probabilities { rows } else { 1 }),
+                arg(&call.weights, call.weight_count),
                 arg(&c, rows),
-                arg(&out, words.len()),
+                arg(&out, call.words),
                 logits.len(),
                 classes,
                 reduction,
-                params(),
+                call.params(),
                 E::CODE,
+                probabilities,
             );
             grad.copy_from_slice(&E::unpack(&self.read(out)?, logits.len()));
         }
@@ -487,7 +616,7 @@ impl Gpu {
         };
         let row_lse = if options.keep_row_lse {
             Some(
-                self.read(row_lse)?
+                self.read(call.row_lse)?
                     .into_iter()
                     .map(f32::from_bits)
                     .collect(),
@@ -570,6 +699,87 @@ impl Gpu {
             .map(|w| [0, 1, 2, 3].map(|k| f32::from_bits(w[k])))
             .collect())
     }
+}
+
+/// The gradient buffer's length and the options the GPU kernels lack, checked before anything
+/// is uploaded.
+fn check_ce_call<E: GpuElement>(
+    logits: &[E],
+    grad: Option<&[E]>,
+    options: &CrossEntropyOptions<'_>,
+) -> Result<(), Error> {
+    if let Some(g) = grad {
+        expect_len("gradient", logits.len(), g.len())?;
+    }
+    if options.keep_logit_stats {
+        return Err(Error::Unsupported("keep_logit_stats"));
+    }
+    Ok(())
+}
+
+/// The device buffers of one cross-entropy call, shared by both kinds of target.
+struct CeCall<'a, E> {
+    logits: &'a [E],
+    classes: usize,
+    options: &'a CrossEntropyOptions<'a>,
+    x: Handle,
+    words: usize,
+    weights: Handle,
+    weight_count: usize,
+    stats: Handle,
+    row_loss: Handle,
+    row_lse: Handle,
+}
+
+impl<'a, E: GpuElement> CeCall<'a, E> {
+    /// Uploads the logits and class weights and makes the per-row buffers.
+    fn new(
+        gpu: &Gpu,
+        logits: &'a [E],
+        classes: usize,
+        options: &'a CrossEntropyOptions<'a>,
+    ) -> Self {
+        let rows = logits.len() / classes;
+        let words = E::pack(logits);
+        let weights: Vec<f32> = options
+            .weights
+            .map_or_else(|| vec![1.0], |w| w.iter().map(|&v| v as f32).collect());
+        Self {
+            logits,
+            classes,
+            options,
+            x: gpu.upload(&words),
+            words: words.len(),
+            weights: gpu.upload_f32(&weights),
+            weight_count: weights.len(),
+            stats: gpu.words(rows * STAT_WORDS),
+            row_loss: gpu.words(rows),
+            row_lse: gpu.words(rows),
+        }
+    }
+
+    /// The options as the kernels take them.
+    fn params(&self) -> CeParamsLaunch {
+        let o = self.options;
+        CeParamsLaunch::new(
+            o.label_smoothing as f32,
+            o.z_loss as f32,
+            o.softcap.map_or(0.0, |c| c as f32),
+            u32::from(o.weights.is_some()),
+        )
+    }
+}
+
+/// The targets' device buffers, for the gradient's write pass.
+enum CeTargets<'h> {
+    /// One word per row: a class, or [`kernels::IGNORED_TARGET`].
+    Classes(&'h Handle),
+    /// The probability targets (`words` words) and each row's `Σ_c w_c q_c`.
+    Probabilities {
+        q: &'h Handle,
+        words: usize,
+        kept: &'h Handle,
+    },
 }
 
 /// `lse`'s error for a NaN or `+inf` logit, its value read from the caller's logits.

@@ -774,3 +774,341 @@ fn own_transcendentals_are_accurate() {
     assert!(own_exp <= 2, "own exp: {own_exp} ulps");
     assert!(own_ln <= 2, "own ln: {own_ln} ulps");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Probability targets.
+
+/// Rows of probability targets for `x`: a soft distribution, a one-hot row, a row with nearly
+/// all mass on one class, a row of uneven values that do not sum to 1; 0 on masked classes.
+fn probability_rows<E: GpuElement>(rng: &mut Rng, x: &[E], classes: usize) -> Vec<E> {
+    x.chunks_exact(classes)
+        .enumerate()
+        .flat_map(|(r, row)| {
+            let live: Vec<bool> = row.iter().map(|v| v.to_f64() > f64::NEG_INFINITY).collect();
+            let first_live = live.iter().position(|&l| l).unwrap_or(0);
+            let raw: Vec<f64> = (0..classes)
+                .map(|c| match r % 4 {
+                    0 => rng.next(),
+                    1 => f64::from(u8::from(c == (r * 37 + first_live) % classes && live[c])),
+                    2 if c == first_live => 1.0,
+                    2 => 1e-4 * rng.next(),
+                    _ => rng.next() * rng.next() * 3.0,
+                })
+                .zip(&live)
+                .map(|(v, &l)| if l { v } else { 0.0 })
+                .collect();
+            let total: f64 = raw.iter().sum::<f64>().max(1e-300);
+            let scale = if r % 4 == 3 { 1.0 } else { 1.0 / total };
+            raw.into_iter()
+                .map(|v| E::from_f64(v * scale))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every combination of the options that apply to probability targets against the CPU, on
+/// rows of ordinary, large (±1e3) and extreme (±1e4) logits with masks: loss, row losses, row
+/// logsumexp and gradient.
+fn cross_entropy_probability_options<E: GpuElement>(loss_bound: f64, grad_bound: u64) {
+    let gpu = gpu();
+    let mut rng = Rng(7);
+    let classes = 333;
+    let rows = 12;
+    let x: Vec<E> = (0..rows)
+        .flat_map(|r| {
+            let scale = [8.0, 1e3, 1e4][r % 3];
+            rng.logits::<E>(classes, scale, r % 2 == 0)
+        })
+        .collect();
+    let q = probability_rows(&mut rng, &x, classes);
+    let weights: Vec<f64> = (0..classes).map(|c| 0.25 + (c % 5) as f64 * 0.5).collect();
+    let (mut worst_loss, mut worst_grad, mut worst_lse) = (0.0f64, 0, 0);
+    for weighted in [false, true] {
+        for smoothing in [0.0, 0.1] {
+            for z_loss in [0.0, 1e-4] {
+                for softcap in [None, Some(30.0)] {
+                    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+                        let options = CrossEntropyOptions {
+                            weights: weighted.then_some(weights.as_slice()),
+                            label_smoothing: smoothing,
+                            z_loss,
+                            softcap,
+                            reduction,
+                            keep_row_loss: true,
+                            keep_row_lse: true,
+                            ..Default::default()
+                        };
+                        let what = format!("{:?} {options:?}", E::DTYPE);
+                        let mut cpu_grad = vec![E::zero(); x.len()];
+                        let cpu = lse::cross_entropy_with_grad(
+                            &x,
+                            classes,
+                            Targets::Probabilities(&q),
+                            &options,
+                            GradOutput::Scalar(1.0),
+                            &mut cpu_grad,
+                        )
+                        .unwrap();
+                        let mut dev_grad = vec![E::zero(); x.len()];
+                        let dev = gpu
+                            .cross_entropy_probabilities(
+                                &x,
+                                classes,
+                                &q,
+                                &options,
+                                GradOutput::Scalar(1.0),
+                                Some(&mut dev_grad),
+                            )
+                            .unwrap();
+                        assert_eq!(dev.denominator, cpu.denominator);
+                        assert_eq!(dev.counted_rows, cpu.counted_rows);
+                        let rel = |a: f32, b: f32| {
+                            ((f64::from(a) - f64::from(b)) / f64::from(b).abs().max(1e-30)).abs()
+                        };
+                        let r = rel(dev.loss, cpu.loss);
+                        worst_loss = worst_loss.max(r);
+                        assert!(r < loss_bound, "{what}: loss {} vs {}", dev.loss, cpu.loss);
+                        for (row, (d, c)) in dev
+                            .row_loss
+                            .as_ref()
+                            .unwrap()
+                            .iter()
+                            .zip(cpu.row_loss.as_ref().unwrap())
+                            .enumerate()
+                        {
+                            let r = rel(*d, *c);
+                            worst_loss = worst_loss.max(r);
+                            assert!(r < loss_bound, "{what}: row {row} loss {d} vs {c}");
+                        }
+                        let (dl, cl) = (dev.row_lse.unwrap(), cpu.row_lse.unwrap());
+                        worst_lse = worst_lse.max(worst(&dl, &cl));
+                        assert!(
+                            worst(&dl, &cl) <= LSE_BOUND,
+                            "{what}: row lse {dl:?} vs {cl:?}"
+                        );
+                        let w = worst_relative(&dev_grad, &cpu_grad);
+                        worst_grad = worst_grad.max(w);
+                        assert!(w <= grad_bound, "{what}: gradient {w} ulps");
+                    }
+                }
+            }
+        }
+    }
+    report(
+        &format!("{:?} probability CE loss (relative, 1e-9)", E::DTYPE),
+        (worst_loss * 1e9) as u64,
+    );
+    report(&format!("{:?} probability CE row lse", E::DTYPE), worst_lse);
+    report(
+        &format!("{:?} probability CE gradient", E::DTYPE),
+        worst_grad,
+    );
+}
+
+#[test]
+fn cross_entropy_probabilities_f32() {
+    cross_entropy_probability_options::<f32>(4e-7, 24);
+}
+
+#[test]
+fn cross_entropy_probabilities_f16() {
+    cross_entropy_probability_options::<f16>(4e-7, 1);
+}
+
+#[test]
+fn cross_entropy_probabilities_bf16() {
+    cross_entropy_probability_options::<bf16>(4e-7, 1);
+}
+
+/// A confident row keeps its digits with probability targets too (the log1p form): the loss
+/// of `[30, 0, −1e4, −1e4]` against `[1, 0, 0, 0]` is `log1p(e⁻³⁰) = 9.3576e-14`, and a soft
+/// target's loss matches an `f64` oracle. The naive `f32` form `Σ q_c (lse − x_c)` gives 0 for
+/// the first and fails the same check.
+#[test]
+fn confident_probability_row_keeps_digits() {
+    let gpu = gpu();
+    let x = [
+        30.0f32, 0.0, -1e4, -1e4, /* row 1 */ 30.0, 0.0, -1e4, -1e4,
+    ];
+    let q = [1.0f32, 0.0, 0.0, 0.0, /* row 1 */ 0.75, 0.25, 0.0, 0.0];
+    let options = CrossEntropyOptions {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let dev = gpu
+        .cross_entropy_probabilities(&x, 4, &q, &options, GradOutput::Scalar(1.0), None)
+        .unwrap();
+    // f64, in the log1p form (`lse − x_c` in f64 would itself lose the digits of row 0).
+    let oracle = |row: usize| {
+        let xs = &x[row * 4..row * 4 + 4];
+        let m = 30.0f64;
+        let log1p_rest = xs
+            .iter()
+            .map(|&v| (f64::from(v) - m).exp())
+            .filter(|&e| e < 1.0)
+            .sum::<f64>()
+            .ln_1p();
+        xs.iter()
+            .zip(&q[row * 4..row * 4 + 4])
+            .map(|(&v, &p)| f64::from(p) * ((m - f64::from(v)) + log1p_rest))
+            .sum::<f64>()
+    };
+    let rows = dev.row_loss.unwrap();
+    let close = |got: f64, want: f64| ((got - want) / want).abs() < 1e-6;
+    for (row, &got) in rows.iter().enumerate() {
+        assert!(
+            close(f64::from(got), oracle(row)),
+            "row {row}: {got} vs {}",
+            oracle(row)
+        );
+    }
+    // The control: the naive f32 `lse − x_y` of row 0.
+    let naive_lse = x[..4].iter().map(|v| v.exp()).sum::<f32>().ln();
+    let naive = naive_lse - x[0];
+    assert!(
+        !close(f64::from(naive), oracle(0)),
+        "the naive control must fail: {naive}"
+    );
+}
+
+/// Bad probability targets and the logits' faults come back as `lse`'s errors, from the same
+/// row the CPU names (targets before logits within a row); nothing is written to the gradient;
+/// under `Propagate` a bad target is still an error, NaN logits give NaN rows and mass on a
+/// masked class a `+inf` row, as on the CPU.
+#[test]
+fn cross_entropy_probability_errors_and_policies() {
+    let gpu = gpu();
+    let x: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+    let q = vec![0.25f32; 12];
+    let sentinel = vec![3.0f32; 12];
+    let both = |x: &[f32], q: &[f32], options: &CrossEntropyOptions| {
+        let mut cg = vec![0.0f32; 12];
+        let cpu = lse::cross_entropy_with_grad(
+            x,
+            4,
+            Targets::Probabilities(q),
+            options,
+            GradOutput::Scalar(1.0),
+            &mut cg,
+        );
+        let mut dg = sentinel.clone();
+        let dev = gpu.cross_entropy_probabilities(
+            x,
+            4,
+            q,
+            options,
+            GradOutput::Scalar(1.0),
+            Some(&mut dg),
+        );
+        (cpu, cg, dev, dg)
+    };
+    let error = CrossEntropyOptions::default();
+    let propagate = CrossEntropyOptions {
+        non_finite: NonFinite::Propagate,
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    // A NaN or infinite target: BadProbability naming row, column and value, either policy.
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut q = q.clone();
+        q[4 + 2] = bad;
+        for options in [&error, &propagate] {
+            let (cpu, _, dev, dg) = both(&x, &q, options);
+            let cpu = cpu.unwrap_err();
+            let dev = dev.unwrap_err();
+            assert!(
+                matches!(
+                    dev,
+                    Error::Input(LseError::BadProbability {
+                        row: 1,
+                        column: 2,
+                        ..
+                    })
+                ),
+                "{dev:?}"
+            );
+            assert_eq!(dev.to_string(), cpu.to_string());
+            assert_eq!(dg, sentinel, "gradient written on error");
+        }
+    }
+    // The first faulty row wins; within a row the targets come first.
+    let mut xq = x.clone();
+    xq[1] = f32::NAN; // row 0
+    let mut qq = q.clone();
+    qq[4 + 3] = f32::NAN; // row 1
+    let (cpu, _, dev, _) = both(&xq, &qq, &error);
+    let dev = dev.unwrap_err();
+    assert!(
+        matches!(
+            dev,
+            Error::Input(LseError::NonFinite {
+                row: 0,
+                column: 1,
+                ..
+            })
+        ),
+        "{dev:?}"
+    );
+    assert_eq!(dev.to_string(), cpu.unwrap_err().to_string());
+    let mut qq = q.clone();
+    qq[3] = f32::NAN; // row 0, with the NaN logit
+    let (cpu, _, dev, _) = both(&xq, &qq, &error);
+    let dev = dev.unwrap_err();
+    assert!(
+        matches!(
+            dev,
+            Error::Input(LseError::BadProbability {
+                row: 0,
+                column: 3,
+                ..
+            })
+        ),
+        "{dev:?}"
+    );
+    assert_eq!(dev.to_string(), cpu.unwrap_err().to_string());
+    // Mass on a masked class; none there is fine (and under smoothing ε = 1 none is kept).
+    let mut xm = x.clone();
+    xm[8 + 1] = f32::NEG_INFINITY;
+    let (cpu, _, dev, dg) = both(&xm, &q, &error);
+    let dev = dev.unwrap_err();
+    assert!(
+        matches!(
+            dev,
+            Error::Input(LseError::MaskedTarget { row: 2, class: 1 })
+        ),
+        "{dev:?}"
+    );
+    assert_eq!(dev.to_string(), cpu.unwrap_err().to_string());
+    assert_eq!(dg, sentinel);
+    let mut qm = q.clone();
+    qm[8 + 1] = 0.0;
+    let (cpu, cg, dev, dg) = both(&xm, &qm, &error);
+    let (cpu, dev) = (cpu.unwrap(), dev.unwrap());
+    assert!(
+        ((dev.loss - cpu.loss) / cpu.loss).abs() < 4e-7,
+        "{} vs {}",
+        dev.loss,
+        cpu.loss
+    );
+    assert!(worst_relative(&dg, &cg) <= 24, "{dg:?} vs {cg:?}");
+    assert_eq!(dg[8 + 1], 0.0);
+    // Propagate: NaN rows and +inf rows as the CPU's; the gradient as the CPU's.
+    for (xp, what) in [(&xq, "NaN logit"), (&xm, "masked class with mass")] {
+        let (cpu, cg, dev, dg) = both(xp, &q, &propagate);
+        let (cpu, dev) = (cpu.unwrap(), dev.unwrap());
+        let (dr, cr) = (dev.row_loss.unwrap(), cpu.row_loss.unwrap());
+        for (d, c) in dr.iter().zip(&cr) {
+            assert!(
+                (d.is_nan() && c.is_nan()) || d == c || ((d - c) / c).abs() < 4e-7,
+                "{what}: {dr:?} vs {cr:?}"
+            );
+        }
+        assert!(worst(&dg, &cg) <= 24, "{what}: {dg:?} vs {cg:?}");
+    }
+    // Shapes: probability targets of another length, as the CPU says it.
+    let dev = gpu
+        .cross_entropy_probabilities(&x, 4, &q[..8], &error, GradOutput::Scalar(1.0), None)
+        .unwrap_err();
+    let cpu = lse::cross_entropy(&x, 4, Targets::Probabilities(&q[..8]), &error).unwrap_err();
+    assert_eq!(dev.to_string(), cpu.to_string());
+}

@@ -932,8 +932,10 @@ impl<E: Element> RowIo<'_, E> {
     }
 }
 
-/// A cross-entropy over class targets whose logits arrive a chunk of rows at a time: a file read
-/// piece by piece, or the logits that the fused linear cross-entropy forms block by block.
+/// A cross-entropy over class targets (or probability targets,
+/// [`ChunkedCrossEntropy::with_probabilities`]) whose logits arrive a chunk of rows at a time: a
+/// file read piece by piece, or the logits that the fused linear cross-entropy forms block by
+/// block.
 ///
 /// The same checks, per-row work, gradient scale, reduction and statistics as one
 /// [`cross_entropy`] / [`cross_entropy_with_grad`] call over all the rows, bit for bit, for any
@@ -988,6 +990,57 @@ impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
             len,
             classes,
             Targets::Classes(targets),
+            options,
+            grad_output,
+        )?;
+        Ok(Self { batch })
+    }
+
+    /// [`ChunkedCrossEntropy::new`] for probability targets ([`Targets::Probabilities`]):
+    /// `probabilities` is `rows × classes`, row-major. The checks that need no logits are made
+    /// here (the probabilities themselves are checked row by row, as their rows arrive: a
+    /// non-finite one is [`LseError::BadProbability`] from [`Self::next_rows`]); the mean
+    /// divides by the row count.
+    ///
+    /// ```
+    /// use lse::{cross_entropy, ChunkedCrossEntropy, CrossEntropyOptions, GradOutput, Targets};
+    /// let logits = [2.0f32, 1.0, 0.1, /* row 1 */ 0.5, 3.0, -1.0];
+    /// let q = [0.7f32, 0.2, 0.1, /* row 1 */ 0.0, 0.5, 0.5];
+    /// let options = CrossEntropyOptions::default();
+    /// let mut stream = ChunkedCrossEntropy::with_probabilities(3, &q, &options, GradOutput::Scalar(1.0))?;
+    /// stream.next_rows(&logits[..3], None)?;
+    /// stream.next_rows(&logits[3..], None)?;
+    /// let once = cross_entropy(&logits, 3, Targets::Probabilities(&q), &options)?;
+    /// assert_eq!(stream.finish().loss.to_bits(), once.loss.to_bits());
+    /// # Ok::<(), lse::LseError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LseError::EmptyClasses`], [`LseError::RaggedRows`] (`probabilities` not whole rows),
+    /// [`LseError::BadOption`], [`LseError::BadWeight`], [`LseError::EmptyMean`] (no rows under
+    /// [`EmptyMean::Error`]), [`LseError::PerRowGradient`], [`LseError::LengthMismatch`] (a
+    /// per-row `grad_output` of another length) and [`LseError::NonFinite`] (a non-finite
+    /// `grad_output` under [`NonFinite::Error`]).
+    ///
+    /// # Panics
+    /// Never.
+    pub fn with_probabilities(
+        classes: usize,
+        probabilities: &'a [E],
+        options: &'a CrossEntropyOptions<'a>,
+        grad_output: GradOutput<'a, E::Stat>,
+    ) -> Result<Self> {
+        if classes > 0 && !probabilities.len().is_multiple_of(classes) {
+            return Err(LseError::RaggedRows {
+                what: "probability targets",
+                len: probabilities.len(),
+                classes,
+            });
+        }
+        let batch = Batch::new(
+            probabilities.len(),
+            classes,
+            Targets::Probabilities(probabilities),
             options,
             grad_output,
         )?;
