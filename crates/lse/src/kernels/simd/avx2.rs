@@ -72,7 +72,7 @@ macro_rules! reduce_pd {
 #[rustfmt::skip]
 macro_rules! avx2_float {
     ($t:ty, $s:ty, $p:ident, $ss:ident, $i:ident, $l:ty, $set1i:ident, $bits:literal) => {
-        paste::paste! {
+        pastey::paste! {
         impl Mask for $t {
             type Count = Counts;
             type Token = Avx2;

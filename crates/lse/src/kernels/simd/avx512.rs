@@ -99,7 +99,7 @@ kmask!(u16);
 /// they exist, so the CPU has AVX-512.
 #[rustfmt::skip]
 macro_rules! avx512_float {
-    ($t:ident, $s:ty, $m:ty, $p:ident, $i:ident, $bits:literal) => { paste::paste! {
+    ($t:ident, $s:ty, $m:ty, $p:ident, $i:ident, $bits:literal) => { pastey::paste! {
         impl<const B: bool> Float for $t<B> {
             type Scalar = $s;
             type Token = Avx512<B>;

@@ -416,7 +416,7 @@ impl<T: Float> Float for Pair<T> {
 #[rustfmt::skip]
 macro_rules! x86_float_ops {
     ($s:ty, $v:ident, $p:ident, $i:ident, $set1i:ident, $si:ident, $bits:literal, $round:ident,
-     $cmp:ident, $tok:expr) => { paste::paste! {
+     $cmp:ident, $tok:expr) => { pastey::paste! {
         #[inline(always)] fn token(self) -> Self::Token { $tok }
         #[inline(always)] fn splat(_: Self::Token, v: f64) -> Self { Vector::wrap(unsafe { [<$v _set1_ $p>](v as $s) }) }
         #[inline(always)]

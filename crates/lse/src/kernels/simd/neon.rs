@@ -87,7 +87,7 @@ impl Mask for M64x2 {
 /// the mantissa bits.
 #[rustfmt::skip]
 macro_rules! neon_float {
-    ($t:ty, $s:ty, $m:ty, $q:ident, $u:ident, $i:ident, $bits:literal) => { paste::paste! {
+    ($t:ty, $s:ty, $m:ty, $q:ident, $u:ident, $i:ident, $bits:literal) => { pastey::paste! {
         impl Float for $t {
             type Scalar = $s;
             type Token = Neon;
