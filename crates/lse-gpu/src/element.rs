@@ -11,7 +11,8 @@ mod sealed {
     impl Sealed for half::bf16 {}
 }
 
-/// An element type the GPU kernels store: `f32`, [`f16`] and [`bf16`], with `f32` arithmetic.
+/// An element type the GPU kernels store: `f32`, [`f16`](half::f16) and [`bf16`], with `f32`
+/// arithmetic.
 ///
 /// Every buffer goes to the device as `u32` words of bits (16-bit types two to a word, element
 /// `2k` in the low half), so no device needs a 16-bit type of its own.
