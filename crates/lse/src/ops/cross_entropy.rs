@@ -10,9 +10,8 @@ use rayon::prelude::*;
 use crate::guard::{ElementTally, LogitStats, StatsBuilder};
 use crate::kernels::{
     self,
-    scalar::{
-        CeConfig, CeRow, FastWrite, GradScale, LogitMap, RowFault, RowScan, RowTarget, RowValues,
-    },
+    row_plan::{CeConfig, CeRow, FastWrite, GradScale, RowTarget, RowValues},
+    scalar::{LogitMap, RowScan},
     BlockMaxima,
 };
 use crate::state::{saturate, CompensatedSum};
@@ -565,15 +564,7 @@ impl<'a, E: Element> Batch<'a, E> {
         scan: &RowScan,
         target: RowTarget<'a, E>,
     ) -> Result<CeRow<'a, 'a, E>> {
-        CeRow::new(logits, scan, target, self.config).map_err(|fault| match fault {
-            RowFault::NonFinite { column, .. } => non_finite_logit(r, column, logits[column]),
-            RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
-            RowFault::BadProbability { column, value } => LseError::BadProbability {
-                row: r,
-                column,
-                value,
-            },
-        })
+        CeRow::new(logits, scan, target, self.config).map_err(|fault| fault.in_row(r))
     }
 
     /// A task's rows `(index, io)`, in order; stops at the first row with an error.
