@@ -44,7 +44,13 @@ impl RowPlan {
     pub(crate) fn of(facts: RowFacts) -> Result<Self, RowFault> {
         use RowPlan::{InfiniteLoss, Loss, Masked, Nan};
         let f = facts;
-        match (f.bad_target, f.non_finite, f.masked_target, f.fully_masked, f.propagate) {
+        match (
+            f.bad_target,
+            f.non_finite,
+            f.masked_target,
+            f.fully_masked,
+            f.propagate,
+        ) {
             // "target out of range" (of a split row: uncovered), and probability targets that
             // are not finite.
             (Some(fault), ..) => Err(fault),
@@ -104,11 +110,21 @@ pub(crate) struct CeConfig<'w> {
 /// Why a cross-entropy row cannot be computed ([`Self::in_row`] adds the row index).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum RowFault {
-    NonFinite { column: usize, value: f64 },
-    MaskedTarget { class: usize },
-    BadProbability { column: usize, value: f64 },
+    NonFinite {
+        column: usize,
+        value: f64,
+    },
+    MaskedTarget {
+        class: usize,
+    },
+    BadProbability {
+        column: usize,
+        value: f64,
+    },
     /// A split row whose target class no shard held.
-    UncoveredTarget { class: usize },
+    UncoveredTarget {
+        class: usize,
+    },
 }
 
 impl RowFault {
@@ -122,11 +138,9 @@ impl RowFault {
                 value,
             },
             RowFault::MaskedTarget { class } => LseError::MaskedTarget { row, class },
-            RowFault::BadProbability { column, value } => LseError::BadProbability {
-                row,
-                column,
-                value,
-            },
+            RowFault::BadProbability { column, value } => {
+                LseError::BadProbability { row, column, value }
+            }
             RowFault::UncoveredTarget { class } => LseError::UncoveredTarget { row, class },
         }
     }
@@ -684,3 +698,215 @@ impl<'t, 'w, E: Element> ClassMasses<'t, 'w, E> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    //! [`RowPlan::of`] against the CE columns of docs/contract.md, row by row, under both
+    //! policies: the expectations are the document's, not the table's code.
+
+    use super::*;
+    use crate::kernels::scalar::scan_row;
+
+    /// A row with nothing to report: finite logits, finite targets.
+    const FINITE: RowFacts = RowFacts {
+        bad_target: None,
+        non_finite: None,
+        masked_target: None,
+        fully_masked: false,
+        propagate: false,
+    };
+
+    /// The plan of `facts` under `NonFinite::Error` and under `NonFinite::Propagate`.
+    fn plans(facts: RowFacts) -> [Result<RowPlan, RowFault>; 2] {
+        [false, true].map(|propagate| RowPlan::of(RowFacts { propagate, ..facts }))
+    }
+
+    #[test]
+    fn finite_rows_have_a_loss() {
+        // "all finite" and "some −inf, rest finite" (a finite target logit): a loss.
+        assert_eq!(plans(FINITE), [Ok(RowPlan::Loss); 2]);
+    }
+
+    #[test]
+    fn target_mass_on_minus_infinity_is_masked_target_or_infinite() {
+        // "all −inf": `MaskedTarget` under Error, +inf under Propagate; so is any target mass on
+        // a −inf logit of a row that is not fully masked.
+        for fully_masked in [false, true] {
+            let facts = RowFacts {
+                masked_target: Some(3),
+                fully_masked,
+                ..FINITE
+            };
+            assert_eq!(
+                plans(facts),
+                [
+                    Err(RowFault::MaskedTarget { class: 3 }),
+                    Ok(RowPlan::InfiniteLoss)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_fully_masked_row_without_target_mass_is_zero() {
+        // "all −inf" where the target holds no mass (zero weight, ε = 1): loss 0, gradient 0.
+        let facts = RowFacts {
+            fully_masked: true,
+            ..FINITE
+        };
+        assert_eq!(plans(facts), [Ok(RowPlan::Masked); 2]);
+    }
+
+    #[test]
+    fn nan_and_plus_infinity_are_an_error_or_a_nan_row() {
+        // "NaN anywhere" and "+inf anywhere": an error naming the column and value, or a NaN
+        // row; before anything the row's −inf logits would say.
+        for value in [f64::NAN, f64::INFINITY] {
+            for (masked_target, fully_masked) in [(None, false), (Some(0), false), (Some(0), true)]
+            {
+                let facts = RowFacts {
+                    non_finite: Some((7, value)),
+                    masked_target,
+                    fully_masked,
+                    ..FINITE
+                };
+                let [error, propagated] = plans(facts);
+                match error {
+                    Err(RowFault::NonFinite {
+                        column: 7,
+                        value: v,
+                    }) => {
+                        assert_eq!(v.to_bits(), value.to_bits());
+                    }
+                    other => panic!("{value}: {other:?}"),
+                }
+                assert_eq!(propagated, Ok(RowPlan::Nan));
+            }
+        }
+    }
+
+    #[test]
+    fn bad_targets_are_errors_whatever_the_logits_hold() {
+        // A non-finite probability target, or a split row's target that no shard held: an error
+        // under either policy (the policy is about logits), before any logit fault.
+        let faults = [
+            RowFault::BadProbability {
+                column: 2,
+                value: f64::INFINITY,
+            },
+            RowFault::UncoveredTarget { class: 5 },
+        ];
+        for fault in faults {
+            for non_finite in [None, Some((0, f64::NAN))] {
+                let facts = RowFacts {
+                    bad_target: Some(fault),
+                    non_finite,
+                    masked_target: Some(1),
+                    ..FINITE
+                };
+                assert_eq!(plans(facts), [Err(fault); 2]);
+            }
+        }
+    }
+
+    #[test]
+    fn faults_name_their_row() {
+        let cases = [
+            (
+                RowFault::NonFinite {
+                    column: 4,
+                    value: f64::INFINITY,
+                },
+                LseError::NonFinite {
+                    what: "logit",
+                    row: 9,
+                    column: 4,
+                    value: f64::INFINITY,
+                },
+            ),
+            (
+                RowFault::MaskedTarget { class: 2 },
+                LseError::MaskedTarget { row: 9, class: 2 },
+            ),
+            (
+                RowFault::BadProbability {
+                    column: 1,
+                    value: -f64::INFINITY,
+                },
+                LseError::BadProbability {
+                    row: 9,
+                    column: 1,
+                    value: -f64::INFINITY,
+                },
+            ),
+            (
+                RowFault::UncoveredTarget { class: 6 },
+                LseError::UncoveredTarget { row: 9, class: 6 },
+            ),
+        ];
+        for (fault, error) in cases {
+            assert_eq!(fault.in_row(9), error);
+        }
+    }
+
+    /// The facts of whole rows, as [`CeRow::new`] gathers them from a row and its targets.
+    #[test]
+    fn whole_rows_are_planned_by_the_table() {
+        let inf = f64::INFINITY;
+        let config = |propagate| CeConfig {
+            weights: None,
+            weight_total: 3.0,
+            weight_max: 1.0,
+            smoothing: 0.0,
+            z_loss: 0.0,
+            map: LogitMap::Identity,
+            propagate_non_finite: propagate,
+        };
+        let plan = |row: [f64; 3], target: RowTarget<'_, f64>, propagate| {
+            CeRow::new(
+                &row,
+                &scan_row(&row, LogitMap::Identity),
+                target,
+                config(propagate),
+            )
+            .map(|r| r.plan)
+        };
+        let class = RowTarget::Class;
+        // The first NaN or +inf, in column order.
+        assert_eq!(
+            plan([1.0, inf, f64::NAN], class(0), false),
+            Err(RowFault::NonFinite {
+                column: 1,
+                value: inf
+            })
+        );
+        assert_eq!(plan([1.0, inf, f64::NAN], class(0), true), Ok(RowPlan::Nan));
+        assert_eq!(plan([1.0, -inf, 2.0], class(0), false), Ok(RowPlan::Loss));
+        assert_eq!(
+            plan([1.0, -inf, 2.0], class(1), false),
+            Err(RowFault::MaskedTarget { class: 1 })
+        );
+        assert_eq!(plan([-inf; 3], class(2), true), Ok(RowPlan::InfiniteLoss));
+        // Probability targets: the first non-finite one, whatever the logits hold; the first
+        // class with mass on a −inf logit; no mass there is no fault.
+        let q = [0.5, inf, f64::NAN];
+        assert_eq!(
+            plan([f64::NAN, 0.0, 0.0], RowTarget::Probabilities(&q), true),
+            Err(RowFault::BadProbability {
+                column: 1,
+                value: inf
+            })
+        );
+        let q = [0.0, 0.25, 0.75];
+        let plan_q = |row| plan(row, RowTarget::Probabilities(&q), false);
+        assert_eq!(plan_q([-inf, 0.0, 1.0]), Ok(RowPlan::Loss));
+        assert_eq!(
+            plan_q([0.0, -inf, -inf]),
+            Err(RowFault::MaskedTarget { class: 1 })
+        );
+        let q = [0.0; 3];
+        assert_eq!(
+            plan([-inf; 3], RowTarget::Probabilities(&q), false),
+            Ok(RowPlan::Masked)
+        );
+    }
+}
