@@ -39,17 +39,25 @@ pub(crate) enum RowPlan {
 }
 
 impl RowPlan {
-    /// The CE loss and gradient columns of docs/contract.md, one arm per row of the table
-    /// (target errors first: a bad target is an error whatever the logits hold).
+    /// The CE loss and gradient columns of docs/contract.md, one arm per row of the table;
+    /// a row's target first (a bad target is an error whatever the logits hold), then NaN and
+    /// `+inf`, then target mass on `-inf`:
+    ///
+    /// | target    | NaN, `+inf` | mass on -inf | all `-inf` | `Error`            | `Propagate`  |
+    /// |-----------|-------------|--------------|------------|--------------------|--------------|
+    /// | fault `f` |             |              |            | `f`                | `f`          |
+    /// | none      | `(c, v)`    |              |            | `NonFinite {c, v}` | Nan          |
+    /// | none      | none        | class `k`    |            | `MaskedTarget {k}` | InfiniteLoss |
+    /// | none      | none        | none         | yes        | Masked             | Masked       |
+    /// | none      | none        | none         | no         | Loss               | Loss         |
     pub(crate) fn of(facts: RowFacts) -> Result<Self, RowFault> {
         use RowPlan::{InfiniteLoss, Loss, Masked, Nan};
-        let f = facts;
         match (
-            f.bad_target,
-            f.non_finite,
-            f.masked_target,
-            f.fully_masked,
-            f.propagate,
+            facts.bad_target,
+            facts.non_finite,
+            facts.masked_target,
+            facts.fully_masked,
+            facts.propagate,
         ) {
             // "target out of range" (of a split row: uncovered), and probability targets that
             // are not finite.
