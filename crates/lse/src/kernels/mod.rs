@@ -19,6 +19,7 @@ use crate::state::{CompensatedSum, RowState};
 use scalar::LogitMap;
 pub(crate) use scalar::RowScan;
 
+pub(crate) mod row_plan;
 pub(crate) mod scalar;
 pub(crate) mod simd;
 pub(crate) mod vector;
@@ -523,17 +524,17 @@ pub(crate) fn log_softmax_backward<E: Element>(y: &[E], dy: &[E], dx: &mut [E]) 
     });
 }
 
-/// The vectorised cross-entropy write pass `w` (see [`scalar::FastWrite`]) from `x` into `g`,
+/// The vectorised cross-entropy write pass `w` (see [`row_plan::FastWrite`]) from `x` into `g`,
 /// or only its sweep when `g` is `None`: the distance `Σ_live u_c (m − x_c)` (0 unless asked
 /// for) and whether the gradient cancels beyond the vector exp's accuracy (only checked when
-/// [`scalar::FastWrite::verify`]).
+/// [`row_plan::FastWrite::verify`]).
 ///
 /// # Panics
 /// Unless [`vector_scan`] holds.
 pub(crate) fn ce_grad<E: Element>(
     x: &[E],
     g: Option<&mut [E]>,
-    w: &scalar::FastWrite<'_, '_, E>,
+    w: &row_plan::FastWrite<'_, '_, E>,
 ) -> MassesPass {
     if x.len() <= CHUNK {
         return vector::ce_grad(x, g, w);
@@ -561,7 +562,7 @@ pub(crate) fn ce_grad<E: Element>(
 /// Unless [`vector_scan`] holds.
 pub(crate) fn ce_grad_in_place<E: Element>(
     x: &mut [E],
-    w: &scalar::FastWrite<'_, '_, E>,
+    w: &row_plan::FastWrite<'_, '_, E>,
 ) -> MassesPass {
     if x.len() <= CHUNK {
         return vector::ce_grad_in_place(x, w);
@@ -573,14 +574,14 @@ pub(crate) fn ce_grad_in_place<E: Element>(
 /// The cross-entropy gradient of one row, or of one piece of a split row, from its plan alone
 /// (its state found elsewhere: the merged partials of a split vocabulary), into `g`: the vector
 /// write pass ([`ce_grad`], the target's entry from the cancellation-free formula) when `vector`
-/// is asked for, a vector kernel runs and [`scalar::CeRow::fast_write`] serves the row; else the
+/// is asked for, a vector kernel runs and [`row_plan::CeRow::fast_write`] serves the row; else the
 /// scalar pass. The caller says `vector = false` for rows whose gradient cancels beyond the
-/// vector exp's accuracy ([`scalar::CeRow::smoothing_cancels`]).
+/// vector exp's accuracy ([`row_plan::CeRow::smoothing_cancels`]).
 pub(crate) fn ce_grad_from_plan<E: Element>(
     x: &[E],
     g: &mut [E],
-    plan: &scalar::CeRow<'_, '_, E>,
-    scale: scalar::GradScale,
+    plan: &row_plan::CeRow<'_, '_, E>,
+    scale: row_plan::GradScale,
     vector: bool,
 ) {
     if let Some(w) = vector_write(x, plan, scale, vector) {
@@ -594,18 +595,18 @@ pub(crate) fn ce_grad_from_plan<E: Element>(
 }
 
 /// The vector write pass's parameters for a row planned elsewhere, when a vector kernel runs,
-/// `vector` is asked for and [`scalar::CeRow::fast_write`] serves the row.
+/// `vector` is asked for and [`row_plan::CeRow::fast_write`] serves the row.
 fn vector_write<'t, 'w, E: Element>(
     x: &[E],
-    plan: &scalar::CeRow<'t, 'w, E>,
-    scale: scalar::GradScale,
+    plan: &row_plan::CeRow<'t, 'w, E>,
+    scale: row_plan::GradScale,
     vector: bool,
-) -> Option<scalar::FastWrite<'t, 'w, E>> {
+) -> Option<row_plan::FastWrite<'t, 'w, E>> {
     if !(vector && fast()) {
         return None;
     }
     // The loss is not this pass's: no distance sweep.
-    plan.fast_write(x, scale).map(|w| scalar::FastWrite {
+    plan.fast_write(x, scale).map(|w| row_plan::FastWrite {
         sweep_distance: false,
         ..w
     })
@@ -614,8 +615,8 @@ fn vector_write<'t, 'w, E: Element>(
 /// [`ce_grad_from_plan`] written over the logits.
 pub(crate) fn ce_grad_from_plan_in_place<E: Element>(
     x: &mut [E],
-    plan: &scalar::CeRow<'_, '_, E>,
-    scale: scalar::GradScale,
+    plan: &row_plan::CeRow<'_, '_, E>,
+    scale: row_plan::GradScale,
     vector: bool,
 ) {
     if let Some(w) = vector_write(x, plan, scale, vector) {
@@ -639,7 +640,7 @@ pub(crate) fn ce_grad_from_plan_in_place<E: Element>(
 pub(crate) fn live_distance<E: Element>(
     x: &[E],
     max: f64,
-    masses: Option<&scalar::ClassMasses<'_, '_, E>>,
+    masses: Option<&row_plan::ClassMasses<'_, '_, E>>,
     map: LogitMap,
 ) -> f64 {
     let one = |x: &[E], offset: usize| {
@@ -675,7 +676,7 @@ pub(crate) struct MassesPass {
     /// (0 unless asked for).
     pub(crate) distance: f64,
     /// Some `g_i = c·e_i − b·u_i` cancels too far for the vector exp's error (only checked
-    /// when [`scalar::FastWrite::verify`]).
+    /// when [`row_plan::FastWrite::verify`]).
     pub(crate) cancels: bool,
 }
 

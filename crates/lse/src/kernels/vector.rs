@@ -32,7 +32,8 @@
 
 use half::{bf16, f16};
 
-use super::scalar::{ClassMasses, FastWrite, LogitMap, RowScan};
+use super::row_plan::{ClassMasses, FastWrite};
+use super::scalar::{LogitMap, RowScan};
 use super::simd::math::{softcap, Step, SweepLanes, F32_EXP_SCALE};
 use super::simd::{on_isa, Float, Isa, Mask, MAX_LANES};
 use super::{BlockMaxima, MassesPass, MAX_CACHED_LEN};

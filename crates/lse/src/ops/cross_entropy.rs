@@ -10,9 +10,8 @@ use rayon::prelude::*;
 use crate::guard::{ElementTally, LogitStats, StatsBuilder};
 use crate::kernels::{
     self,
-    scalar::{
-        CeConfig, CeRow, FastWrite, GradScale, LogitMap, RowFault, RowScan, RowTarget, RowValues,
-    },
+    row_plan::{CeConfig, CeRow, FastWrite, GradScale, RowTarget, RowValues},
+    scalar::{LogitMap, RowScan},
     BlockMaxima,
 };
 use crate::state::{saturate, CompensatedSum};
@@ -355,82 +354,50 @@ impl<'a, E: Element> Batch<'a, E> {
             }
         };
         let map = self.config.map;
-        let vector = kernels::vector_scan();
-        // A gradient row that the vector kernel may write from cached exp terms (a plain
-        // class target: smoothing and probability targets subtract a mass from each term; a
-        // soft-capped row caches each term times its slope): the read pass leaves them in the
-        // gradient buffer (an f32 one) or in a per-thread f32 row (f16/bf16, and the in-place
-        // loss, whose logits must outlive a bad row).
-        let plain = self.config.smoothing == 0.0 && matches!(target, RowTarget::Class(_));
-        let cached = vector
-            && plain
-            && !matches!(io, RowIo::Loss(_))
-            && kernels::caches::<E>(io.logits().len());
-        // A soft-capped, smoothed row without class weights: its read pass also leaves each
-        // slope and the distance sums, so that neither its loss nor its gradient maps a logit
-        // again (loss-only rows too: the same bits either way).
-        let smoothed = vector
-            && map != LogitMap::Identity
-            && self.config.smoothing > 0.0
-            && self.config.weights.is_none()
-            && matches!(target, RowTarget::Class(_))
-            && kernels::caches::<E>(io.logits().len());
+        let mut pass = ReadPass::of(
+            &self.config,
+            matches!(target, RowTarget::Class(_)),
+            !matches!(io, RowIo::Loss(_)),
+            kernels::vector_scan(),
+            kernels::caches::<E>(io.logits().len()),
+        );
         let mut maxima = BlockMaxima::new();
         let mut scratch = None;
         // The masked count and finite minimum serve smoothing, class weights and statistics.
         let gather =
             self.config.smoothing > 0.0 || self.config.weights.is_some() || self.stats.is_some();
-        let cached_scan = match &mut io {
-            RowIo::Grad(x, g) if smoothed => {
+        // The caches go to the gradient buffer (an f32 one) or to a per-thread f32 row (f16/bf16,
+        // and the in-place loss, whose logits must outlive a bad row).
+        let scan = match (pass, &mut io) {
+            (ReadPass::CachingSmoothed, RowIo::Grad(x, g)) => {
                 let caches = kernels::smoothed_buffers(x.len(), Some(&mut **g), &mut scratch);
-                Some(kernels::scan_caching_smoothed(
-                    x,
-                    Some(caches),
-                    &mut maxima,
-                    map,
-                    gather,
-                ))
+                kernels::scan_caching_smoothed(x, Some(caches), &mut maxima, map, gather)
             }
-            RowIo::InPlace(x) if smoothed => {
+            (ReadPass::CachingSmoothed, RowIo::InPlace(x)) => {
                 let caches = kernels::smoothed_buffers::<E>(x.len(), None, &mut scratch);
-                Some(kernels::scan_caching_smoothed(
-                    x,
-                    Some(caches),
-                    &mut maxima,
-                    map,
-                    gather,
-                ))
+                kernels::scan_caching_smoothed(x, Some(caches), &mut maxima, map, gather)
             }
-            RowIo::Loss(x) if smoothed => Some(kernels::scan_caching_smoothed(
-                x,
-                None,
-                &mut maxima,
-                map,
-                gather,
-            )),
-            RowIo::Grad(x, g) if cached => {
+            (ReadPass::CachingSmoothed, RowIo::Loss(x)) => {
+                kernels::scan_caching_smoothed(x, None, &mut maxima, map, gather)
+            }
+            (ReadPass::Caching, RowIo::Grad(x, g)) => {
                 let cache = kernels::cache_buffer(g, &mut scratch);
-                Some(kernels::scan_caching(
-                    x,
-                    Some(cache),
-                    &mut maxima,
-                    map,
-                    gather,
-                ))
+                kernels::scan_caching(x, Some(cache), &mut maxima, map, gather)
             }
-            RowIo::InPlace(x) if cached => {
+            (ReadPass::Caching, RowIo::InPlace(x)) => {
                 let cache = kernels::scratch_buffer(x.len(), &mut scratch);
-                Some(kernels::scan_caching(
-                    x,
-                    Some(cache),
-                    &mut maxima,
-                    map,
-                    gather,
-                ))
+                kernels::scan_caching(x, Some(cache), &mut maxima, map, gather)
             }
-            _ => None,
+            // (`Caching` is never chosen for a loss-only row: no write pass to cache for.)
+            (ReadPass::Vector | ReadPass::Caching, io) => kernels::scan(io.logits()),
+            (ReadPass::Wide, io) => kernels::scan_wide(io.logits(), map),
+            (ReadPass::Exact, io) => kernels::scan_exact(io.logits(), map),
         };
         let logits = io.logits();
+        if let Some(tally) = tally {
+            tally.add(&scan);
+        }
+        let mut plan = self.plan(r, logits, &scan, target)?;
         // The vector scan's s' is good to a fraction of an f32 ulp: enough for the vector
         // write pass and for a loss, whose terms never cancel. Rows whose gradient subtracts
         // nearly equal numbers (smoothing that matches the prediction) or whose z-loss needs a
@@ -438,70 +405,45 @@ impl<'a, E: Element> Batch<'a, E> {
         // The choice depends on the row alone, never on whether a gradient is asked for, so
         // the loss is the same bits either way. (Probability targets are checked by the write
         // pass instead; only their gradient then comes from the scalar kernel.)
-        let scan = match cached_scan {
-            Some(scan) => scan,
-            // Probability targets: the exp in f64 lanes, so that p − q keeps its digits; a
-            // soft-cap is computed in those lanes too.
-            None if vector
-                && (matches!(target, RowTarget::Probabilities(_)) || map != LogitMap::Identity) =>
-            {
-                kernels::scan_wide(logits, map)
-            }
-            None if vector => kernels::scan(logits),
-            None => kernels::scan_exact(logits, map),
-        };
-        if let Some(tally) = tally {
-            tally.add(&scan);
-        }
-        let mut plan = self.plan(r, logits, &scan, target)?;
         let lse_cancels = self.config.z_loss > 0.0
             && scan.first_non_finite.is_none()
             && !kernels::lse_well_conditioned(&scan.state);
-        let vector = if vector && (lse_cancels || plan.needs_exact_state(logits)) {
+        if pass != ReadPass::Exact && (lse_cancels || plan.needs_exact_state(logits)) {
             plan = self.plan(r, logits, &kernels::scan_exact(logits, map), target)?;
-            false
-        } else {
-            vector
-        };
+            pass = ReadPass::Exact;
+        }
         let scale = self.grad_scale(r);
-        let fast = if vector && !matches!(io, RowIo::Loss(_)) {
+        let fast = if pass != ReadPass::Exact && !matches!(io, RowIo::Loss(_)) {
             plan.fast_write(logits, scale)
         } else {
             None
         };
-        // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone, which is what
-        // a `plain` row's write is (no smoothing share, no masses, no distance sweep).
-        let from_cache = cached && fast.is_some();
         let set_target = |g: &mut [E], w: &FastWrite<'_, '_, E>| {
             if let Some(target) = w.target {
                 g[target] = E::from_f64(w.target_grad);
             }
         };
         let values = match (io, fast) {
-            (RowIo::Grad(_, g), Some(w)) if smoothed => {
+            (RowIo::Grad(_, g) | RowIo::InPlace(g), Some(w))
+                if pass == ReadPass::CachingSmoothed =>
+            {
                 kernels::rescale_smoothed(g, scratch.as_ref(), &maxima, (w.max, w.c, w.b));
                 set_target(g, &w);
                 plan.fast_loss(maxima.distance(w.max))
             }
-            (RowIo::InPlace(x), Some(w)) if smoothed => {
-                kernels::rescale_smoothed(x, scratch.as_ref(), &maxima, (w.max, w.c, w.b));
-                set_target(x, &w);
-                plan.fast_loss(maxima.distance(w.max))
-            }
-            (RowIo::Loss(_), _) if smoothed && vector && plan.fast_loss_applies() => {
+            (RowIo::Loss(_), _)
+                if pass == ReadPass::CachingSmoothed && plan.fast_loss_applies() =>
+            {
                 plan.fast_loss(maxima.distance(plan.max()))
             }
-            (RowIo::Grad(_, g), Some(w)) if from_cache => {
+            // The cache holds exp(x − m_b): it serves a write of c·exp(x − m) alone, which is
+            // what a cached row's write is (no smoothing share, no masses, no distance sweep).
+            (RowIo::Grad(_, g) | RowIo::InPlace(g), Some(w)) if pass == ReadPass::Caching => {
                 kernels::rescale(g, scratch.as_ref(), &maxima, w.max, w.c);
                 set_target(g, &w);
                 plan.fast_loss(0.0)
             }
-            (RowIo::InPlace(x), Some(w)) if from_cache => {
-                kernels::rescale(x, scratch.as_ref(), &maxima, w.max, w.c);
-                set_target(x, &w);
-                plan.fast_loss(0.0)
-            }
-            (RowIo::Loss(x), _) if vector && plan.fast_loss_applies() => {
+            (RowIo::Loss(x), _) if pass != ReadPass::Exact && plan.fast_loss_applies() => {
                 let masses = plan.class_masses();
                 plan.fast_loss(kernels::live_distance(x, plan.max(), masses.as_ref(), map))
             }
@@ -565,15 +507,7 @@ impl<'a, E: Element> Batch<'a, E> {
         scan: &RowScan,
         target: RowTarget<'a, E>,
     ) -> Result<CeRow<'a, 'a, E>> {
-        CeRow::new(logits, scan, target, self.config).map_err(|fault| match fault {
-            RowFault::NonFinite { column, .. } => non_finite_logit(r, column, logits[column]),
-            RowFault::MaskedTarget { class } => LseError::MaskedTarget { row: r, class },
-            RowFault::BadProbability { column, value } => LseError::BadProbability {
-                row: r,
-                column,
-                value,
-            },
-        })
+        CeRow::new(logits, scan, target, self.config).map_err(|fault| fault.in_row(r))
     }
 
     /// A task's rows `(index, io)`, in order; stops at the first row with an error.
@@ -906,6 +840,49 @@ enum Logits<'x, E> {
     Loss(&'x [E]),
     Grad(&'x [E], &'x mut [E]),
     InPlace(&'x mut [E]),
+}
+
+/// The read pass of a cross-entropy row, and what it leaves for the write pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadPass {
+    /// The scalar kernel: no vector kernel, or a row the vector kernel cannot serve (read again).
+    Exact,
+    /// The vector kernel.
+    Vector,
+    /// The vector kernel's exp in `f64` lanes: probability targets, so that `p − q` keeps its
+    /// digits, and soft-capped rows, whose cap is computed in those lanes too.
+    Wide,
+    /// The vector kernel, leaving each exp term (times its slope when soft-capped) for the write
+    /// pass: a plain class target, whose gradient is `c·exp(x − m)` but at the target
+    /// (smoothing and probability targets subtract a mass from each term).
+    Caching,
+    /// The vector kernel, leaving each slope and the distance sums too: a soft-capped, smoothed
+    /// class row without class weights, so that neither its loss nor its gradient maps a logit
+    /// again (loss-only rows too: the same bits either way).
+    CachingSmoothed,
+}
+
+impl ReadPass {
+    /// The read pass of a row under `config`, with a class target or probabilities, with a
+    /// gradient or for its loss alone; `vector` when a vector kernel runs, `caches` when the row
+    /// is short enough to cache.
+    fn of(
+        config: &CeConfig<'_>,
+        class_target: bool,
+        gradient: bool,
+        vector: bool,
+        caches: bool,
+    ) -> Self {
+        let capped = config.map != LogitMap::Identity;
+        let (smoothed, weighted) = (config.smoothing > 0.0, config.weights.is_some());
+        match (vector, class_target, capped, smoothed) {
+            (false, ..) => ReadPass::Exact,
+            (true, true, true, true) if !weighted && caches => ReadPass::CachingSmoothed,
+            (true, true, _, false) if gradient && caches => ReadPass::Caching,
+            (true, false, ..) | (true, true, true, _) => ReadPass::Wide,
+            (true, true, false, _) => ReadPass::Vector,
+        }
+    }
 }
 
 /// One row's logits and where its gradient goes.

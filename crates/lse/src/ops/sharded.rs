@@ -56,7 +56,8 @@ use crate::element::{DType, Element};
 use crate::error::{LseError, Result};
 use crate::kernels::{
     self,
-    scalar::{add_distance, CeConfig, CeRow, LogitMap, RowScan, RowValues},
+    row_plan::{mass_on_masked, CeConfig, CeRow, RowFacts, RowFault, RowPlan, RowValues},
+    scalar::{add_distance, LogitMap, RowScan},
 };
 use crate::state::{CompensatedSum, RowState};
 
@@ -317,18 +318,20 @@ impl RowPartial {
         }
     }
 
-    /// The first NaN or `+inf` the row's shards saw, as an error of row `row`.
+    /// The first NaN or `+inf` the row's shards saw: its global column and value.
+    fn non_finite(&self) -> Option<(usize, f64)> {
+        let value = if self.flags & Self::FAULT_IS_INF != 0 {
+            f64::INFINITY
+        } else {
+            f64::NAN
+        };
+        (self.fault_column != NO_FAULT).then_some((self.fault_column as usize, value))
+    }
+
+    /// [`Self::non_finite`] as an error of row `row`.
     fn fault(&self, row: usize) -> Option<LseError> {
-        (self.fault_column != NO_FAULT).then_some(LseError::NonFinite {
-            what: "logit",
-            row,
-            column: self.fault_column as usize,
-            value: if self.flags & Self::FAULT_IS_INF != 0 {
-                f64::INFINITY
-            } else {
-                f64::NAN
-            },
-        })
+        let (column, value) = self.non_finite()?;
+        Some(RowFault::NonFinite { column, value }.in_row(row))
     }
 
     /// The partial of one shard's row from its read pass; `sweep` adds the label-smoothing
@@ -653,26 +656,17 @@ fn merged_plan<'w, E: Element>(
     config: CeConfig<'w>,
     shard: Option<Shard>,
 ) -> Result<CeRow<'static, 'w, E>> {
-    if merged.flags & RowPartial::TARGET == 0 {
-        return Err(LseError::UncoveredTarget {
-            row: r,
-            class: target,
-        });
-    }
-    let poisoned = merged.fault_column != NO_FAULT;
-    if let (true, Some(error)) = (!config.propagate_non_finite, merged.fault(r)) {
-        return Err(error);
-    }
     let target_weight = config.weights.map_or(1.0, |w| w[target]);
     let keep = 1.0 - config.smoothing;
-    let masked_target =
-        !poisoned && merged.target == f64::NEG_INFINITY && keep * target_weight != 0.0;
-    if masked_target && !config.propagate_non_finite {
-        return Err(LseError::MaskedTarget {
-            row: r,
-            class: target,
-        });
-    }
+    let plan = RowPlan::of(RowFacts {
+        bad_target: (merged.flags & RowPartial::TARGET == 0)
+            .then_some(RowFault::UncoveredTarget { class: target }),
+        non_finite: merged.non_finite(),
+        masked_target: mass_on_masked(merged.target, keep * target_weight).then_some(target),
+        fully_masked: merged.state().is_fully_masked(),
+        propagate: config.propagate_non_finite,
+    })
+    .map_err(|fault| fault.in_row(r))?;
     let piece = CeConfig {
         weights: match shard {
             Some(s) => config.weights.map(|w| &w[s.start..s.stop]),
@@ -687,8 +681,7 @@ fn merged_plan<'w, E: Element>(
         target_weight,
         merged.live,
         merged.live_weight,
-        poisoned,
-        masked_target,
+        plan,
     ))
 }
 
@@ -717,12 +710,6 @@ fn row_values<E: Element>(
     config: &CeConfig<'_>,
     target: usize,
 ) -> RowValues {
-    if merged.fault_column != NO_FAULT {
-        return RowValues {
-            loss: f64::NAN,
-            lse: f64::NAN,
-        };
-    }
     let weight = config.weights.map_or(1.0, |w| w[target]);
     let mut distance = CompensatedSum::ZERO;
     add_distance(
@@ -741,10 +728,7 @@ fn row_values<E: Element>(
         distance.add(share.mul_add(merged.distance, -product));
         distance.add(share * merged.distance_carry);
     }
-    RowValues {
-        loss: plan.loss(distance.value()),
-        lse: merged.state().logsumexp(),
-    }
+    plan.values(distance.value())
 }
 
 /// Where the finish writes this shard's gradient rows.
