@@ -7,14 +7,14 @@
 //! Run: `cargo test --no-run`, then `mpirun -np 2 target/debug/deps/split_vocab-*` (the README's
 //! MPI section; `.ci/run` does it for 2 and 3 ranks).
 
-use lse_testkit::options::split_option_sets;
-use lse_testkit::rng::Rng;
 use lse::sharded::{self, RowPartial, Shard};
 use lse::{
     CrossEntropyOptions, Element, GradOutput, LinearCrossEntropyOptions, LinearGradients,
-    LinearHead, LseError, NonFinite, Reduction, Targets,
+    LinearHead, LseError, NonFinite, Targets,
 };
 use lse_mpi::{Error, VocabParallel};
+use lse_testkit::options::split_option_sets;
+use lse_testkit::rng::Rng;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
