@@ -12,11 +12,12 @@ use lse::{
 };
 use lse_io::layout::without_axis;
 use lse_io::npy::{self, Bf16Descr};
+use lse_io::stream::TensorInfo;
 use lse_io::{shape_string, FloatElement, Format, NpyElement};
 
 use crate::error::{CliError, Result};
 use crate::format::shortest;
-use crate::input::{self, ClassLayout, IgnoreIndex, Pick, RowChunks};
+use crate::input::{self, ClassLayout, IgnoreIndex, Opened, Pick, RowChunks};
 
 use super::args::{Args, Op, ReductionArg};
 
@@ -47,38 +48,72 @@ fn complete<T>(result: Result<T>, files: &[(&Path, &Path)]) -> Result<T> {
     })
 }
 
+/// The logits `lse eval` reads: the opened file (one tensor picked), its class layout, and how
+/// its bf16 elements are described in the `.npy` outputs.
+struct LogitsInput {
+    opened: Opened,
+    layout: ClassLayout,
+    bf16: Bf16Descr,
+}
+
+impl LogitsInput {
+    /// Opens `args.input()` and picks the tensor `--tensor` names (or the only float one).
+    fn open(args: &Args) -> Result<Self> {
+        let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
+        let opened = input::open_logits(args.input(), pick, args.void_as_bf16)?;
+        let Some(tensor) = opened.tensors.first() else {
+            return Err(CliError::Other("no tensor was read".to_owned()));
+        };
+        let layout = ClassLayout::new(args.input(), &tensor.shape, args.axis)?;
+        let bf16 = match opened.file.format {
+            Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
+            Format::Safetensors => Bf16Descr::Void,
+        };
+        Ok(LogitsInput {
+            opened,
+            layout,
+            bf16,
+        })
+    }
+
+    /// The picked tensor (`open` made sure there is one).
+    fn tensor(&self) -> &TensorInfo {
+        &self.opened.tensors[0]
+    }
+}
+
+/// The input as the summary names it: the file, and the tensor when it has a name.
+fn source(args: &Args, tensor: &TensorInfo) -> String {
+    match &tensor.name {
+        Some(n) => format!("{}, tensor {n:?}", args.input().display()),
+        None => args.input().display().to_string(),
+    }
+}
+
 /// `cross_entropy`, streamed: the input is read a chunk of rows at a time (`--chunk-bytes`) and
 /// each chunk's gradient written as soon as it is computed. The mean's denominator comes from
 /// the targets alone, so a chunk's gradient is final when written; the loss is summed in row
 /// order: the outputs are bit for bit those of one library call over the whole tensor.
 pub(super) fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
-    let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
-    let opened = input::open_logits(args.input(), pick, args.void_as_bf16)?;
-    let Some(tensor) = opened.tensors.first() else {
-        return Err(CliError::Other("no tensor was read".to_owned()));
-    };
-    let layout = ClassLayout::new(args.input(), &tensor.shape, args.axis)?;
-    let bf16 = match opened.file.format {
-        Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
-        Format::Safetensors => Bf16Descr::Void,
-    };
+    let input = LogitsInput::open(args)?;
+    let (opened, layout, bf16, tensor) = (&input.opened, &input.layout, input.bf16, input.tensor());
     let ignore = args.ignore_index.unwrap_or(IgnoreIndex(Some(-100)));
     let Some(targets) = &args.targets else {
         return Err(CliError::usage("--op cross_entropy needs --targets FILE"));
     };
-    let targets = input::targets(targets, &layout, ignore)?;
+    let targets = input::targets(targets, layout, ignore)?;
     let weights = match &args.weights {
         Some(path) => Some(input::weights(path, layout.classes, args.void_as_bf16)?),
         None => None,
     };
     let options = args.cross_entropy_options(ignore.0, weights.as_deref());
-    let mut chunks = opened.row_chunks(tensor, &layout, args.chunk_bytes);
+    let mut chunks = opened.row_chunks(tensor, layout, args.chunk_bytes);
     let loss_partial = partial_path(&args.out);
     let grad_partial = args.grad.as_deref().map(partial_path);
     let stream = CrossEntropyStream {
         args,
         shape: &tensor.shape,
-        layout: &layout,
+        layout,
         targets: &targets,
         options: &options,
         bf16,
@@ -100,10 +135,7 @@ pub(super) fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
         files.push((partial.as_path(), path.as_path()));
     }
     let written = complete(result, &files)?;
-    let source = match &tensor.name {
-        Some(n) => format!("{}, tensor {n:?}", args.input().display()),
-        None => args.input().display().to_string(),
-    };
+    let source = source(args, tensor);
     let _ = writeln!(
         out,
         "{} of {source} ({}, {})",
@@ -124,23 +156,15 @@ pub(super) fn run_cross_entropy(args: &Args, out: &mut String) -> Result<u8> {
 /// not the file. The output goes to a temporary file beside `--out`, renamed over it once
 /// complete (removed on error).
 pub(super) fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
-    let pick = args.tensor.as_deref().map_or(Pick::OnlyFloat, Pick::Named);
-    let opened = input::open_logits(args.input(), pick, args.void_as_bf16)?;
-    let Some(tensor) = opened.tensors.first() else {
-        return Err(CliError::Other("no tensor was read".to_owned()));
-    };
-    let layout = ClassLayout::new(args.input(), &tensor.shape, args.axis)?;
-    let bf16 = match opened.file.format {
-        Format::Npy => Bf16Descr::of_descr(&tensor.stored_as).unwrap_or_default(),
-        Format::Safetensors => Bf16Descr::Void,
-    };
-    let mut chunks = opened.row_chunks(tensor, &layout, args.chunk_bytes);
+    let input = LogitsInput::open(args)?;
+    let (opened, layout, bf16, tensor) = (&input.opened, &input.layout, input.bf16, input.tensor());
+    let mut chunks = opened.row_chunks(tensor, layout, args.chunk_bytes);
     let partial = partial_path(&args.out);
     let dtype = tensor.encoding.as_ref().ok().and_then(|e| e.dtype());
     let stream = PerRow {
         args,
         shape: &tensor.shape,
-        layout: &layout,
+        layout,
         bf16,
         path: &partial,
     };
@@ -154,10 +178,7 @@ pub(super) fn run_per_row(args: &Args, out: &mut String) -> Result<u8> {
         )),
     };
     let what = complete(written, &[(&partial, &args.out)])?;
-    let source = match &tensor.name {
-        Some(n) => format!("{}, tensor {n:?}", args.input().display()),
-        None => args.input().display().to_string(),
-    };
+    let source = source(args, tensor);
     let _ = writeln!(
         out,
         "{} of {source} ({}, {})",
