@@ -1,0 +1,171 @@
+//! # lse-burn — overflow-proof cross-entropy and softmax for [burn](burn), with backward
+//!
+//! burn's `CrossEntropyLoss` is composed of generic tensor ops: a mean only, padding tokens
+//! given as a list, no z-loss or soft-capping, no fused gradient and no fused linear loss. This
+//! crate adds `lse`'s kernels to burn as a backend extension ([`LseBackend`]), recorded for
+//! burn's autodiff with their own backward passes:
+//!
+//! ```
+//! use burn::backend::Autodiff;
+//! use burn::tensor::{Device, Int, Tensor};
+//! use lse_burn::{cross_entropy, CrossEntropyOptions};
+//!
+//! let device = Device::flex().autodiff();
+//! let logits = Tensor::<2>::from_floats([[1000.0, 1.0, -1000.0], [2.0, 1.0, 0.1]], &device)
+//!     .require_grad();
+//! let targets = Tensor::<1, Int>::from_ints([0, 2], &device);
+//! let opts = CrossEntropyOptions { label_smoothing: 0.1, ..Default::default() };
+//! let loss = cross_entropy(logits.clone(), targets, &opts)?; // finite, where exp(1000) is not
+//! let grads = loss.backward();
+//! let grad = logits.grad(&grads).expect("logits are tracked");
+//! # assert!(loss.into_scalar::<f32>().is_finite());
+//! # assert!(grad.into_data().iter::<f32>().all(f32::is_finite));
+//! # Ok::<(), lse_burn::Error>(())
+//! ```
+//!
+//! - [`cross_entropy`]: every option of [`lse::CrossEntropyOptions`] (ignore index, class
+//!   weights, label smoothing, z-loss, soft-capping, reductions none / sum / mean, the NaN
+//!   policy), the loss in `f32` (`f64` for `f64` logits), the gradient computed in the forward
+//!   pass when the logits are tracked and scaled in the backward pass.
+//! - [`linear_cross_entropy`]: the loss of `hidden · weightᵀ + bias` with the gradients of all
+//!   three, a chunk of rows at a time within a memory budget, never the rows × classes logits.
+//! - [`softmax`], [`log_softmax`] and [`logsumexp`] over any dimension, with backward.
+//!
+//! ## Backends
+//!
+//! burn routes a tensor to one of its backends at run time. On the CPU backends (burn-flex,
+//! burn-ndarray) the operations run `lse`'s kernels (AVX-512, AVX2, NEON, portable) on the
+//! tensors' own memory: no copy when the tensor is contiguous, row-major. Every other backend
+//! (wgpu, CUDA, ...) gets [`LseBackend`]'s default methods, which read the tensors back to the
+//! host, run the same kernels and upload the results: the same numbers and semantics, at the cost
+//! of the transfers (see the README: `lse-gpu`'s kernels are not launched on burn's CubeCL
+//! tensors yet).
+//!
+//! ## Errors
+//!
+//! Shapes, options and targets are checked before anything runs; the targets (one integer per
+//! row) are read to the host for that. Under [`NonFinite::Error`] the loss (or the row
+//! logsumexp) is read back to see whether a row is NaN or infinite, and if one is, the call is
+//! repeated on the host to name the row, column and value: [`Error::Input`] holds `lse`'s error.
+
+// burn 0.22 deprecates burn-ndarray in favour of burn-flex; its users are still served.
+#![allow(deprecated)]
+
+mod api;
+mod autodiff;
+mod backends;
+mod error;
+mod host;
+mod options;
+
+pub use api::{cross_entropy, linear_cross_entropy, log_softmax, logsumexp, softmax};
+pub use error::Error;
+pub use options::{
+    CrossEntropyOptions, EmptyMean, LinearCrossEntropyOptions, NonFinite, Reduction,
+};
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::backend_extension;
+
+pub use backends::HostBacked;
+#[doc(hidden)]
+pub use host::{Floats, HostRead};
+pub use host::ReadBack;
+
+/// `lse`'s operations as a burn backend extension. The tensors are 2-D, `rows × classes`
+/// (the public functions move the class dimension last and flatten the rest), and the inputs
+/// are checked by the public functions; the methods run under
+/// [`NonFinite::Propagate`].
+///
+/// The default methods work on any backend by reading the tensors back to the host; the CPU
+/// backends override them with `lse`'s kernels on the tensors' own memory. The autodiff backend
+/// records each forward method with its backward pass.
+#[backend_extension(Autodiff, Flex, NdArray, Cube: cfg(feature = "wgpu"))]
+pub trait LseBackend: HostBacked {
+    /// `logsumexp` of each row: `rows` values, `f32` (`f64` for `f64` input).
+    fn lse_logsumexp(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        host::logsumexp::<Self, Self::Read>(x)
+    }
+
+    /// `softmax` (`log_softmax` when `log`) of each row, in the input's dtype.
+    fn lse_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self> {
+        host::softmax::<Self, Self::Read>(x, log)
+    }
+
+    /// The gradient of `softmax` (`log_softmax` when `log`) from its output `y` and the incoming
+    /// gradient `dy`.
+    fn lse_softmax_backward(
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        log: bool,
+    ) -> FloatTensor<Self> {
+        host::softmax_backward::<Self, Self::Read>(y, dy, log)
+    }
+
+    /// The cross-entropy loss: one value, or one per row with [`Reduction::None`].
+    fn lse_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        options: CrossEntropyOptions,
+    ) -> FloatTensor<Self> {
+        host::cross_entropy::<Self, Self::Read>(logits, targets, &options, false).0
+    }
+
+    /// The cross-entropy loss and `∂loss/∂logits` (for an incoming gradient of 1), from one
+    /// read and one write of the logits.
+    fn lse_cross_entropy_with_grad(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        options: CrossEntropyOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, grad) = host::cross_entropy::<Self, Self::Read>(logits, targets, &options, true);
+        (loss, grad.expect("asked for"))
+    }
+
+    /// The linear cross-entropy loss of `hidden · weightᵀ + bias` (`bias` used when
+    /// `has_bias`): one `f32` value, or one per row with [`Reduction::None`].
+    fn lse_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        has_bias: bool,
+        targets: IntTensor<Self>,
+        options: LinearCrossEntropyOptions,
+    ) -> FloatTensor<Self> {
+        host::linear_cross_entropy::<Self, Self::Read>(
+            hidden, weight, bias, has_bias, targets, &options, None,
+        )
+        .loss
+    }
+
+    /// The linear cross-entropy loss and its gradients `(loss, ∂/∂hidden, ∂/∂weight, ∂/∂bias)`
+    /// for the incoming gradient `grad_output` (one `f32` value, or one per row with
+    /// [`Reduction::None`]).
+    fn lse_linear_cross_entropy_with_grad(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        has_bias: bool,
+        targets: IntTensor<Self>,
+        options: LinearCrossEntropyOptions,
+        grad_output: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let grad_output = host::f32_values::<Self>(grad_output);
+        let out = host::linear_cross_entropy::<Self, Self::Read>(
+            hidden,
+            weight,
+            bias,
+            has_bias,
+            targets,
+            &options,
+            Some(grad_output),
+        );
+        let [dh, dw, db] = out.grads.expect("asked for");
+        (out.loss, dh, dw, db)
+    }
+}
