@@ -34,7 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::flex().autodiff();
     device.seed(1);
     let logits = Tensor::<2>::random([rows, classes], Distribution::Normal(0.0, 4.0), &device);
-    let targets = Tensor::<1, Int>::random([rows], Distribution::Uniform(0.0, classes as f64), &device);
+    let targets =
+        Tensor::<1, Int>::random([rows], Distribution::Uniform(0.0, classes as f64), &device);
     let burn_loss = CrossEntropyLossConfig::new().init(&device);
     let options = CrossEntropyOptions::default();
 
@@ -58,9 +59,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (ours, theirs) = (median(ours), median(theirs));
     let gb = (rows * classes * 4) as f64 / 1e9;
-    println!("cross-entropy forward + backward, {rows} x {classes} f32, burn-flex, median of {repeats}:");
-    println!("  lse-burn              {:8.1} ms  ({:.2} GB/s of logits)", ours * 1e3, gb / ours);
-    println!("  burn CrossEntropyLoss {:8.1} ms  ({:.2} GB/s of logits)", theirs * 1e3, gb / theirs);
+    println!(
+        "cross-entropy forward + backward, {rows} x {classes} f32, burn-flex, median of {repeats}:"
+    );
+    println!(
+        "  lse-burn              {:8.1} ms  ({:.2} GB/s of logits)",
+        ours * 1e3,
+        gb / ours
+    );
+    println!(
+        "  burn CrossEntropyLoss {:8.1} ms  ({:.2} GB/s of logits)",
+        theirs * 1e3,
+        gb / theirs
+    );
     println!("  ratio (burn / lse-burn): {:.2}x", theirs / ours);
     Ok(())
 }

@@ -56,7 +56,10 @@ struct Data {
 
 impl Data {
     fn new(seed: u64) -> Self {
-        let mut data = Self { centres: Vec::new(), state: seed };
+        let mut data = Self {
+            centres: Vec::new(),
+            state: seed,
+        };
         data.centres = (0..CLASSES * DIM).map(|_| data.uniform() * 1.5).collect();
         data
     }
@@ -103,7 +106,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cpu" => Device::flex(),
         #[cfg(feature = "wgpu")]
         "wgpu" => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
-        other => return Err(format!("--backend {other}: cpu or wgpu (with the wgpu feature)").into()),
+        other => {
+            return Err(format!("--backend {other}: cpu or wgpu (with the wgpu feature)").into())
+        }
     };
     let device = device.autodiff();
     device.seed(7);
@@ -112,7 +117,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut optimizer = AdamConfig::new().init();
     let mut data = Data::new(42);
     let options = LinearCrossEntropyOptions {
-        cross_entropy: CrossEntropyOptions { label_smoothing: 0.05, ..Default::default() },
+        cross_entropy: CrossEntropyOptions {
+            label_smoothing: 0.05,
+            ..Default::default()
+        },
         ..Default::default()
     };
     for step in 1..=steps {
@@ -132,7 +140,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let predicted = logits.argmax(1).reshape([2_000]);
     let correct = predicted.equal(y).int().sum().into_scalar::<i64>();
     let accuracy = correct as f64 / 2_000.0;
-    println!("backend {backend}: held-out accuracy {:.1} % after {steps} steps", accuracy * 100.0);
+    println!(
+        "backend {backend}: held-out accuracy {:.1} % after {steps} steps",
+        accuracy * 100.0
+    );
     if accuracy < 0.9 {
         return Err(format!("accuracy {accuracy:.3} is below 0.9: training did not learn").into());
     }

@@ -18,7 +18,11 @@ fn rows_classes(x: &Tensor<2>) -> (usize, usize) {
 }
 
 /// `x` with dimension `dim` moved last and the others flattened into rows, and how to undo it.
-fn to_rows<const D: usize>(op: &'static str, x: Tensor<D>, dim: usize) -> Result<(Tensor<2>, [usize; D])> {
+fn to_rows<const D: usize>(
+    op: &'static str,
+    x: Tensor<D>,
+    dim: usize,
+) -> Result<(Tensor<2>, [usize; D])> {
     if dim >= D {
         return Err(Error::BadDim { op, dim, rank: D });
     }
@@ -33,7 +37,12 @@ fn to_rows<const D: usize>(op: &'static str, x: Tensor<D>, dim: usize) -> Result
 }
 
 /// The inverse of [`to_rows`] for an output with `last` values per row.
-fn from_rows<const D: usize>(y: Tensor<2>, mut dims: [usize; D], dim: usize, last: usize) -> Tensor<D> {
+fn from_rows<const D: usize>(
+    y: Tensor<2>,
+    mut dims: [usize; D],
+    dim: usize,
+    last: usize,
+) -> Tensor<D> {
     dims[D - 1] = last;
     y.reshape(dims).swap_dims(dim, D - 1)
 }
@@ -49,7 +58,9 @@ where
     if finite {
         return Ok(());
     }
-    Floats::from_data(x.clone().into_data()).run(check).map_err(Error::from)
+    Floats::from_data(x.clone().into_data())
+        .run(check)
+        .map_err(Error::from)
 }
 
 /// `logsumexp` along `dim` (kept, of size 1): `f32` values (`f64` for `f64` input), recorded for
@@ -61,13 +72,22 @@ where
 ///
 /// # Panics
 /// When the backend does (a device that fails to read back).
-pub fn logsumexp<const D: usize>(x: Tensor<D>, dim: usize, non_finite: NonFinite) -> Result<Tensor<D>> {
+pub fn logsumexp<const D: usize>(
+    x: Tensor<D>,
+    dim: usize,
+    non_finite: NonFinite,
+) -> Result<Tensor<D>> {
     let (rows, dims) = to_rows("logsumexp", x, dim)?;
     let out = Tensor::<1>::from_dispatch(Dispatch::lse_logsumexp(rows.clone().into_dispatch()));
     if non_finite == NonFinite::Error {
         check_finite(out.clone(), &rows, LogsumexpCheck(rows_classes(&rows).1))?;
     }
-    Ok(from_rows(out.reshape([rows_classes(&rows).0, 1]), dims, dim, 1))
+    Ok(from_rows(
+        out.reshape([rows_classes(&rows).0, 1]),
+        dims,
+        dim,
+        1,
+    ))
 }
 
 /// `softmax` along `dim`, in `x`'s dtype, recorded for backpropagation.
@@ -78,7 +98,11 @@ pub fn logsumexp<const D: usize>(x: Tensor<D>, dim: usize, non_finite: NonFinite
 ///
 /// # Panics
 /// As [`logsumexp`].
-pub fn softmax<const D: usize>(x: Tensor<D>, dim: usize, non_finite: NonFinite) -> Result<Tensor<D>> {
+pub fn softmax<const D: usize>(
+    x: Tensor<D>,
+    dim: usize,
+    non_finite: NonFinite,
+) -> Result<Tensor<D>> {
     softmax_family("softmax", x, dim, non_finite, false)
 }
 
@@ -89,7 +113,11 @@ pub fn softmax<const D: usize>(x: Tensor<D>, dim: usize, non_finite: NonFinite) 
 ///
 /// # Panics
 /// As [`logsumexp`].
-pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize, non_finite: NonFinite) -> Result<Tensor<D>> {
+pub fn log_softmax<const D: usize>(
+    x: Tensor<D>,
+    dim: usize,
+    non_finite: NonFinite,
+) -> Result<Tensor<D>> {
     softmax_family("log_softmax", x, dim, non_finite, true)
 }
 
@@ -103,7 +131,9 @@ fn softmax_family<const D: usize>(
     let (rows, dims) = to_rows(op, x, dim)?;
     let classes = rows_classes(&rows).1;
     if non_finite == NonFinite::Error {
-        let lse = Tensor::<1>::from_dispatch(Dispatch::lse_logsumexp(rows.clone().detach().into_dispatch()));
+        let lse = Tensor::<1>::from_dispatch(Dispatch::lse_logsumexp(
+            rows.clone().detach().into_dispatch(),
+        ));
         check_finite(lse, &rows, LogsumexpCheck(classes))?;
     }
     let y = Tensor::<2>::from_dispatch(Dispatch::lse_softmax(rows.into_dispatch(), log));
@@ -206,7 +236,13 @@ struct CrossEntropyCheck<'a> {
 impl OnFloats for CrossEntropyCheck<'_> {
     type Out = lse::Result<()>;
     fn run<E: HostElement>(self, x: &[E]) -> Self::Out {
-        lse::cross_entropy(x, self.classes, Targets::Classes(self.targets), &self.options).map(drop)
+        lse::cross_entropy(
+            x,
+            self.classes,
+            Targets::Classes(self.targets),
+            &self.options,
+        )
+        .map(drop)
     }
 }
 
@@ -279,9 +315,20 @@ pub fn linear_cross_entropy(
         options.clone(),
     ));
     if options.cross_entropy.non_finite == NonFinite::Error {
-        let finite = loss.clone().detach().into_data().iter::<f64>().all(f64::is_finite);
+        let finite = loss
+            .clone()
+            .detach()
+            .into_data()
+            .iter::<f64>()
+            .all(f64::is_finite);
         if !finite {
-            linear_check(&hidden, &weight, has_bias.then_some(&bias), &target_values, options)?;
+            linear_check(
+                &hidden,
+                &weight,
+                has_bias.then_some(&bias),
+                &target_values,
+                options,
+            )?;
         }
     }
     Ok(loss)

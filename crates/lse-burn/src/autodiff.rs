@@ -25,7 +25,9 @@ fn scale_rows<B: Backend>(grad: FloatTensor<B>, dy: FloatTensor<B>) -> FloatTens
 }
 
 /// An untracked autodiff tensor (the explicit-gradient methods return plain values).
-fn constant<B: Backend, C: CheckpointStrategy>(tensor: FloatTensor<B>) -> FloatTensor<Autodiff<B, C>> {
+fn constant<B: Backend, C: CheckpointStrategy>(
+    tensor: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
     #[derive(Debug)]
     struct Constant;
     impl<B: Backend> Backward<B, 0> for Constant {
@@ -43,7 +45,12 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         impl<B: LseBackend> Backward<B, 1> for Logsumexp {
             type State = FloatTensor<B>;
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = grads.consume::<B>(&ops.node);
                 if let [Some(parent)] = ops.parents {
                     // ∂lse/∂x = softmax(x).
@@ -53,7 +60,11 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
             }
         }
 
-        match Logsumexp.prepare::<C>([x.node()]).compute_bound().stateful() {
+        match Logsumexp
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let input = x.primitive().clone();
                 prep.finish(input, B::lse_logsumexp(x.into_primitive()))
@@ -71,7 +82,12 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         impl<B: LseBackend> Backward<B, 1> for Softmax {
             type State = FloatTensor<B>;
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = grads.consume::<B>(&ops.node);
                 if let [Some(parent)] = ops.parents {
                     let dx = B::lse_softmax_backward(ops.state, dy, self.log);
@@ -80,7 +96,11 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
             }
         }
 
-        match (Softmax { log }).prepare::<C>([x.node()]).compute_bound().stateful() {
+        match (Softmax { log })
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let y = B::lse_softmax(x.into_primitive(), log);
                 prep.finish(y.clone(), y)
@@ -94,7 +114,11 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         dy: FloatTensor<Self>,
         log: bool,
     ) -> FloatTensor<Self> {
-        constant::<B, C>(B::lse_softmax_backward(y.into_primitive(), dy.into_primitive(), log))
+        constant::<B, C>(B::lse_softmax_backward(
+            y.into_primitive(),
+            dy.into_primitive(),
+            log,
+        ))
     }
 
     fn lse_cross_entropy(
@@ -110,7 +134,12 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         impl<B: LseBackend> Backward<B, 1> for CrossEntropy {
             type State = FloatTensor<B>;
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = grads.consume::<B>(&ops.node);
                 if let [Some(parent)] = ops.parents {
                     grads.register::<B>(parent.id, scale_rows::<B>(ops.state, dy));
@@ -118,15 +147,21 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
             }
         }
 
-        match CrossEntropy.prepare::<C>([logits.node()]).compute_bound().stateful() {
+        match CrossEntropy
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let (loss, grad) =
                     B::lse_cross_entropy_with_grad(logits.into_primitive(), targets, options);
                 prep.finish(grad, loss)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::lse_cross_entropy(logits.into_primitive(), targets, options))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::lse_cross_entropy(
+                logits.into_primitive(),
+                targets,
+                options,
+            )),
         }
     }
 
@@ -135,7 +170,8 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         targets: IntTensor<Self>,
         options: CrossEntropyOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (loss, grad) = B::lse_cross_entropy_with_grad(logits.into_primitive(), targets, options);
+        let (loss, grad) =
+            B::lse_cross_entropy_with_grad(logits.into_primitive(), targets, options);
         (constant::<B, C>(loss), constant::<B, C>(grad))
     }
 
@@ -167,7 +203,12 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         impl<B: LseBackend> Backward<B, 3> for LinearCrossEntropy {
             type State = State<B>;
 
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = grads.consume::<B>(&ops.node);
                 let gradients = match ops.state {
                     State::Cached(cached) => cached.map(|g| {
@@ -198,9 +239,17 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
         }
 
         let nodes = [hidden.node(), weight.node(), bias.node()];
-        match LinearCrossEntropy.prepare::<C>(nodes).compute_bound().stateful() {
+        match LinearCrossEntropy
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
-                let inputs = [hidden.into_primitive(), weight.into_primitive(), bias.into_primitive()];
+                let inputs = [
+                    hidden.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                ];
                 if options.cross_entropy.reduction == Reduction::None {
                     let [h, w, b] = inputs.clone();
                     let loss = B::lse_linear_cross_entropy(
@@ -261,6 +310,11 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
             options,
             grad_output.into_primitive(),
         );
-        (constant::<B, C>(loss), constant::<B, C>(dh), constant::<B, C>(dw), constant::<B, C>(db))
+        (
+            constant::<B, C>(loss),
+            constant::<B, C>(dh),
+            constant::<B, C>(dw),
+            constant::<B, C>(db),
+        )
     }
 }

@@ -21,10 +21,18 @@ pub struct FlexRead;
 impl HostRead<Flex> for FlexRead {
     fn floats(tensor: &FloatTensor<Flex>) -> Floats<'_> {
         let borrowed = match tensor.dtype() {
-            DType::F64 => tensor.as_slice::<f64>().map(|v| Floats::F64(Cow::Borrowed(v))),
-            DType::F32 => tensor.as_slice::<f32>().map(|v| Floats::F32(Cow::Borrowed(v))),
-            DType::F16 => tensor.as_slice::<f16>().map(|v| Floats::F16(Cow::Borrowed(v))),
-            DType::BF16 => tensor.as_slice::<bf16>().map(|v| Floats::BF16(Cow::Borrowed(v))),
+            DType::F64 => tensor
+                .as_slice::<f64>()
+                .map(|v| Floats::F64(Cow::Borrowed(v))),
+            DType::F32 => tensor
+                .as_slice::<f32>()
+                .map(|v| Floats::F32(Cow::Borrowed(v))),
+            DType::F16 => tensor
+                .as_slice::<f16>()
+                .map(|v| Floats::F16(Cow::Borrowed(v))),
+            DType::BF16 => tensor
+                .as_slice::<bf16>()
+                .map(|v| Floats::BF16(Cow::Borrowed(v))),
             _ => None,
         };
         borrowed.unwrap_or_else(|| <ReadBack as HostRead<Flex>>::floats(tensor))

@@ -150,8 +150,7 @@ pub(crate) fn logsumexp<B: Backend, R: HostRead<B>>(x: FloatTensor<B>) -> FloatT
         type Out = StatVec;
         fn run<E: HostElement>(self, x: &[E]) -> StatVec {
             let mut out = vec![<E::Stat as lse::Element>::from_f64(0.0); x.len() / self.0.max(1)];
-            lse::logsumexp_with(x, self.0, &mut out, NonFinite::Propagate)
-                .expect("checked input");
+            lse::logsumexp_with(x, self.0, &mut out, NonFinite::Propagate).expect("checked input");
             E::stat_vec(out)
         }
     }
@@ -181,10 +180,7 @@ pub(crate) fn softmax<B: Backend, R: HostRead<B>>(x: FloatTensor<B>, log: bool) 
     }
     let shape = x.shape();
     let (_, classes) = rows_classes(&shape);
-    let out = R::floats(&x).run(Op {
-        classes,
-        log,
-    });
+    let out = R::floats(&x).run(Op { classes, log });
     out.upload::<B>(shape, &x.device())
 }
 

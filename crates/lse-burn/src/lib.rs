@@ -1,4 +1,4 @@
-//! # lse-burn — overflow-proof cross-entropy and softmax for [burn](burn), with backward
+//! # lse-burn — overflow-proof cross-entropy and softmax for [burn], with backward
 //!
 //! burn's `CrossEntropyLoss` is composed of generic tensor ops: a mean only, padding tokens
 //! given as a list, no z-loss or soft-capping, no fused gradient and no fused linear loss. This
@@ -64,13 +64,13 @@ pub use options::{
     CrossEntropyOptions, EmptyMean, LinearCrossEntropyOptions, NonFinite, Reduction,
 };
 
-use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::backend_extension;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 
 pub use backends::HostBacked;
+pub use host::ReadBack;
 #[doc(hidden)]
 pub use host::{Floats, HostRead};
-pub use host::ReadBack;
 
 /// `lse`'s operations as a burn backend extension. The tensors are 2-D, `rows × classes`
 /// (the public functions move the class dimension last and flatten the rest), and the inputs

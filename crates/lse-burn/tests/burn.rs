@@ -11,6 +11,7 @@ use lse_burn::{
 };
 
 /// The backends under test, each with autodiff.
+#[allow(deprecated)] // burn 0.22 deprecates burn-ndarray; lse-burn still serves it
 fn devices() -> Vec<(&'static str, Device)> {
     let mut devices = vec![
         ("flex", Device::flex().autodiff()),
@@ -44,7 +45,10 @@ fn values(seed: u64, n: usize, scale: f64) -> Vec<f64> {
 }
 
 fn tensor2(values: &[f64], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-    let data = TensorData::new(values.iter().map(|&v| v as f32).collect::<Vec<_>>(), [rows, cols]);
+    let data = TensorData::new(
+        values.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        [rows, cols],
+    );
     Tensor::from_data(data, device)
 }
 
@@ -60,7 +64,10 @@ fn assert_close(what: &str, got: &[f64], want: &[f64], rel: f64, abs: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let bound = abs + rel * w.abs();
-        assert!((g - w).abs() <= bound, "{what}[{i}]: {g} vs {w} (bound {bound})");
+        assert!(
+            (g - w).abs() <= bound,
+            "{what}[{i}]: {g} vs {w} (bound {bound})"
+        );
     }
 }
 
@@ -92,8 +99,20 @@ fn cross_entropy_matches_burns_loss_and_autodiff() {
             let loss = cross_entropy(logits.clone(), ints(&targets, &device), &options).unwrap();
             let grad = logits.grad(&loss.backward()).unwrap();
             let what = format!("{name} ε={smoothing} weighted={weighted}");
-            assert_close(&format!("{what} loss"), &f64s(loss), &f64s(reference), 1e-5, 1e-6);
-            assert_close(&format!("{what} grad"), &f64s(grad), &f64s(reference_grad), 1e-4, 1e-6);
+            assert_close(
+                &format!("{what} loss"),
+                &f64s(loss),
+                &f64s(reference),
+                1e-5,
+                1e-6,
+            );
+            assert_close(
+                &format!("{what} grad"),
+                &f64s(grad),
+                &f64s(reference_grad),
+                1e-4,
+                1e-6,
+            );
         }
     }
 }
@@ -149,7 +168,13 @@ fn extreme_f16_logits_break_burns_loss_not_this_one() {
     let (rows, classes) = (8, 4);
     let device = Device::flex().autodiff();
     let x: Vec<f64> = (0..rows * classes)
-        .map(|i| if i % classes == 0 { 40_000.0 } else { -40_000.0 })
+        .map(|i| {
+            if i % classes == 0 {
+                40_000.0
+            } else {
+                -40_000.0
+            }
+        })
         .collect();
     // Every target is a class the row scores at -4·10⁴: a loss of 8·10⁴ per row.
     let targets: Vec<i64> = vec![1; rows];
@@ -160,7 +185,10 @@ fn extreme_f16_logits_break_burns_loss_not_this_one() {
         .init(&device)
         .forward(burn_logits.clone(), ints(&targets, &device));
     let burn_value = f64s(burn_loss.clone())[0];
-    assert!(!burn_value.is_finite(), "burn's f16 loss was finite: {burn_value}");
+    assert!(
+        !burn_value.is_finite(),
+        "burn's f16 loss was finite: {burn_value}"
+    );
 
     let logits = half().require_grad();
     let loss = cross_entropy(logits.clone(), ints(&targets, &device), &Default::default()).unwrap();
@@ -169,7 +197,13 @@ fn extreme_f16_logits_break_burns_loss_not_this_one() {
     let grad = f64s(logits.grad(&loss.backward()).unwrap());
     assert!(grad.iter().all(|g| g.is_finite()));
     // p − q / rows: -1/8 at the target, +1/8 at the class holding all the mass.
-    assert_close("f16 grad row 0", &grad[..classes], &[0.125, -0.125, 0.0, 0.0], 1e-3, 1e-6);
+    assert_close(
+        "f16 grad row 0",
+        &grad[..classes],
+        &[0.125, -0.125, 0.0, 0.0],
+        1e-3,
+        1e-6,
+    );
 }
 
 /// Every dtype with spreads far past exp's range: the loss and gradient against a reference
@@ -184,7 +218,8 @@ fn every_dtype_survives_extreme_logits() {
         let data = TensorData::new(x.clone(), [rows, classes]);
         let logits = Tensor::<2>::from_data(data, (&device, dtype)).require_grad();
         let rounded = f64s(logits.clone());
-        let loss = cross_entropy(logits.clone(), ints(&targets, &device), &Default::default()).unwrap();
+        let loss =
+            cross_entropy(logits.clone(), ints(&targets, &device), &Default::default()).unwrap();
         let grad = f64s(logits.grad(&loss.backward()).unwrap());
         let mut want_loss = 0.0;
         let mut want_grad = vec![0.0; rows * classes];
@@ -203,7 +238,13 @@ fn every_dtype_survives_extreme_logits() {
             DType::F32 => 1e-6,
             _ => 1e-2, // the gradient is rounded once into f16/bf16
         };
-        assert_close(&format!("{dtype:?} loss"), &f64s(loss), &[want_loss], 1e-6, 0.0);
+        assert_close(
+            &format!("{dtype:?} loss"),
+            &f64s(loss),
+            &[want_loss],
+            1e-6,
+            0.0,
+        );
         assert_close(&format!("{dtype:?} grad"), &grad, &want_grad, tol, 1e-7);
     }
 }
@@ -222,7 +263,13 @@ fn softmax_family_matches_burn_and_its_autodiff() {
             .require_grad()
         };
         let weights = Tensor::<3>::from_data(
-            TensorData::new(values(5, 30, 1.0).iter().map(|&v| v as f32).collect::<Vec<_>>(), [2, 5, 3]),
+            TensorData::new(
+                values(5, 30, 1.0)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect::<Vec<_>>(),
+                [2, 5, 3],
+            ),
             &device,
         );
         for log in [false, true] {
@@ -238,20 +285,48 @@ fn softmax_family_matches_burn_and_its_autodiff() {
                 activation::softmax(theirs_in.clone(), 1)
             };
             let what = format!("{name} log={log}");
-            assert_close(&what, &f64s(ours.clone()), &f64s(theirs.clone()), 1e-5, 1e-7);
-            let g_ours = ours_in.grad(&(ours * weights.clone()).sum().backward()).unwrap();
-            let g_theirs = theirs_in.grad(&(theirs * weights.clone()).sum().backward()).unwrap();
-            assert_close(&format!("{what} grad"), &f64s(g_ours), &f64s(g_theirs), 1e-4, 1e-6);
+            assert_close(
+                &what,
+                &f64s(ours.clone()),
+                &f64s(theirs.clone()),
+                1e-5,
+                1e-7,
+            );
+            let g_ours = ours_in
+                .grad(&(ours * weights.clone()).sum().backward())
+                .unwrap();
+            let g_theirs = theirs_in
+                .grad(&(theirs * weights.clone()).sum().backward())
+                .unwrap();
+            assert_close(
+                &format!("{what} grad"),
+                &f64s(g_ours),
+                &f64s(g_theirs),
+                1e-4,
+                1e-6,
+            );
         }
         let (ours_in, theirs_in) = (input(), input());
         let ours = logsumexp(ours_in.clone(), 1, NonFinite::Error).unwrap();
         assert_eq!(ours.dims(), [2, 1, 3]);
         let max = theirs_in.clone().max_dim(1);
         let theirs = (theirs_in.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        assert_close(&format!("{name} lse"), &f64s(ours.clone()), &f64s(theirs.clone()), 1e-6, 1e-6);
+        assert_close(
+            &format!("{name} lse"),
+            &f64s(ours.clone()),
+            &f64s(theirs.clone()),
+            1e-6,
+            1e-6,
+        );
         let g_ours = ours_in.grad(&ours.sum().backward()).unwrap();
         let g_theirs = theirs_in.grad(&theirs.sum().backward()).unwrap();
-        assert_close(&format!("{name} lse grad"), &f64s(g_ours), &f64s(g_theirs), 1e-4, 1e-6);
+        assert_close(
+            &format!("{name} lse grad"),
+            &f64s(g_ours),
+            &f64s(g_theirs),
+            1e-4,
+            1e-6,
+        );
     }
 }
 
@@ -276,7 +351,9 @@ fn linear_cross_entropy_matches_burns_matmul_and_autodiff() {
                 (
                     tensor2(&h, rows, dim, &device).require_grad(),
                     tensor2(&w, classes, dim, &device).require_grad(),
-                    tensor2(&b, 1, classes, &device).reshape([classes]).require_grad(),
+                    tensor2(&b, 1, classes, &device)
+                        .reshape([classes])
+                        .require_grad(),
                 )
             };
             let row_weights = tensor2(&values(9, rows, 1.0), 1, rows, &device).reshape([rows]);
@@ -303,15 +380,33 @@ fn linear_cross_entropy_matches_burns_matmul_and_autodiff() {
             .unwrap();
             let ours = scalarize(loss.clone()).backward();
             let what = format!("{name} {reduction:?}");
-            assert_close(&format!("{what} loss"), &f64s(loss), &f64s(reference), 1e-5, 1e-6);
+            assert_close(
+                &format!("{what} loss"),
+                &f64s(loss),
+                &f64s(reference),
+                1e-5,
+                1e-6,
+            );
             for (part, ours, theirs) in [
                 ("dH", h2.grad(&ours).unwrap(), h1.grad(&grads).unwrap()),
                 ("dW", w2.grad(&ours).unwrap(), w1.grad(&grads).unwrap()),
             ] {
-                assert_close(&format!("{what} {part}"), &f64s(ours), &f64s(theirs), 1e-4, 1e-6);
+                assert_close(
+                    &format!("{what} {part}"),
+                    &f64s(ours),
+                    &f64s(theirs),
+                    1e-4,
+                    1e-6,
+                );
             }
             let (db_ours, db_theirs) = (b2.grad(&ours).unwrap(), b1.grad(&grads).unwrap());
-            assert_close(&format!("{what} db"), &f64s(db_ours), &f64s(db_theirs), 1e-4, 1e-6);
+            assert_close(
+                &format!("{what} db"),
+                &f64s(db_ours),
+                &f64s(db_theirs),
+                1e-4,
+                1e-6,
+            );
         }
     }
 }
@@ -323,15 +418,32 @@ fn bad_input_is_a_typed_error() {
     let x = values(10, 3 * 4, 2.0);
     let logits = tensor2(&x, 3, 4, &device);
     let before = f64s(logits.clone());
-    match cross_entropy(logits.clone(), ints(&[0, 4, 1], &device), &Default::default()) {
-        Err(Error::Input(lse::LseError::TargetOutOfRange { row: 1, value: 4, classes: 4 })) => {}
+    match cross_entropy(
+        logits.clone(),
+        ints(&[0, 4, 1], &device),
+        &Default::default(),
+    ) {
+        Err(Error::Input(lse::LseError::TargetOutOfRange {
+            row: 1,
+            value: 4,
+            classes: 4,
+        })) => {}
         other => panic!("expected TargetOutOfRange at row 1, got {other:?}"),
     }
     let mut with_nan = x.clone();
     with_nan[2 * 4 + 3] = f64::NAN;
     let nan_logits = tensor2(&with_nan, 3, 4, &device);
-    match cross_entropy(nan_logits.clone(), ints(&[0, 1, 2], &device), &Default::default()) {
-        Err(Error::Input(lse::LseError::NonFinite { row: 2, column: 3, value, .. })) => {
+    match cross_entropy(
+        nan_logits.clone(),
+        ints(&[0, 1, 2], &device),
+        &Default::default(),
+    ) {
+        Err(Error::Input(lse::LseError::NonFinite {
+            row: 2,
+            column: 3,
+            value,
+            ..
+        })) => {
             assert!(value.is_nan())
         }
         other => panic!("expected NonFinite at (2, 3), got {other:?}"),
@@ -345,22 +457,35 @@ fn bad_input_is_a_typed_error() {
     let rows = f64s(cross_entropy(nan_logits, ints(&[0, 1, 2], &device), &options).unwrap());
     assert!(rows[0].is_finite() && rows[1].is_finite() && rows[2].is_nan());
     match softmax(tensor2(&with_nan, 3, 4, &device), 1, NonFinite::Error) {
-        Err(Error::Input(lse::LseError::NonFinite { row: 2, column: 3, .. })) => {}
+        Err(Error::Input(lse::LseError::NonFinite {
+            row: 2, column: 3, ..
+        })) => {}
         other => panic!("expected NonFinite at (2, 3), got {other:?}"),
     }
     assert!(matches!(
         logsumexp(logits.clone(), 2, NonFinite::Error),
-        Err(Error::BadDim { dim: 2, rank: 2, .. })
+        Err(Error::BadDim {
+            dim: 2,
+            rank: 2,
+            ..
+        })
     ));
     assert!(matches!(
         cross_entropy(logits.clone(), ints(&[0, 1], &device), &Default::default()),
-        Err(Error::Input(lse::LseError::LengthMismatch { what: "targets", expected: 3, actual: 2 }))
+        Err(Error::Input(lse::LseError::LengthMismatch {
+            what: "targets",
+            expected: 3,
+            actual: 2
+        }))
     ));
     let h = tensor2(&x, 3, 4, &device).cast(DType::F64);
     let w = tensor2(&x, 3, 4, &device).cast(DType::F64);
     assert!(matches!(
         linear_cross_entropy(h, w, None, ints(&[0, 1, 2], &device), &Default::default()),
-        Err(Error::Unsupported { dtype: DType::F64, .. })
+        Err(Error::Unsupported {
+            dtype: DType::F64,
+            ..
+        })
     ));
     assert_eq!(f64s(logits), before);
 }
