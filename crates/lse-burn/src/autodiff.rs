@@ -14,9 +14,17 @@ use crate::options::{CrossEntropyOptions, LinearCrossEntropyOptions, Reduction};
 use crate::LseBackend;
 
 /// `grad` times the incoming gradient `dy` (one value, or one per row of `grad`), in `grad`'s
-/// dtype.
+/// dtype. A single `dy` is read (one value): when it is 1, the usual case of `loss.backward()`,
+/// `grad` is handed over as it is, without another pass over it.
 fn scale_rows<B: Backend>(grad: FloatTensor<B>, dy: FloatTensor<B>) -> FloatTensor<B> {
     let dims = grad.shape().num_dims();
+    if dy.shape().num_elements() == 1 {
+        let value = crate::host::values::<B, f64>(dy)[0];
+        if value == 1.0 {
+            return grad;
+        }
+        return B::float_mul_scalar(grad, value.into());
+    }
     let mut dy_shape = vec![1; dims];
     dy_shape[0] = dy.shape().num_elements();
     let dy = B::float_cast(dy, FloatDType::from(grad.dtype()));
@@ -211,13 +219,7 @@ impl<B: LseBackend, C: CheckpointStrategy> LseBackend for Autodiff<B, C> {
             ) {
                 let dy = grads.consume::<B>(&ops.node);
                 let gradients = match ops.state {
-                    State::Cached(cached) => cached.map(|g| {
-                        let dy = dy.clone();
-                        let dims = g.shape().num_dims();
-                        let dy = B::float_reshape(dy, Shape::from(vec![1; dims]));
-                        let dy = B::float_cast(dy, FloatDType::from(g.dtype()));
-                        B::float_mul(g, dy)
-                    }),
+                    State::Cached(cached) => cached.map(|g| scale_rows::<B>(g, dy.clone())),
                     State::Recompute {
                         inputs: [h, w, b],
                         has_bias,

@@ -77,8 +77,95 @@ impl LseBackend for NdArray {}
 impl HostBacked for burn::backend::Cube {
     type Read = ReadBack;
 }
+
+/// burn's CubeCL backend (wgpu, CUDA, ROCm): the cross-entropy runs lse-gpu's kernels on the
+/// tensor's own buffer (the logits and the gradient never leave the device; the targets, the
+/// per-row stats and losses do, a few words per row); the other operations read back.
 #[cfg(feature = "wgpu")]
-impl LseBackend for burn::backend::Cube {}
+impl LseBackend for burn::backend::Cube {
+    fn lse_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: burn::backend::tensor::IntTensor<Self>,
+        options: crate::CrossEntropyOptions,
+    ) -> FloatTensor<Self> {
+        cube::cross_entropy(logits, targets, &options, false).0
+    }
+
+    fn lse_cross_entropy_with_grad(
+        logits: FloatTensor<Self>,
+        targets: burn::backend::tensor::IntTensor<Self>,
+        options: crate::CrossEntropyOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (loss, grad) = cube::cross_entropy(logits, targets, &options, true);
+        (loss, grad.expect("asked for"))
+    }
+}
+
+#[cfg(feature = "wgpu")]
+mod cube {
+    use burn::backend::tensor::{FloatTensor, IntTensor};
+    use burn::backend::{Cube, TensorMetadata};
+    use burn::tensor::DType;
+    use burn_cubecl::kernel::into_contiguous;
+    use burn_cubecl::tensor::CubeTensor;
+    use lse::{GradOutput, NonFinite, Reduction};
+    use lse_gpu::{Gpu, StorageDType};
+
+    use crate::host::{self, ReadBack};
+
+    /// The cross-entropy on the device for `f32`, `f16` and `bf16` logits; `f64` (which the
+    /// GPU kernels do not store) reads back.
+    pub(super) fn cross_entropy(
+        logits: FloatTensor<Cube>,
+        targets: IntTensor<Cube>,
+        options: &crate::CrossEntropyOptions,
+        with_grad: bool,
+    ) -> (FloatTensor<Cube>, Option<FloatTensor<Cube>>) {
+        let dtype = match logits.dtype() {
+            DType::F32 => StorageDType::F32,
+            DType::F16 => StorageDType::F16,
+            DType::BF16 => StorageDType::BF16,
+            _ => return host::cross_entropy::<Cube, ReadBack>(logits, targets, options, with_grad),
+        };
+        let shape = logits.shape();
+        let (len, classes) = (shape.num_elements(), shape.as_slice()[1]);
+        let logits: CubeTensor = into_contiguous(logits);
+        let targets = host::targets::<Cube>(targets);
+        let mut core = options.as_lse();
+        core.non_finite = NonFinite::Propagate;
+        let gpu = Gpu::from_client(logits.client.clone());
+        let (out, grad) = gpu
+            .cross_entropy_resident(
+                &logits.handle,
+                dtype,
+                len,
+                classes,
+                &targets,
+                &core,
+                GradOutput::Scalar(1.0),
+                with_grad,
+            )
+            .expect("checked input, and a device that runs");
+        let loss = match out.row_loss {
+            Some(rows) if core.reduction == Reduction::None => rows,
+            _ => vec![out.loss],
+        };
+        let loss_len = loss.len();
+        let grad = grad.map(|handle| {
+            CubeTensor::new_contiguous(
+                logits.client.clone(),
+                logits.device.clone(),
+                shape,
+                handle,
+                logits.dtype,
+            )
+        });
+        (
+            host::upload::<Cube, f32>(loss, [loss_len], &logits.device),
+            grad,
+        )
+    }
+}
 
 // The routing backends never run a kernel themselves: they forward to the backend underneath.
 impl HostBacked for burn::backend::Dispatch {

@@ -475,10 +475,10 @@ impl FloatVec {
     }
 }
 
-/// A small float tensor's values as `f32` (an incoming gradient: one value or one per row).
-pub(crate) fn f32_values<B: Backend>(tensor: FloatTensor<B>) -> Vec<f32> {
+/// A small float tensor's values as `T` (an incoming gradient: one value or one per row).
+pub(crate) fn values<B: Backend, T: burn::tensor::Element>(tensor: FloatTensor<B>) -> Vec<T> {
     read(B::float_into_data(tensor))
-        .convert::<f32>()
+        .convert::<T>()
         .into_vec()
-        .expect("f32 data")
+        .expect("converted data")
 }

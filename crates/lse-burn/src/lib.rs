@@ -155,7 +155,7 @@ pub trait LseBackend: HostBacked {
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        let grad_output = host::f32_values::<Self>(grad_output);
+        let grad_output = host::values::<Self, f32>(grad_output);
         let out = host::linear_cross_entropy::<Self, Self::Read>(
             hidden,
             weight,

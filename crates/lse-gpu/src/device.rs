@@ -67,11 +67,12 @@ pub fn adapters() -> &'static [Adapter] {
     })
 }
 
-/// A GPU to run the kernels on: a CubeCL client of one wgpu adapter.
+/// A GPU to run the kernels on: a CubeCL client, of one wgpu adapter or one that another crate
+/// opened ([`Gpu::from_client`]).
 #[derive(Clone)]
 pub struct Gpu {
     pub(crate) client: Client,
-    adapter: Adapter,
+    adapter: Option<Adapter>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -110,11 +111,31 @@ impl Gpu {
         })?;
         let device = WgpuDevice::new(adapter.kind.clone()).on(adapter.api);
         let client = <WgpuRuntime as Runtime>::client(&device);
-        Ok(Self { client, adapter })
+        Ok(Self {
+            client,
+            adapter: Some(adapter),
+        })
     }
 
-    /// The adapter this context runs on.
-    pub fn adapter(&self) -> &Adapter {
-        &self.adapter
+    /// The kernels on a CubeCL client another crate opened (burn's CubeCL backends: wgpu, CUDA,
+    /// ROCm), so that they run on that crate's buffers ([`Gpu::cross_entropy_resident`]).
+    pub fn from_client(client: Client) -> Self {
+        Self {
+            client,
+            adapter: None,
+        }
+    }
+
+    /// "adapter (API)", or what opened the client.
+    pub fn describe(&self) -> String {
+        match &self.adapter {
+            Some(a) => format!("{} ({})", a.name, a.backend),
+            None => "a CubeCL client opened by another crate".to_string(),
+        }
+    }
+
+    /// The wgpu adapter this context runs on; `None` for a [`Gpu::from_client`].
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
     }
 }

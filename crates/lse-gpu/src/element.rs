@@ -76,3 +76,54 @@ impl GpuElement for bf16 {
         unpack_halves(words, len).map(bf16::from_bits).collect()
     }
 }
+
+/// A storage dtype chosen at run time (a tensor another crate made): what [`GpuElement`] is at
+/// compile time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageDType {
+    /// `f32`, one to a word.
+    F32,
+    /// `f16`, two to a word.
+    F16,
+    /// `bf16`, two to a word.
+    BF16,
+}
+
+impl StorageDType {
+    /// The dtype of `E`.
+    pub fn of<E: GpuElement>() -> Self {
+        match E::CODE {
+            kernels::F16 => Self::F16,
+            kernels::BF16 => Self::BF16,
+            _ => Self::F32,
+        }
+    }
+
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Self::F32 => kernels::F32,
+            Self::F16 => kernels::F16,
+            Self::BF16 => kernels::BF16,
+        }
+    }
+
+    /// Words holding `len` elements.
+    pub fn words(self, len: usize) -> usize {
+        match self {
+            Self::F32 => len,
+            Self::F16 | Self::BF16 => len.div_ceil(2),
+        }
+    }
+
+    /// Element `index` of `words`, widened (NaN when `words` is too short).
+    pub(crate) fn value(self, words: &[u32], index: usize) -> f64 {
+        let word = |i: usize| words.get(i).copied();
+        let half = |i: usize| word(i / 2).map(|w| (w >> ((i % 2) * 16)) as u16);
+        let value = match self {
+            Self::F32 => word(index).map(|w| f64::from(f32::from_bits(w))),
+            Self::F16 => half(index).map(|b| f16::from_bits(b).to_f64()),
+            Self::BF16 => half(index).map(|b| bf16::from_bits(b).to_f64()),
+        };
+        value.unwrap_or(f64::NAN)
+    }
+}

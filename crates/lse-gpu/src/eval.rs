@@ -408,12 +408,11 @@ fn eval<E: GpuElement + FloatElement>(args: &Args, gpu: &Gpu, logits: Logits) ->
     };
     let _ = writeln!(
         summary,
-        "{} of {source} ({}, shape {}, class axis {axis}) on {} ({})",
+        "{} of {source} ({}, shape {}, class axis {axis}) on {}",
         op.name(),
         E::DTYPE.name(),
         shape_string(&shape),
-        gpu.adapter().name,
-        gpu.adapter().backend
+        gpu.describe()
     );
     let descr = |stat: bool| {
         if stat {

@@ -29,7 +29,7 @@ mod ops;
 
 pub use bench::BenchReport;
 pub use device::{adapters, Adapter, Gpu};
-pub use element::GpuElement;
+pub use element::{GpuElement, StorageDType};
 
 /// What can go wrong in a GPU call.
 #[derive(Debug, thiserror::Error)]

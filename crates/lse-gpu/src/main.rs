@@ -91,10 +91,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     println!(
-        "{} ({}): cross-entropy forward + gradient, {rows} x {classes} {dtype}: {:.3} G elem/s, \
+        "{}: cross-entropy forward + gradient, {rows} x {classes} {dtype}: {:.3} G elem/s, \
          {:.0}% of the measured copy bandwidth ({:.1} GB/s)",
-        gpu.adapter().name,
-        gpu.adapter().backend,
+        gpu.describe(),
         report.giga_elements_per_second,
         100.0 * report.fraction_of_copy_bandwidth,
         report.copy_gigabytes_per_second,

@@ -12,7 +12,7 @@ use lse::{
     EmptyMean, GradOutput, LseError, NonFinite, Reduction,
 };
 
-use crate::element::GpuElement;
+use crate::element::{GpuElement, StorageDType};
 use crate::kernels::{self, CeParamsLaunch, CUBE_UNITS, STAT_WORDS};
 use crate::{Error, Gpu};
 
@@ -347,7 +347,35 @@ impl Gpu {
         if rows == 0 {
             return Ok(checked);
         }
-        let call = CeCall::new(self, logits, classes, options);
+        let call = CeCall::upload(self, logits, classes, options);
+        let value_at = |row: usize, column: usize| logits[row * classes + column].to_f64();
+        let (out, grad_handle) = self.class_cross_entropy(
+            call,
+            targets,
+            checked,
+            grad_output,
+            grad.is_some(),
+            &value_at,
+        )?;
+        if let (Some(grad), Some(handle)) = (grad, grad_handle) {
+            grad.copy_from_slice(&E::unpack(&self.read(handle)?, logits.len()));
+        }
+        Ok(out)
+    }
+
+    /// The class-target cross-entropy of a call whose logits are on the device: the read pass,
+    /// then [`Self::finish_cross_entropy`]. `checked` is `lse`'s check of everything but the
+    /// logits; `value_at` reads a logit for an error message.
+    fn class_cross_entropy(
+        &self,
+        call: CeCall<'_>,
+        targets: &[i64],
+        checked: CrossEntropyOutput<f32>,
+        grad_output: GradOutput<'_, f32>,
+        with_grad: bool,
+        value_at: &dyn Fn(usize, usize) -> f64,
+    ) -> Result<(CrossEntropyOutput<f32>, Option<Handle>), Error> {
+        let (rows, classes, options) = (call.rows, call.classes, call.options);
         let target_words: Vec<u32> = targets
             .iter()
             .map(|&t| {
@@ -372,7 +400,7 @@ impl Gpu {
             rows,
             classes,
             call.params(),
-            E::CODE,
+            call.code,
             CUBE_UNITS,
         );
         let targets_of = CeTargets::Classes(&t);
@@ -396,8 +424,52 @@ impl Gpu {
             targets_of,
             checked,
             grad_output,
-            grad,
+            with_grad,
+            value_at,
         )
+    }
+
+    /// [`Self::cross_entropy`] on logits already on the device: `logits` holds `len` elements
+    /// of `dtype`, row-major `rows × classes`, in `u32` words as [`GpuElement`] packs them (a
+    /// contiguous `f32`, `f16` or `bf16` tensor of another CubeCL user, such as burn, is
+    /// already so). Returns the loss and, when `with_grad`, the gradient as a new device buffer
+    /// of the logits' dtype and layout; the logits never leave the device (the row losses and
+    /// per-row stats do: a few words per row).
+    ///
+    /// # Errors
+    /// As [`Self::cross_entropy`]; a NaN or `+inf` logit under [`NonFinite::Error`] reads the
+    /// logits back to name its value.
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does, or when `logits` holds fewer than `len` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy_resident(
+        &self,
+        logits: &Handle,
+        dtype: StorageDType,
+        len: usize,
+        classes: usize,
+        targets: &[i64],
+        options: &CrossEntropyOptions<'_>,
+        grad_output: GradOutput<'_, f32>,
+        with_grad: bool,
+    ) -> Result<(CrossEntropyOutput<f32>, Option<Handle>), Error> {
+        let rows = row_count("logits", len, classes)?;
+        expect_len("targets", rows, targets.len())?;
+        if options.keep_logit_stats {
+            return Err(Error::Unsupported("keep_logit_stats"));
+        }
+        let checked =
+            ChunkedCrossEntropy::<f32>::new(classes, targets, options, grad_output)?.finish();
+        if rows == 0 {
+            return Ok((checked, with_grad.then(|| self.words(0))));
+        }
+        let call = CeCall::resident(self, logits.clone(), dtype, len, classes, options);
+        let value_at = |row: usize, column: usize| {
+            let words = self.read(logits.clone()).unwrap_or_default();
+            dtype.value(&words, row * classes + column)
+        };
+        self.class_cross_entropy(call, targets, checked, grad_output, with_grad, &value_at)
     }
 
     /// The cross-entropy of `logits` (`rows × classes`) against probability targets
@@ -463,7 +535,7 @@ impl Gpu {
                 return Err(error.into());
             }
         }
-        let call = CeCall::new(self, logits, classes, options);
+        let call = CeCall::upload(self, logits, classes, options);
         let q_words = E::pack(probabilities);
         let q = self.upload(&q_words);
         let kept = self.upload_f32(&kept);
@@ -485,7 +557,8 @@ impl Gpu {
             CUBE_UNITS,
         );
         let stat_words = self.read(call.stats.clone())?;
-        self.finish_cross_entropy(
+        let value_at = |row: usize, column: usize| logits[row * classes + column].to_f64();
+        let (out, grad_handle) = self.finish_cross_entropy(
             call,
             &stat_words,
             bad_target,
@@ -496,31 +569,36 @@ impl Gpu {
             },
             checked,
             grad_output,
-            grad,
-        )
+            grad.is_some(),
+            &value_at,
+        )?;
+        if let (Some(grad), Some(handle)) = (grad, grad_handle) {
+            grad.copy_from_slice(&E::unpack(&self.read(handle)?, logits.len()));
+        }
+        Ok(out)
     }
 
     /// The rest of a cross-entropy call after its read pass: the first faulty row's error
     /// (`bad_target`: a row whose targets are bad, checked before that row's logits), the row
     /// losses, the gradient's write pass and the reduction of `lse`'s `Batch::finish`.
     #[allow(clippy::too_many_arguments)]
-    fn finish_cross_entropy<E: GpuElement>(
+    fn finish_cross_entropy(
         &self,
-        call: CeCall<'_, E>,
+        call: CeCall<'_>,
         stat_words: &[u32],
         bad_target: Option<(usize, LseError)>,
         targets: CeTargets<'_>,
         checked: CrossEntropyOutput<f32>,
         grad_output: GradOutput<'_, f32>,
-        grad: Option<&mut [E]>,
-    ) -> Result<CrossEntropyOutput<f32>, Error> {
+        with_grad: bool,
+        value_at: &dyn Fn(usize, usize) -> f64,
+    ) -> Result<(CrossEntropyOutput<f32>, Option<Handle>), Error> {
         let CeCall {
-            logits,
+            rows,
             classes,
             options,
             ..
         } = call;
-        let rows = logits.len() / classes;
         let error_policy = options.non_finite == NonFinite::Error;
         for (row, s) in stat_words.chunks_exact(STAT_WORDS).enumerate() {
             if let Some((bad_row, _)) = &bad_target {
@@ -535,7 +613,13 @@ impl Gpu {
             let column = s[4] as usize;
             match s[3] {
                 kernels::FAULT_NON_FINITE => {
-                    return Err(non_finite_logit(logits, classes, row, column).into())
+                    return Err(LseError::NonFinite {
+                        what: "logit",
+                        row,
+                        column,
+                        value: value_at(row, column),
+                    }
+                    .into())
                 }
                 kernels::FAULT_MASKED_TARGET => {
                     return Err(LseError::MaskedTarget { row, class: column }.into())
@@ -552,7 +636,8 @@ impl Gpu {
             .map(f32::from_bits)
             .collect();
 
-        if let Some(grad) = grad {
+        let mut grad = None;
+        if with_grad {
             let reduction = match options.reduction {
                 Reduction::Mean if empty_mean => 0.0,
                 Reduction::Mean => (1.0 / denominator).min(f64::from(f32::MAX)) as f32,
@@ -582,14 +667,14 @@ impl Gpu {
                 arg(&call.weights, call.weight_count),
                 arg(&c, rows),
                 arg(&out, call.words),
-                logits.len(),
+                call.len,
                 classes,
                 reduction,
                 call.params(),
-                E::CODE,
+                call.code,
                 probabilities,
             );
-            grad.copy_from_slice(&E::unpack(&self.read(out)?, logits.len()));
+            grad = Some(out);
         }
 
         // The reduction of `lse`'s `Batch::finish`, over the device's row losses.
@@ -624,12 +709,13 @@ impl Gpu {
         } else {
             None
         };
-        Ok(CrossEntropyOutput {
+        let out = CrossEntropyOutput {
             loss: f32::from_f64_saturating(loss),
             row_loss: keep_rows.then_some(row_loss),
             row_lse,
             ..checked
-        })
+        };
+        Ok((out, grad))
     }
 
     /// The naive `exp(x) / Σ exp(x)` in `f32`: a control that overflows to NaN once a logit
@@ -717,10 +803,15 @@ fn check_ce_call<E: GpuElement>(
     Ok(())
 }
 
-/// The device buffers of one cross-entropy call, shared by both kinds of target.
-struct CeCall<'a, E> {
-    logits: &'a [E],
+/// The device buffers of one cross-entropy call, shared by both kinds of target and by logits
+/// uploaded from the host or already on the device.
+struct CeCall<'a> {
+    rows: usize,
     classes: usize,
+    /// Elements of the logits.
+    len: usize,
+    /// The logits' dtype, as the kernels take it.
+    code: u32,
     options: &'a CrossEntropyOptions<'a>,
     x: Handle,
     words: usize,
@@ -731,25 +822,47 @@ struct CeCall<'a, E> {
     row_lse: Handle,
 }
 
-impl<'a, E: GpuElement> CeCall<'a, E> {
-    /// Uploads the logits and class weights and makes the per-row buffers.
-    fn new(
+impl<'a> CeCall<'a> {
+    /// Uploads the logits, then as [`Self::resident`].
+    fn upload<E: GpuElement>(
         gpu: &Gpu,
-        logits: &'a [E],
+        logits: &[E],
         classes: usize,
         options: &'a CrossEntropyOptions<'a>,
     ) -> Self {
-        let rows = logits.len() / classes;
         let words = E::pack(logits);
+        let x = gpu.upload(&words);
+        Self::resident(
+            gpu,
+            x,
+            StorageDType::of::<E>(),
+            logits.len(),
+            classes,
+            options,
+        )
+    }
+
+    /// Uploads the class weights and makes the per-row buffers for logits `x` on the device.
+    fn resident(
+        gpu: &Gpu,
+        x: Handle,
+        dtype: StorageDType,
+        len: usize,
+        classes: usize,
+        options: &'a CrossEntropyOptions<'a>,
+    ) -> Self {
+        let rows = len / classes;
         let weights: Vec<f32> = options
             .weights
             .map_or_else(|| vec![1.0], |w| w.iter().map(|&v| v as f32).collect());
         Self {
-            logits,
+            rows,
             classes,
+            len,
+            code: dtype.code(),
             options,
-            x: gpu.upload(&words),
-            words: words.len(),
+            x,
+            words: dtype.words(len),
             weights: gpu.upload_f32(&weights),
             weight_count: weights.len(),
             stats: gpu.words(rows * STAT_WORDS),

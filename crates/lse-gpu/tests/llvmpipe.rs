@@ -769,7 +769,7 @@ fn own_transcendentals_are_accurate() {
     }
     eprintln!(
         "{}: exp device {device_exp} ulps, own {own_exp}; ln device {device_ln} ulps, own {own_ln}",
-        gpu.adapter().name
+        gpu.describe()
     );
     assert!(own_exp <= 2, "own exp: {own_exp} ulps");
     assert!(own_ln <= 2, "own ln: {own_ln} ulps");
