@@ -11,17 +11,20 @@ use lse_gpu::GpuElement;
 use lse_io::npy::{self, Bf16Descr, ReadOptions};
 use lse_io::{NpyElement, TensorData};
 
-/// The `lse` binary of the workspace: `cargo build --workspace --all-features --bin lse` (a
-/// no-op when CI's workspace blocks built it), its path from cargo's JSON messages.
+/// The `lse` binary of the workspace: `cargo build --profile test --workspace --all-features
+/// --bin lse`, the very build `cargo test --workspace --all-features` makes (so a no-op after
+/// CI's workspace block), its path from cargo's JSON messages.
 fn lse_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let output = Command::new(cargo)
-        // The workspace's features, as `.ci/run`'s `cargo test --workspace --all-features`
-        // built it: then nothing is rebuilt.
+        // The workspace's features and the test profile, as `.ci/run`'s `cargo test --workspace
+        // --all-features` built it: then nothing is rebuilt.
         .args([
             "build",
             "--quiet",
+            "--profile",
+            "test",
             "--workspace",
             "--all-features",
             "--bin",
