@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release --no-default-features --example bench -- [--rows 4096] [--classes 32000] [--repeats 5]
-//! cargo run --release --no-default-features --example bench -- --linear 1024 --rows 8192 --repeats 1
+//! cargo run --release --no-default-features --example bench -- --linear 1024 --rows 8192 --repeats 1 [--budget-mib 64]
 //! ```
 //! (from `crates/lse-burn`.)
 
@@ -67,6 +67,7 @@ fn median(mut times: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut rows, mut classes, mut repeats, mut linear) = (4096usize, 32_000usize, 5usize, 0usize);
+    let mut budget_mib = LinearCrossEntropyOptions::default().budget_bytes >> 20;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || -> Result<usize, Box<dyn std::error::Error>> {
@@ -77,13 +78,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--classes" => classes = value()?,
             "--repeats" => repeats = value()?,
             "--linear" => linear = value()?,
+            "--budget-mib" => budget_mib = value()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
     let device = Device::flex().autodiff();
     device.seed(1);
     if linear > 0 {
-        return linear_bench(&device, rows, linear, classes, repeats);
+        return linear_bench(&device, rows, linear, classes, repeats, budget_mib << 20);
     }
     let logits = Tensor::<2>::random([rows, classes], Distribution::Normal(0.0, 4.0), &device);
     let targets =
@@ -135,13 +137,17 @@ fn linear_bench(
     dim: usize,
     classes: usize,
     repeats: usize,
+    budget_bytes: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let hidden = Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, 1.0), device);
     let weight = Tensor::<2>::random([classes, dim], Distribution::Normal(0.0, 0.03), device);
     let targets =
         Tensor::<1, Int>::random([rows], Distribution::Uniform(0.0, classes as f64), device);
     let burn_loss = CrossEntropyLossConfig::new().init(device);
-    let options = LinearCrossEntropyOptions::default();
+    let options = LinearCrossEntropyOptions {
+        budget_bytes,
+        ..Default::default()
+    };
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let (mut ours_peak, mut theirs_peak) = (0, 0);
     for _ in 0..repeats {
@@ -149,17 +155,18 @@ fn linear_bench(
             hidden.clone().detach().require_grad(),
             weight.clone().detach().require_grad(),
         );
-        let (result, seconds, peak) = measured(|| -> Result<f32, lse_burn::Error> {
+        let (result, seconds, peak) = measured(|| -> Result<_, lse_burn::Error> {
             let loss = linear_cross_entropy(h.clone(), w.clone(), None, targets.clone(), &options)?;
             let grads = loss.clone().backward();
+            // burn-flex runs eagerly: the gradients exist when `backward` returns.
             let (dh, dw) = (
                 h.grad(&grads).expect("tracked"),
                 w.grad(&grads).expect("tracked"),
             );
-            let _ = (dh.into_data(), dw.into_data());
-            Ok(loss.into_scalar::<f32>())
+            Ok((loss.into_scalar::<f32>(), dh, dw))
         });
-        let ours_loss = result?;
+        let (ours_loss, dh, dw) = result?;
+        let _ = (dh.into_data(), dw.into_data());
         ours.push(seconds);
         ours_peak = ours_peak.max(peak);
 
@@ -184,7 +191,11 @@ fn linear_bench(
     }
     let (ours, theirs) = (median(ours), median(theirs));
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    println!("linear cross-entropy forward + backward, {rows} x {dim} x {classes} f32, burn-flex, median of {repeats}:");
+    println!(
+        "linear cross-entropy forward + backward, {rows} x {dim} x {classes} f32, burn-flex, \
+         budget {} MiB, median of {repeats}:",
+        budget_bytes >> 20
+    );
     println!(
         "  lse-burn                      {:8.1} ms, peak extra {:9.1} MiB",
         ours * 1e3,

@@ -55,34 +55,68 @@ impl HostRead<NdArray> for NdArrayRead {
 }
 
 /// Where each backend's tensors are read: in place on the CPU backends, read back elsewhere.
-/// A backend of your own implements it with [`ReadBack`](crate::ReadBack) and then
-/// [`LseBackend`] with no methods.
+/// A backend of your own implements it with `KERNELS_ON_HOST = false` and
+/// [`ReadBack`](crate::ReadBack), and then [`LseBackend`] with no methods.
 pub trait HostBacked: Backend {
-    /// How this backend's tensors reach `lse`'s kernels.
+    /// `true` on a backend whose tensors live in host memory: `lse`'s CPU kernels run on them.
+    /// `false`: the operations are composed of the backend's own tensor operations.
+    const KERNELS_ON_HOST: bool;
+    /// How this backend's tensors reach `lse`'s kernels (the linear loss reads back when the
+    /// kernels are not on the host).
     #[doc(hidden)]
     type Read: HostRead<Self>;
 }
 
 impl HostBacked for Flex {
+    const KERNELS_ON_HOST: bool = true;
     type Read = FlexRead;
 }
 impl LseBackend for Flex {}
 
 impl HostBacked for NdArray {
+    const KERNELS_ON_HOST: bool = true;
     type Read = NdArrayRead;
 }
 impl LseBackend for NdArray {}
 
 #[cfg(feature = "wgpu")]
 impl HostBacked for burn::backend::Cube {
+    const KERNELS_ON_HOST: bool = false;
     type Read = ReadBack;
 }
 
 /// burn's CubeCL backend (wgpu, CUDA, ROCm): the cross-entropy runs lse-gpu's kernels on the
 /// tensor's own buffer (the logits and the gradient never leave the device; the targets, the
-/// per-row stats and losses do, a few words per row); the other operations read back.
+/// per-row stats and losses do, a few words per row); softmax, log_softmax and logsumexp are
+/// composed of burn's own operations on the device. `f64` reads back to the host: burn's `f64`
+/// `exp` on wgpu is wrong (`exp(0)` gave 5.3e-315 on llvmpipe with burn 0.22.1).
 #[cfg(feature = "wgpu")]
 impl LseBackend for burn::backend::Cube {
+    fn lse_logsumexp(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match x.dtype {
+            DType::F64 => crate::host::logsumexp::<Self, ReadBack>(x),
+            _ => crate::composed::logsumexp::<Self>(x),
+        }
+    }
+
+    fn lse_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self> {
+        match x.dtype {
+            DType::F64 => crate::host::softmax::<Self, ReadBack>(x, log),
+            _ => crate::composed::softmax::<Self>(x, log),
+        }
+    }
+
+    fn lse_softmax_backward(
+        y: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        log: bool,
+    ) -> FloatTensor<Self> {
+        match y.dtype {
+            DType::F64 => crate::host::softmax_backward::<Self, ReadBack>(y, dy, log),
+            _ => crate::composed::softmax_backward::<Self>(y, dy, log),
+        }
+    }
+
     fn lse_cross_entropy(
         logits: FloatTensor<Self>,
         targets: burn::backend::tensor::IntTensor<Self>,
@@ -113,8 +147,8 @@ mod cube {
 
     use crate::host::{self, ReadBack};
 
-    /// The cross-entropy on the device for `f32`, `f16` and `bf16` logits; `f64` (which the
-    /// GPU kernels do not store) reads back.
+    /// The cross-entropy with lse-gpu's kernels for `f32`, `f16` and `bf16` logits; `f64`
+    /// (which they do not store) reads back to the host.
     pub(super) fn cross_entropy(
         logits: FloatTensor<Cube>,
         targets: IntTensor<Cube>,
@@ -169,10 +203,12 @@ mod cube {
 
 // The routing backends never run a kernel themselves: they forward to the backend underneath.
 impl HostBacked for burn::backend::Dispatch {
+    const KERNELS_ON_HOST: bool = false;
     type Read = ReadBack;
 }
 impl<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> HostBacked
     for burn::backend::Autodiff<B, C>
 {
+    const KERNELS_ON_HOST: bool = false;
     type Read = ReadBack;
 }

@@ -54,6 +54,7 @@
 mod api;
 mod autodiff;
 mod backends;
+mod composed;
 mod error;
 mod host;
 mod options;
@@ -62,6 +63,7 @@ pub use api::{cross_entropy, linear_cross_entropy, log_softmax, logsumexp, softm
 pub use error::Error;
 pub use options::{
     CrossEntropyOptions, EmptyMean, LinearCrossEntropyOptions, NonFinite, Reduction,
+    DEFAULT_BUDGET_BYTES,
 };
 
 use burn::backend::backend_extension;
@@ -77,19 +79,29 @@ pub use host::{Floats, HostRead};
 /// are checked by the public functions; the methods run under
 /// [`NonFinite::Propagate`].
 ///
-/// The default methods work on any backend by reading the tensors back to the host; the CPU
-/// backends override them with `lse`'s kernels on the tensors' own memory. The autodiff backend
-/// records each forward method with its backward pass.
+/// The default methods work on any backend: on the CPU backends ([`HostBacked::KERNELS_ON_HOST`])
+/// `lse`'s kernels run on the tensors' own memory; elsewhere the operations are composed of the
+/// backend's own tensor operations in the stable form, on its device (the linear loss reads the
+/// tensors back to the host). burn's CubeCL backend overrides the cross-entropy with lse-gpu's
+/// kernels. The autodiff backend records each forward method with its backward pass.
 #[backend_extension(Autodiff, Flex, NdArray, Cube: cfg(feature = "wgpu"))]
 pub trait LseBackend: HostBacked {
     /// `logsumexp` of each row: `rows` values, `f32` (`f64` for `f64` input).
     fn lse_logsumexp(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        host::logsumexp::<Self, Self::Read>(x)
+        if Self::KERNELS_ON_HOST {
+            host::logsumexp::<Self, Self::Read>(x)
+        } else {
+            composed::logsumexp::<Self>(x)
+        }
     }
 
     /// `softmax` (`log_softmax` when `log`) of each row, in the input's dtype.
     fn lse_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self> {
-        host::softmax::<Self, Self::Read>(x, log)
+        if Self::KERNELS_ON_HOST {
+            host::softmax::<Self, Self::Read>(x, log)
+        } else {
+            composed::softmax::<Self>(x, log)
+        }
     }
 
     /// The gradient of `softmax` (`log_softmax` when `log`) from its output `y` and the incoming
@@ -99,7 +111,11 @@ pub trait LseBackend: HostBacked {
         dy: FloatTensor<Self>,
         log: bool,
     ) -> FloatTensor<Self> {
-        host::softmax_backward::<Self, Self::Read>(y, dy, log)
+        if Self::KERNELS_ON_HOST {
+            host::softmax_backward::<Self, Self::Read>(y, dy, log)
+        } else {
+            composed::softmax_backward::<Self>(y, dy, log)
+        }
     }
 
     /// The cross-entropy loss: one value, or one per row with [`Reduction::None`].
@@ -108,7 +124,11 @@ pub trait LseBackend: HostBacked {
         targets: IntTensor<Self>,
         options: CrossEntropyOptions,
     ) -> FloatTensor<Self> {
-        host::cross_entropy::<Self, Self::Read>(logits, targets, &options, false).0
+        if Self::KERNELS_ON_HOST {
+            host::cross_entropy::<Self, Self::Read>(logits, targets, &options, false).0
+        } else {
+            composed::cross_entropy::<Self>(logits, targets, &options, false).0
+        }
     }
 
     /// The cross-entropy loss and `∂loss/∂logits` (for an incoming gradient of 1), from one
@@ -118,7 +138,11 @@ pub trait LseBackend: HostBacked {
         targets: IntTensor<Self>,
         options: CrossEntropyOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (loss, grad) = host::cross_entropy::<Self, Self::Read>(logits, targets, &options, true);
+        let (loss, grad) = if Self::KERNELS_ON_HOST {
+            host::cross_entropy::<Self, Self::Read>(logits, targets, &options, true)
+        } else {
+            composed::cross_entropy::<Self>(logits, targets, &options, true)
+        };
         (loss, grad.expect("asked for"))
     }
 
