@@ -35,11 +35,11 @@
 //!
 //! burn routes a tensor to one of its backends at run time. On the CPU backends (burn-flex,
 //! burn-ndarray) the operations run `lse`'s kernels (AVX-512, AVX2, NEON, portable) on the
-//! tensors' own memory: no copy when the tensor is contiguous, row-major. Every other backend
-//! (wgpu, CUDA, ...) gets [`LseBackend`]'s default methods, which read the tensors back to the
-//! host, run the same kernels and upload the results: the same numbers and semantics, at the cost
-//! of the transfers (see the README: `lse-gpu`'s kernels are not launched on burn's CubeCL
-//! tensors yet).
+//! tensors' own memory: no copy when the tensor is contiguous, row-major. On burn's CubeCL
+//! backend (wgpu, CUDA, ROCm) the cross-entropy runs lse-gpu's kernels on burn's own buffers.
+//! Everything else takes [`LseBackend`]'s default methods, composed of the backend's own tensor
+//! operations in the stable form (the linear loss, and `f64` on CubeCL, read back to the host).
+//! docs/burn.md has the table.
 //!
 //! ## Errors
 //!
