@@ -79,30 +79,31 @@ impl HostBacked for NdArray {
 }
 impl LseBackend for NdArray {}
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl HostBacked for burn::backend::Cube {
     const KERNELS_ON_HOST: bool = false;
     type Read = ReadBack;
 }
 
-/// burn's CubeCL backend (wgpu, CUDA, ROCm): the cross-entropy runs lse-gpu's kernels on the
-/// tensor's own buffer (the logits and the gradient never leave the device; the targets, the
-/// per-row stats and losses do, a few words per row); softmax, log_softmax and logsumexp are
-/// composed of burn's own operations on the device. `f64` reads back to the host: burn's `f64`
-/// `exp` on wgpu is wrong (`exp(0)` gave 5.3e-315 on llvmpipe with burn 0.22.1).
-#[cfg(feature = "wgpu")]
+/// burn's CubeCL backend (wgpu, CUDA, ROCm): the cross-entropy, softmax, log_softmax and
+/// logsumexp run lse-gpu's kernels on the tensors' own buffers (the logits, outputs and
+/// gradients never leave the device; targets, per-row stats and losses do, a few words per
+/// row). `f64`, which lse-gpu does not store, reads back to the host (composing burn's own `f64`
+/// ops is no way out: its `f64` `exp` on wgpu is wrong, `exp(0)` gave 5.3e-315 on llvmpipe with
+/// burn 0.22.1). The linear loss reads back.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl LseBackend for burn::backend::Cube {
     fn lse_logsumexp(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match x.dtype {
-            DType::F64 => crate::host::logsumexp::<Self, ReadBack>(x),
-            _ => crate::composed::logsumexp::<Self>(x),
+        match cube::storage(&x) {
+            Some(dtype) => cube::logsumexp(x, dtype),
+            None => crate::host::logsumexp::<Self, ReadBack>(x),
         }
     }
 
     fn lse_softmax(x: FloatTensor<Self>, log: bool) -> FloatTensor<Self> {
-        match x.dtype {
-            DType::F64 => crate::host::softmax::<Self, ReadBack>(x, log),
-            _ => crate::composed::softmax::<Self>(x, log),
+        match cube::storage(&x) {
+            Some(dtype) => cube::softmax(x, dtype, log),
+            None => crate::host::softmax::<Self, ReadBack>(x, log),
         }
     }
 
@@ -111,9 +112,9 @@ impl LseBackend for burn::backend::Cube {
         dy: FloatTensor<Self>,
         log: bool,
     ) -> FloatTensor<Self> {
-        match y.dtype {
-            DType::F64 => crate::host::softmax_backward::<Self, ReadBack>(y, dy, log),
-            _ => crate::composed::softmax_backward::<Self>(y, dy, log),
+        match cube::storage(&y) {
+            Some(dtype) => cube::softmax_backward(y, dy, dtype, log),
+            None => crate::host::softmax_backward::<Self, ReadBack>(y, dy, log),
         }
     }
 
@@ -135,17 +136,92 @@ impl LseBackend for burn::backend::Cube {
     }
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod cube {
     use burn::backend::tensor::{FloatTensor, IntTensor};
     use burn::backend::{Cube, TensorMetadata};
-    use burn::tensor::DType;
+    use burn::tensor::{DType, Shape};
+    use burn_cubecl::cubecl::server::Handle;
     use burn_cubecl::kernel::into_contiguous;
     use burn_cubecl::tensor::CubeTensor;
     use lse::{GradOutput, NonFinite, Reduction};
     use lse_gpu::{Gpu, StorageDType};
 
     use crate::host::{self, ReadBack};
+
+    /// The dtypes lse-gpu's kernels store.
+    pub(super) fn storage(x: &CubeTensor) -> Option<StorageDType> {
+        match x.dtype {
+            DType::F32 => Some(StorageDType::F32),
+            DType::F16 => Some(StorageDType::F16),
+            DType::BF16 => Some(StorageDType::BF16),
+            _ => None,
+        }
+    }
+
+    /// A new tensor over `handle`, a buffer lse-gpu wrote for `like`'s device.
+    fn wrap(like: &CubeTensor, handle: Handle, shape: Shape, dtype: DType) -> CubeTensor {
+        CubeTensor::new_contiguous(
+            like.client.clone(),
+            like.device.clone(),
+            shape,
+            handle,
+            dtype,
+        )
+    }
+
+    const DEVICE: &str = "the public function checked the input, and the device runs";
+
+    pub(super) fn logsumexp(x: CubeTensor, dtype: StorageDType) -> CubeTensor {
+        let shape = x.shape();
+        let (rows, classes) = (shape.as_slice()[0], shape.as_slice()[1]);
+        let x = into_contiguous(x);
+        let gpu = Gpu::from_client(x.client.clone());
+        let (lse, _) = gpu
+            .logsumexp_resident(&x.handle, dtype, shape.num_elements(), classes)
+            .expect(DEVICE);
+        wrap(&x, lse, Shape::from([rows]), DType::F32)
+    }
+
+    pub(super) fn softmax(x: CubeTensor, dtype: StorageDType, log: bool) -> CubeTensor {
+        let shape = x.shape();
+        let classes = shape.as_slice()[1];
+        let x = into_contiguous(x);
+        let gpu = Gpu::from_client(x.client.clone());
+        let (y, _) = gpu
+            .softmax_resident(&x.handle, dtype, shape.num_elements(), classes, log)
+            .expect(DEVICE);
+        wrap(&x, y, shape, x.dtype)
+    }
+
+    pub(super) fn softmax_backward(
+        y: CubeTensor,
+        dy: CubeTensor,
+        dtype: StorageDType,
+        log: bool,
+    ) -> CubeTensor {
+        let shape = y.shape();
+        let classes = shape.as_slice()[1];
+        let (y, dy) = (into_contiguous(y), into_contiguous(dy));
+        // The incoming gradient in the output's dtype, as the kernels read both alike.
+        let dy = if dy.dtype == y.dtype {
+            dy
+        } else {
+            <Cube as burn::backend::ops::FloatTensorOps<Cube>>::float_cast(dy, y.dtype.into())
+        };
+        let gpu = Gpu::from_client(y.client.clone());
+        let dx = gpu
+            .softmax_backward_resident(
+                &y.handle,
+                &dy.handle,
+                dtype,
+                shape.num_elements(),
+                classes,
+                log,
+            )
+            .expect(DEVICE);
+        wrap(&y, dx, shape, y.dtype)
+    }
 
     /// The cross-entropy with lse-gpu's kernels for `f32`, `f16` and `bf16` logits; `f64`
     /// (which they do not store) reads back to the host.
@@ -155,11 +231,8 @@ mod cube {
         options: &crate::CrossEntropyOptions,
         with_grad: bool,
     ) -> (FloatTensor<Cube>, Option<FloatTensor<Cube>>) {
-        let dtype = match logits.dtype() {
-            DType::F32 => StorageDType::F32,
-            DType::F16 => StorageDType::F16,
-            DType::BF16 => StorageDType::BF16,
-            _ => return host::cross_entropy::<Cube, ReadBack>(logits, targets, options, with_grad),
+        let Some(dtype) = storage(&logits) else {
+            return host::cross_entropy::<Cube, ReadBack>(logits, targets, options, with_grad);
         };
         let shape = logits.shape();
         let (len, classes) = (shape.num_elements(), shape.as_slice()[1]);
@@ -179,21 +252,13 @@ mod cube {
                 GradOutput::Scalar(1.0),
                 with_grad,
             )
-            .expect("checked input, and a device that runs");
+            .expect(DEVICE);
         let loss = match out.row_loss {
             Some(rows) if core.reduction == Reduction::None => rows,
             _ => vec![out.loss],
         };
         let loss_len = loss.len();
-        let grad = grad.map(|handle| {
-            CubeTensor::new_contiguous(
-                logits.client.clone(),
-                logits.device.clone(),
-                shape,
-                handle,
-                logits.dtype,
-            )
-        });
+        let grad = grad.map(|handle| wrap(&logits, handle, shape, logits.dtype));
         (
             host::upload::<Cube, f32>(loss, [loss_len], &logits.device),
             grad,

@@ -84,7 +84,7 @@ pub use host::{Floats, HostRead};
 /// backend's own tensor operations in the stable form, on its device (the linear loss reads the
 /// tensors back to the host). burn's CubeCL backend overrides the cross-entropy with lse-gpu's
 /// kernels. The autodiff backend records each forward method with its backward pass.
-#[backend_extension(Autodiff, Flex, NdArray, Cube: cfg(feature = "wgpu"))]
+#[backend_extension(Autodiff, Flex, NdArray, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait LseBackend: HostBacked {
     /// `logsumexp` of each row: `rows` values, `f32` (`f64` for `f64` input).
     fn lse_logsumexp(x: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -420,7 +420,13 @@ fn linear_cross_entropy_matches_burns_matmul_and_autodiff() {
 /// Bad input is a typed error naming what and where, and leaves the inputs as they were.
 #[test]
 fn bad_input_is_a_typed_error() {
-    let device = Device::flex();
+    for (_, device) in devices() {
+        bad_input_on(&device);
+    }
+}
+
+fn bad_input_on(device: &Device) {
+    let device = device.clone();
     let x = values(10, 3 * 4, 2.0);
     let logits = tensor2(&x, 3, 4, &device);
     let before = f64s(logits.clone());

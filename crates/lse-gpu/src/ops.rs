@@ -64,8 +64,8 @@ pub(crate) fn arg(handle: &Handle, len: usize) -> BufferArg {
 struct RowStats {
     /// The per-row stats on the device, for the write pass.
     stats: Handle,
-    /// The per-row logsumexp bits.
-    lse: Vec<u32>,
+    /// The per-row logsumexp (`f32` bits) on the device.
+    lse: Handle,
     /// The first row holding NaN or `+inf`: (row, column).
     bad: Option<(usize, usize)>,
 }
@@ -91,13 +91,15 @@ impl Gpu {
         Ok(u32::from_bytes(&bytes).to_vec())
     }
 
-    /// The read pass of logsumexp / softmax / log_softmax.
-    fn row_stats<E: GpuElement>(
+    /// The read pass of logsumexp / softmax / log_softmax over `words` words of logits of
+    /// dtype `code`.
+    fn row_stats(
         &self,
         x: &Handle,
         words: usize,
         rows: usize,
         classes: usize,
+        code: u32,
     ) -> Result<RowStats, Error> {
         let stats = self.words(rows * STAT_WORDS);
         let lse = self.words(rows);
@@ -110,7 +112,7 @@ impl Gpu {
             arg(&lse, rows),
             rows,
             classes,
-            E::CODE,
+            code,
             CUBE_UNITS,
         );
         let stat_words = self.read(stats.clone())?;
@@ -118,11 +120,156 @@ impl Gpu {
             .chunks_exact(STAT_WORDS)
             .position(|s| s[3] == kernels::FAULT_NON_FINITE)
             .map(|r| (r, stat_words[r * STAT_WORDS + 4] as usize));
-        Ok(RowStats {
-            stats,
-            lse: self.read(lse)?,
-            bad,
-        })
+        Ok(RowStats { stats, lse, bad })
+    }
+
+    /// The write pass of softmax (`op`) or log_softmax over logits `x` on the device; returns
+    /// the output's words and the first row holding NaN or `+inf` (its values are NaN).
+    #[allow(clippy::too_many_arguments)]
+    fn normalize_words(
+        &self,
+        x: &Handle,
+        words: usize,
+        len: usize,
+        classes: usize,
+        code: u32,
+        op: u32,
+    ) -> Result<(Handle, Option<(usize, usize)>), Error> {
+        let rows = len / classes;
+        let RowStats { stats, bad, .. } = self.row_stats(x, words, rows, classes, code)?;
+        let y = self.words(words);
+        kernels::normalize::launch(
+            &self.client,
+            element_cubes(words),
+            units(),
+            arg(x, words),
+            arg(&stats, rows * STAT_WORDS),
+            arg(&y, words),
+            len,
+            classes,
+            code,
+            op,
+        );
+        Ok((y, bad))
+    }
+
+    /// The backward pass of softmax (`op`) or log_softmax from `y` and `dy` on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_words(
+        &self,
+        yh: &Handle,
+        dyh: &Handle,
+        words: usize,
+        len: usize,
+        classes: usize,
+        code: u32,
+        op: u32,
+    ) -> Handle {
+        let rows = len / classes;
+        let dots = self.words(rows);
+        kernels::backward_dot::launch(
+            &self.client,
+            cube_count(rows),
+            units(),
+            arg(yh, words),
+            arg(dyh, words),
+            arg(&dots, rows),
+            rows,
+            classes,
+            code,
+            op,
+            CUBE_UNITS,
+        );
+        let out = self.words(words);
+        kernels::backward::launch(
+            &self.client,
+            element_cubes(words),
+            units(),
+            arg(yh, words),
+            arg(dyh, words),
+            arg(&dots, rows),
+            arg(&out, words),
+            len,
+            classes,
+            code,
+            op,
+        );
+        out
+    }
+
+    /// `logsumexp` of each row of logits already on the device (`len` elements of `dtype`,
+    /// row-major `rows × classes`, packed as [`GpuElement`] packs them): the `rows` values as
+    /// a new `f32` buffer, and the first row holding NaN or `+inf` as (row, column) (its value
+    /// is NaN or `+inf`).
+    ///
+    /// # Errors
+    /// [`Error::Input`] for shapes, [`Error::Device`].
+    ///
+    /// # Panics
+    /// When the CubeCL runtime does, or when `logits` holds fewer than `len` elements.
+    pub fn logsumexp_resident(
+        &self,
+        logits: &Handle,
+        dtype: StorageDType,
+        len: usize,
+        classes: usize,
+    ) -> Result<(Handle, Option<(usize, usize)>), Error> {
+        let rows = row_count("logits", len, classes)?;
+        let stats = self.row_stats(logits, dtype.words(len), rows, classes, dtype.code())?;
+        Ok((stats.lse, stats.bad))
+    }
+
+    /// `softmax` (`log_softmax` when `log`) of each row of logits already on the device (as
+    /// [`Self::logsumexp_resident`]): a new buffer of the logits' dtype and layout, and the
+    /// first row holding NaN or `+inf` (that row's values are NaN).
+    ///
+    /// # Errors
+    /// [`Error::Input`] for shapes, [`Error::Device`].
+    ///
+    /// # Panics
+    /// As [`Self::logsumexp_resident`].
+    pub fn softmax_resident(
+        &self,
+        logits: &Handle,
+        dtype: StorageDType,
+        len: usize,
+        classes: usize,
+        log: bool,
+    ) -> Result<(Handle, Option<(usize, usize)>), Error> {
+        row_count("logits", len, classes)?;
+        let op = if log {
+            kernels::LOG_SOFTMAX
+        } else {
+            kernels::SOFTMAX
+        };
+        self.normalize_words(logits, dtype.words(len), len, classes, dtype.code(), op)
+    }
+
+    /// The gradient of `softmax` (`log_softmax` when `log`) from its output `y` and the
+    /// incoming gradient `dy`, both on the device (as [`Self::logsumexp_resident`]): a new
+    /// buffer of their dtype and layout.
+    ///
+    /// # Errors
+    /// [`Error::Input`] for shapes.
+    ///
+    /// # Panics
+    /// As [`Self::logsumexp_resident`].
+    pub fn softmax_backward_resident(
+        &self,
+        y: &Handle,
+        dy: &Handle,
+        dtype: StorageDType,
+        len: usize,
+        classes: usize,
+        log: bool,
+    ) -> Result<Handle, Error> {
+        row_count("forward output", len, classes)?;
+        let op = if log {
+            kernels::LOG_SOFTMAX
+        } else {
+            kernels::SOFTMAX
+        };
+        Ok(self.backward_words(y, dy, dtype.words(len), len, classes, dtype.code(), op))
     }
 
     /// `logsumexp` of every row of `logits` (`rows × classes`) into `out` (`rows` values), as
@@ -148,11 +295,11 @@ impl Gpu {
         }
         let words = E::pack(logits);
         let x = self.upload(&words);
-        let RowStats { lse, bad, .. } = self.row_stats::<E>(&x, words.len(), rows, classes)?;
+        let RowStats { lse, bad, .. } = self.row_stats(&x, words.len(), rows, classes, E::CODE)?;
         if let (Some((row, column)), NonFinite::Error) = (bad, policy) {
             return Err(non_finite_logit(logits, classes, row, column).into());
         }
-        for (o, bits) in out.iter_mut().zip(lse) {
+        for (o, bits) in out.iter_mut().zip(self.read(lse)?) {
             *o = f32::from_bits(bits);
         }
         Ok(())
@@ -209,23 +356,10 @@ impl Gpu {
         }
         let words = E::pack(logits);
         let x = self.upload(&words);
-        let RowStats { stats, bad, .. } = self.row_stats::<E>(&x, words.len(), rows, classes)?;
+        let (y, bad) = self.normalize_words(&x, words.len(), logits.len(), classes, E::CODE, op)?;
         if let (Some((row, column)), NonFinite::Error) = (bad, policy) {
             return Err(non_finite_logit(logits, classes, row, column).into());
         }
-        let y = self.words(words.len());
-        kernels::normalize::launch(
-            &self.client,
-            element_cubes(words.len()),
-            units(),
-            arg(&x, words.len()),
-            arg(&stats, rows * STAT_WORDS),
-            arg(&y, words.len()),
-            logits.len(),
-            classes,
-            E::CODE,
-            op,
-        );
         out.copy_from_slice(&E::unpack(&self.read(y)?, logits.len()));
         Ok(())
     }
@@ -281,36 +415,8 @@ impl Gpu {
             return Ok(());
         }
         let (y_words, dy_words) = (E::pack(y), E::pack(dy));
-        let n = y_words.len();
         let (yh, dyh) = (self.upload(&y_words), self.upload(&dy_words));
-        let dots = self.words(rows);
-        kernels::backward_dot::launch(
-            &self.client,
-            cube_count(rows),
-            units(),
-            arg(&yh, n),
-            arg(&dyh, n),
-            arg(&dots, rows),
-            rows,
-            classes,
-            E::CODE,
-            op,
-            CUBE_UNITS,
-        );
-        let out = self.words(n);
-        kernels::backward::launch(
-            &self.client,
-            element_cubes(n),
-            units(),
-            arg(&yh, n),
-            arg(&dyh, n),
-            arg(&dots, rows),
-            arg(&out, n),
-            y.len(),
-            classes,
-            E::CODE,
-            op,
-        );
+        let out = self.backward_words(&yh, &dyh, y_words.len(), y.len(), classes, E::CODE, op);
         dx.copy_from_slice(&E::unpack(&self.read(out)?, y.len()));
         Ok(())
     }
