@@ -241,6 +241,171 @@ pub(crate) fn cross_entropy<B: Backend>(
     (loss, Some(narrow::<B>(grad, dtype)))
 }
 
+/// The linear cross-entropy on a backend whose kernels are not on the host: a chunk of rows at a
+/// time (within `options.budget_bytes` of `f32` logits and their gradient), each chunk's logits
+/// formed by the backend's matrix product in `f32` and passed to the backend's own
+/// [`LseBackend`](crate::LseBackend) cross-entropy with its gradient (lse-gpu's kernels on
+/// burn's CubeCL backend); `dH`, `dW` and `db` follow from each chunk's gradient, on the device.
+/// The reduction's denominator comes from the targets, read to the host once.
+///
+/// Returns the loss (`f32`: one value, or one per row) and, for an incoming gradient, the
+/// gradients in the inputs' dtype.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_cross_entropy<B: crate::LseBackend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    has_bias: bool,
+    targets: IntTensor<B>,
+    options: &crate::LinearCrossEntropyOptions,
+    grad_output: Option<FloatTensor<B>>,
+) -> (FloatTensor<B>, Option<[FloatTensor<B>; 3]>) {
+    use burn::tensor::Slice;
+
+    let dtype = hidden.dtype();
+    let device = hidden.device();
+    let (rows, dim) = rows_of(&hidden.shape());
+    let classes = weight.shape().as_slice()[0];
+    let ce = &options.cross_entropy;
+    let target_values = crate::host::targets::<B>(targets);
+    // Σ w_t over counted rows: the mean's denominator, as `lse` forms it.
+    let denominator: f64 = target_values
+        .iter()
+        .filter(|&&t| Some(t) != ce.ignore_index)
+        .map(|&t| ce.weights.as_ref().map_or(1.0, |w| w[t as usize]))
+        .sum();
+    let empty = ce.reduction == Reduction::Mean && denominator == 0.0;
+
+    let (h, w) = (
+        B::float_cast(hidden, FloatDType::F32),
+        B::float_cast(weight, FloatDType::F32),
+    );
+    let b = B::float_reshape(
+        B::float_cast(bias, FloatDType::F32),
+        Shape::from([1, classes]),
+    );
+    let w_t = B::float_transpose(w.clone());
+    // Per chunk: f32 logits and their gradient.
+    let chunk = (options.budget_bytes / (classes * 4 * 2).max(1)).clamp(1, rows.max(1));
+    // Each chunk's loss is a sum of its rows (or the rows themselves); the mean divides once.
+    let chunk_options = CrossEntropyOptions {
+        reduction: match ce.reduction {
+            Reduction::None => Reduction::None,
+            _ => Reduction::Sum,
+        },
+        ..ce.clone()
+    };
+    // The incoming gradient: one value for a reduced loss, one per row otherwise; the mean's
+    // 1/denominator folded in.
+    let scale = match ce.reduction {
+        Reduction::Mean if empty => 0.0,
+        Reduction::Mean => 1.0 / denominator,
+        _ => 1.0,
+    };
+    let (dy_scalar, dy_rows) = match grad_output {
+        None => (None, None),
+        Some(dy) if ce.reduction == Reduction::None => {
+            (None, Some(B::float_cast(dy, FloatDType::F32)))
+        }
+        Some(dy) => (Some(crate::host::values::<B, f64>(dy)[0] * scale), None),
+    };
+    let with_grad = dy_scalar.is_some() || dy_rows.is_some();
+
+    let mut losses = Vec::new();
+    let mut dh_chunks = Vec::new();
+    let mut dw: Option<FloatTensor<B>> = None;
+    let mut db: Option<FloatTensor<B>> = None;
+    let mut start = 0;
+    while start < rows {
+        let end = (start + chunk).min(rows);
+        let row_slice = [
+            Slice::new(start as isize, Some(end as isize), 1),
+            Slice::full(),
+        ];
+        let h_c = B::float_slice(h.clone(), &row_slice);
+        let mut logits = B::float_matmul(h_c.clone(), w_t.clone());
+        if has_bias {
+            logits = B::float_add(logits, b.clone());
+        }
+        let t_c = B::int_from_data(
+            burn::tensor::TensorData::new(target_values[start..end].to_vec(), [end - start]),
+            &device,
+        );
+        if with_grad {
+            let (loss, g) = B::lse_cross_entropy_with_grad(logits, t_c, chunk_options.clone());
+            let g = match (&dy_scalar, &dy_rows) {
+                (Some(s), _) => B::float_mul_scalar(g, (*s).into()),
+                (_, Some(rows_dy)) => {
+                    let dy_c = B::float_slice(rows_dy.clone(), &row_slice[..1]);
+                    B::float_mul(g, B::float_reshape(dy_c, Shape::from([end - start, 1])))
+                }
+                _ => g,
+            };
+            dh_chunks.push(B::float_matmul(g.clone(), w.clone()));
+            let dw_c = B::float_matmul(B::float_transpose(g.clone()), h_c);
+            dw = Some(match dw {
+                Some(acc) => B::float_add(acc, dw_c),
+                None => dw_c,
+            });
+            let db_c = B::float_sum_dim(g, 0);
+            db = Some(match db {
+                Some(acc) => B::float_add(acc, db_c),
+                None => db_c,
+            });
+            losses.push(loss);
+        } else {
+            losses.push(B::lse_cross_entropy(logits, t_c, chunk_options.clone()));
+        }
+        start = end;
+    }
+
+    let loss = if rows == 0 {
+        let value = if ce.reduction == Reduction::None {
+            vec![]
+        } else {
+            vec![0.0f32]
+        };
+        let len = value.len();
+        crate::host::upload::<B, f32>(value, [len], &device)
+    } else if ce.reduction == Reduction::None {
+        B::float_cast(B::float_cat(losses, 0), FloatDType::F32)
+    } else {
+        let total = losses
+            .into_iter()
+            .map(|l| B::float_cast(l, FloatDType::F32))
+            .reduce(B::float_add)
+            .expect("at least one chunk");
+        match ce.reduction {
+            Reduction::Mean if empty => {
+                let value = match ce.empty_mean {
+                    EmptyMean::Nan => f32::NAN,
+                    _ => 0.0,
+                };
+                crate::host::upload::<B, f32>(vec![value], [1], &device)
+            }
+            Reduction::Mean => B::float_div_scalar(total, denominator.into()),
+            _ => total,
+        }
+    };
+    if !with_grad {
+        return (loss, None);
+    }
+    let zeros = |shape: [usize; 2]| B::float_zeros(Shape::from(shape), &device, FloatDType::F32);
+    let dh = if dh_chunks.is_empty() {
+        zeros([0, dim])
+    } else {
+        B::float_cat(dh_chunks, 0)
+    };
+    let dw = dw.unwrap_or_else(|| zeros([classes, dim]));
+    let db = B::float_reshape(
+        db.unwrap_or_else(|| zeros([1, classes])),
+        Shape::from([classes]),
+    );
+    let target = FloatDType::from(dtype);
+    let grads = [dh, dw, db].map(|g| B::float_cast(g, target));
+    (loss, Some(grads))
+}
+
 #[cfg(test)]
 mod tests {
     //! The composed operations against `lse`'s kernels (themselves tested against a
@@ -399,5 +564,75 @@ mod tests {
         let e = Flex::float_exp(x);
         let naive = Flex::float_div(e.clone(), Flex::float_sum_dim(e, 1));
         assert!(read(naive).iter().any(|v| !v.is_finite()));
+    }
+
+    /// The chunked linear loss (what burn's CubeCL backend runs) against lse's fused one, on
+    /// burn-flex: every reduction, an incoming gradient other than 1, per-row incoming gradients,
+    /// class weights, an ignored row, chunks of two rows.
+    #[test]
+    fn linear_cross_entropy_matches_lse_fused() {
+        let (rows, dim, classes) = (7, 3, 5);
+        let wave = |n: usize, f: f64| {
+            (0..n)
+                .map(|i| ((i as f64 + 1.0) * f).sin() * 3.0)
+                .collect::<Vec<_>>()
+        };
+        let (h, w, b) = (
+            wave(rows * dim, 0.7),
+            wave(classes * dim, 1.3),
+            wave(classes, 2.1),
+        );
+        let targets = [0i64, 4, -100, 2, 2, 1, 3];
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let options = crate::LinearCrossEntropyOptions {
+                cross_entropy: CrossEntropyOptions {
+                    reduction,
+                    weights: Some(vec![1.0, 2.0, 0.5, 1.5, 1.0]),
+                    label_smoothing: 0.1,
+                    ..Default::default()
+                },
+                budget_bytes: 2 * classes * 4 * 2,
+            };
+            let dy: Vec<f64> = match reduction {
+                Reduction::None => wave(rows, 0.3),
+                _ => vec![0.75],
+            };
+            let dy_len = dy.len();
+            let inputs = || {
+                (
+                    logits(&h, rows, dim, DType::F32),
+                    logits(&w, classes, dim, DType::F32),
+                    Flex::float_from_data(
+                        TensorData::new(b.clone(), [classes]).convert_dtype(DType::F32),
+                        &device(),
+                    ),
+                    Flex::int_from_data(TensorData::new(targets.to_vec(), [rows]), &device()),
+                    Flex::float_from_data(
+                        TensorData::new(dy.clone(), [dy_len]).convert_dtype(DType::F32),
+                        &device(),
+                    ),
+                )
+            };
+            let (hh, ww, bb, tt, gg) = inputs();
+            let (loss, grads) =
+                linear_cross_entropy::<Flex>(hh, ww, bb, true, tt, &options, Some(gg));
+            let (hh, ww, bb, tt, _) = inputs();
+            let dy32: Vec<f32> = dy.iter().map(|&v| v as f32).collect();
+            let want = host::linear_cross_entropy::<Flex, FlexRead>(
+                hh,
+                ww,
+                bb,
+                true,
+                tt,
+                &options,
+                Some(dy32),
+            );
+            let what = format!("{reduction:?}");
+            close(&format!("{what} loss"), &read(loss), &read(want.loss), 1e-5);
+            let (got, want) = (grads.unwrap(), want.grads.unwrap());
+            for (part, (g, w)) in ["dH", "dW", "db"].iter().zip(got.into_iter().zip(want)) {
+                close(&format!("{what} {part}"), &read(g), &read(w), 1e-5);
+            }
+        }
     }
 }

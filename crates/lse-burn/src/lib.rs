@@ -156,10 +156,17 @@ pub trait LseBackend: HostBacked {
         targets: IntTensor<Self>,
         options: LinearCrossEntropyOptions,
     ) -> FloatTensor<Self> {
-        host::linear_cross_entropy::<Self, Self::Read>(
-            hidden, weight, bias, has_bias, targets, &options, None,
-        )
-        .loss
+        if Self::KERNELS_ON_HOST {
+            host::linear_cross_entropy::<Self, Self::Read>(
+                hidden, weight, bias, has_bias, targets, &options, None,
+            )
+            .loss
+        } else {
+            composed::linear_cross_entropy::<Self>(
+                hidden, weight, bias, has_bias, targets, &options, None,
+            )
+            .0
+        }
     }
 
     /// The linear cross-entropy loss and its gradients `(loss, ∂/∂hidden, ∂/∂weight, ∂/∂bias)`
@@ -179,17 +186,30 @@ pub trait LseBackend: HostBacked {
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        let grad_output = host::values::<Self, f32>(grad_output);
-        let out = host::linear_cross_entropy::<Self, Self::Read>(
-            hidden,
-            weight,
-            bias,
-            has_bias,
-            targets,
-            &options,
-            Some(grad_output),
-        );
-        let [dh, dw, db] = out.grads.expect("asked for");
-        (out.loss, dh, dw, db)
+        let (loss, grads) = if Self::KERNELS_ON_HOST {
+            let grad_output = host::values::<Self, f32>(grad_output);
+            let out = host::linear_cross_entropy::<Self, Self::Read>(
+                hidden,
+                weight,
+                bias,
+                has_bias,
+                targets,
+                &options,
+                Some(grad_output),
+            );
+            (out.loss, out.grads)
+        } else {
+            composed::linear_cross_entropy::<Self>(
+                hidden,
+                weight,
+                bias,
+                has_bias,
+                targets,
+                &options,
+                Some(grad_output),
+            )
+        };
+        let [dh, dw, db] = grads.expect("asked for");
+        (loss, dh, dw, db)
     }
 }
