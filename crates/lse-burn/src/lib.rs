@@ -36,10 +36,10 @@
 //! burn routes a tensor to one of its backends at run time. On the CPU backends (burn-flex,
 //! burn-ndarray) the operations run `lse`'s kernels (AVX-512, AVX2, NEON, portable) on the
 //! tensors' own memory: no copy when the tensor is contiguous, row-major. On burn's CubeCL
-//! backend (wgpu, CUDA, ROCm) the cross-entropy runs lse-gpu's kernels on burn's own buffers.
-//! Everything else takes [`LseBackend`]'s default methods, composed of the backend's own tensor
-//! operations in the stable form (the linear loss, and `f64` on CubeCL, read back to the host).
-//! docs/burn.md has the table.
+//! backend (wgpu, CUDA, ROCm) they run lse-gpu's kernels on burn's own buffers (the linear loss
+//! in chunks of rows, with burn's matmul). Every other backend takes [`LseBackend`]'s default
+//! methods, composed of its own tensor operations in the stable form. `f64` on CubeCL reads back
+//! to the host. docs/burn.md has the table.
 //!
 //! ## Errors
 //!
@@ -81,9 +81,9 @@ pub use host::{Floats, HostRead};
 ///
 /// The default methods work on any backend: on the CPU backends ([`HostBacked::KERNELS_ON_HOST`])
 /// `lse`'s kernels run on the tensors' own memory; elsewhere the operations are composed of the
-/// backend's own tensor operations in the stable form, on its device (the linear loss reads the
-/// tensors back to the host). burn's CubeCL backend overrides the cross-entropy with lse-gpu's
-/// kernels. The autodiff backend records each forward method with its backward pass.
+/// backend's own tensor operations in the stable form, on its device (the linear loss in chunks
+/// of rows over the backend's own cross-entropy). burn's CubeCL backend overrides them with
+/// lse-gpu's kernels. The autodiff backend records each forward method with its backward pass.
 #[backend_extension(Autodiff, Flex, NdArray, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
 pub trait LseBackend: HostBacked {
     /// `logsumexp` of each row: `rows` values, `f32` (`f64` for `f64` input).
