@@ -35,29 +35,23 @@ pub(crate) trait OnFloats {
 }
 
 /// The dtypes both `lse` and burn know, and how each travels.
-pub(crate) trait HostElement: lse::Element + burn::tensor::Element {
+pub(crate) trait HostElement:
+    lse::Element<Stat: burn::tensor::Element> + burn::tensor::Element
+{
     fn slice<'a>(floats: &'a Floats<'_>) -> Option<&'a [Self]>;
-    fn float_vec(values: Vec<Self>) -> FloatVec;
-    fn stat_vec(values: Vec<Self::Stat>) -> StatVec;
     /// `lse`'s linear loss where it has one (`f32`, `f16`, `bf16`: logits formed in `f32`);
     /// `None` for `f64`, which the public function turns away first.
     fn linear(call: LinearCall<'_, Self>) -> Option<LinearHostOut>;
 }
 
 macro_rules! host_element {
-    ($($t:ty => $v:ident, $stat:ident, $linear:ident);*) => {$(
+    ($($t:ty => $v:ident, $linear:ident);*) => {$(
         impl HostElement for $t {
             fn slice<'a>(floats: &'a Floats<'_>) -> Option<&'a [Self]> {
                 match floats {
                     Floats::$v(v) => Some(v),
                     _ => None,
                 }
-            }
-            fn float_vec(values: Vec<Self>) -> FloatVec {
-                FloatVec::$v(values)
-            }
-            fn stat_vec(values: Vec<Self::Stat>) -> StatVec {
-                StatVec::$stat(values)
             }
             fn linear(call: LinearCall<'_, Self>) -> Option<LinearHostOut> {
                 host_element!(@linear $linear call)
@@ -67,7 +61,7 @@ macro_rules! host_element {
     (@linear yes $call:ident) => { Some($call.run()) };
     (@linear no $call:ident) => {{ let _ = $call; None }};
 }
-host_element!(f64 => F64, F64, no; f32 => F32, F32, yes; f16 => F16, F32, yes; bf16 => BF16, F32, yes);
+host_element!(f64 => F64, no; f32 => F32, yes; f16 => F16, yes; bf16 => BF16, yes);
 
 impl Floats<'_> {
     /// Runs `op` on the values at their own dtype.
@@ -147,16 +141,16 @@ fn rows_classes(shape: &Shape) -> (usize, usize) {
 pub(crate) fn logsumexp<B: Backend, R: HostRead<B>>(x: FloatTensor<B>) -> FloatTensor<B> {
     struct Op(usize);
     impl OnFloats for Op {
-        type Out = StatVec;
-        fn run<E: HostElement>(self, x: &[E]) -> StatVec {
+        type Out = TensorData;
+        fn run<E: HostElement>(self, x: &[E]) -> TensorData {
             let mut out = vec![<E::Stat as lse::Element>::from_f64(0.0); x.len() / self.0.max(1)];
             lse::logsumexp_with(x, self.0, &mut out, NonFinite::Propagate).expect("checked input");
-            E::stat_vec(out)
+            flat(out)
         }
     }
     let (rows, classes) = rows_classes(&x.shape());
     let out = R::floats(&x).run(Op(classes));
-    out.upload::<B>([rows], &x.device())
+    upload_as::<B>(out, [rows], &x.device())
 }
 
 /// `softmax` (or `log_softmax`) of each row, in the input's dtype.
@@ -166,8 +160,8 @@ pub(crate) fn softmax<B: Backend, R: HostRead<B>>(x: FloatTensor<B>, log: bool) 
         log: bool,
     }
     impl OnFloats for Op {
-        type Out = FloatVec;
-        fn run<E: HostElement>(self, x: &[E]) -> FloatVec {
+        type Out = TensorData;
+        fn run<E: HostElement>(self, x: &[E]) -> TensorData {
             let mut out = vec![E::from_f64(0.0); x.len()];
             let pass = if self.log {
                 lse::log_softmax_with::<E>
@@ -175,13 +169,13 @@ pub(crate) fn softmax<B: Backend, R: HostRead<B>>(x: FloatTensor<B>, log: bool) 
                 lse::softmax_with::<E>
             };
             pass(x, self.classes, &mut out, NonFinite::Propagate).expect("checked input");
-            E::float_vec(out)
+            flat(out)
         }
     }
     let shape = x.shape();
     let (_, classes) = rows_classes(&shape);
     let out = R::floats(&x).run(Op { classes, log });
-    out.upload::<B>(shape, &x.device())
+    upload_as::<B>(out, shape, &x.device())
 }
 
 /// The backward pass of `softmax` (or `log_softmax`) from its output `y` and the incoming
@@ -197,8 +191,8 @@ pub(crate) fn softmax_backward<B: Backend, R: HostRead<B>>(
         log: bool,
     }
     impl OnFloats for Op<'_> {
-        type Out = FloatVec;
-        fn run<E: HostElement>(self, y: &[E]) -> FloatVec {
+        type Out = TensorData;
+        fn run<E: HostElement>(self, y: &[E]) -> TensorData {
             let dy = E::slice(self.dy).expect("y and dy share a dtype");
             let mut dx = vec![E::from_f64(0.0); y.len()];
             let pass = if self.log {
@@ -207,7 +201,7 @@ pub(crate) fn softmax_backward<B: Backend, R: HostRead<B>>(
                 lse::softmax_backward::<E>
             };
             pass(y, dy, self.classes, &mut dx).expect("checked shapes");
-            E::float_vec(dx)
+            flat(dx)
         }
     }
     let shape = y.shape();
@@ -218,7 +212,7 @@ pub(crate) fn softmax_backward<B: Backend, R: HostRead<B>>(
         classes,
         log,
     });
-    out.upload::<B>(shape, &y.device())
+    upload_as::<B>(out, shape, &y.device())
 }
 
 /// The cross-entropy of `logits` (`rows × classes`) against class `targets`: the loss (one
@@ -237,7 +231,7 @@ pub(crate) fn cross_entropy<B: Backend, R: HostRead<B>>(
         with_grad: bool,
     }
     impl OnFloats for Op<'_> {
-        type Out = (StatVec, Option<FloatVec>);
+        type Out = (TensorData, Option<TensorData>);
         fn run<E: HostElement>(self, x: &[E]) -> Self::Out {
             let targets = Targets::Classes(self.targets);
             let (out, grad) = if self.with_grad {
@@ -250,7 +244,7 @@ pub(crate) fn cross_entropy<B: Backend, R: HostRead<B>>(
                     GradOutput::default(),
                     &mut grad,
                 );
-                (out, Some(E::float_vec(grad)))
+                (out, Some(flat(grad)))
             } else {
                 (
                     lse::cross_entropy(x, self.classes, targets, &self.options),
@@ -262,7 +256,7 @@ pub(crate) fn cross_entropy<B: Backend, R: HostRead<B>>(
                 Some(rows) if self.options.reduction == lse::Reduction::None => rows,
                 _ => vec![out.loss],
             };
-            (E::stat_vec(loss), grad)
+            (flat(loss), grad)
         }
     }
     let shape = logits.shape();
@@ -277,10 +271,10 @@ pub(crate) fn cross_entropy<B: Backend, R: HostRead<B>>(
         options: core,
         with_grad,
     });
-    let loss_len = loss.len();
+    let loss_len = loss.num_elements();
     (
-        loss.upload::<B>([loss_len], &device),
-        grad.map(|g| g.upload::<B>(shape, &device)),
+        upload_as::<B>(loss, [loss_len], &device),
+        grad.map(|g| upload_as::<B>(g, shape, &device)),
     )
 }
 
@@ -303,7 +297,7 @@ pub(crate) struct LinearCall<'a, E> {
 }
 
 /// [`LinearCall`]'s loss (one value, or one per row) and gradients.
-pub(crate) type LinearHostOut = (Vec<f32>, Option<[FloatVec; 3]>);
+pub(crate) type LinearHostOut = (Vec<f32>, Option<[TensorData; 3]>);
 
 impl<E: HostElement + lse::Element<Stat = f32>> LinearCall<'_, E> {
     fn run(self) -> LinearHostOut {
@@ -341,10 +335,7 @@ impl<E: HostElement + lse::Element<Stat = f32>> LinearCall<'_, E> {
                     grad_output,
                     grads,
                 );
-                (
-                    out,
-                    Some([E::float_vec(dh), E::float_vec(dw), E::float_vec(db)]),
-                )
+                (out, Some([flat(dh), flat(dw), flat(db)]))
             }
         };
         let out = out.expect("checked input");
@@ -418,61 +409,28 @@ pub(crate) fn linear_cross_entropy<B: Backend, R: HostRead<B>>(
         loss: upload::<B, f32>(loss, [loss_len], &device),
         grads: grads.map(|[dh, dw, db]| {
             [
-                dh.upload::<B>(h_shape, &device),
-                dw.upload::<B>(w_shape, &device),
-                db.upload::<B>([classes], &device),
+                upload_as::<B>(dh, h_shape, &device),
+                upload_as::<B>(dw, w_shape, &device),
+                upload_as::<B>(db, [classes], &device),
             ]
         }),
     }
 }
 
-/// Host values in a stat dtype (`f64` for `f64` input, `f32` otherwise).
-pub(crate) enum StatVec {
-    F64(Vec<f64>),
-    F32(Vec<f32>),
+/// Host values as flat tensor data of their own dtype.
+fn flat<T: burn::tensor::Element>(values: Vec<T>) -> TensorData {
+    let len = values.len();
+    TensorData::new(values, [len])
 }
 
-impl StatVec {
-    fn len(&self) -> usize {
-        match self {
-            StatVec::F64(v) => v.len(),
-            StatVec::F32(v) => v.len(),
-        }
-    }
-
-    fn upload<B: Backend>(
-        self,
-        shape: impl Into<Shape>,
-        device: &burn::backend::tensor::Device<B>,
-    ) -> FloatTensor<B> {
-        match self {
-            StatVec::F64(v) => upload::<B, f64>(v, shape, device),
-            StatVec::F32(v) => upload::<B, f32>(v, shape, device),
-        }
-    }
-}
-
-/// Host values in one of the float dtypes.
-pub(crate) enum FloatVec {
-    F64(Vec<f64>),
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-}
-
-impl FloatVec {
-    fn upload<B: Backend>(
-        self,
-        shape: impl Into<Shape>,
-        device: &burn::backend::tensor::Device<B>,
-    ) -> FloatTensor<B> {
-        match self {
-            FloatVec::F64(v) => upload::<B, f64>(v, shape, device),
-            FloatVec::F32(v) => upload::<B, f32>(v, shape, device),
-            FloatVec::F16(v) => upload::<B, f16>(v, shape, device),
-            FloatVec::BF16(v) => upload::<B, bf16>(v, shape, device),
-        }
-    }
+/// `data` (flat) as a tensor of `shape` on `device`, without a copy of its bytes.
+fn upload_as<B: Backend>(
+    data: TensorData,
+    shape: impl Into<Shape>,
+    device: &burn::backend::tensor::Device<B>,
+) -> FloatTensor<B> {
+    let (bytes, _, dtype) = data.into_parts();
+    B::float_from_data(TensorData::from_bytes(bytes, shape, dtype), device)
 }
 
 /// A small float tensor's values as `T` (an incoming gradient: one value or one per row).
