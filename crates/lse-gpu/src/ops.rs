@@ -423,14 +423,14 @@ impl Gpu {
 
     /// The cross-entropy of `logits` (`rows × classes`) against class `targets`, fused with its
     /// gradient when `grad` is given: [`lse::cross_entropy_with_grad`]'s semantics (every option
-    /// of [`CrossEntropyOptions`] but `keep_logit_stats`), computed in `f32` on the device. Row
+    /// of [`CrossEntropyOptions`] but `keep_logit_stats` and `keep_row_argmax`), computed in `f32` on the device. Row
     /// losses are reduced on the host in row order, in `f64`.
     ///
     /// # Errors
     /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, targets,
     /// the incoming gradient, NaN/`+inf` logits and masked targets under
     /// [`NonFinite::Error`], the empty mean under [`EmptyMean::Error`]);
-    /// [`Error::Unsupported`] for `keep_logit_stats`; [`Error::Device`]. `grad` is written only
+    /// [`Error::Unsupported`] for `keep_logit_stats` and `keep_row_argmax`; [`Error::Device`]. `grad` is written only
     /// on success; no input is modified.
     ///
     /// # Panics
@@ -565,6 +565,9 @@ impl Gpu {
         if options.keep_logit_stats {
             return Err(Error::Unsupported("keep_logit_stats"));
         }
+        if options.keep_row_argmax {
+            return Err(Error::Unsupported("keep_row_argmax"));
+        }
         let checked =
             ChunkedCrossEntropy::<f32>::new(classes, targets, options, grad_output)?.finish();
         if rows == 0 {
@@ -590,7 +593,7 @@ impl Gpu {
     /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, the
     /// incoming gradient, [`LseError::BadProbability`] for the first non-finite target of the
     /// first faulty row, NaN/`+inf` logits and target mass on a masked (`-inf`) logit under
-    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats`;
+    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats` and `keep_row_argmax`;
     /// [`Error::Device`]. `grad` is written only on success; no input is modified.
     ///
     /// # Panics
@@ -784,28 +787,28 @@ impl Gpu {
         }
 
         // The reduction of `lse`'s `Batch::finish`, over the device's row losses.
-        let mut total = CompensatedSum::ZERO;
-        let mut any_non_finite = false;
-        for &l in &row_loss {
-            any_non_finite |= !l.is_finite();
-            total.add(f64::from(l));
-        }
-        let sum = total.value();
-        let loss = match options.reduction {
-            Reduction::Mean if empty_mean => match options.empty_mean {
-                EmptyMean::Nan => f64::NAN,
-                _ if sum.is_nan() => f64::NAN,
-                _ => 0.0,
-            },
-            Reduction::Mean => sum / denominator,
-            Reduction::Sum | Reduction::None => sum,
+        let any_non_finite = row_loss.iter().any(|l| !l.is_finite());
+        let reduce = |terms: &mut dyn Iterator<Item = f64>| {
+            let mut total = CompensatedSum::ZERO;
+            terms.for_each(|t| total.add(t));
+            let sum = total.value();
+            let reduced = match options.reduction {
+                Reduction::Mean if empty_mean => match options.empty_mean {
+                    EmptyMean::Nan => f64::NAN,
+                    _ if sum.is_nan() => f64::NAN,
+                    _ => 0.0,
+                },
+                Reduction::Mean => sum / denominator,
+                Reduction::Sum | Reduction::None => sum,
+            };
+            if any_non_finite {
+                reduced
+            } else {
+                reduced.clamp(-f64::MAX, f64::MAX)
+            }
         };
-        let loss = if any_non_finite {
-            loss
-        } else {
-            loss.clamp(-f64::MAX, f64::MAX)
-        };
-        let row_lse = if options.keep_row_lse {
+        let loss = reduce(&mut row_loss.iter().map(|&l| f64::from(l)));
+        let row_lse: Option<Vec<f32>> = if options.keep_row_lse || options.z_loss > 0.0 {
             Some(
                 self.read(call.row_lse)?
                     .into_iter()
@@ -815,10 +818,23 @@ impl Gpu {
         } else {
             None
         };
+        // The z-loss term from the row lse: NaN for a NaN row; none for an ignored row (lse NaN,
+        // loss 0) or a fully masked one (lse -inf).
+        let z_loss = match &row_lse {
+            Some(lse) if options.z_loss > 0.0 => reduce(&mut row_loss.iter().zip(lse).map(
+                |(&loss, &lse)| match f64::from(lse) {
+                    _ if loss.is_nan() => f64::NAN,
+                    lse if lse.is_nan() || lse == f64::NEG_INFINITY => 0.0,
+                    lse => (options.z_loss * lse * lse).min(f64::MAX),
+                },
+            )),
+            _ => 0.0,
+        };
         let out = CrossEntropyOutput {
             loss: f32::from_f64_saturating(loss),
             row_loss: keep_rows.then_some(row_loss),
-            row_lse,
+            row_lse: row_lse.filter(|_| options.keep_row_lse),
+            z_loss: f32::from_f64_saturating(z_loss),
             ..checked
         };
         Ok((out, grad))
@@ -905,6 +921,9 @@ fn check_ce_call<E: GpuElement>(
     }
     if options.keep_logit_stats {
         return Err(Error::Unsupported("keep_logit_stats"));
+    }
+    if options.keep_row_argmax {
+        return Err(Error::Unsupported("keep_row_argmax"));
     }
     Ok(())
 }

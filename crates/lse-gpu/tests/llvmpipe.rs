@@ -377,6 +377,18 @@ fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
                         let r = rel(dev.loss, cpu.loss);
                         worst_loss = worst_loss.max(r);
                         assert!(r < 4e-7, "{what}: loss {} vs {}", dev.loss, cpu.loss);
+                        // The z-loss term, from the device's row lse (a few f32 ulps each).
+                        let rz = if cpu.z_loss == 0.0 {
+                            f64::from(dev.z_loss.abs())
+                        } else {
+                            rel(dev.z_loss, cpu.z_loss)
+                        };
+                        assert!(
+                            rz < 1e-6,
+                            "{what}: z-loss term {} vs {}",
+                            dev.z_loss,
+                            cpu.z_loss
+                        );
                         for (row, (d, c)) in dev
                             .row_loss
                             .as_ref()
@@ -558,6 +570,24 @@ fn non_finite_policies() {
 
 /// The cross-entropy's errors are `lse`'s: NaN logit, masked target, target out of range,
 /// empty mean; and its propagate policies give the CPU's NaN / `+inf` rows.
+/// What the kernels do not compute is refused, never returned empty.
+#[test]
+fn argmax_is_not_offered_on_the_gpu() {
+    let gpu = gpu();
+    let x = vec![0.5f32; 8];
+    let options = CrossEntropyOptions {
+        keep_row_argmax: true,
+        ..Default::default()
+    };
+    let dev = gpu
+        .cross_entropy(&x, 4, &[0, 1], &options, GradOutput::Scalar(1.0), None)
+        .unwrap_err();
+    assert!(
+        matches!(dev, Error::Unsupported("keep_row_argmax")),
+        "{dev:?}"
+    );
+}
+
 #[test]
 fn cross_entropy_errors_and_policies() {
     let gpu = gpu();
@@ -868,6 +898,18 @@ fn cross_entropy_probability_options<E: GpuElement>(loss_bound: f64, grad_bound:
                         let r = rel(dev.loss, cpu.loss);
                         worst_loss = worst_loss.max(r);
                         assert!(r < loss_bound, "{what}: loss {} vs {}", dev.loss, cpu.loss);
+                        // The z-loss term, from the device's row lse (a few f32 ulps each).
+                        let rz = if cpu.z_loss == 0.0 {
+                            f64::from(dev.z_loss.abs())
+                        } else {
+                            rel(dev.z_loss, cpu.z_loss)
+                        };
+                        assert!(
+                            rz < 1e-6,
+                            "{what}: z-loss term {} vs {}",
+                            dev.z_loss,
+                            cpu.z_loss
+                        );
                         for (row, (d, c)) in dev
                             .row_loss
                             .as_ref()

@@ -385,6 +385,7 @@ fn call<'a, E: Element>(
         reduction: variant.reduction(),
         keep_row_loss: true,
         keep_row_lse: true,
+        keep_row_argmax: true,
         ..Default::default()
     };
     let grad = match variant {
@@ -581,6 +582,13 @@ fn check_ce<E: Element>(p: &Prepared<E>, case: &Case, sw: Switches, variant: Var
         ctx()
     );
     assert_eq!(bits(&grad), bits(&grad_ip), "in-place gradient; {}", ctx());
+    assert_eq!(
+        out.row_argmax,
+        out_ip.row_argmax,
+        "in-place argmax; {}",
+        ctx()
+    );
+    check_metrics(&cl, &out, ctx);
 
     let loss: f64 = out.loss.into();
     assert!(loss.is_finite(), "loss {loss}; {}", ctx());
@@ -658,6 +666,68 @@ fn check_ce<E: Element>(p: &Prepared<E>, case: &Case, sw: Switches, variant: Var
                 ctx()
             );
         }
+    }
+}
+
+/// The argmax, token accuracy and z-loss term of a call against their definitions: the first
+/// column holding the row's largest logit (a plain loop), the rows whose argmax is their
+/// target, and `Σ z·lse²` from the row lse, reduced as the loss is.
+fn check_metrics<E: Element>(
+    cl: &Call<'_, E>,
+    out: &CrossEntropyOutput<E::Stat>,
+    ctx: impl Fn() -> String,
+) {
+    let c = cl.classes;
+    let argmax = out.row_argmax.as_ref().expect("row argmax");
+    let row_lse = out.row_lse.as_ref().expect("row lse");
+    let mut correct = 0;
+    let mut z_sum = 0.0;
+    for (r, &got) in argmax.iter().enumerate() {
+        if cl.ignored(r) {
+            assert_eq!(got, -1, "ignored row {r} argmax; {}", ctx());
+            continue;
+        }
+        let x = &cl.logits[r * c..(r + 1) * c];
+        let mut want = 0;
+        for i in 1..c {
+            if x[i].to_f64() > x[want].to_f64() {
+                want = i;
+            }
+        }
+        assert_eq!(got, want as i64, "row {r} argmax; {}", ctx());
+        if let Targets::Classes(t) = cl.targets {
+            correct += usize::from(t[r] == got);
+        }
+        let lse: f64 = row_lse[r].into();
+        if lse > f64::NEG_INFINITY {
+            z_sum += cl.options.z_loss * lse * lse;
+        }
+    }
+    let want_correct = matches!(cl.targets, Targets::Classes(_)).then_some(correct);
+    assert_eq!(out.correct_rows, want_correct, "correct rows; {}", ctx());
+    let z_loss: f64 = out.z_loss.into();
+    if cl.options.z_loss == 0.0 {
+        assert_eq!(z_loss, 0.0, "z-loss term without z-loss; {}", ctx());
+        return;
+    }
+    let want = match cl.options.reduction {
+        Reduction::Mean if out.denominator == 0.0 => 0.0,
+        Reduction::Mean => z_sum / out.denominator,
+        _ => z_sum,
+    };
+    // Each term is z·lse² of an lse rounded to the loss dtype (2u relative, squared: 4u) and the
+    // library's own f64 terms and sums are exact to a few f64 ulps each; terms are all >= 0, so
+    // the sum and the division keep the relative error. Saturated terms are skipped.
+    let u = <E::Stat as Element>::DTYPE.unit_roundoff();
+    let stat_max = <E::Stat as Element>::MAX.to_f64();
+    if want.is_finite() && want.abs() < stat_max / 2.0 && z_loss.abs() < stat_max {
+        let bound = (6.0 * u + (row_lse.len() as f64 + 8.0) * U64) * want.abs()
+            + floor(<E::Stat as Element>::DTYPE, 1);
+        assert!(
+            (z_loss - want).abs() <= bound,
+            "z-loss term {z_loss:e}, from the row lse {want:e} (bound {bound:e}); {}",
+            ctx()
+        );
     }
 }
 

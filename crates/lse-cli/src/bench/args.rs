@@ -122,6 +122,10 @@ pub struct Args {
     #[arg(long)]
     pub soft_targets: bool,
 
+    /// Cross-entropy ops: also return each row's argmax and the token accuracy
+    #[arg(long)]
+    pub argmax: bool,
+
     /// Print one JSON document instead of the table (its fields are listed below)
     #[arg(long)]
     pub json: bool,

@@ -94,6 +94,7 @@ struct CeSetup {
     softcap: Option<f64>,
     class_weights: bool,
     soft_targets: bool,
+    argmax: bool,
 }
 
 impl CeSetup {
@@ -104,6 +105,7 @@ impl CeSetup {
             z_loss: self.z_loss,
             softcap: self.softcap,
             weights: self.class_weights.then_some(weights),
+            keep_row_argmax: self.argmax,
             ..CrossEntropyOptions::default()
         }
     }
@@ -122,6 +124,9 @@ impl CeSetup {
         }
         if self.class_weights {
             parts.push("class_weights".to_owned());
+        }
+        if self.argmax {
+            parts.push("argmax".to_owned());
         }
         if self.soft_targets {
             parts.push("soft_targets".to_owned());
@@ -166,6 +171,7 @@ impl Plan {
                 softcap: args.softcap,
                 class_weights: args.class_weights,
                 soft_targets: args.soft_targets,
+                argmax: args.argmax,
             },
         }
     }

@@ -415,6 +415,40 @@ pub(crate) fn logsumexp<E: Element>(row: &[E], state: &RowState) -> f64 {
     }
 }
 
+/// The first column holding the row's largest value, as `torch.argmax` picks it: the first
+/// NaN if there is one, else the first of equal maxima (column 0 of an all `-inf` row). `scan`
+/// is the row's read pass: its first NaN or `+inf` column, and, for unmapped logits, the max
+/// itself, so that a finite row is only searched for a known value.
+pub(crate) fn argmax<E: Element>(row: &[E], scan: &RowScan, map: LogitMap) -> usize {
+    if let Some(c) = scan.first_non_finite {
+        // A NaN at or after the first non-finite value wins; else that value is the first +inf.
+        let nan = row[c..].iter().position(|x| x.to_f64().is_nan());
+        return nan.map_or(c, |i| c + i);
+    }
+    // Blocks are compared whole in the row's own dtype (branch-free reductions, which
+    // vectorise), then the one block holding the max is searched.
+    const BLOCK: usize = 256;
+    let max = match map {
+        // The read pass's max: a logit of the row, so exact in its dtype.
+        LogitMap::Identity => E::from_f64(scan.state.max()),
+        // The read pass's max is of the mapped logits; soft-capping is monotone, but its ties
+        // at saturation are not the raw logits' ties.
+        LogitMap::Softcap(_) => {
+            let larger = |m: E, x: E| if x > m { x } else { m };
+            let lowest = E::from_f64(f64::NEG_INFINITY);
+            row.chunks(BLOCK)
+                .map(|block| block.iter().copied().fold(lowest, larger))
+                .fold(lowest, larger)
+        }
+    };
+    let holds_max = |block: &[E]| block.iter().fold(false, |hit, &x| hit | (x == max));
+    let Some(b) = row.chunks(BLOCK).position(holds_max) else {
+        return 0; // an empty row
+    };
+    let block = &row[b * BLOCK..row.len().min((b + 1) * BLOCK)];
+    b * BLOCK + block.iter().position(|&x| x == max).unwrap_or(0)
+}
+
 /// True when the read passes run the vector kernel — and then the vector write passes serve
 /// the row too.
 pub(crate) fn vector_scan() -> bool {

@@ -173,6 +173,10 @@ pub(crate) struct GradScale {
 pub(crate) struct RowValues {
     pub(crate) loss: f64,
     pub(crate) lse: f64,
+    /// The z-loss term `z · lse²` that `loss` includes.
+    pub(crate) z_term: f64,
+    /// The row's argmax, when the caller asked for it (set by the op, not by the plan).
+    pub(crate) argmax: Option<usize>,
 }
 
 /// Everything the write pass of one cross-entropy row needs, found by the read pass.
@@ -442,23 +446,25 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
 
     /// The row's loss and logsumexp from `distance = Σ_c a_c (m − x_c)`.
     pub(crate) fn values(&self, distance: f64) -> RowValues {
-        let loss = match self.plan {
-            RowPlan::Loss => {
-                let z_term = saturate(self.config.z_loss * saturate(self.lse * self.lse));
-                saturate(distance + self.target_total() * self.log1p_sum + z_term)
-            }
-            RowPlan::Masked => 0.0,
-            RowPlan::InfiniteLoss => f64::INFINITY,
-            RowPlan::Nan => {
-                return RowValues {
-                    loss: f64::NAN,
-                    lse: f64::NAN,
-                }
-            }
+        let z_term = saturate(self.config.z_loss * saturate(self.lse * self.lse));
+        let (loss, z_term) = match self.plan {
+            RowPlan::Loss => (
+                saturate(distance + self.target_total() * self.log1p_sum + z_term),
+                z_term,
+            ),
+            RowPlan::Masked => (0.0, 0.0),
+            RowPlan::InfiniteLoss => (f64::INFINITY, z_term),
+            RowPlan::Nan => (f64::NAN, f64::NAN),
         };
         RowValues {
             loss,
-            lse: self.lse,
+            lse: if self.plan == RowPlan::Nan {
+                f64::NAN
+            } else {
+                self.lse
+            },
+            z_term,
+            argmax: None,
         }
     }
 

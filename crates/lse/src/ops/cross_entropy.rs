@@ -110,6 +110,13 @@ pub struct CrossEntropyOptions<'a> {
     /// Also gather [`LogitStats`] of the logits in the same read pass (rows that are read: ignored
     /// rows are skipped), for a [`LogitMonitor`](crate::guard::LogitMonitor).
     pub keep_logit_stats: bool,
+    /// Also return each row's prediction ([`CrossEntropyOutput::row_argmax`]) and, with class
+    /// targets, how many counted rows it gets right ([`CrossEntropyOutput::correct_rows`], the
+    /// token accuracy). The argmax is taken while the row is in cache from its read pass, before
+    /// the gradient is written over it; it is that of the raw logits, as `torch.argmax` finds it
+    /// (the first of equal maxima; the first NaN where a propagated row holds one), which
+    /// soft-capping (monotone) leaves unchanged.
+    pub keep_row_argmax: bool,
 }
 
 impl Default for CrossEntropyOptions<'_> {
@@ -126,6 +133,7 @@ impl Default for CrossEntropyOptions<'_> {
             keep_row_loss: false,
             keep_row_lse: false,
             keep_logit_stats: false,
+            keep_row_argmax: false,
         }
     }
 }
@@ -139,6 +147,15 @@ pub struct CrossEntropyOutput<S> {
     pub row_loss: Option<Vec<S>>,
     /// Per-row logsumexp of the (capped) logits (NaN for ignored rows), when asked for.
     pub row_lse: Option<Vec<S>>,
+    /// The z-loss term's share of `loss`: `z · lse²` summed over the counted rows and reduced
+    /// as the loss is (0 without z-loss), so that `loss − z_loss` is the cross-entropy alone.
+    pub z_loss: S,
+    /// Each row's argmax (the first column holding its largest logit; `-1` for ignored rows),
+    /// with [`CrossEntropyOptions::keep_row_argmax`].
+    pub row_argmax: Option<Vec<i64>>,
+    /// With [`CrossEntropyOptions::keep_row_argmax`] and class targets: the number of counted
+    /// rows whose argmax is their target. [`CrossEntropyOutput::accuracy`] divides it.
+    pub correct_rows: Option<usize>,
     /// Number of rows that were not ignored.
     pub counted_rows: usize,
     /// What the mean divides by: the summed target weight of non-ignored rows (their count when
@@ -146,6 +163,16 @@ pub struct CrossEntropyOutput<S> {
     pub denominator: f64,
     /// Statistics of the logits, gathered in the loss's own read pass, when asked for.
     pub logit_stats: Option<LogitStats>,
+}
+
+impl<S> CrossEntropyOutput<S> {
+    /// The token accuracy: [`correct_rows`](Self::correct_rows) over the counted rows (`None`
+    /// without [`CrossEntropyOptions::keep_row_argmax`], with probability targets, or when no
+    /// row was counted).
+    pub fn accuracy(&self) -> Option<f64> {
+        let correct = self.correct_rows?;
+        (self.counted_rows > 0).then(|| correct as f64 / self.counted_rows as f64)
+    }
 }
 
 /// The checked, per-call state of a cross-entropy call (also the reduction of a split
@@ -161,9 +188,13 @@ pub(crate) struct Batch<'a, E: Element> {
     counted_rows: usize,
     grad_output: GradOutput<'a, E::Stat>,
     total: CompensatedSum,
+    /// `Σ z · lse²` of the recorded rows (part of `total`).
+    z_total: CompensatedSum,
     any_non_finite_row: bool,
     row_loss: Option<Vec<E::Stat>>,
     row_lse: Option<Vec<E::Stat>>,
+    row_argmax: Option<Vec<i64>>,
+    correct_rows: usize,
     stats: Option<StatsBuilder>,
     /// Rows `0..recorded` have their values in `total`, `row_loss`, `row_lse` and `stats`.
     recorded: usize,
@@ -307,9 +338,12 @@ impl<'a, E: Element> Batch<'a, E> {
             counted_rows,
             grad_output,
             total: CompensatedSum::ZERO,
+            z_total: CompensatedSum::ZERO,
             any_non_finite_row: false,
             row_loss: keep_rows(o.keep_row_loss || o.reduction == Reduction::None),
             row_lse: keep_rows(o.keep_row_lse),
+            row_argmax: o.keep_row_argmax.then(|| vec![-1; rows]),
+            correct_rows: 0,
             stats: o.keep_logit_stats.then(StatsBuilder::default),
             recorded: 0,
         })
@@ -398,6 +432,11 @@ impl<'a, E: Element> Batch<'a, E> {
             tally.add(&scan);
         }
         let mut plan = self.plan(r, logits, &scan, target)?;
+        // Before any write: the in-place call's gradient goes over these logits.
+        let argmax = self
+            .options
+            .keep_row_argmax
+            .then(|| kernels::argmax(logits, &scan, map));
         // The vector scan's s' is good to a fraction of an f32 ulp: enough for the vector
         // write pass and for a loss, whose terms never cancel. Rows whose gradient subtracts
         // nearly equal numbers (smoothing that matches the prediction) or whose z-loss needs a
@@ -496,7 +535,7 @@ impl<'a, E: Element> Batch<'a, E> {
                 })
             }
         };
-        Ok(Some(values))
+        Ok(Some(RowValues { argmax, ..values }))
     }
 
     /// The cross-entropy plan of row `r` from its read pass, with the row's error named.
@@ -608,12 +647,21 @@ impl<'a, E: Element> Batch<'a, E> {
         if let (Some(stats), Some(v)) = (self.stats.as_mut(), values) {
             stats.row(v.lse);
         }
+        if let (Some(v), Some(argmax)) = (self.row_argmax.as_mut(), values.and_then(|v| v.argmax)) {
+            v[r] = argmax as i64;
+            if let Targets::Classes(t) = self.targets {
+                self.correct_rows += usize::from(t[r] == argmax as i64);
+            }
+        }
         let values = values.unwrap_or(RowValues {
             loss: 0.0,
             lse: f64::NAN,
+            z_term: 0.0,
+            argmax: None,
         });
         self.any_non_finite_row |= !values.loss.is_finite();
         self.total.add(values.loss);
+        self.z_total.add(values.z_term);
         if let Some(v) = self.row_loss.as_mut() {
             v[r] = E::Stat::from_f64_saturating(values.loss);
         }
@@ -622,10 +670,9 @@ impl<'a, E: Element> Batch<'a, E> {
         }
     }
 
-    pub(crate) fn finish(mut self) -> CrossEntropyOutput<E::Stat> {
-        self.record_ignored_before(self.rows);
-        let sum = self.total.value();
-        let loss = match self.options.reduction {
+    /// A sum over the rows, reduced as the loss is.
+    fn reduce(&self, sum: f64) -> f64 {
+        let reduced = match self.options.reduction {
             // A propagated NaN row still poisons the loss, even with nothing to average.
             Reduction::Mean if self.empty_mean() => match self.options.empty_mean {
                 EmptyMean::Nan => f64::NAN,
@@ -636,15 +683,26 @@ impl<'a, E: Element> Batch<'a, E> {
             Reduction::Sum | Reduction::None => sum,
         };
         // Finite row losses give a finite total: the sum or the division may overflow f64.
-        let loss = if self.any_non_finite_row {
-            loss
+        if self.any_non_finite_row {
+            reduced
         } else {
-            saturate(loss)
-        };
+            saturate(reduced)
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> CrossEntropyOutput<E::Stat> {
+        self.record_ignored_before(self.rows);
+        let loss = self.reduce(self.total.value());
+        let z_loss = self.reduce(self.z_total.value());
+        let classes_targets = matches!(self.targets, Targets::Classes(_));
         CrossEntropyOutput {
             loss: E::Stat::from_f64_saturating(loss),
             row_loss: self.row_loss,
             row_lse: self.row_lse,
+            z_loss: E::Stat::from_f64_saturating(z_loss),
+            correct_rows: (self.row_argmax.is_some() && classes_targets)
+                .then_some(self.correct_rows),
+            row_argmax: self.row_argmax,
             counted_rows: self.counted_rows,
             denominator: self.denominator,
             logit_stats: self.stats.map(|s| s.finish(E::DTYPE, self.classes)),

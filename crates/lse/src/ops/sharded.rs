@@ -547,11 +547,12 @@ fn write_shard<E: Element>(
     Ok(())
 }
 
-/// The options a split cross-entropy honours: logit statistics are of one shard only, so they
-/// are not gathered.
+/// The options a split cross-entropy honours: logit statistics and argmaxes would be of one
+/// shard only, so they are not gathered.
 fn split_options<'a>(options: &CrossEntropyOptions<'a>) -> CrossEntropyOptions<'a> {
     CrossEntropyOptions {
         keep_logit_stats: false,
+        keep_row_argmax: false,
         ..*options
     }
 }
