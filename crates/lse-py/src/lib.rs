@@ -285,8 +285,27 @@ struct CeArgs<'a, 'py> {
 }
 
 /// What a cross-entropy call hands back to Python: the loss, the mean's denominator, the
-/// per-row losses (with `reduction="none"` or when asked) and the logit statistics.
-type CeResult = (f64, f64, Option<Py<PyAny>>, Option<guard::LogitStats>);
+/// per-row losses (with `reduction="none"` or when asked), the logit statistics, and the
+/// [`Metrics`].
+type CeResult = (
+    f64,
+    f64,
+    Option<Py<PyAny>>,
+    Option<guard::LogitStats>,
+    Metrics,
+);
+
+/// The z-loss term (reduced as the loss), each row's argmax (int64, `-1` for ignored rows) and
+/// the number of counted rows on target, the last two with `keep_row_argmax`.
+type Metrics = (f64, Option<Py<PyAny>>, Option<usize>);
+
+fn metrics<S: Into<f64> + Copy>(py: Python<'_>, out: &mut lse::CrossEntropyOutput<S>) -> Metrics {
+    let argmax = out
+        .row_argmax
+        .take()
+        .map(|a| PyArray1::from_vec(py, a).into_any().unbind());
+    (out.z_loss.into(), argmax, out.correct_rows)
+}
 
 fn cross_entropy_run<E: PyElement>(
     x: &Bound<'_, PyArray1<E>>,
@@ -341,7 +360,7 @@ fn cross_entropy_run<E: PyElement>(
         ),
         None => None,
     };
-    let result = match grad.as_mut() {
+    let mut result = match grad.as_mut() {
         Some(g) => {
             let gs = g.as_slice_mut()?;
             py.detach(|| {
@@ -351,6 +370,7 @@ fn cross_entropy_run<E: PyElement>(
         None => py.detach(|| lse::cross_entropy(xs, classes, targets, &options)),
     }
     .map_err(|e| lse_error(py, e))?;
+    let metrics = metrics(py, &mut result);
     if let Some(out) = args.target_grad {
         let Targets::Probabilities(q) = targets else {
             return Err(PyValueError::new_err(
@@ -372,6 +392,7 @@ fn cross_entropy_run<E: PyElement>(
         result.denominator,
         row_loss,
         result.logit_stats.map(guard::LogitStats::from),
+        metrics,
     ))
 }
 
@@ -383,7 +404,7 @@ fn cross_entropy_run<E: PyElement>(
 #[pyo3(signature = (
     logits, classes, targets, *, weights, ignore_index, reduction, label_smoothing, z_loss,
     softcap, propagate, empty_mean, keep_row_loss, keep_logit_stats, grad, grad_output,
-    target_grad=None
+    target_grad=None, keep_row_argmax=false
 ))]
 #[allow(clippy::too_many_arguments)] // mirrors lse::CrossEntropyOptions one keyword each
 fn cross_entropy(
@@ -404,6 +425,7 @@ fn cross_entropy(
     grad: Option<&Bound<'_, PyAny>>,
     grad_output: &Bound<'_, PyAny>,
     target_grad: Option<&Bound<'_, PyAny>>,
+    keep_row_argmax: bool,
 ) -> PyResult<CeResult> {
     let (reduction, empty_mean) = (parse_reduction(reduction)?, parse_empty_mean(empty_mean)?);
     let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
@@ -422,7 +444,7 @@ fn cross_entropy(
             keep_row_loss,
             keep_row_lse: false,
             keep_logit_stats,
-            keep_row_argmax: false,
+            keep_row_argmax,
         },
         grad,
         target_grad,
@@ -484,10 +506,14 @@ fn write<'py, E: numpy::Element>(
     output::<E>(a, what)?.try_readwrite().map_err(borrowed)
 }
 
+/// What a linear cross-entropy call hands back to Python: the loss, the mean's denominator,
+/// the per-row losses (`reduction="none"`) and the [`Metrics`].
+type LinearResult = (f64, f64, Option<Py<PyAny>>, Metrics);
+
 fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
     hidden: &Bound<'_, PyArray1<E>>,
     args: LinearArgs<'_, '_>,
-) -> PyResult<(f64, f64, Option<Py<PyAny>>)> {
+) -> PyResult<LinearResult> {
     let py = hidden.py();
     let h = hidden.try_readonly().map_err(borrowed)?;
     let w = read::<E>(args.weight, "the linear weight (the input's dtype)")?;
@@ -513,7 +539,7 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
         .grad_output
         .map_or(GradOutput::Scalar(1.0), GradOutput::PerRow);
     let (targets, options) = (args.targets, &args.options);
-    let result = match grads.as_mut() {
+    let mut result = match grads.as_mut() {
         Some((dh, dw, db)) => {
             let grads = lse::LinearGradients {
                 hidden: dh.as_slice_mut()?,
@@ -527,21 +553,23 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
         None => py.detach(|| lse::linear_cross_entropy(hs, head, targets, options)),
     }
     .map_err(|e| lse_error(py, e))?;
+    let metrics = metrics(py, &mut result);
     let row_loss = result
         .row_loss
         .map(|r| PyArray1::from_vec(py, r).into_any().unbind());
-    Ok((result.loss.into(), result.denominator, row_loss))
+    Ok((result.loss.into(), result.denominator, row_loss, metrics))
 }
 
 /// The fused linear cross-entropy of `hidden · weightᵀ + bias` (float32, float16 or bfloat16,
 /// one dtype for all three) against int64 class `targets`: the loss, the mean's denominator and
-/// the per-row losses (`reduction="none"`); with `grad_hidden` and `grad_weight` (and
+/// the per-row losses (`reduction="none"`) and the metrics (z-loss term; with `keep_row_argmax`,
+/// each row's argmax and the rows on target); with `grad_hidden` and `grad_weight` (and
 /// `grad_bias`), the gradients of `grad_output · loss` are written there.
 #[pyfunction]
 #[pyo3(signature = (
     hidden, weight, classes, targets, *, bias, weights, ignore_index, reduction, label_smoothing,
     z_loss, softcap, propagate, empty_mean, budget_bytes, grad_hidden, grad_weight, grad_bias,
-    grad_output
+    grad_output, keep_row_argmax=false
 ))]
 #[allow(clippy::too_many_arguments)] // mirrors lse::LinearCrossEntropyOptions one keyword each
 fn linear_cross_entropy(
@@ -563,7 +591,8 @@ fn linear_cross_entropy(
     grad_weight: Option<&Bound<'_, PyAny>>,
     grad_bias: Option<&Bound<'_, PyAny>>,
     grad_output: Option<PyReadonlyArray1<'_, f32>>,
-) -> PyResult<(f64, f64, Option<Py<PyAny>>)> {
+    keep_row_argmax: bool,
+) -> PyResult<LinearResult> {
     let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
     let grads = match (grad_hidden, grad_weight) {
         (Some(dh), Some(dw)) => Some((dh, dw, grad_bias)),
@@ -592,7 +621,7 @@ fn linear_cross_entropy(
                 keep_row_loss: false,
                 keep_row_lse: false,
                 keep_logit_stats: false,
-                keep_row_argmax: false,
+                keep_row_argmax,
             },
             budget_bytes,
         },

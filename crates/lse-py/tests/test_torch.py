@@ -131,11 +131,11 @@ def test_opcheck_every_op():
         ce = torch.ops.lse.cross_entropy.default
         qg = q.detach().requires_grad_()
         for args in [
-            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "zero", True, False),
-            (x, t, w, 3, "none", 0.1, 1e-3, 10.0, "error", "zero", True, False),
-            (x, q, None, -100, "sum", 0.0, 0.0, None, "error", "zero", True, False),
-            (x, qg, -w, -100, "mean", 0.2, 0.0, None, "propagate", "zero", True, True),
-            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "nan", False, False),
+            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "zero", True, False, False),
+            (x, t, w, 3, "none", 0.1, 1e-3, 10.0, "error", "zero", True, False, True),
+            (x, q, None, -100, "sum", 0.0, 0.0, None, "error", "zero", True, False, True),
+            (x, qg, -w, -100, "mean", 0.2, 0.0, None, "propagate", "zero", True, True, False),
+            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "nan", False, False, True),
         ]:
             opcheck(ce, args)
         opcheck(torch.ops.lse.softmax.default, (x, 1))

@@ -21,6 +21,10 @@ def softmax(x: Float, classes: int, out: Float, propagate: bool) -> None: ...
 def log_softmax(x: Float, classes: int, out: Float, propagate: bool) -> None: ...
 def softmax_backward(y: Float, dy: Float, classes: int, dx: Float) -> None: ...
 def log_softmax_backward(y: Float, dy: Float, classes: int, dx: Float) -> None: ...
+Metrics = tuple[float, Optional[Int64], Optional[int]]
+"""(the z-loss term reduced as the loss; with ``keep_row_argmax``, each row's argmax, -1 for
+ignored rows, and the number of counted rows on target)."""
+
 def cross_entropy(
     logits: Float,
     classes: int,
@@ -39,8 +43,9 @@ def cross_entropy(
     grad: Optional[Float],
     grad_output: Union[float, Stat],
     target_grad: Optional[Float] = None,
-) -> tuple[float, float, Optional[Stat], Optional[LogitStats]]:
-    """(loss, the mean's denominator, per-row losses, logit statistics)."""
+    keep_row_argmax: bool = False,
+) -> tuple[float, float, Optional[Stat], Optional[LogitStats], Metrics]:
+    """(loss, the mean's denominator, per-row losses, logit statistics, metrics)."""
 
 def linear_cross_entropy(
     hidden: Float,
@@ -62,8 +67,10 @@ def linear_cross_entropy(
     grad_weight: Optional[Float],
     grad_bias: Optional[Float],
     grad_output: Optional[npt.NDArray[np.float32]],
-) -> tuple[float, float, Optional[npt.NDArray[np.float32]]]:
-    """float32, float16 or bfloat16 only: (loss, the mean's denominator, per-row losses)."""
+    keep_row_argmax: bool = False,
+) -> tuple[float, float, Optional[npt.NDArray[np.float32]], Metrics]:
+    """float32, float16 or bfloat16 only: (loss, the mean's denominator, per-row losses,
+    metrics)."""
 
 def active_kernel() -> str: ...
 def triage(tensors: list[tuple[str, str, Float, int]]) -> tuple[str, str]:

@@ -190,6 +190,18 @@ class CrossEntropyResult(NamedTuple):
     target_grad: Optional[np.ndarray] = None
     """``∂(grad_output · loss)/∂target`` for probability targets (``target_grad=True``), in the
     logits' dtype and shape."""
+    z_loss: object = None
+    """The z-loss term's share of ``loss`` (``z · lse²`` of the counted rows, reduced as the loss;
+    summed for ``reduction="none"``), in the loss's dtype; 0 without ``z_loss``."""
+    argmax: Optional[np.ndarray] = None
+    """Each row's argmax (``metrics=True``): int64 in the target's batch shape, the first
+    column holding the row's largest logit (as ``np.argmax``; the first NaN of a propagated
+    row), -1 for ignored rows."""
+    correct: Optional[int] = None
+    """How many counted rows have their class target as argmax (``metrics=True``, class
+    targets)."""
+    accuracy: Optional[float] = None
+    """``correct`` over the counted rows: the token accuracy (0 when no row is counted)."""
 
 
 def cross_entropy(
@@ -211,6 +223,7 @@ def cross_entropy(
     stats: bool = False,
     target_grad: bool = False,
     out_target_grad=None,
+    metrics: bool = False,
 ):
     """Softmax cross-entropy from raw logits, ``(m − x_y) + log1p(s')`` per row, optionally
     fused with its gradient (one read pass and one write pass).
@@ -234,6 +247,9 @@ def cross_entropy(
         target_grad: also compute ``∂(grad_output · loss)/∂target`` (probability targets):
             ``(1 − ε) · w_c · (lse − x_c)`` per row, times the mean's ``1/rows``.
         out_target_grad: where to write it (else a new array).
+        metrics: also return each row's argmax, the token accuracy and the z-loss term
+            (``argmax``, ``correct``, ``accuracy``, ``z_loss`` of the result), from the same
+            call: the argmax is taken while each row is in cache from its read pass.
 
     An empty class axis (``[N, 0]`` logits) gives zero losses with probability targets (and a
     ``TargetError`` for any counted class target, as no class exists); zero rows give an empty
@@ -241,8 +257,8 @@ def cross_entropy(
 
     Returns:
         The loss (float32 scalar, float64 for float64 logits; per-row array for
-        ``reduction="none"``), or a :class:`CrossEntropyResult` when ``grad``, ``stats`` or
-        ``target_grad``.
+        ``reduction="none"``), or a :class:`CrossEntropyResult` when ``grad``, ``stats``,
+        ``target_grad`` or ``metrics``.
 
     Raises:
         NonFiniteError, TargetError, OptionError, ShapeError, EmptyMeanError: ``lse.LseError``
@@ -283,6 +299,8 @@ def cross_entropy(
         )
     sdtype = stat_dtype(logits.dtype)
     if classes == 0:
+        if metrics:
+            raise ShapeError("an argmax needs at least one class")
         return _no_classes(
             logits, targets, batch, sdtype, ignore_index, reduction, label_smoothing, empty_mean,
             grad, out_grad, stats, target_grad, out_target_grad,
@@ -300,7 +318,7 @@ def cross_entropy(
         _check_out(out_target_grad, logits.shape, logits.dtype, "out_target_grad")
         inputs = (rows, targets) if grad_buf is None else (rows, targets, grad_buf)
         target_buf = _buffer(out_target_grad, axis == logits.ndim - 1, rows.shape, logits.dtype, *inputs)
-    loss, denominator, row_loss, logit_stats = _lse.cross_entropy(
+    loss, denominator, row_loss, logit_stats, (z_term, argmax, correct) = _lse.cross_entropy(
         rows.reshape(-1),
         classes,
         targets,
@@ -317,15 +335,23 @@ def cross_entropy(
         grad=None if grad_buf is None else grad_buf.reshape(-1),
         grad_output=g_out,
         target_grad=None if target_buf is None else target_buf.reshape(-1),
+        keep_row_argmax=bool(metrics),
     )
     value = row_loss.reshape(batch) if reduction == "none" else sdtype.type(loss)
-    if not (grad or stats or target_grad):
+    if not (grad or stats or target_grad or metrics):
         return value
     grad_result = None if grad_buf is None else _deliver(grad_buf, out_grad, axis)
     target_result = None if target_buf is None else _deliver(target_buf, out_target_grad, axis)
     if logit_stats is not None:
         logit_stats = LogitStats._wrap(logit_stats)
-    return CrossEntropyResult(value, grad_result, denominator, logit_stats, target_result)
+    accuracy = None
+    if correct is not None:
+        counted = targets.size if ignore_index is None else np.count_nonzero(targets != ignore_index)
+        accuracy = correct / counted if counted else 0.0
+    return CrossEntropyResult(
+        value, grad_result, denominator, logit_stats, target_result, sdtype.type(z_term),
+        None if argmax is None else argmax.reshape(batch), correct, accuracy,
+    )
 
 
 def _no_classes(logits, targets, batch, sdtype, ignore_index, reduction, label_smoothing,
@@ -372,4 +398,5 @@ def _no_classes(logits, targets, batch, sdtype, ignore_index, reduction, label_s
         denominator,
         None,
         empty(out_target_grad) if target_grad else None,
+        sdtype.type(0.0),
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from ._errors import EmptyMeanError, LseError, OptionError, ShapeError, TargetEr
 from ._tensors import NUMPY_DTYPES, as_numpy, as_torch, check_device
 
 __all__ = [
+    "CrossEntropyOutput",
     "cross_entropy",
     "linear_cross_entropy",
     "softmax",
@@ -208,6 +209,45 @@ _logsumexp.register_autograd(_logsumexp_backward, setup_context=_logsumexp_setup
 # cross-entropy
 
 
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy` and :func:`linear_cross_entropy` return when asked for more
+    than the loss (``return_z_loss``, ``return_token_accuracy``, ``return_argmax``); the fields
+    not asked for are ``None``. All but ``loss`` are detached: they are for logging."""
+
+    loss: Tensor
+    """The loss, as the call returns it otherwise."""
+    z_loss: Optional[Tensor] = None
+    """The z-loss term's share of ``loss`` (``z · lse²`` of the counted rows, reduced as the
+    loss: summed for ``reduction="none"``), in the loss's dtype: ``loss - z_loss`` is the
+    cross-entropy alone."""
+    token_accuracy: Optional[Tensor] = None
+    """The fraction of counted rows (not ignored) whose argmax is their class target, a
+    float32 scalar (0 with no counted row; NaN under ``empty_mean="nan"``)."""
+    argmax: Optional[Tensor] = None
+    """Each row's argmax (int64, the target's shape; -1 for ignored rows): the first column
+    holding the row's largest logit, as ``torch.argmax`` (soft-capping does not change it)."""
+
+
+def _finish(loss, z_term, argmax, correct, counted, *, dtype, batch_shape, empty_mean,
+            return_z_loss, return_token_accuracy, return_argmax):
+    """The public result: the loss alone, or a :class:`CrossEntropyOutput`."""
+    if not (return_z_loss or return_token_accuracy or return_argmax):
+        return loss
+    accuracy = None
+    if return_token_accuracy:
+        if correct < 0:
+            raise OptionError("return_token_accuracy needs class targets (probabilities have none)")
+        empty = float("nan") if empty_mean == "nan" else 0.0
+        accuracy = torch.tensor(int(correct) / counted if counted else empty, dtype=torch.float32)
+    return CrossEntropyOutput(
+        loss,
+        z_term.to(dtype) if return_z_loss else None,
+        accuracy,
+        argmax.reshape(batch_shape) if return_argmax else None,
+    )
+
+
+
 @torch.library.custom_op("lse::cross_entropy", mutates_args=())
 def _cross_entropy(
     input: Tensor,
@@ -222,12 +262,15 @@ def _cross_entropy(
     empty_mean: str,
     compute_grad: bool,
     compute_target_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    metrics: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``input`` rows × classes; class targets (int64, rows) or probabilities (rows × classes,
     the input's dtype). Returns the loss (float32, float64 for float64 input; per row for
     "none"), with ``compute_grad`` the gradient of the loss (grad_output = 1) with respect to
     ``input`` and with ``compute_target_grad`` the one with respect to the probability targets,
-    both in the input's dtype (else empty tensors)."""
+    both in the input's dtype (else empty tensors); then, with ``metrics``, each row's argmax
+    (int64) and the number of rows on target (int64, -1 for probability targets), and the
+    z-loss term (the loss's dtype, a scalar)."""
     check_device(input, "cross_entropy")
     check_device(target, "cross_entropy", "target")
     grad_buffer = _empty(input.shape, input.dtype) if compute_grad else None
@@ -247,29 +290,38 @@ def _cross_entropy(
         out_grad=None if grad_buffer is None else as_numpy(grad_buffer),
         target_grad=compute_target_grad,
         out_target_grad=None if target_buffer is None else as_numpy(target_buffer),
+        metrics=metrics,
     )
-    loss = result.loss if (compute_grad or compute_target_grad) else result
+    asked = compute_grad or compute_target_grad or metrics
+    loss = result.loss if asked else result
     if reduction == "none":
         loss = as_torch(np.ascontiguousarray(loss))
     else:
         loss = _scalar(loss, _stat_dtype(input.dtype))
     grad = grad_buffer if compute_grad else input.new_empty(0)
     target_grad = target_buffer if compute_target_grad else input.new_empty(0)
-    return loss, grad, target_grad
+    z_term = result.z_loss if asked else 0.0
+    argmax, correct = torch.empty(0, dtype=torch.int64), torch.tensor(-1)
+    if metrics:
+        argmax = as_torch(np.ascontiguousarray(result.argmax, dtype=np.int64))
+        correct = torch.tensor(-1 if result.correct is None else result.correct)
+    return loss, grad, target_grad, argmax, correct, _scalar(z_term, _stat_dtype(input.dtype))
 
 
 @_cross_entropy.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      nonfinite, empty_mean, compute_grad, compute_target_grad):
+      nonfinite, empty_mean, compute_grad, compute_target_grad, metrics):
     shape = input.shape[:1] if reduction == "none" else ()
     loss = input.new_empty(shape, dtype=_stat_dtype(input.dtype))
     grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
     target_grad = torch.empty_like(input) if compute_target_grad else input.new_empty(0)
-    return loss, grad, target_grad
+    argmax = input.new_empty(input.shape[:1] if metrics else (0,), dtype=torch.int64)
+    correct = input.new_empty((), dtype=torch.int64)
+    return loss, grad, target_grad, argmax, correct, input.new_empty((), dtype=_stat_dtype(input.dtype))
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    _, grad, target_grad = output
+    _, grad, target_grad, argmax, correct, z_term = output
     # Kept as attributes, not with save_for_backward: the backward hands them over and drops
     # them, so that autograd's AccumulateGrad can take one as `input.grad` without a copy (a
     # saved tensor would keep a second reference and force a 0.5 GB clone at 4096 × 32000 f32).
@@ -284,7 +336,7 @@ def _cross_entropy_setup(ctx, inputs, output):
     input, target, weight = inputs[:3]
     ctx.save_for_backward(input, target, weight)
     ctx.options = inputs[3:10]
-    ctx.mark_non_differentiable(grad, target_grad)
+    ctx.mark_non_differentiable(grad, target_grad, argmax, correct, z_term)
 
 
 def _is_one(g: Tensor) -> bool:
@@ -298,8 +350,8 @@ def _is_one(g: Tensor) -> bool:
     return not traced and g.dim() == 0 and g.item() == 1.0
 
 
-def _cross_entropy_backward(ctx, grad_loss, _grad_of_grad, _grad_of_target_grad):
-    none = (None,) * 12
+def _cross_entropy_backward(ctx, grad_loss, *_grads_of_the_other_outputs):
+    none = (None,) * 13
     if grad_loss is None:  # nothing flows back through the loss
         return none
     wanted = ctx.needs_input_grad[:2]
@@ -307,7 +359,9 @@ def _cross_entropy_backward(ctx, grad_loss, _grad_of_grad, _grad_of_target_grad)
     ctx.grads = (None, None)  # handed over once; a second backward recomputes them
     if any(w and (g is None or g.numel() == 0) for w, g in zip(wanted, grads, strict=True)):
         input, target, weight = ctx.saved_tensors
-        _, *grads = _cross_entropy(input, target, weight, *ctx.options, wanted[0], wanted[1])
+        _, *grads, _, _, _ = _cross_entropy(
+            input, target, weight, *ctx.options, wanted[0], wanted[1], False
+        )
 
     def scaled(grad):
         if ctx.reduction == "none":
@@ -350,7 +404,10 @@ def cross_entropy(
     nonfinite: str = "error",
     empty_mean: str = "zero",
     loss_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_argmax: bool = False,
+):
     """``torch.nn.functional.cross_entropy`` computed by lse: the same signature, semantics,
     result dtype and errors (class-index or probability targets, class dim 1 for ``(N, C, d1,
     …)`` input, a ``(C)`` input without batch, ``weight`` (any finite values, as PyTorch),
@@ -366,6 +423,11 @@ def cross_entropy(
     * ``loss_dtype``: the loss's dtype; default the input's (as PyTorch); ``torch.float32``
       keeps the float32 loss lse computes for float16/bfloat16 input (finite where a float16
       loss would overflow).
+    * ``return_z_loss``, ``return_token_accuracy``, ``return_argmax``: return a
+      :class:`CrossEntropyOutput` (loss, z-loss term, token accuracy, each row's argmax) instead
+      of the loss alone, all from the same call (as Liger's ``return_z_loss`` and
+      ``return_token_accuracy``): the argmax is taken while each row is in cache from the
+      loss's read pass.
 
     The loss and the gradients come from one fused pass; they are computed in the forward when
     something requires grad (and grad mode is on) and handed over by the backward.
@@ -459,14 +521,22 @@ def cross_entropy(
     grad_on = torch.is_grad_enabled()
     compute_grad = grad_on and input.requires_grad
     compute_target_grad = grad_on and probabilities and target.requires_grad
-    loss, _, _ = _cross_entropy(
+    metrics = return_token_accuracy or return_argmax
+    loss, _, _, argmax, correct, z_term = _cross_entropy(
         x, t.contiguous(), weight, int(ignore_index), reduction, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), nonfinite, empty_mean,
-        compute_grad, compute_target_grad,
+        compute_grad, compute_target_grad, metrics,
     )
+    batch_shape = () if unbatched else (input.shape[0], *spatial)
     if reduction == "none":
-        loss = loss.reshape(()) if unbatched else loss.reshape((input.shape[0], *spatial))
-    return loss.to(input.dtype if loss_dtype is None else loss_dtype)
+        loss = loss.reshape(batch_shape)
+    dtype = input.dtype if loss_dtype is None else loss_dtype
+    counted = rows if probabilities else int((t != ignore_index).sum()) if metrics else 0
+    return _finish(
+        loss.to(dtype), z_term, argmax, int(correct), counted, dtype=dtype,
+        batch_shape=batch_shape, empty_mean=empty_mean, return_z_loss=return_z_loss,
+        return_token_accuracy=return_token_accuracy, return_argmax=return_argmax,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,10 +554,12 @@ def _shifted(error: Exception, first_row: int) -> Exception:
 
 
 def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output):
+                    softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output,
+                    metrics):
     """The linear cross-entropy a chunk of rows at a time in PyTorch products and lse's fused
     cross-entropy (for what lse's Rust path does not take: float64, probability targets).
-    Returns (loss, per-row losses or None, dH, dW, db)."""
+    Returns (loss, per-row losses, dH, dW, db, (z term, argmax or None, rows on target or
+    None))."""
     rows, classes = h.shape[0], w.shape[0]
     probabilities = t.dtype.is_floating_point
     if probabilities:
@@ -517,6 +589,7 @@ def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smo
         dw = torch.zeros_like(w, dtype=torch.float32 if w.dtype != torch.float64 else torch.float64)
         db = None if b is None else torch.zeros(classes, dtype=torch.float64)
     weights = None if class_weight is None else as_numpy(class_weight.to(torch.float64), "weight")
+    z_sum, argmax, correct = 0.0, np.full(rows, -1, np.int64) if metrics else None, 0
     for first in range(0, rows, chunk):
         hc = h[first:first + chunk]
         logits = F.linear(hc, w, b)
@@ -529,11 +602,18 @@ def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smo
                 as_numpy(logits), as_numpy(t[first:first + chunk], "target"), weight=weights,
                 ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing,
                 z_loss=z_loss, softcap=softcap, nonfinite=nonfinite, grad=compute_grad,
-                grad_output=g if compute_grad else 1.0,
+                grad_output=g if compute_grad else 1.0, metrics=metrics or z_loss > 0,
             )
         except LseError as error:
             raise _shifted(error, first) from None
-        losses[first:first + chunk] = result.loss if compute_grad else result
+        if not (compute_grad or metrics or z_loss > 0):
+            losses[first:first + chunk] = result
+            continue
+        losses[first:first + chunk] = result.loss
+        z_sum += float(result.z_loss)
+        if metrics:
+            argmax[first:first + chunk] = result.argmax
+            correct += result.correct or 0
         if compute_grad:
             grad = as_torch(result.grad)
             dh[first:first + chunk] = grad @ w
@@ -549,7 +629,8 @@ def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smo
     if compute_grad:
         dw = dw.to(w.dtype)
         db = None if db is None else db.to(w.dtype)
-    return loss, losses, dh, dw, db
+    z_term = z_sum * per_row if reduction == "mean" else z_sum
+    return loss, losses, dh, dw, db, (z_term, argmax, None if probabilities else correct)
 
 
 @torch.library.custom_op("lse::linear_cross_entropy", mutates_args=())
@@ -569,12 +650,15 @@ def _linear_cross_entropy(
     budget_bytes: int,
     compute_grad: bool,
     grad_output: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    metrics: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``input`` (N × D) · ``linear_weight`` (V × D)ᵀ + ``linear_bias`` (V), one dtype, against
     class targets (int64, N) or probabilities (N × V, the input's dtype). Returns the loss
     (float32; float64 for float64 input; per row for "none") and, with ``compute_grad``, the
     gradients of ``grad_output · loss`` (``grad_output``: one per row with "none", else 1) for
-    ``input``, ``linear_weight`` and ``linear_bias`` (empty tensors where not computed)."""
+    ``input``, ``linear_weight`` and ``linear_bias`` (empty tensors where not computed); then,
+    as :func:`_cross_entropy`, the argmax and rows on target (with ``metrics``) and the z-loss
+    term."""
     for what, tensor in (("input", input), ("linear_weight", linear_weight), ("target", target),
                          ("linear_bias", linear_bias)):
         if tensor is not None:
@@ -586,7 +670,7 @@ def _linear_cross_entropy(
         dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
         db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None
         go = None if grad_output is None else as_numpy(grad_output.to(torch.float32).contiguous())
-        loss, _, row_loss = _lse.linear_cross_entropy(
+        loss, _, row_loss, found = _lse.linear_cross_entropy(
             as_numpy(input).reshape(-1), as_numpy(linear_weight, "linear_weight").reshape(-1),
             linear_weight.shape[0], as_numpy(target, "target").reshape(-1),
             bias=None if linear_bias is None else as_numpy(linear_bias, "linear_bias").reshape(-1),
@@ -597,35 +681,44 @@ def _linear_cross_entropy(
             grad_hidden=None if dh is None else as_numpy(dh).reshape(-1),
             grad_weight=None if dw is None else as_numpy(dw).reshape(-1),
             grad_bias=None if db is None else as_numpy(db).reshape(-1),
-            grad_output=go,
+            grad_output=go, keep_row_argmax=metrics,
         )
         loss = as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
     else:
-        value, rows, dh, dw, db = _linear_chunked(
+        value, rows, dh, dw, db, found = _linear_chunked(
             input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
             label_smoothing, z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad,
-            grad_output,
+            grad_output, metrics,
         )
         loss = as_torch(rows) if reduction == "none" else _scalar(value, stat)
+    z_term, argmax, correct = found
     def given(t):  # an unused output: a distinct empty tensor (outputs may not alias)
         return input.new_empty(0) if t is None else t
 
-    return loss, given(dh), given(dw), given(db)
+    argmax = as_torch(argmax) if metrics else torch.empty(0, dtype=torch.int64)
+    correct = torch.tensor(-1 if correct is None else int(correct))
+    return loss, given(dh), given(dw), given(db), argmax, correct, _scalar(z_term, stat)
 
 
 @_linear_cross_entropy.register_fake
 def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output):
+      z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output, metrics):
     shape = input.shape[:1] if reduction == "none" else ()
-    loss = input.new_empty(shape, dtype=_stat_dtype(input.dtype))
+    stat = _stat_dtype(input.dtype)
+    loss = input.new_empty(shape, dtype=stat)
+    found = (
+        input.new_empty(input.shape[:1] if metrics else (0,), dtype=torch.int64),
+        input.new_empty((), dtype=torch.int64),
+        input.new_empty((), dtype=stat),
+    )
     if not compute_grad:
-        return loss, input.new_empty(0), input.new_empty(0), input.new_empty(0)
+        return (loss, input.new_empty(0), input.new_empty(0), input.new_empty(0)) + found
     db = input.new_empty(0) if linear_bias is None else torch.empty_like(linear_bias)
-    return loss, torch.empty_like(input), torch.empty_like(linear_weight), db
+    return (loss, torch.empty_like(input), torch.empty_like(linear_weight), db) + found
 
 
 def _linear_setup(ctx, inputs, output):
-    _, dh, dw, db = output
+    _, dh, dw, db, argmax, correct, z_term = output
     compute_grad = inputs[13]
     # Handed over by the backward, as the cross-entropy's gradient (see _cross_entropy_setup).
     ctx.grads = (dh, dw, db) if compute_grad and inputs[6] != "none" else None
@@ -634,19 +727,20 @@ def _linear_setup(ctx, inputs, output):
     input, linear_weight, target, linear_bias, weight = inputs[:5]
     ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
     ctx.options = inputs[5:13]
-    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.mark_non_differentiable(dh, dw, db, argmax, correct, z_term)
 
 
 def _linear_backward(ctx, grad_loss, *_):
-    none = (None,) * 15
+    none = (None,) * 16
     if grad_loss is None:
         return none
     grads, ctx.grads = ctx.grads, None
     if ctx.reduction == "none" or grads is None:
         input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
         per_row = grad_loss if ctx.reduction == "none" else None
-        _, *grads = _linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
-                                          *ctx.options, True, per_row)
+        _, *grads, _, _, _ = _linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight, *ctx.options, True, per_row, False
+        )
         factor = None if ctx.reduction == "none" else grad_loss
     else:
         factor = grad_loss
@@ -677,7 +771,10 @@ def linear_cross_entropy(
     empty_mean: str = "zero",
     budget_bytes: Optional[int] = None,
     loss_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_argmax: bool = False,
+):
     """``torch.nn.functional.linear_cross_entropy`` computed by lse: the cross-entropy of the
     logits ``input @ linear_weight.T + linear_bias`` without ever holding them all, with the
     argument names and order of PyTorch's (``input`` is ``(N, D)`` or ``(D)``,
@@ -686,7 +783,9 @@ def linear_cross_entropy(
     ``softcap``, ``nonfinite``, ``empty_mean``, ``loss_dtype`` (as in :func:`cross_entropy`) and
     ``budget_bytes``, the working memory for a chunk of logits (default 256 MiB): the peak
     extra memory is that plus ``O(N + C)``, plus the gradients themselves (and, for float16/
-    bfloat16, a float32 accumulator of ``dW``).
+    bfloat16, a float32 accumulator of ``dW``). ``return_z_loss``, ``return_token_accuracy``
+    and ``return_argmax`` return a :class:`CrossEntropyOutput` as :func:`cross_entropy` does,
+    from the logits the call forms anyway.
 
     float32, float16 and bfloat16 with class targets run lse's fused Rust path (each chunk's
     logits formed in float32 by one matrix product, the cross-entropy and its gradient written
@@ -749,17 +848,26 @@ def linear_cross_entropy(
     compute_grad = grad_on and any(
         x is not None and x.requires_grad for x in (input, linear_weight, linear_bias)
     )
-    loss, *_ = _linear_cross_entropy(
+    metrics = return_token_accuracy or return_argmax
+    ignore = -100 if ignore_index is None else int(ignore_index)
+    loss, _, _, _, argmax, correct, z_term = _linear_cross_entropy(
         h.contiguous(), linear_weight.contiguous(), t.contiguous(),
         None if linear_bias is None else linear_bias.contiguous(), weight,
-        -100 if ignore_index is None else int(ignore_index), reduction, float(label_smoothing),
+        ignore, reduction, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), nonfinite, empty_mean,
         DEFAULT_LINEAR_BUDGET_BYTES if budget_bytes is None else int(budget_bytes),
-        compute_grad, None,
+        compute_grad, None, metrics,
     )
     if unbatched and reduction == "none":
         loss = loss.reshape(())
-    return loss.to(input.dtype if loss_dtype is None else loss_dtype)
+    dtype = input.dtype if loss_dtype is None else loss_dtype
+    counted = h.shape[0] if probabilities else int((t != ignore).sum()) if metrics else 0
+    return _finish(
+        loss.to(dtype), z_term, argmax, int(correct), counted, dtype=dtype,
+        batch_shape=() if unbatched else (h.shape[0],), empty_mean=empty_mean,
+        return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        return_argmax=return_argmax,
+    )
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -785,6 +893,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         empty_mean: str = "zero",
         budget_bytes: Optional[int] = None,
         loss_dtype: Optional[torch.dtype] = None,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_argmax: bool = False,
     ):
         super().__init__()
         self.in_features, self.num_classes = in_features, num_classes
@@ -792,9 +903,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.register_buffer("weight", weight)
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.options = dict(z_loss=z_loss, softcap=softcap, nonfinite=nonfinite,
-                            empty_mean=empty_mean, budget_bytes=budget_bytes, loss_dtype=loss_dtype)
+                            empty_mean=empty_mean, budget_bytes=budget_bytes, loss_dtype=loss_dtype,
+                            return_z_loss=return_z_loss,
+                            return_token_accuracy=return_token_accuracy,
+                            return_argmax=return_argmax)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor):
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
@@ -839,6 +953,9 @@ class CrossEntropyLoss(torch.nn.Module):
         nonfinite: str = "error",
         empty_mean: str = "zero",
         loss_dtype: Optional[torch.dtype] = None,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+        return_argmax: bool = False,
     ):
         super().__init__()
         self.register_buffer("weight", weight)
@@ -850,11 +967,14 @@ class CrossEntropyLoss(torch.nn.Module):
         self.nonfinite = nonfinite
         self.empty_mean = empty_mean
         self.loss_dtype = loss_dtype
+        self.returns = dict(return_z_loss=return_z_loss,
+                            return_token_accuracy=return_token_accuracy,
+                            return_argmax=return_argmax)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
             softcap=self.softcap, nonfinite=self.nonfinite, empty_mean=self.empty_mean,
-            loss_dtype=self.loss_dtype,
+            loss_dtype=self.loss_dtype, **self.returns,
         )
