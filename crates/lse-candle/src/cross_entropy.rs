@@ -12,6 +12,7 @@ use crate::common::{
     class_targets, contiguous_slice, cpu_only, dispatch_float, ensure_cpu, grad_count_error,
     lse_error, op_error, rows_classes, to_rows, unsupported_dtype, zeroed_buffer,
 };
+use crate::metrics::{collect, record, CrossEntropyMetrics, MetricsCell};
 use crate::options::CrossEntropyOptions;
 
 const OP: &str = "cross_entropy";
@@ -69,6 +70,47 @@ pub fn cross_entropy(
     targets: &Tensor,
     options: &CrossEntropyOptions,
 ) -> Result<Tensor> {
+    Ok(cross_entropy_op(logits, targets, options, None)?.0)
+}
+
+/// [`cross_entropy`] and, from the same call, the z-loss term, each row's argmax and the token
+/// accuracy ([`CrossEntropyMetrics`]; the argmax in the loss's row shape). The argmax is taken
+/// while each row is in cache from the loss's read pass, before anything is written over it.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use lse_candle::{cross_entropy_with_metrics, CrossEntropyOptions};
+/// let logits = Tensor::new(&[[2.0f32, 1.0, 0.0], [0.0, 0.5, 3.0]], &Device::Cpu)?;
+/// let targets = Tensor::new(&[0i64, 1], &Device::Cpu)?;
+/// let (loss, metrics) = cross_entropy_with_metrics(&logits, &targets, &Default::default())?;
+/// assert_eq!(metrics.argmax.to_vec1::<i64>()?, [0, 2]);
+/// assert_eq!(metrics.accuracy(), Some(0.5));
+/// # let _ = loss;
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`cross_entropy`].
+///
+/// # Panics
+/// Never.
+pub fn cross_entropy_with_metrics(
+    logits: &Tensor,
+    targets: &Tensor,
+    options: &CrossEntropyOptions,
+) -> Result<(Tensor, CrossEntropyMetrics)> {
+    let cell = MetricsCell::default();
+    let (loss, rows_shape) = cross_entropy_op(logits, targets, options, Some(cell.clone()))?;
+    Ok((loss, collect(OP, &cell, rows_shape.into())?))
+}
+
+/// The recorded op and the shape of its rows (the logits' shape without the class dimension).
+fn cross_entropy_op(
+    logits: &Tensor,
+    targets: &Tensor,
+    options: &CrossEntropyOptions,
+    metrics: Option<MetricsCell>,
+) -> Result<(Tensor, Vec<usize>)> {
     ensure_cpu(OP, logits)?;
     ensure_cpu(OP, targets)?;
     if logits.rank() == 0 {
@@ -114,12 +156,14 @@ pub fn cross_entropy(
         keep_grad: options.cache_gradient && x.track_op(),
         options: options.clone(),
         cache: OnceLock::new(),
+        metrics,
     };
     let loss = x.apply_op2(&t, op)?;
-    match options.reduction {
-        Reduction::None if loss.dims() != outer.as_slice() => loss.reshape(outer),
-        _ => Ok(loss),
-    }
+    let loss = match options.reduction {
+        Reduction::None if loss.dims() != outer.as_slice() => loss.reshape(outer.clone())?,
+        _ => loss,
+    };
+    Ok((loss, outer))
 }
 
 /// The recorded op: `(rows × classes logits, targets) → loss`.
@@ -129,6 +173,8 @@ struct CrossEntropyOp {
     keep_grad: bool,
     /// `∂loss/∂logits` for an incoming gradient of 1 (per row for [`Reduction::None`]).
     cache: OnceLock<Tensor>,
+    /// Where the forward pass leaves the metrics, when the caller asked for them.
+    metrics: Option<MetricsCell>,
 }
 
 /// Runs `f` on the targets in `storage` (class indices or probabilities of dtype `E`).
@@ -166,9 +212,12 @@ where
 {
     let (rows, classes) = rows_classes(OP, l1)?;
     let logits = contiguous_slice::<E>(OP, "logits", s1, l1)?;
-    let options = op.options.to_lse();
+    let options = lse::CrossEntropyOptions {
+        keep_row_argmax: op.metrics.is_some(),
+        ..op.options.to_lse()
+    };
     let mut grad = op.keep_grad.then(|| zeroed_buffer::<E>(logits.len()));
-    let out = with_targets::<E, _>(s2, l2, |targets| match grad.as_deref_mut() {
+    let mut out = with_targets::<E, _>(s2, l2, |targets| match grad.as_deref_mut() {
         Some(g) => lse::cross_entropy_with_grad(
             logits,
             classes,
@@ -179,6 +228,7 @@ where
         ),
         None => lse::cross_entropy(logits, classes, targets, &options),
     })?;
+    record(op.metrics.as_ref(), &mut out);
     if let Some(g) = grad {
         // A op instance runs its forward once; a second `set` could only repeat the same value.
         let _ = op

@@ -67,12 +67,14 @@
 mod common;
 mod cross_entropy;
 mod linear_cross_entropy;
+mod metrics;
 mod options;
 mod softmax;
 
-pub use cross_entropy::cross_entropy;
-pub use linear_cross_entropy::linear_cross_entropy;
+pub use cross_entropy::{cross_entropy, cross_entropy_with_metrics};
+pub use linear_cross_entropy::{linear_cross_entropy, linear_cross_entropy_with_metrics};
 pub use lse::{EmptyMean, NonFinite, Reduction};
+pub use metrics::CrossEntropyMetrics;
 pub use options::CrossEntropyOptions;
 pub use softmax::{
     log_softmax, log_softmax_with, logsumexp, logsumexp_with, softmax, softmax_with,

@@ -10,6 +10,7 @@ use lse::{Element, GradOutput, LinearCrossEntropyOptions, LinearGradients, Linea
 use crate::common::{
     contiguous_slice, cpu_only, ensure_cpu, lse_error, op_error, unsupported_dtype, zeroed_buffer,
 };
+use crate::metrics::{collect, record, CrossEntropyMetrics, MetricsCell};
 use crate::options::CrossEntropyOptions;
 
 const OP: &str = "linear_cross_entropy";
@@ -49,6 +50,39 @@ pub fn linear_cross_entropy(
     bias: Option<&Tensor>,
     targets: &Tensor,
     options: &CrossEntropyOptions,
+) -> Result<Tensor> {
+    linear_op(hidden, weight, bias, targets, options, None)
+}
+
+/// [`linear_cross_entropy`] and, from the same call, the z-loss term, each row's argmax (a
+/// `rows` tensor) and the token accuracy ([`CrossEntropyMetrics`]), taken from each chunk's
+/// logits while they are formed anyway.
+///
+/// # Errors
+/// As [`linear_cross_entropy`].
+///
+/// # Panics
+/// Never.
+pub fn linear_cross_entropy_with_metrics(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+    options: &CrossEntropyOptions,
+) -> Result<(Tensor, CrossEntropyMetrics)> {
+    let cell = MetricsCell::default();
+    let loss = linear_op(hidden, weight, bias, targets, options, Some(cell.clone()))?;
+    let rows = targets.dims1()?;
+    Ok((loss, collect(OP, &cell, rows.into())?))
+}
+
+fn linear_op(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+    options: &CrossEntropyOptions,
+    metrics: Option<MetricsCell>,
 ) -> Result<Tensor> {
     for t in [hidden, weight, targets].into_iter().chain(bias) {
         ensure_cpu(OP, t)?;
@@ -112,6 +146,7 @@ pub fn linear_cross_entropy(
         keep_grad: tracked && options.cache_gradient && options.reduction != Reduction::None,
         options: options.clone(),
         cache: OnceLock::new(),
+        metrics,
     };
     hidden
         .contiguous()?
@@ -126,6 +161,8 @@ struct LinearOp {
     keep_grad: bool,
     /// `(dH, dW, db)` for an incoming gradient of 1.
     cache: OnceLock<[Tensor; 3]>,
+    /// Where the forward pass leaves the metrics, when the caller asked for them.
+    metrics: Option<MetricsCell>,
 }
 
 /// The inputs' slices and shapes.
@@ -146,8 +183,13 @@ impl LinearOp {
     where
         E: Element<Stat = f32> + WithDType,
     {
+        // The metrics of the forward pass only (`cache` unset: a backward recomputing).
+        let keep_row_argmax = self.metrics.as_ref().is_some_and(|m| m.get().is_none());
         let options = LinearCrossEntropyOptions {
-            cross_entropy: self.options.to_lse(),
+            cross_entropy: lse::CrossEntropyOptions {
+                keep_row_argmax,
+                ..self.options.to_lse()
+            },
             ..Default::default()
         };
         let [rows, dim, classes] = x.dims;
@@ -193,7 +235,8 @@ impl LinearOp {
     {
         let inputs = inputs::<E>(s)?;
         let grad_output = self.keep_grad.then(GradOutput::default);
-        let (out, grads) = self.call(&inputs, grad_output)?;
+        let (mut out, grads) = self.call(&inputs, grad_output)?;
+        record(self.metrics.as_ref(), &mut out);
         if let Some(grads) = grads {
             // An op instance runs its forward once; a second `set` could only repeat it.
             let _ = self.cache.set(grads);
