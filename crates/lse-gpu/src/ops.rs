@@ -423,14 +423,14 @@ impl Gpu {
 
     /// The cross-entropy of `logits` (`rows × classes`) against class `targets`, fused with its
     /// gradient when `grad` is given: [`lse::cross_entropy_with_grad`]'s semantics (every option
-    /// of [`CrossEntropyOptions`] but `keep_logit_stats` and `keep_row_argmax`), computed in `f32` on the device. Row
+    /// of [`CrossEntropyOptions`] but `keep_logit_stats`, `keep_row_argmax` and `logit_scale`), computed in `f32` on the device. Row
     /// losses are reduced on the host in row order, in `f64`.
     ///
     /// # Errors
     /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, targets,
     /// the incoming gradient, NaN/`+inf` logits and masked targets under
     /// [`NonFinite::Error`], the empty mean under [`EmptyMean::Error`]);
-    /// [`Error::Unsupported`] for `keep_logit_stats` and `keep_row_argmax`; [`Error::Device`]. `grad` is written only
+    /// [`Error::Unsupported`] for `keep_logit_stats`, `keep_row_argmax` and `logit_scale`; [`Error::Device`]. `grad` is written only
     /// on success; no input is modified.
     ///
     /// # Panics
@@ -568,6 +568,9 @@ impl Gpu {
         if options.keep_row_argmax {
             return Err(Error::Unsupported("keep_row_argmax"));
         }
+        if options.logit_scale != 1.0 {
+            return Err(Error::Unsupported("logit_scale"));
+        }
         let checked =
             ChunkedCrossEntropy::<f32>::new(classes, targets, options, grad_output)?.finish();
         if rows == 0 {
@@ -593,7 +596,7 @@ impl Gpu {
     /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, the
     /// incoming gradient, [`LseError::BadProbability`] for the first non-finite target of the
     /// first faulty row, NaN/`+inf` logits and target mass on a masked (`-inf`) logit under
-    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats` and `keep_row_argmax`;
+    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats`, `keep_row_argmax` and `logit_scale`;
     /// [`Error::Device`]. `grad` is written only on success; no input is modified.
     ///
     /// # Panics
@@ -924,6 +927,9 @@ fn check_ce_call<E: GpuElement>(
     }
     if options.keep_row_argmax {
         return Err(Error::Unsupported("keep_row_argmax"));
+    }
+    if options.logit_scale != 1.0 {
+        return Err(Error::Unsupported("logit_scale"));
     }
     Ok(())
 }

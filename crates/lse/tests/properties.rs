@@ -120,6 +120,8 @@ struct Case {
     smoothing: f64,
     z_loss: f64,
     softcap: f64,
+    /// `logit_scale`, applied in every call of the case (1 in half the cases).
+    logit_scale: f64,
     grad: f64,
     row_grads: Vec<f64>,
     /// Option switches for the tests that do not sweep every combination.
@@ -190,11 +192,12 @@ fn case(dtype: DType, max_rows: usize, max_classes: usize) -> impl Strategy<Valu
             prop_oneof![Just(30.0), Just(0.05), 0.5f64..50.0],
             prop_oneof![3 => Just(1.0), 3 => -3.0f64..3.0, 1 => Just(0.0), 1 => Just(1e30)],
             any::<u8>(),
+            prop_oneof![2 => Just(1.0), 1 => Just(0.5), 1 => 0.01f64..20.0],
         );
         (data, scalars).prop_map(
             move |(
                 (logits, targets, junk, probs, weights, row_grads),
-                (smoothing, z_loss, softcap, grad, flags),
+                (smoothing, z_loss, softcap, grad, flags, logit_scale),
             )| Case {
                 classes,
                 logits,
@@ -205,6 +208,7 @@ fn case(dtype: DType, max_rows: usize, max_classes: usize) -> impl Strategy<Valu
                 smoothing,
                 z_loss,
                 softcap,
+                logit_scale,
                 grad,
                 row_grads,
                 flags,
@@ -382,6 +386,7 @@ fn call<'a, E: Element>(
             0.0
         },
         softcap: sw.on(Switches::SOFTCAP).then_some(case.softcap),
+        logit_scale: case.logit_scale,
         reduction: variant.reduction(),
         keep_row_loss: true,
         keep_row_lse: true,
@@ -654,7 +659,8 @@ fn check_ce<E: Element>(p: &Prepared<E>, case: &Case, sw: Switches, variant: Var
             }
             let sum: f64 = g.iter().map(|v| v.to_f64()).sum();
             let abs: f64 = g.iter().map(|v| v.to_f64().abs()).sum();
-            let scale = cl.scale(&out, r).abs();
+            // The logit scale is a factor of the gradient with respect to the raw logits.
+            let scale = cl.scale(&out, r).abs() * cl.options.logit_scale;
             let a = cl.target_total(r);
             let bound = (u + kernel_error(dtype) + (c as f64 + 4.0) * U64) * abs * (1.0 + u)
                 + 32.0 * U64 * scale * a
@@ -810,6 +816,7 @@ fn test_extreme_logits_subnormal_probability_target_f64() {
         smoothing: 0.1,
         z_loss: 0.0001,
         softcap: 30.0,
+        logit_scale: 1.0,
         grad: 0.23949903108584755,
         row_grads: vec![0.0; 4],
         flags: 0,
@@ -880,6 +887,7 @@ fn test_extreme_logits_difference_near_max_f64() {
         smoothing: 0.1,
         z_loss: 0.0001,
         softcap: 30.0,
+        logit_scale: 1.0,
         grad: 1.0,
         row_grads: vec![1.0, -2.0, 0.5],
         flags: 0,

@@ -277,7 +277,7 @@ pub(crate) fn scan_caching<E: Element>(
 /// [`BlockMaxima::distance`]), so that neither the loss nor the write pass maps a logit again.
 ///
 /// # Panics
-/// As [`scan_caching`], and unless `map` is a soft-cap.
+/// As [`scan_caching`], and unless `map` has a slope (is not the identity).
 pub(crate) fn scan_caching_smoothed<E: Element>(
     row: &[E],
     caches: Option<(&mut [f32], &mut [f32])>,
@@ -431,9 +431,9 @@ pub(crate) fn argmax<E: Element>(row: &[E], scan: &RowScan, map: LogitMap) -> us
     let max = match map {
         // The read pass's max: a logit of the row, so exact in its dtype.
         LogitMap::Identity => E::from_f64(scan.state.max()),
-        // The read pass's max is of the mapped logits; soft-capping is monotone, but its ties
-        // at saturation are not the raw logits' ties.
-        LogitMap::Softcap(_) => {
+        // The read pass's max is of the mapped logits; the maps are monotone, but their ties
+        // (rounding, saturation) are not the raw logits' ties.
+        LogitMap::Scaled(_) | LogitMap::Softcap { .. } => {
             let larger = |m: E, x: E| if x > m { x } else { m };
             let lowest = E::from_f64(f64::NEG_INFINITY);
             row.chunks(BLOCK)

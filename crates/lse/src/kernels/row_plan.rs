@@ -541,8 +541,10 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
             None => share,
         };
         let reduction = scale.reduction;
+        // The map's slope multiplies the gradient last, with nothing left to saturate it.
+        let reach = reduction * self.config.map.max_slope();
         // (Written so that NaN also fails.)
-        let bounded = reduction * (per_probability.abs() + largest_mass) <= 0.5 * dtype_max;
+        let bounded = reach * (per_probability.abs() + largest_mass) <= 0.5 * dtype_max;
         if !bounded {
             return None;
         }

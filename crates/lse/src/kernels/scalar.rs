@@ -1,6 +1,6 @@
 //! The scalar reference kernels.
 
-use super::simd::math::softcap;
+use super::simd::math::{scale_logits, softcap};
 use crate::element::Element;
 use crate::state::{exact_difference, exp_difference, saturate, CompensatedSum, RowState};
 
@@ -9,17 +9,37 @@ use crate::state::{exact_difference, exp_difference, saturate, CompensatedSum, R
 pub(crate) enum LogitMap {
     /// Logits as given.
     Identity,
-    /// `cap · tanh(x / cap)` (Gemma-style soft-capping). `-inf` stays `-inf`, so masks survive.
-    Softcap(f64),
+    /// `scale · x` ([`scale_logits`]: rounded once, saturating; a temperature's `1/T`).
+    Scaled(f64),
+    /// `cap · tanh(y / cap)` of `y = scale · x` (Gemma-style soft-capping, after the scale).
+    /// `-inf` stays `-inf`, so masks survive.
+    Softcap { cap: f64, scale: f64 },
 }
 
 impl LogitMap {
+    /// The map of the options `logit_scale` and `softcap`.
+    pub(crate) fn of(scale: f64, softcap: Option<f64>) -> Self {
+        match softcap {
+            Some(cap) => LogitMap::Softcap { cap, scale },
+            None if scale == 1.0 => LogitMap::Identity,
+            None => LogitMap::Scaled(scale),
+        }
+    }
+
     #[inline]
     pub(crate) fn apply(self, x: f64) -> f64 {
         self.with_slope(x).0
     }
 
-    /// `d apply(x) / dx`: `1 − tanh²(x / cap)`.
+    /// The largest slope the map has anywhere: its scale (soft-capping's own slope is ≤ 1).
+    pub(crate) fn max_slope(self) -> f64 {
+        match self {
+            LogitMap::Identity => 1.0,
+            LogitMap::Scaled(scale) | LogitMap::Softcap { scale, .. } => scale,
+        }
+    }
+
+    /// `d apply(x) / dx`: `scale`, times `1 − tanh²(y / cap)` when capped.
     #[inline]
     pub(crate) fn slope(self, x: f64) -> f64 {
         self.with_slope(x).1
@@ -33,7 +53,13 @@ impl LogitMap {
     pub(crate) fn with_slope(self, x: f64) -> (f64, f64) {
         match self {
             LogitMap::Identity => (x, 1.0),
-            LogitMap::Softcap(cap) => softcap(x, cap, 2.0 / cap),
+            // A masked logit has no slope (as a soft-capped one).
+            LogitMap::Scaled(_) if x == f64::NEG_INFINITY => (x, 0.0),
+            LogitMap::Scaled(scale) => (scale_logits(x, scale), scale),
+            LogitMap::Softcap { cap, scale } => {
+                let (y, slope) = softcap(scale_logits(x, scale), cap, 2.0 / cap);
+                (y, slope * scale)
+            }
         }
     }
 }
@@ -224,7 +250,7 @@ pub(crate) mod tests {
     fn softcap_is_accurate() {
         for cap in [1.0, 30.0] {
             for x in logits() {
-                let (y, slope) = LogitMap::Softcap(cap).with_slope(x);
+                let (y, slope) = LogitMap::of(1.0, Some(cap)).with_slope(x);
                 let exact = cap * (x / cap).tanh();
                 assert!(
                     (y - exact).abs() <= 4.0 * f64::EPSILON * exact.abs().max(f64::MIN_POSITIVE),

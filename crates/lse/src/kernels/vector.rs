@@ -34,7 +34,7 @@ use half::{bf16, f16};
 
 use super::row_plan::{ClassMasses, FastWrite};
 use super::scalar::{LogitMap, RowScan};
-use super::simd::math::{softcap, Step, SweepLanes, F32_EXP_SCALE};
+use super::simd::math::{scale_logits, softcap, Step, SweepLanes, F32_EXP_SCALE};
 use super::simd::{on_isa, Float, Isa, Mask, MAX_LANES};
 use super::{BlockMaxima, MassesPass, MAX_CACHED_LEN};
 use crate::element::{DType, Element};
@@ -181,10 +181,49 @@ impl<I: Isa, W: Step<I>> LaneMap<I, W> for Unmapped {
     }
 }
 
-/// Soft-capped logits ([`LogitMap::Softcap`]), in `f64` lanes.
+/// Scaled logits ([`LogitMap::Scaled`]), in `f64` lanes: the scaled logit, rounded once, is
+/// the logit the contract speaks of (no argument error), and the slope is the scale.
+#[derive(Clone, Copy)]
+struct Scaled {
+    scale: f64,
+}
+
+impl<I: Isa> LaneMap<I, I::Wide> for Scaled {
+    type Slope = I::Wide;
+    fn argument_error(self) -> f64 {
+        0.0
+    }
+    fn map_max(self, max: f64) -> f64 {
+        LogitMap::Scaled(self.scale).apply(max)
+    }
+    #[inline(always)]
+    fn apply(self, x: I::Wide) -> (I::Wide, I::Wide) {
+        let isa = x.token();
+        let scale = I::Wide::splat(isa, self.scale);
+        // A masked logit has no slope (as a soft-capped one): nothing of it reaches the gradient.
+        let masked = x.eq(I::Wide::splat(isa, f64::NEG_INFINITY));
+        (scale_logits(x, scale), scale.zero_where(masked))
+    }
+    #[inline(always)]
+    fn times_slope(slope: I::Wide, g: I::Wide) -> I::Wide {
+        slope.mul(g)
+    }
+    #[inline(always)]
+    fn cache_term(slope: I::Wide, e: I::Wide, ties: Mask64<I>) -> (I::Wide, Mask64<I>) {
+        Capped::cache_term(slope, e, ties)
+    }
+    #[inline(always)]
+    unsafe fn store_slope(slope: I::Wide, p: *mut f32, n: usize) {
+        // SAFETY: the caller's promise.
+        unsafe { <Capped as LaneMap<I, I::Wide>>::store_slope(slope, p, n) }
+    }
+}
+
+/// Soft-capped logits ([`LogitMap::Softcap`]) of the scaled logits, in `f64` lanes.
 #[derive(Clone, Copy)]
 struct Capped {
     cap: f64,
+    scale: f64,
 }
 
 impl<I: Isa> LaneMap<I, I::Wide> for Capped {
@@ -194,16 +233,18 @@ impl<I: Isa> LaneMap<I, I::Wide> for Capped {
         6.0 * self.cap * f64::EPSILON / 2.0
     }
     fn map_max(self, max: f64) -> f64 {
-        LogitMap::Softcap(self.cap).apply(max)
+        LogitMap::of(self.scale, Some(self.cap)).apply(max)
     }
     #[inline(always)]
     fn apply(self, x: I::Wide) -> (I::Wide, I::Wide) {
         let isa = x.token();
-        softcap(
-            x,
+        let scale = I::Wide::splat(isa, self.scale);
+        let (y, slope) = softcap(
+            scale_logits(x, scale),
             I::Wide::splat(isa, self.cap),
             I::Wide::splat(isa, 2.0 / self.cap),
-        )
+        );
+        (y, slope.mul(scale))
     }
     #[inline(always)]
     fn times_slope(slope: I::Wide, g: I::Wide) -> I::Wide {
@@ -887,7 +928,8 @@ macro_rules! entries {
             fn scan(row: &[Self], sink: ScanSink, map: LogitMap, wide: bool) -> Option<RowScan> {
                 // SAFETY: the sink's buffers hold the row (`scan_caching` checked them).
                 on_isa!(super::vector_isa(), I, isa => unsafe { match map {
-                    LogitMap::Softcap(cap) => scan_impl::<I, Self, <I as Isa>::Wide, _>(isa, row, sink, Capped { cap }),
+                    LogitMap::Softcap { cap, scale } => scan_impl::<I, Self, <I as Isa>::Wide, _>(isa, row, sink, Capped { cap, scale }),
+                    LogitMap::Scaled(scale) => scan_impl::<I, Self, <I as Isa>::Wide, _>(isa, row, sink, Scaled { scale }),
                     LogitMap::Identity if wide => scan_impl::<I, Self, <I as Isa>::Wide, _>(isa, row, sink, Unmapped),
                     LogitMap::Identity => scan_impl::<I, Self, <Self as Lanes>::V<I>, _>(isa, row, sink, Unmapped),
                 } })
@@ -1124,8 +1166,12 @@ where
     // SAFETY: `io` and `masses` as the caller promised.
     unsafe {
         match map {
-            LogitMap::Softcap(cap) => {
-                let map = Capped { cap };
+            LogitMap::Softcap { cap, scale } => {
+                let map = Capped { cap, scale };
+                ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, map, flags)
+            }
+            LogitMap::Scaled(scale) => {
+                let map = Scaled { scale };
                 ce_grad_masses_impl::<I, L, I::Wide, _>(isa, io, constants, masses, map, flags)
             }
             LogitMap::Identity if flags.1 => {
@@ -1203,7 +1249,7 @@ mod tests {
                 let Some((y, slope)) = softcap_lanes(x, cap) else {
                     return;
                 };
-                let (sy, sslope) = LogitMap::Softcap(cap).with_slope(x);
+                let (sy, sslope) = LogitMap::of(1.0, Some(cap)).with_slope(x);
                 assert_eq!(
                     (y.to_bits(), slope.to_bits()),
                     (sy.to_bits(), sslope.to_bits()),

@@ -94,9 +94,15 @@ pub struct CrossEntropyOptions<'a> {
     /// z-loss coefficient `z ≥ 0` (PaLM uses 1e-4): adds `z · lse²` per non-ignored row,
     /// unweighted.
     pub z_loss: f64,
-    /// Soft-capping: logits become `cap · tanh(x / cap)` before anything else (`cap > 0`);
-    /// `-inf` stays `-inf`.
+    /// Soft-capping: logits become `cap · tanh(x / cap)` before anything else but
+    /// `logit_scale` (`cap > 0`); `-inf` stays `-inf`.
     pub softcap: Option<f64>,
+    /// A scale `s` every logit is multiplied by first, inside the kernel (a temperature `T` is
+    /// `s = 1/T`; CLIP's `logit_scale`): the loss, row lse and z-loss are those of the logits
+    /// `s·x`, each rounded once to `f64` (and saturated at `±f64::MAX`; `-inf` stays `-inf`),
+    /// and the gradient is with respect to `x` (so it carries the factor `s`); the argmax is
+    /// that of `x`. Finite and `> 0`; default 1 (the identity: no extra work).
+    pub logit_scale: f64,
     /// How row losses are combined.
     pub reduction: Reduction,
     /// What NaN and `+inf` logits (and target mass on `-inf` logits) do.
@@ -127,6 +133,7 @@ impl Default for CrossEntropyOptions<'_> {
             label_smoothing: 0.0,
             z_loss: 0.0,
             softcap: None,
+            logit_scale: 1.0,
             reduction: Reduction::Mean,
             non_finite: NonFinite::Error,
             empty_mean: EmptyMean::Zero,
@@ -237,6 +244,12 @@ impl<'a, E: Element> Batch<'a, E> {
             o.z_loss.is_finite() && o.z_loss >= 0.0,
             "finite and >= 0",
         )?;
+        check_option(
+            "logit_scale",
+            o.logit_scale,
+            o.logit_scale.is_finite() && o.logit_scale > 0.0,
+            "finite and > 0",
+        )?;
         if let Some(cap) = o.softcap {
             check_option(
                 "softcap",
@@ -330,7 +343,7 @@ impl<'a, E: Element> Batch<'a, E> {
                     .map_or(1.0, |w| w.iter().fold(0.0, |m, v| v.abs().max(m))),
                 smoothing: eps,
                 z_loss: o.z_loss,
-                map: o.softcap.map_or(LogitMap::Identity, LogitMap::Softcap),
+                map: LogitMap::of(o.logit_scale, o.softcap),
                 propagate_non_finite: o.non_finite == NonFinite::Propagate,
             },
             options,

@@ -263,6 +263,19 @@ pub(crate) fn softcap<F: Float>(x: F, cap: F, two_over_cap: F) -> (F, F) {
     (y.select(minus_inf, masked), slope.zero_where(masked))
 }
 
+/// Logits times `scale` (a temperature's `1/T`), rounded once: a finite product past the
+/// `f64` range saturates at `±f64::MAX` (the logit was finite), and `-inf` stays `-inf`, so
+/// masks survive. NaN goes on.
+#[inline(always)]
+pub(crate) fn scale_logits<F: Float>(x: F, scale: F) -> F {
+    let tok = x.token();
+    // `min`/`max` return their second operand when it is NaN: NaN goes on.
+    let product = F::splat(tok, f64::MAX).min(x.mul(scale));
+    let y = F::splat(tok, -f64::MAX).max(product);
+    let minus_inf = F::splat(tok, f64::NEG_INFINITY);
+    y.select(minus_inf, x.eq(minus_inf))
+}
+
 /// Stores the first `n` of one step of `f32` lanes at `p`.
 #[inline(always)]
 pub(crate) unsafe fn store_f32_lanes<I: Isa>(p: *mut f32, n: usize, v: I::F32) {
