@@ -44,8 +44,13 @@ pub struct CrossEntropyOptions {
     pub label_smoothing: f64,
     /// z-loss coefficient `z ≥ 0` (PaLM uses 1e-4): adds `z · lse²` per non-ignored row.
     pub z_loss: f64,
-    /// Soft-capping: logits become `cap · tanh(x / cap)` first (`cap > 0`).
+    /// Soft-capping: logits become `cap · tanh(x / cap)` first (`cap > 0`), after
+    /// `logit_scale`.
     pub softcap: Option<f64>,
+    /// Every logit is multiplied by this first, inside the kernel (a temperature `T` is
+    /// `1/T`): the loss of `logit_scale · x`, the gradient with respect to `x`. Finite and
+    /// `> 0`; default 1.
+    pub logit_scale: f64,
     /// How the row losses are combined. With [`Reduction::None`] the loss has the logits' shape
     /// without the class dimension.
     pub reduction: Reduction,
@@ -71,6 +76,7 @@ impl Default for CrossEntropyOptions {
             label_smoothing: core.label_smoothing,
             z_loss: core.z_loss,
             softcap: core.softcap,
+            logit_scale: core.logit_scale,
             reduction: core.reduction,
             non_finite: core.non_finite,
             empty_mean: core.empty_mean,
@@ -94,6 +100,7 @@ impl CrossEntropyOptions {
             label_smoothing: self.label_smoothing,
             z_loss: self.z_loss,
             softcap: self.softcap,
+            logit_scale: self.logit_scale,
             reduction: self.reduction,
             non_finite: self.non_finite,
             empty_mean: self.empty_mean,

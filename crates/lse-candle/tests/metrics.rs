@@ -147,3 +147,30 @@ fn linear_metrics_match_the_argmax_of_the_products() {
     assert_eq!(metrics.counted_rows, counted.len());
     assert_eq!(grad(&loss, &h).dims(), [rows, dim]);
 }
+
+/// `logit_scale`: the loss and gradient of the scaled logits, against the unscaled call on
+/// logits scaled here (in `f64`, where `s·x` is what the kernel forms), the gradient carrying
+/// the factor `s`.
+#[test]
+fn logit_scale_is_the_loss_of_the_scaled_logits() {
+    let (n, c) = (5, 64);
+    let data = values(n * c, 6, 3.0);
+    let x = var(&data, &[n, c], DType::F64);
+    let scaled: Vec<f64> = data.iter().map(|v| v * 0.5).collect();
+    let xs = var(&scaled, &[n, c], DType::F64);
+    let t = Tensor::from_slice(&[1i64, 5, 9, 63, 0], n, DEV).unwrap();
+    let options = CrossEntropyOptions {
+        logit_scale: 0.5,
+        label_smoothing: 0.1,
+        ..Default::default()
+    };
+    let loss = cross_entropy(&x, &t, &options).unwrap();
+    let plain = CrossEntropyOptions {
+        logit_scale: 1.0,
+        ..options.clone()
+    };
+    let want = cross_entropy(&xs, &t, &plain).unwrap();
+    assert_close("loss", &f64s(&loss), &f64s(&want), 1e-15);
+    let g: Vec<f64> = f64s(&grad(&want, &xs)).iter().map(|v| v * 0.5).collect();
+    assert_close("gradient", &f64s(&grad(&loss, &x)), &g, 1e-15);
+}

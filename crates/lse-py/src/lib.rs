@@ -404,7 +404,7 @@ fn cross_entropy_run<E: PyElement>(
 #[pyo3(signature = (
     logits, classes, targets, *, weights, ignore_index, reduction, label_smoothing, z_loss,
     softcap, propagate, empty_mean, keep_row_loss, keep_logit_stats, grad, grad_output,
-    target_grad=None, keep_row_argmax=false
+    target_grad=None, keep_row_argmax=false, logit_scale=1.0
 ))]
 #[allow(clippy::too_many_arguments)] // mirrors lse::CrossEntropyOptions one keyword each
 fn cross_entropy(
@@ -426,6 +426,7 @@ fn cross_entropy(
     grad_output: &Bound<'_, PyAny>,
     target_grad: Option<&Bound<'_, PyAny>>,
     keep_row_argmax: bool,
+    logit_scale: f64,
 ) -> PyResult<CeResult> {
     let (reduction, empty_mean) = (parse_reduction(reduction)?, parse_empty_mean(empty_mean)?);
     let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
@@ -438,6 +439,7 @@ fn cross_entropy(
             label_smoothing,
             z_loss,
             softcap,
+            logit_scale,
             reduction,
             non_finite: policy(propagate),
             empty_mean,
@@ -569,7 +571,7 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
 #[pyo3(signature = (
     hidden, weight, classes, targets, *, bias, weights, ignore_index, reduction, label_smoothing,
     z_loss, softcap, propagate, empty_mean, budget_bytes, grad_hidden, grad_weight, grad_bias,
-    grad_output, keep_row_argmax=false
+    grad_output, keep_row_argmax=false, logit_scale=1.0
 ))]
 #[allow(clippy::too_many_arguments)] // mirrors lse::LinearCrossEntropyOptions one keyword each
 fn linear_cross_entropy(
@@ -592,6 +594,7 @@ fn linear_cross_entropy(
     grad_bias: Option<&Bound<'_, PyAny>>,
     grad_output: Option<PyReadonlyArray1<'_, f32>>,
     keep_row_argmax: bool,
+    logit_scale: f64,
 ) -> PyResult<LinearResult> {
     let weights = weights.as_ref().map(|w| w.as_slice()).transpose()?;
     let grads = match (grad_hidden, grad_weight) {
@@ -615,6 +618,7 @@ fn linear_cross_entropy(
                 label_smoothing,
                 z_loss,
                 softcap,
+                logit_scale,
                 reduction: parse_reduction(reduction)?,
                 non_finite: policy(propagate),
                 empty_mean: parse_empty_mean(empty_mean)?,

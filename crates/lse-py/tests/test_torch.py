@@ -131,11 +131,11 @@ def test_opcheck_every_op():
         ce = torch.ops.lse.cross_entropy.default
         qg = q.detach().requires_grad_()
         for args in [
-            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "zero", True, False, False),
-            (x, t, w, 3, "none", 0.1, 1e-3, 10.0, "error", "zero", True, False, True),
-            (x, q, None, -100, "sum", 0.0, 0.0, None, "error", "zero", True, False, True),
-            (x, qg, -w, -100, "mean", 0.2, 0.0, None, "propagate", "zero", True, True, False),
-            (x, t, None, -100, "mean", 0.0, 0.0, None, "error", "nan", False, False, True),
+            (x, t, None, -100, "mean", 0.0, 0.0, None, 1.0, "error", "zero", True, False, False),
+            (x, t, w, 3, "none", 0.1, 1e-3, 10.0, 0.5, "error", "zero", True, False, True),
+            (x, q, None, -100, "sum", 0.0, 0.0, None, 2.0, "error", "zero", True, False, True),
+            (x, qg, -w, -100, "mean", 0.2, 0.0, None, 1.0, "propagate", "zero", True, True, False),
+            (x, t, None, -100, "mean", 0.0, 0.0, None, 1.0, "error", "nan", False, False, True),
         ]:
             opcheck(ce, args)
         opcheck(torch.ops.lse.softmax.default, (x, 1))

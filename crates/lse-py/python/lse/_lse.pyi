@@ -44,6 +44,7 @@ def cross_entropy(
     grad_output: Union[float, Stat],
     target_grad: Optional[Float] = None,
     keep_row_argmax: bool = False,
+    logit_scale: float = 1.0,
 ) -> tuple[float, float, Optional[Stat], Optional[LogitStats], Metrics]:
     """(loss, the mean's denominator, per-row losses, logit statistics, metrics)."""
 
@@ -68,6 +69,7 @@ def linear_cross_entropy(
     grad_bias: Optional[Float],
     grad_output: Optional[npt.NDArray[np.float32]],
     keep_row_argmax: bool = False,
+    logit_scale: float = 1.0,
 ) -> tuple[float, float, Optional[npt.NDArray[np.float32]], Metrics]:
     """float32, float16 or bfloat16 only: (loss, the mean's denominator, per-row losses,
     metrics)."""

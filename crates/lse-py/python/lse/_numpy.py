@@ -224,6 +224,7 @@ def cross_entropy(
     target_grad: bool = False,
     out_target_grad=None,
     metrics: bool = False,
+    logit_scale: float = 1.0,
 ):
     """Softmax cross-entropy from raw logits, ``(m − x_y) + log1p(s')`` per row, optionally
     fused with its gradient (one read pass and one write pass).
@@ -247,6 +248,9 @@ def cross_entropy(
         target_grad: also compute ``∂(grad_output · loss)/∂target`` (probability targets):
             ``(1 − ε) · w_c · (lse − x_c)`` per row, times the mean's ``1/rows``.
         out_target_grad: where to write it (else a new array).
+        logit_scale: every logit is multiplied by this first, inside the kernel (a temperature
+            ``T`` is ``1/T``): the loss is that of ``logit_scale · x`` and the gradient is with
+            respect to ``x``.
         metrics: also return each row's argmax, the token accuracy and the z-loss term
             (``argmax``, ``correct``, ``accuracy``, ``z_loss`` of the result), from the same
             call: the argmax is taken while each row is in cache from its read pass.
@@ -336,6 +340,7 @@ def cross_entropy(
         grad_output=g_out,
         target_grad=None if target_buf is None else target_buf.reshape(-1),
         keep_row_argmax=bool(metrics),
+        logit_scale=float(logit_scale),
     )
     value = row_loss.reshape(batch) if reduction == "none" else sdtype.type(loss)
     if not (grad or stats or target_grad or metrics):

@@ -258,6 +258,7 @@ def _cross_entropy(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
+    logit_scale: float,
     nonfinite: str,
     empty_mean: str,
     compute_grad: bool,
@@ -284,6 +285,7 @@ def _cross_entropy(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        logit_scale=logit_scale,
         nonfinite=nonfinite,
         empty_mean=empty_mean,
         grad=compute_grad,
@@ -310,7 +312,7 @@ def _cross_entropy(
 
 @_cross_entropy.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      nonfinite, empty_mean, compute_grad, compute_target_grad, metrics):
+      logit_scale, nonfinite, empty_mean, compute_grad, compute_target_grad, metrics):
     shape = input.shape[:1] if reduction == "none" else ()
     loss = input.new_empty(shape, dtype=_stat_dtype(input.dtype))
     grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
@@ -326,7 +328,7 @@ def _cross_entropy_setup(ctx, inputs, output):
     # them, so that autograd's AccumulateGrad can take one as `input.grad` without a copy (a
     # saved tensor would keep a second reference and force a 0.5 GB clone at 4096 × 32000 f32).
     # They are non-differentiable (no grad_fn), so this makes no reference cycle.
-    ctx.grads = (grad if inputs[10] else None, target_grad if inputs[11] else None)
+    ctx.grads = (grad if inputs[11] else None, target_grad if inputs[12] else None)
     # The gradient outputs get no incoming gradient: leave them None rather than materialised
     # zeros.
     ctx.set_materialize_grads(False)
@@ -335,7 +337,7 @@ def _cross_entropy_setup(ctx, inputs, output):
     # forward run without it, or a second backward through the graph (retain_graph=True).
     input, target, weight = inputs[:3]
     ctx.save_for_backward(input, target, weight)
-    ctx.options = inputs[3:10]
+    ctx.options = inputs[3:11]
     ctx.mark_non_differentiable(grad, target_grad, argmax, correct, z_term)
 
 
@@ -351,7 +353,7 @@ def _is_one(g: Tensor) -> bool:
 
 
 def _cross_entropy_backward(ctx, grad_loss, *_grads_of_the_other_outputs):
-    none = (None,) * 13
+    none = (None,) * 14
     if grad_loss is None:  # nothing flows back through the loss
         return none
     wanted = ctx.needs_input_grad[:2]
@@ -404,6 +406,7 @@ def cross_entropy(
     nonfinite: str = "error",
     empty_mean: str = "zero",
     loss_dtype: Optional[torch.dtype] = None,
+    logit_scale: float = 1.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_argmax: bool = False,
@@ -423,6 +426,9 @@ def cross_entropy(
     * ``loss_dtype``: the loss's dtype; default the input's (as PyTorch); ``torch.float32``
       keeps the float32 loss lse computes for float16/bfloat16 input (finite where a float16
       loss would overflow).
+    * ``logit_scale``: every logit is multiplied by it first, inside the kernel (a temperature
+      ``T`` is ``logit_scale=1/T``; no pass over the logits of its own): the loss of
+      ``logit_scale · input``, the gradient with respect to ``input``;
     * ``return_z_loss``, ``return_token_accuracy``, ``return_argmax``: return a
       :class:`CrossEntropyOutput` (loss, z-loss term, token accuracy, each row's argmax) instead
       of the loss alone, all from the same call (as Liger's ``return_z_loss`` and
@@ -524,8 +530,8 @@ def cross_entropy(
     metrics = return_token_accuracy or return_argmax
     loss, _, _, argmax, correct, z_term = _cross_entropy(
         x, t.contiguous(), weight, int(ignore_index), reduction, float(label_smoothing),
-        float(z_loss), None if softcap is None else float(softcap), nonfinite, empty_mean,
-        compute_grad, compute_target_grad, metrics,
+        float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
+        nonfinite, empty_mean, compute_grad, compute_target_grad, metrics,
     )
     batch_shape = () if unbatched else (input.shape[0], *spatial)
     if reduction == "none":
@@ -554,8 +560,8 @@ def _shifted(error: Exception, first_row: int) -> Exception:
 
 
 def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output,
-                    metrics):
+                    softcap, logit_scale, nonfinite, empty_mean, budget_bytes, compute_grad,
+                    grad_output, metrics):
     """The linear cross-entropy a chunk of rows at a time in PyTorch products and lse's fused
     cross-entropy (for what lse's Rust path does not take: float64, probability targets).
     Returns (loss, per-row losses, dH, dW, db, (z term, argmax or None, rows on target or
@@ -601,7 +607,8 @@ def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smo
             result = _numpy.cross_entropy(
                 as_numpy(logits), as_numpy(t[first:first + chunk], "target"), weight=weights,
                 ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing,
-                z_loss=z_loss, softcap=softcap, nonfinite=nonfinite, grad=compute_grad,
+                z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, nonfinite=nonfinite,
+                grad=compute_grad,
                 grad_output=g if compute_grad else 1.0, metrics=metrics or z_loss > 0,
             )
         except LseError as error:
@@ -645,6 +652,7 @@ def _linear_cross_entropy(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
+    logit_scale: float,
     nonfinite: str,
     empty_mean: str,
     budget_bytes: int,
@@ -681,14 +689,14 @@ def _linear_cross_entropy(
             grad_hidden=None if dh is None else as_numpy(dh).reshape(-1),
             grad_weight=None if dw is None else as_numpy(dw).reshape(-1),
             grad_bias=None if db is None else as_numpy(db).reshape(-1),
-            grad_output=go, keep_row_argmax=metrics,
+            grad_output=go, keep_row_argmax=metrics, logit_scale=logit_scale,
         )
         loss = as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
     else:
         value, rows, dh, dw, db, found = _linear_chunked(
             input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-            label_smoothing, z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad,
-            grad_output, metrics,
+            label_smoothing, z_loss, softcap, logit_scale, nonfinite, empty_mean, budget_bytes,
+            compute_grad, grad_output, metrics,
         )
         loss = as_torch(rows) if reduction == "none" else _scalar(value, stat)
     z_term, argmax, correct = found
@@ -702,7 +710,8 @@ def _linear_cross_entropy(
 
 @_linear_cross_entropy.register_fake
 def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output, metrics):
+      z_loss, softcap, logit_scale, nonfinite, empty_mean, budget_bytes, compute_grad, grad_output,
+      metrics):
     shape = input.shape[:1] if reduction == "none" else ()
     stat = _stat_dtype(input.dtype)
     loss = input.new_empty(shape, dtype=stat)
@@ -719,19 +728,19 @@ def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction
 
 def _linear_setup(ctx, inputs, output):
     _, dh, dw, db, argmax, correct, z_term = output
-    compute_grad = inputs[13]
+    compute_grad = inputs[14]
     # Handed over by the backward, as the cross-entropy's gradient (see _cross_entropy_setup).
     ctx.grads = (dh, dw, db) if compute_grad and inputs[6] != "none" else None
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[6]
     input, linear_weight, target, linear_bias, weight = inputs[:5]
     ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
-    ctx.options = inputs[5:13]
+    ctx.options = inputs[5:14]
     ctx.mark_non_differentiable(dh, dw, db, argmax, correct, z_term)
 
 
 def _linear_backward(ctx, grad_loss, *_):
-    none = (None,) * 16
+    none = (None,) * 17
     if grad_loss is None:
         return none
     grads, ctx.grads = ctx.grads, None
@@ -771,6 +780,7 @@ def linear_cross_entropy(
     empty_mean: str = "zero",
     budget_bytes: Optional[int] = None,
     loss_dtype: Optional[torch.dtype] = None,
+    logit_scale: float = 1.0,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     return_argmax: bool = False,
@@ -783,7 +793,8 @@ def linear_cross_entropy(
     ``softcap``, ``nonfinite``, ``empty_mean``, ``loss_dtype`` (as in :func:`cross_entropy`) and
     ``budget_bytes``, the working memory for a chunk of logits (default 256 MiB): the peak
     extra memory is that plus ``O(N + C)``, plus the gradients themselves (and, for float16/
-    bfloat16, a float32 accumulator of ``dW``). ``return_z_loss``, ``return_token_accuracy``
+    bfloat16, a float32 accumulator of ``dW``). ``logit_scale`` (a temperature's ``1/T``)
+    scales each chunk's logits inside the kernel. ``return_z_loss``, ``return_token_accuracy``
     and ``return_argmax`` return a :class:`CrossEntropyOutput` as :func:`cross_entropy` does,
     from the logits the call forms anyway.
 
@@ -854,7 +865,8 @@ def linear_cross_entropy(
         h.contiguous(), linear_weight.contiguous(), t.contiguous(),
         None if linear_bias is None else linear_bias.contiguous(), weight,
         ignore, reduction, float(label_smoothing),
-        float(z_loss), None if softcap is None else float(softcap), nonfinite, empty_mean,
+        float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
+        nonfinite, empty_mean,
         DEFAULT_LINEAR_BUDGET_BYTES if budget_bytes is None else int(budget_bytes),
         compute_grad, None, metrics,
     )
@@ -893,6 +905,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         empty_mean: str = "zero",
         budget_bytes: Optional[int] = None,
         loss_dtype: Optional[torch.dtype] = None,
+        logit_scale: float = 1.0,
         return_z_loss: bool = False,
         return_token_accuracy: bool = False,
         return_argmax: bool = False,
@@ -904,7 +917,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.options = dict(z_loss=z_loss, softcap=softcap, nonfinite=nonfinite,
                             empty_mean=empty_mean, budget_bytes=budget_bytes, loss_dtype=loss_dtype,
-                            return_z_loss=return_z_loss,
+                            logit_scale=logit_scale, return_z_loss=return_z_loss,
                             return_token_accuracy=return_token_accuracy,
                             return_argmax=return_argmax)
 
@@ -953,6 +966,7 @@ class CrossEntropyLoss(torch.nn.Module):
         nonfinite: str = "error",
         empty_mean: str = "zero",
         loss_dtype: Optional[torch.dtype] = None,
+        logit_scale: float = 1.0,
         return_z_loss: bool = False,
         return_token_accuracy: bool = False,
         return_argmax: bool = False,
@@ -967,7 +981,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.nonfinite = nonfinite
         self.empty_mean = empty_mean
         self.loss_dtype = loss_dtype
-        self.returns = dict(return_z_loss=return_z_loss,
+        self.returns = dict(logit_scale=logit_scale, return_z_loss=return_z_loss,
                             return_token_accuracy=return_token_accuracy,
                             return_argmax=return_argmax)
 
