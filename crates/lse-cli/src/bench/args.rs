@@ -126,6 +126,10 @@ pub struct Args {
     #[arg(long)]
     pub argmax: bool,
 
+    /// Cross-entropy ops: multiply the logits by S inside the kernel (a temperature's 1/T)
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    pub logit_scale: f64,
+
     /// Print one JSON document instead of the table (its fields are listed below)
     #[arg(long)]
     pub json: bool,

@@ -95,6 +95,7 @@ struct CeSetup {
     class_weights: bool,
     soft_targets: bool,
     argmax: bool,
+    logit_scale: f64,
 }
 
 impl CeSetup {
@@ -106,6 +107,7 @@ impl CeSetup {
             softcap: self.softcap,
             weights: self.class_weights.then_some(weights),
             keep_row_argmax: self.argmax,
+            logit_scale: self.logit_scale,
             ..CrossEntropyOptions::default()
         }
     }
@@ -127,6 +129,9 @@ impl CeSetup {
         }
         if self.argmax {
             parts.push("argmax".to_owned());
+        }
+        if self.logit_scale != 1.0 {
+            parts.push(format!("logit_scale={}", self.logit_scale));
         }
         if self.soft_targets {
             parts.push("soft_targets".to_owned());
@@ -172,6 +177,7 @@ impl Plan {
                 class_weights: args.class_weights,
                 soft_targets: args.soft_targets,
                 argmax: args.argmax,
+                logit_scale: args.logit_scale,
             },
         }
     }
