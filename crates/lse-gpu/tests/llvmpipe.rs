@@ -310,6 +310,17 @@ fn backward_bf16() {
 
 /// Every combination of the class-target options against the CPU: loss, row losses, row
 /// logsumexp and gradient.
+/// The device's z-loss term (from its row lse, a few `f32` ulps each) against the CPU's.
+fn assert_z_term(what: &str, dev: f32, cpu: f32) {
+    let (dev, cpu) = (f64::from(dev), f64::from(cpu));
+    let r = if cpu == 0.0 {
+        dev.abs()
+    } else {
+        ((dev - cpu) / cpu).abs()
+    };
+    assert!(r < 1e-6, "{what}: z-loss term {dev} vs {cpu}");
+}
+
 fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
     let gpu = gpu();
     let mut rng = Rng(42);
@@ -377,18 +388,7 @@ fn cross_entropy_options<E: GpuElement>(grad_bound: u64) {
                         let r = rel(dev.loss, cpu.loss);
                         worst_loss = worst_loss.max(r);
                         assert!(r < 4e-7, "{what}: loss {} vs {}", dev.loss, cpu.loss);
-                        // The z-loss term, from the device's row lse (a few f32 ulps each).
-                        let rz = if cpu.z_loss == 0.0 {
-                            f64::from(dev.z_loss.abs())
-                        } else {
-                            rel(dev.z_loss, cpu.z_loss)
-                        };
-                        assert!(
-                            rz < 1e-6,
-                            "{what}: z-loss term {} vs {}",
-                            dev.z_loss,
-                            cpu.z_loss
-                        );
+                        assert_z_term(&what, dev.z_loss, cpu.z_loss);
                         for (row, (d, c)) in dev
                             .row_loss
                             .as_ref()
@@ -572,7 +572,7 @@ fn non_finite_policies() {
 /// empty mean; and its propagate policies give the CPU's NaN / `+inf` rows.
 /// What the kernels do not compute is refused, never returned empty.
 #[test]
-fn argmax_is_not_offered_on_the_gpu() {
+fn argmax_and_logit_scale_are_not_offered_on_the_gpu() {
     let gpu = gpu();
     let x = vec![0.5f32; 8];
     let options = CrossEntropyOptions {
@@ -586,6 +586,14 @@ fn argmax_is_not_offered_on_the_gpu() {
         matches!(dev, Error::Unsupported("keep_row_argmax")),
         "{dev:?}"
     );
+    let options = CrossEntropyOptions {
+        logit_scale: 0.5,
+        ..Default::default()
+    };
+    let dev = gpu
+        .cross_entropy(&x, 4, &[0, 1], &options, GradOutput::Scalar(1.0), None)
+        .unwrap_err();
+    assert!(matches!(dev, Error::Unsupported("logit_scale")), "{dev:?}");
 }
 
 #[test]
@@ -898,18 +906,7 @@ fn cross_entropy_probability_options<E: GpuElement>(loss_bound: f64, grad_bound:
                         let r = rel(dev.loss, cpu.loss);
                         worst_loss = worst_loss.max(r);
                         assert!(r < loss_bound, "{what}: loss {} vs {}", dev.loss, cpu.loss);
-                        // The z-loss term, from the device's row lse (a few f32 ulps each).
-                        let rz = if cpu.z_loss == 0.0 {
-                            f64::from(dev.z_loss.abs())
-                        } else {
-                            rel(dev.z_loss, cpu.z_loss)
-                        };
-                        assert!(
-                            rz < 1e-6,
-                            "{what}: z-loss term {} vs {}",
-                            dev.z_loss,
-                            cpu.z_loss
-                        );
+                        assert_z_term(&what, dev.z_loss, cpu.z_loss);
                         for (row, (d, c)) in dev
                             .row_loss
                             .as_ref()
