@@ -1,6 +1,7 @@
 //! `cross_entropy_with_metrics` and `linear_cross_entropy_with_metrics`: the argmax against
-//! candle's own `argmax`, the token accuracy against a count, the z-loss term against an `f64`
-//! logsumexp written here, in every dtype and with the classes in the middle.
+//! candle's own `argmax` (the linear loss's against lse-testkit's `torch_argmax` of `f64`
+//! products), the token accuracy against a count, the z-loss term against the oracle's exact
+//! logsumexp, in every dtype and with the classes in the middle.
 
 mod common;
 
@@ -10,12 +11,7 @@ use lse_candle::{
     cross_entropy, cross_entropy_with_metrics, linear_cross_entropy_with_metrics,
     CrossEntropyOptions, Reduction,
 };
-
-/// `log Σ exp(x)` of a row, shifted by its max.
-fn lse(row: &[f64]) -> f64 {
-    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
-}
+use lse_testkit::oracle::{logsumexp_f64, torch_argmax};
 
 #[test]
 fn metrics_match_candles_argmax_and_a_reference_z_term() {
@@ -68,7 +64,7 @@ fn metrics_match_candles_argmax_and_a_reference_z_term() {
         let xs = f64s(&x.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap());
         let z: f64 = counted
             .iter()
-            .map(|&i| 1e-3 * lse(&xs[i * c..(i + 1) * c]).powi(2))
+            .map(|&i| 1e-3 * logsumexp_f64(&xs[i * c..(i + 1) * c]).powi(2))
             .sum();
         let u = unit_roundoff(if dtype == DType::F64 {
             DType::F64
@@ -100,16 +96,7 @@ fn linear_metrics_match_the_argmax_of_the_products() {
                 .collect()
         })
         .collect();
-    let top = |row: &[f64]| {
-        let mut best = 0;
-        for (i, &v) in row.iter().enumerate() {
-            if v > row[best] {
-                best = i;
-            }
-        }
-        best as i64
-    };
-    let predicted: Vec<i64> = logits.iter().map(|r| top(r)).collect();
+    let predicted: Vec<i64> = logits.iter().map(|r| torch_argmax(r) as i64).collect();
     let targets: Vec<i64> = (0..rows)
         .map(|r| if r % 6 == 5 { -100 } else { predicted[r] })
         .collect();
@@ -136,7 +123,7 @@ fn linear_metrics_match_the_argmax_of_the_products() {
     let counted: Vec<usize> = (0..rows).filter(|&r| targets[r] != -100).collect();
     let z = counted
         .iter()
-        .map(|&r| 1e-4 * lse(&logits[r]).powi(2))
+        .map(|&r| 1e-4 * logsumexp_f64(&logits[r]).powi(2))
         .sum::<f64>()
         / counted.len() as f64;
     assert!(

@@ -423,15 +423,16 @@ impl Gpu {
 
     /// The cross-entropy of `logits` (`rows × classes`) against class `targets`, fused with its
     /// gradient when `grad` is given: [`lse::cross_entropy_with_grad`]'s semantics (every option
-    /// of [`CrossEntropyOptions`] but `keep_logit_stats`, `keep_row_argmax` and `logit_scale`), computed in `f32` on the device. Row
-    /// losses are reduced on the host in row order, in `f64`.
+    /// of [`CrossEntropyOptions`] but `keep_logit_stats`, `keep_row_argmax` and `logit_scale`),
+    /// computed in `f32` on the device. Row losses are reduced on the host in row order, in
+    /// `f64`.
     ///
     /// # Errors
     /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, targets,
     /// the incoming gradient, NaN/`+inf` logits and masked targets under
     /// [`NonFinite::Error`], the empty mean under [`EmptyMean::Error`]);
-    /// [`Error::Unsupported`] for `keep_logit_stats`, `keep_row_argmax` and `logit_scale`; [`Error::Device`]. `grad` is written only
-    /// on success; no input is modified.
+    /// [`Error::Unsupported`] for `keep_logit_stats`, `keep_row_argmax` and `logit_scale`;
+    /// [`Error::Device`]. `grad` is written only on success; no input is modified.
     ///
     /// # Panics
     /// When the CubeCL runtime does.
@@ -562,15 +563,7 @@ impl Gpu {
     ) -> Result<(CrossEntropyOutput<f32>, Option<Handle>), Error> {
         let rows = row_count("logits", len, classes)?;
         expect_len("targets", rows, targets.len())?;
-        if options.keep_logit_stats {
-            return Err(Error::Unsupported("keep_logit_stats"));
-        }
-        if options.keep_row_argmax {
-            return Err(Error::Unsupported("keep_row_argmax"));
-        }
-        if options.logit_scale != 1.0 {
-            return Err(Error::Unsupported("logit_scale"));
-        }
+        check_offered(options)?;
         let checked =
             ChunkedCrossEntropy::<f32>::new(classes, targets, options, grad_output)?.finish();
         if rows == 0 {
@@ -596,8 +589,8 @@ impl Gpu {
     /// As [`lse::cross_entropy_with_grad`] ([`Error::Input`]: shapes, options, weights, the
     /// incoming gradient, [`LseError::BadProbability`] for the first non-finite target of the
     /// first faulty row, NaN/`+inf` logits and target mass on a masked (`-inf`) logit under
-    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats`, `keep_row_argmax` and `logit_scale`;
-    /// [`Error::Device`]. `grad` is written only on success; no input is modified.
+    /// [`NonFinite::Error`]); [`Error::Unsupported`] for `keep_logit_stats`, `keep_row_argmax`
+    /// and `logit_scale`; [`Error::Device`]. `grad` is written only on success; no input is modified.
     ///
     /// # Panics
     /// When the CubeCL runtime does.
@@ -922,16 +915,20 @@ fn check_ce_call<E: GpuElement>(
     if let Some(g) = grad {
         expect_len("gradient", logits.len(), g.len())?;
     }
-    if options.keep_logit_stats {
-        return Err(Error::Unsupported("keep_logit_stats"));
+    check_offered(options)
+}
+
+/// The options the GPU kernels do not implement, refused by name (never ignored).
+fn check_offered(options: &CrossEntropyOptions<'_>) -> Result<(), Error> {
+    let unsupported = [
+        (options.keep_logit_stats, "keep_logit_stats"),
+        (options.keep_row_argmax, "keep_row_argmax"),
+        (options.logit_scale != 1.0, "logit_scale"),
+    ];
+    match unsupported.into_iter().find(|&(asked, _)| asked) {
+        Some((_, name)) => Err(Error::Unsupported(name)),
+        None => Ok(()),
     }
-    if options.keep_row_argmax {
-        return Err(Error::Unsupported("keep_row_argmax"));
-    }
-    if options.logit_scale != 1.0 {
-        return Err(Error::Unsupported("logit_scale"));
-    }
-    Ok(())
 }
 
 /// The device buffers of one cross-entropy call, shared by both kinds of target and by logits

@@ -531,6 +531,26 @@ impl ExactRow {
     }
 }
 
+/// `torch.argmax` of a row, the reference of lse's `keep_row_argmax`: the first NaN if there is
+/// one, else the first of equal maxima (column 0 of an all `-inf` or empty row).
+pub fn torch_argmax(row: &[f64]) -> usize {
+    if let Some(nan) = row.iter().position(|x| x.is_nan()) {
+        return nan;
+    }
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `logsumexp` of a row of finite logits and `-inf` masks, from the exact row, in `f64`.
+pub fn logsumexp_f64(row: &[f64]) -> f64 {
+    to_f64(&ExactRow::new(row).logsumexp())
+}
+
 /// The index of the first maximum among the finite entries; `None` if all are `-inf`.
 fn argmax(logits: &[f64]) -> Option<usize> {
     let mut best: Option<usize> = None;

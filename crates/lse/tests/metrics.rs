@@ -3,9 +3,8 @@
 //! ([`CrossEntropyOutput::z_loss`]), in every dtype and through every entry point (out of
 //! place, in place, chunked, the fused linear loss, the split vocabulary).
 //!
-//! References are plain loops over the inputs (the first column holding the row's largest
-//! value, as `torch.argmax` picks it) and `Σ z·lse²` from an `f64` logsumexp written here;
-//! the rows are long enough (up to 5000 classes) that ties and maxima fall in different blocks
+//! References are lse-testkit's: `torch_argmax` (the first column holding the row's largest
+//! value, a plain loop) and `Σ z·lse²` from the oracle's exact logsumexp; the rows are long enough (up to 5000 classes) that ties and maxima fall in different blocks
 //! of every kernel.
 
 use lse::{
@@ -14,6 +13,7 @@ use lse::{
     CrossEntropyOutput, Element, GradOutput, LinearCrossEntropyOptions, LinearGradients,
     LinearHead, NonFinite, Reduction, Targets,
 };
+use lse_testkit::oracle::{logsumexp_f64, torch_argmax};
 use lse_testkit::{all_dtypes, rng::Rng, NAN, NEG};
 
 all_dtypes!(
@@ -27,27 +27,9 @@ all_dtypes!(
 
 const IGNORE: i64 = -100;
 
-/// `torch.argmax` of a row: the first NaN, else the first of equal maxima.
+/// `torch.argmax` of a row, as lse's row indices are.
 fn reference_argmax(row: &[f64]) -> i64 {
-    if let Some(nan) = row.iter().position(|x| x.is_nan()) {
-        return nan as i64;
-    }
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as i64
-}
-
-/// `log Σ exp(x)` in `f64`, shifted by the row max (`-inf` for a fully masked row).
-fn reference_lse(row: &[f64]) -> f64 {
-    let m = row.iter().copied().fold(NEG, f64::max);
-    if m == NEG {
-        return NEG;
-    }
-    m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    torch_argmax(row) as i64
 }
 
 /// `rows` rows of `classes` logits in `E`, with ties at the row max planted in other blocks
@@ -320,7 +302,7 @@ fn z_loss_term_is_the_z_share_of_the_loss<E: Element>() {
         let b = cross_entropy(&x, classes, t, &without).unwrap();
         let sum: f64 = (0..rows)
             .filter(|&r| targets[r] != IGNORE)
-            .map(|r| z * reference_lse(&row_f64(&x, classes, r)).powi(2))
+            .map(|r| z * logsumexp_f64(&row_f64(&x, classes, r)).powi(2))
             .sum();
         let want = if reduction == Reduction::Mean {
             sum / a.counted_rows as f64
@@ -407,7 +389,7 @@ fn linear_loss_reports_argmax_accuracy_and_z_term() {
     assert_eq!(out.counted_rows, counted);
     let z: f64 = (0..rows)
         .filter(|&r| targets[r] != IGNORE)
-        .map(|r| 1e-4 * reference_lse(&logits[r * classes..(r + 1) * classes]).powi(2))
+        .map(|r| 1e-4 * logsumexp_f64(&logits[r * classes..(r + 1) * classes]).powi(2))
         .sum::<f64>()
         / counted as f64;
     assert!(

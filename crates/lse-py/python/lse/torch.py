@@ -228,9 +228,10 @@ class CrossEntropyOutput(NamedTuple):
     holding the row's largest logit, as ``torch.argmax`` (soft-capping does not change it)."""
 
 
-def _finish(loss, z_term, argmax, correct, counted, *, dtype, batch_shape, empty_mean,
+def _finish(loss, z_term, argmax, correct, *, dtype, batch_shape, empty_mean,
             return_z_loss, return_token_accuracy, return_argmax):
-    """The public result: the loss alone, or a :class:`CrossEntropyOutput`."""
+    """The public result: the loss alone, or a :class:`CrossEntropyOutput`. ``argmax`` is -1
+    exactly on the ignored rows, so it also counts the rows the accuracy is over."""
     if not (return_z_loss or return_token_accuracy or return_argmax):
         return loss
     accuracy = None
@@ -238,6 +239,7 @@ def _finish(loss, z_term, argmax, correct, counted, *, dtype, batch_shape, empty
         if correct < 0:
             raise OptionError("return_token_accuracy needs class targets (probabilities have none)")
         empty = float("nan") if empty_mean == "nan" else 0.0
+        counted = int((argmax >= 0).sum())
         accuracy = torch.tensor(int(correct) / counted if counted else empty, dtype=torch.float32)
     return CrossEntropyOutput(
         loss,
@@ -537,9 +539,8 @@ def cross_entropy(
     if reduction == "none":
         loss = loss.reshape(batch_shape)
     dtype = input.dtype if loss_dtype is None else loss_dtype
-    counted = rows if probabilities else int((t != ignore_index).sum()) if metrics else 0
     return _finish(
-        loss.to(dtype), z_term, argmax, int(correct), counted, dtype=dtype,
+        loss.to(dtype), z_term, argmax, int(correct), dtype=dtype,
         batch_shape=batch_shape, empty_mean=empty_mean, return_z_loss=return_z_loss,
         return_token_accuracy=return_token_accuracy, return_argmax=return_argmax,
     )
@@ -860,11 +861,10 @@ def linear_cross_entropy(
         x is not None and x.requires_grad for x in (input, linear_weight, linear_bias)
     )
     metrics = return_token_accuracy or return_argmax
-    ignore = -100 if ignore_index is None else int(ignore_index)
     loss, _, _, _, argmax, correct, z_term = _linear_cross_entropy(
         h.contiguous(), linear_weight.contiguous(), t.contiguous(),
         None if linear_bias is None else linear_bias.contiguous(), weight,
-        ignore, reduction, float(label_smoothing),
+        -100 if ignore_index is None else int(ignore_index), reduction, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), float(logit_scale),
         nonfinite, empty_mean,
         DEFAULT_LINEAR_BUDGET_BYTES if budget_bytes is None else int(budget_bytes),
@@ -873,9 +873,8 @@ def linear_cross_entropy(
     if unbatched and reduction == "none":
         loss = loss.reshape(())
     dtype = input.dtype if loss_dtype is None else loss_dtype
-    counted = h.shape[0] if probabilities else int((t != ignore).sum()) if metrics else 0
     return _finish(
-        loss.to(dtype), z_term, argmax, int(correct), counted, dtype=dtype,
+        loss.to(dtype), z_term, argmax, int(correct), dtype=dtype,
         batch_shape=() if unbatched else (h.shape[0],), empty_mean=empty_mean,
         return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
         return_argmax=return_argmax,
