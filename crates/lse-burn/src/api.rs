@@ -357,6 +357,6 @@ fn linear_check(
         cross_entropy: options.cross_entropy.as_lse(),
         budget_bytes: options.budget_bytes,
     };
-    lse::linear_cross_entropy(&h, head, targets, &core)?;
+    lse::linear_cross_entropy(&h, head, lse::Targets::Classes(targets), &core)?;
     Ok(())
 }

@@ -308,7 +308,12 @@ impl<E: HostElement + lse::Element<Stat = f32>> LinearCall<'_, E> {
         };
         let (out, grads) = match self.grad_output {
             None => (
-                lse::linear_cross_entropy(self.hidden, head, self.targets, &self.options),
+                lse::linear_cross_entropy(
+                    self.hidden,
+                    head,
+                    lse::Targets::Classes(self.targets),
+                    &self.options,
+                ),
                 None,
             ),
             Some(g) => {
@@ -330,7 +335,7 @@ impl<E: HostElement + lse::Element<Stat = f32>> LinearCall<'_, E> {
                 let out = lse::linear_cross_entropy_with_grad(
                     self.hidden,
                     head,
-                    self.targets,
+                    lse::Targets::Classes(self.targets),
                     &self.options,
                     grad_output,
                     grads,

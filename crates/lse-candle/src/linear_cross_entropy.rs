@@ -5,7 +5,9 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
-use lse::{Element, GradOutput, LinearCrossEntropyOptions, LinearGradients, LinearHead, Reduction};
+use lse::{
+    Element, GradOutput, LinearCrossEntropyOptions, LinearGradients, LinearHead, Reduction, Targets,
+};
 
 use crate::common::{
     contiguous_slice, cpu_only, ensure_cpu, lse_error, op_error, unsupported_dtype, zeroed_buffer,
@@ -199,8 +201,13 @@ impl LinearOp {
             classes,
         };
         let Some(grad_output) = grad_output else {
-            let out = lse::linear_cross_entropy(x.hidden, head, &self.targets, &options)
-                .map_err(|e| lse_error(OP, e))?;
+            let out = lse::linear_cross_entropy(
+                x.hidden,
+                head,
+                Targets::Classes(&self.targets),
+                &options,
+            )
+            .map_err(|e| lse_error(OP, e))?;
             return Ok((out, None));
         };
         let mut dh = zeroed_buffer::<E>(x.hidden.len());
@@ -214,7 +221,7 @@ impl LinearOp {
         let out = lse::linear_cross_entropy_with_grad(
             x.hidden,
             head,
-            &self.targets,
+            Targets::Classes(&self.targets),
             &options,
             grad_output,
             grads,

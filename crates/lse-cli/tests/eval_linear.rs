@@ -85,7 +85,7 @@ fn loss_and_gradients_are_the_librarys() {
     let want = lse::linear_cross_entropy_with_grad(
         &hidden,
         head,
-        &targets,
+        lse::Targets::Classes(&targets),
         &options,
         GradOutput::Scalar(1.0),
         grads,

@@ -304,13 +304,13 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
     ///
     /// # Panics
     /// Never (MPI errors abort the job, MPI's default).
-    pub fn linear_cross_entropy<E: Element<Stat = f32>>(
+    pub fn linear_cross_entropy<E: Element>(
         &self,
         hidden: &[E],
         head: LinearHead<'_, E>,
         targets: &[i64],
         options: &LinearCrossEntropyOptions<'_>,
-    ) -> Result<CrossEntropyOutput<f32>> {
+    ) -> Result<CrossEntropyOutput<E::Stat>> {
         sharded::linear_cross_entropy_shard(
             hidden,
             head,
@@ -328,7 +328,8 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
     /// of `∂/∂W` and classes of `∂/∂b`.
     ///
     /// **Collectives:** those of [`Self::linear_cross_entropy`], then one all-reduce sum of the
-    /// ranks' `f32` shares `G·W_shard` of `dH` (`rows × dim` `f32`s), rounded once into `E`
+    /// ranks' shares `G·W_shard` of `dH` (`rows × dim` values of the working dtype: `f32`, `f64`
+    /// for `f64`), rounded once into `E`
     /// (none when every row is ignored). `dW` and `db` need no communication.
     ///
     /// # Errors
@@ -338,16 +339,19 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
     ///
     /// # Panics
     /// Never (MPI errors abort the job, MPI's default).
-    pub fn linear_cross_entropy_with_grad<E: Element<Stat = f32>>(
+    pub fn linear_cross_entropy_with_grad<E: Element>(
         &self,
         hidden: &[E],
         head: LinearHead<'_, E>,
         targets: &[i64],
         options: &LinearCrossEntropyOptions<'_>,
-        grad_output: GradOutput<'_, f32>,
+        grad_output: GradOutput<'_, E::Stat>,
         grads: LinearGradients<'_, E>,
-    ) -> Result<CrossEntropyOutput<f32>> {
-        let mut share = vec![0.0f32; grads.hidden.len()];
+    ) -> Result<CrossEntropyOutput<E::Stat>>
+    where
+        E::Stat: Equivalence,
+    {
+        let mut share = vec![E::Stat::zero(); grads.hidden.len()];
         let out = sharded::linear_cross_entropy_shard(
             hidden,
             head,
@@ -365,14 +369,14 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
         // Every rank got here (an error above is every rank's): no counted row, no share.
         let ignore = options.cross_entropy.ignore_index;
         if targets.iter().any(|&t| Some(t) != ignore) {
-            let mut sum = vec![0.0f32; share.len()];
+            let mut sum = vec![E::Stat::zero(); share.len()];
             self.comm
                 .all_reduce_into(&share[..], &mut sum[..], SystemOperation::sum());
             self.collectives.fetch_add(1, Ordering::Relaxed);
             share = sum;
         }
         for (d, &s) in grads.hidden.iter_mut().zip(&share) {
-            *d = E::from_f64(f64::from(s));
+            *d = E::from_f64(s.into());
         }
         Ok(out)
     }

@@ -460,7 +460,7 @@ fn check_linear(world: &SimpleCommunicator) {
                 let one = lse::linear_cross_entropy_with_grad(
                     &hidden,
                     whole,
-                    &targets,
+                    lse::Targets::Classes(&targets),
                     &options,
                     GradOutput::Scalar(1.0),
                     LinearGradients {

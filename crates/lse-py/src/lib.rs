@@ -549,10 +549,19 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
                 bias: db.as_mut().map(|db| db.as_slice_mut()).transpose()?,
             };
             py.detach(|| {
-                lse::linear_cross_entropy_with_grad(hs, head, targets, options, grad_output, grads)
+                lse::linear_cross_entropy_with_grad(
+                    hs,
+                    head,
+                    lse::Targets::Classes(targets),
+                    options,
+                    grad_output,
+                    grads,
+                )
             })
         }
-        None => py.detach(|| lse::linear_cross_entropy(hs, head, targets, options)),
+        None => py.detach(|| {
+            lse::linear_cross_entropy(hs, head, lse::Targets::Classes(targets), options)
+        }),
     }
     .map_err(|e| lse_error(py, e))?;
     let metrics = metrics(py, &mut result);

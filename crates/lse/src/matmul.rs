@@ -1,5 +1,5 @@
 //! The one seam between `lse` and a matrix-product crate: `dst ← [dst +] lhs · rhs` on strided
-//! `f32` views. Everything above it (the fused linear cross-entropy) speaks in [`MatRef`] and
+//! `f32` or `f64` views (the dtype of a row's statistics, [`Stat`]). Everything above it (the fused linear cross-entropy) speaks in [`MatRef`] and
 //! [`MatMut`]; swapping the crate means rewriting [`product`] alone.
 //!
 //! Today it is [`gemm`] (with its AVX-512 kernels, chosen at run time): at the linear
@@ -8,22 +8,24 @@
 //! each element's sum over `k` runs in the same order, in blocks whose size depends on the shape
 //! and the caches alone (`tests/linear_cross_entropy.rs` checks it bit for bit).
 
+use crate::element::Stat;
+
 /// A read-only `rows × cols` view: element `(i, j)` is `data[i·row_stride + j·col_stride]`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct MatRef<'a> {
-    data: &'a [f32],
+pub(crate) struct MatRef<'a, A> {
+    data: &'a [A],
     rows: usize,
     cols: usize,
     row_stride: usize,
     col_stride: usize,
 }
 
-impl<'a> MatRef<'a> {
+impl<'a, A> MatRef<'a, A> {
     /// The row-major `rows × cols` matrix at the start of `data`.
     ///
     /// # Panics
     /// When `data` is shorter than `rows · cols`.
-    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn row_major(data: &'a [A], rows: usize, cols: usize) -> Self {
         assert!(data.len() >= rows * cols, "matrix view past its buffer");
         Self {
             data,
@@ -39,7 +41,7 @@ impl<'a> MatRef<'a> {
     /// # Panics
     /// When the block does not lie inside `data`.
     pub(crate) fn columns(
-        data: &'a [f32],
+        data: &'a [A],
         rows: usize,
         row_stride: usize,
         first_col: usize,
@@ -70,20 +72,20 @@ impl<'a> MatRef<'a> {
 /// A writable `rows × cols` view with rows `row_stride` apart (columns contiguous): a block of
 /// columns of a row-major matrix.
 #[derive(Debug)]
-pub(crate) struct MatMut<'a> {
-    data: &'a mut [f32],
+pub(crate) struct MatMut<'a, A> {
+    data: &'a mut [A],
     rows: usize,
     cols: usize,
     row_stride: usize,
 }
 
-impl<'a> MatMut<'a> {
+impl<'a, A> MatMut<'a, A> {
     /// Columns `first_col..first_col + cols` of the row-major `rows × row_stride` matrix `data`.
     ///
     /// # Panics
     /// When the block does not lie inside `data`.
     pub(crate) fn columns(
-        data: &'a mut [f32],
+        data: &'a mut [A],
         rows: usize,
         row_stride: usize,
         first_col: usize,
@@ -102,7 +104,7 @@ impl<'a> MatMut<'a> {
     ///
     /// # Panics
     /// When `data` is shorter than `rows · cols`.
-    pub(crate) fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn row_major(data: &'a mut [A], rows: usize, cols: usize) -> Self {
         Self::columns(data, rows, cols, 0, cols)
     }
 }
@@ -111,7 +113,12 @@ impl<'a> MatMut<'a> {
 ///
 /// # Panics
 /// When the shapes do not chain (`lhs` is `m × k`, `rhs` `k × n`, `dst` `m × n`).
-pub(crate) fn product(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+pub(crate) fn product<A: Stat>(
+    dst: MatMut<'_, A>,
+    lhs: MatRef<'_, A>,
+    rhs: MatRef<'_, A>,
+    accumulate: bool,
+) {
     let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
     assert!(
         lhs.rows == m && rhs.rows == k && rhs.cols == n,
@@ -130,7 +137,7 @@ pub(crate) fn product(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumul
         // An empty sum: gemm is not asked to handle it.
         if !accumulate {
             for row in dst.data.chunks_mut(dst.row_stride).take(m) {
-                row[..n].fill(0.0);
+                row[..n].fill(A::zero());
             }
         }
         return;
@@ -154,8 +161,8 @@ pub(crate) fn product(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumul
             rhs.data.as_ptr(),
             stride(rhs.col_stride),
             stride(rhs.row_stride),
-            1.0,
-            1.0,
+            A::from_f64(1.0),
+            A::from_f64(1.0),
             false,
             false,
             false,

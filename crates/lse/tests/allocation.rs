@@ -328,7 +328,7 @@ fn linear_cross_entropy_stays_within_its_budget() {
             lse::linear_cross_entropy_with_grad(
                 &hidden,
                 head,
-                &targets,
+                Targets::Classes(&targets),
                 &options,
                 GradOutput::default(),
                 grads,

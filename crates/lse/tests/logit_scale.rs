@@ -292,7 +292,7 @@ fn linear_loss_scales_its_logits() {
         bias: None,
         classes,
     };
-    let got = linear_cross_entropy(&hidden, head, &targets, &options).unwrap();
+    let got = linear_cross_entropy(&hidden, head, Targets::Classes(&targets), &options).unwrap();
     let mut want = 0.0;
     for r in 0..rows {
         let z: Vec<f64> = (0..classes)

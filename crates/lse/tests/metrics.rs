@@ -367,7 +367,7 @@ fn linear_loss_reports_argmax_accuracy_and_z_term() {
         bias: None,
         classes,
     };
-    let out = linear_cross_entropy(&hidden, head, &targets, &options).unwrap();
+    let out = linear_cross_entropy(&hidden, head, Targets::Classes(&targets), &options).unwrap();
     let got = out.row_argmax.as_ref().unwrap();
     let mut compared = 0;
     for r in 0..rows {
@@ -408,7 +408,7 @@ fn linear_loss_reports_argmax_accuracy_and_z_term() {
     let with_grad = linear_cross_entropy_with_grad(
         &hidden,
         head,
-        &targets,
+        Targets::Classes(&targets),
         &options,
         GradOutput::default(),
         grads,

@@ -172,7 +172,7 @@ impl Case {
             lse::linear_cross_entropy_with_grad(
                 &hidden,
                 head,
-                &targets,
+                lse::Targets::Classes(&targets),
                 &options,
                 GradOutput::Scalar(1.0),
                 grads,

@@ -228,7 +228,7 @@ impl<'a> Job<'a> {
             let result = lse::linear_cross_entropy_with_grad(
                 &hidden,
                 head,
-                self.targets,
+                lse::Targets::Classes(self.targets),
                 &options,
                 GradOutput::Scalar(1.0),
                 grads,
@@ -261,7 +261,7 @@ impl<'a> Job<'a> {
             }
             result
         } else {
-            lse::linear_cross_entropy(&hidden, head, self.targets, &options)?
+            lse::linear_cross_entropy(&hidden, head, lse::Targets::Classes(self.targets), &options)?
         };
         let how = match reduction {
             ReductionArg::None => "sum of the row losses",

@@ -229,6 +229,30 @@ impl<'a, E: Element> Batch<'a, E> {
         options: &'a CrossEntropyOptions<'a>,
         grad_output: GradOutput<'a, E::Stat>,
     ) -> Result<Self> {
+        Self::build(len, classes, targets, false, options, grad_output)
+    }
+
+    /// [`Batch::new`] for probability targets that arrive with each chunk's logits
+    /// ([`ProbabilityRows`]) instead of at the start.
+    fn with_probabilities_by_chunk(
+        rows: usize,
+        classes: usize,
+        options: &'a CrossEntropyOptions<'a>,
+        grad_output: GradOutput<'a, E::Stat>,
+    ) -> Result<Self> {
+        let len = rows.saturating_mul(classes);
+        let by_chunk = Targets::Probabilities(&[]);
+        Self::build(len, classes, by_chunk, true, options, grad_output)
+    }
+
+    fn build(
+        len: usize,
+        classes: usize,
+        targets: Targets<'a, E>,
+        probabilities_by_chunk: bool,
+        options: &'a CrossEntropyOptions<'a>,
+        grad_output: GradOutput<'a, E::Stat>,
+    ) -> Result<Self> {
         let rows = row_count("logits", len, classes)?;
         let o = options;
         let eps = o.label_smoothing;
@@ -294,7 +318,9 @@ impl<'a, E: Element> Batch<'a, E> {
                 (denominator.value(), counted)
             }
             Targets::Probabilities(p) => {
-                expect_len("probability targets", len, p.len())?;
+                if !probabilities_by_chunk {
+                    expect_len("probability targets", len, p.len())?;
+                }
                 (rows as f64, rows)
             }
         };
@@ -387,6 +413,7 @@ impl<'a, E: Element> Batch<'a, E> {
         &self,
         r: usize,
         mut io: RowIo<'_, E>,
+        window: Option<ProbabilityRows<'_, E>>,
         tally: Option<&mut ElementTally>,
     ) -> Result<Option<RowValues>> {
         let target = match self.targets {
@@ -397,6 +424,8 @@ impl<'a, E: Element> Batch<'a, E> {
             // In range: checked by `new`.
             Targets::Classes(t) => RowTarget::Class(t[r] as usize),
             Targets::Probabilities(p) => {
+                let (p, first) = window.map_or((p, 0), |w| (w.values, w.first_row));
+                let r = r - first;
                 RowTarget::Probabilities(&p[r * self.classes..(r + 1) * self.classes])
             }
         };
@@ -552,24 +581,28 @@ impl<'a, E: Element> Batch<'a, E> {
     }
 
     /// The cross-entropy plan of row `r` from its read pass, with the row's error named.
-    fn plan(
+    fn plan<'t>(
         &self,
         r: usize,
         logits: &[E],
         scan: &RowScan,
-        target: RowTarget<'a, E>,
-    ) -> Result<CeRow<'a, 'a, E>> {
+        target: RowTarget<'t, E>,
+    ) -> Result<CeRow<'t, 'a, E>> {
         CeRow::new(logits, scan, target, self.config).map_err(|fault| fault.in_row(r))
     }
 
     /// A task's rows `(index, io)`, in order; stops at the first row with an error.
-    fn task<'r>(&self, rows: impl Iterator<Item = (usize, RowIo<'r, E>)>) -> Result<TaskOutcome> {
+    fn task<'r>(
+        &self,
+        rows: impl Iterator<Item = (usize, RowIo<'r, E>)>,
+        window: Option<ProbabilityRows<'_, E>>,
+    ) -> Result<TaskOutcome> {
         let mut outcome = TaskOutcome {
             values: Vec::new(),
             tally: self.stats.as_ref().map(|_| ElementTally::default()),
         };
         for (r, io) in rows {
-            let values = self.row(r, io, outcome.tally.as_mut())?;
+            let values = self.row(r, io, window, outcome.tally.as_mut())?;
             outcome.values.push(values);
         }
         Ok(outcome)
@@ -577,7 +610,7 @@ impl<'a, E: Element> Batch<'a, E> {
 
     /// Runs all the rows of `logits` and reduces them.
     fn run(mut self, logits: Logits<'_, E>) -> Result<CrossEntropyOutput<E::Stat>> {
-        self.process(&|i| i, logits)?;
+        self.process(&|i| i, logits, None)?;
         Ok(self.finish())
     }
 
@@ -585,11 +618,13 @@ impl<'a, E: Element> Batch<'a, E> {
     /// increasing and past every row recorded so far) on rayon's pool in tasks of whole rows,
     /// the gradient going where `logits` says, then records the tasks' outcomes in row order
     /// (so the loss is bitwise the same for any number of threads). Rows skipped by `index` are
-    /// recorded as ignored. The error is that of the smallest failing row.
+    /// recorded as ignored. The error is that of the smallest failing row. Probability targets
+    /// given by chunk come in `window`.
     fn process(
         &mut self,
         index: &(dyn Fn(usize) -> usize + Sync),
         logits: Logits<'_, E>,
+        window: Option<ProbabilityRows<'_, E>>,
     ) -> Result<()> {
         let rows_per = rows_per_task(self.classes);
         let (per, classes) = (rows_per * self.classes, self.classes);
@@ -606,6 +641,7 @@ impl<'a, E: Element> Batch<'a, E> {
                             .map(RowIo::Loss)
                             .enumerate()
                             .map(at(t)),
+                        window,
                     )
                 })
                 .collect(),
@@ -615,7 +651,10 @@ impl<'a, E: Element> Batch<'a, E> {
                 .enumerate()
                 .map(|(t, (x, g))| {
                     let rows = x.chunks_exact(classes).zip(g.chunks_exact_mut(classes));
-                    this.task(rows.map(|(x, g)| RowIo::Grad(x, g)).enumerate().map(at(t)))
+                    this.task(
+                        rows.map(|(x, g)| RowIo::Grad(x, g)).enumerate().map(at(t)),
+                        window,
+                    )
                 })
                 .collect(),
             Logits::InPlace(x) => x
@@ -627,6 +666,7 @@ impl<'a, E: Element> Batch<'a, E> {
                             .map(RowIo::InPlace)
                             .enumerate()
                             .map(at(t)),
+                        window,
                     )
                 })
                 .collect(),
@@ -1126,7 +1166,7 @@ impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
             }
             None => Logits::Loss(logits),
         };
-        self.batch.process(&|i| first + i, logits)
+        self.batch.process(&|i| first + i, logits, None)
     }
 
     /// Rows `rows` (increasing, after those of earlier calls), whose logits are the rows of
@@ -1138,7 +1178,41 @@ impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
         } else {
             Logits::Loss(logits)
         };
-        self.batch.process(&|i| rows[i], logits)
+        self.batch.process(&|i| rows[i], logits, None)
+    }
+
+    /// [`ChunkedCrossEntropy::with_probabilities`] for `rows` rows whose probability targets
+    /// come with their logits, in [`Self::chunk_with_probabilities`].
+    pub(crate) fn with_probabilities_by_chunk(
+        classes: usize,
+        rows: usize,
+        options: &'a CrossEntropyOptions<'a>,
+        grad_output: GradOutput<'a, E::Stat>,
+    ) -> Result<Self> {
+        let batch = Batch::with_probabilities_by_chunk(rows, classes, options, grad_output)?;
+        Ok(Self { batch })
+    }
+
+    /// [`Self::chunk`] for a stream made by [`Self::with_probabilities_by_chunk`]: the rows
+    /// `first_row..` of `logits`, whose probability targets are the same rows of
+    /// `probabilities`.
+    pub(crate) fn chunk_with_probabilities(
+        &mut self,
+        first_row: usize,
+        probabilities: &[E],
+        logits: &mut [E],
+        gradient: bool,
+    ) -> Result<()> {
+        let window = ProbabilityRows {
+            first_row,
+            values: probabilities,
+        };
+        let logits = if gradient {
+            Logits::InPlace(logits)
+        } else {
+            Logits::Loss(logits)
+        };
+        self.batch.process(&|i| first_row + i, logits, Some(window))
     }
 
     /// The reduced loss and what the options asked for besides, over every row (rows never
@@ -1146,6 +1220,14 @@ impl<'a, E: Element> ChunkedCrossEntropy<'a, E> {
     pub fn finish(self) -> CrossEntropyOutput<E::Stat> {
         self.batch.finish()
     }
+}
+
+/// Probability targets handed over with a chunk's logits: row `r` of the batch has the
+/// probabilities of row `r − first_row` of `values`.
+#[derive(Clone, Copy)]
+pub(crate) struct ProbabilityRows<'p, E> {
+    first_row: usize,
+    values: &'p [E],
 }
 
 /// What one task of rows hands to the in-order reduction.

@@ -49,7 +49,8 @@ use rayon::prelude::*;
 
 use super::cross_entropy::{Batch, CrossEntropyOptions, CrossEntropyOutput, GradOutput, Targets};
 use super::linear_cross_entropy::{
-    check_finite, Chunks, HeadGradients, LinearCrossEntropyOptions, LinearHead,
+    check_finite, counted_rows, ChunkLayout, Chunks, HeadGradients, LinearCrossEntropyOptions,
+    LinearHead,
 };
 use super::{expect_len, row_count, rows_per_task, NonFinite};
 use crate::element::{DType, Element};
@@ -912,11 +913,11 @@ pub fn cross_entropy_shard_grad<E: Element>(
 
 /// Where [`linear_cross_entropy_shard`] writes one shard's gradients.
 #[derive(Debug)]
-pub struct LinearShardGradients<'a, E> {
-    /// This shard's share of `∂/∂H`, `rows × dim`, in `f32`: `G_shard·W_shard`. The gradient
-    /// of `H` is the sum of every shard's share (an all-reduce sum), rounded once into `E`.
-    /// Ignored rows are 0.
-    pub hidden: &'a mut [f32],
+pub struct LinearShardGradients<'a, E: Element> {
+    /// This shard's share of `∂/∂H`, `rows × dim`, in the working dtype (`f32`; `f64` for
+    /// `f64`): `G_shard·W_shard`. The gradient of `H` is the sum of every shard's share (an
+    /// all-reduce sum), rounded once into `E`. Ignored rows are 0.
+    pub hidden: &'a mut [E::Stat],
     /// `∂/∂W` of this shard's rows of `W`, `shard.width() × dim`.
     pub weight: &'a mut [E],
     /// `∂/∂b` of this shard's classes; computed only when given.
@@ -962,19 +963,19 @@ pub struct LinearShardGradients<'a, E> {
 /// # Panics
 /// Never, unless `merge` does.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_cross_entropy_shard<E: Element<Stat = f32>, X: From<LseError>>(
+pub fn linear_cross_entropy_shard<E: Element, X: From<LseError>>(
     hidden: &[E],
     head: LinearHead<'_, E>,
     shard: Shard,
     targets: &[i64],
     options: &LinearCrossEntropyOptions<'_>,
-    grad_output: GradOutput<'_, f32>,
+    grad_output: GradOutput<'_, E::Stat>,
     grads: Option<LinearShardGradients<'_, E>>,
     mut merge: impl FnMut(&mut [RowPartial]) -> core::result::Result<(), X>,
-) -> core::result::Result<CrossEntropyOutput<f32>, X> {
+) -> core::result::Result<CrossEntropyOutput<E::Stat>, X> {
     // What every shard finds alike.
     let ce_options = split_options(&options.cross_entropy);
-    let mut batch = checked_batch::<f32>(shard.classes, targets, &ce_options, grad_output)?;
+    let mut batch = checked_batch::<E::Stat>(shard.classes, targets, &ce_options, grad_output)?;
     let rows = targets.len();
     let width = shard.width();
     let dim = match (rows, width) {
@@ -987,10 +988,8 @@ pub fn linear_cross_entropy_shard<E: Element<Stat = f32>, X: From<LseError>>(
         options.budget_bytes,
         dim,
         (width, shard.classes),
-        targets,
-        ignore_index,
-        grads.is_some(),
-        E::DTYPE == DType::F32,
+        counted_rows(targets, ignore_index),
+        ChunkLayout::of::<E>(grads.is_some(), false),
     )?;
     let error_policy = ce_options.non_finite == NonFinite::Error;
     if error_policy && !chunks.counted.is_empty() {
@@ -1047,8 +1046,6 @@ pub fn linear_cross_entropy_shard<E: Element<Stat = f32>, X: From<LseError>>(
     chunks.run(
         hidden,
         head,
-        targets,
-        ignore_index,
         grads,
         |rows_c, x| -> core::result::Result<(), X> {
             partials.clear();
