@@ -486,12 +486,13 @@ struct LinearArgs<'a, 'py> {
     weight: &'a Bound<'py, PyAny>,
     classes: usize,
     bias: Option<&'a Bound<'py, PyAny>>,
-    targets: &'a [i64],
+    /// int64 class targets, or `rows × classes` probabilities of the input's dtype.
+    targets: &'a Bound<'py, PyAny>,
     options: lse::LinearCrossEntropyOptions<'a>,
     /// `(dH, dW, db)` outputs, when the gradients are asked for.
     grads: Option<(PyOut<'a, 'py>, PyOut<'a, 'py>, Option<PyOut<'a, 'py>>)>,
-    /// A per-row incoming gradient (`reduction="none"`), else 1.
-    grad_output: Option<&'a [f32]>,
+    /// A per-row incoming gradient (`reduction="none"`, the loss's dtype), else 1.
+    grad_output: Option<&'a Bound<'py, PyAny>>,
 }
 
 fn read<'py, E: numpy::Element>(
@@ -512,12 +513,35 @@ fn write<'py, E: numpy::Element>(
 /// the per-row losses (`reduction="none"`) and the [`Metrics`].
 type LinearResult = (f64, f64, Option<Py<PyAny>>, Metrics);
 
-fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
+fn linear_run<E: PyElement>(
     hidden: &Bound<'_, PyArray1<E>>,
     args: LinearArgs<'_, '_>,
 ) -> PyResult<LinearResult> {
     let py = hidden.py();
     let h = hidden.try_readonly().map_err(borrowed)?;
+    let class_targets = args
+        .targets
+        .cast::<PyArray1<i64>>()
+        .ok()
+        .map(|t| t.try_readonly())
+        .transpose()
+        .map_err(borrowed)?;
+    let prob_targets = match class_targets {
+        Some(_) => None,
+        None => Some(read::<E>(
+            args.targets,
+            "probability targets (the input's dtype)",
+        )?),
+    };
+    let targets = match (&class_targets, &prob_targets) {
+        (Some(t), _) => Targets::Classes(t.as_slice()?),
+        (None, Some(q)) => Targets::Probabilities(q.as_slice()?),
+        (None, None) => unreachable!("one of the two is set above"),
+    };
+    let per_row = args
+        .grad_output
+        .map(|g| read::<E::PyStat>(g, "the per-row output gradient (the loss's dtype)"))
+        .transpose()?;
     let w = read::<E>(args.weight, "the linear weight (the input's dtype)")?;
     let b = args
         .bias
@@ -537,10 +561,11 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
         classes: args.classes,
     };
     let hs = h.as_slice()?;
-    let grad_output = args
-        .grad_output
-        .map_or(GradOutput::Scalar(1.0), GradOutput::PerRow);
-    let (targets, options) = (args.targets, &args.options);
+    let grad_output = match &per_row {
+        Some(g) => GradOutput::PerRow(g.as_slice()?),
+        None => GradOutput::Scalar(E::PyStat::from_f64(1.0)),
+    };
+    let options = &args.options;
     let mut result = match grads.as_mut() {
         Some((dh, dw, db)) => {
             let grads = lse::LinearGradients {
@@ -549,19 +574,10 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
                 bias: db.as_mut().map(|db| db.as_slice_mut()).transpose()?,
             };
             py.detach(|| {
-                lse::linear_cross_entropy_with_grad(
-                    hs,
-                    head,
-                    lse::Targets::Classes(targets),
-                    options,
-                    grad_output,
-                    grads,
-                )
+                lse::linear_cross_entropy_with_grad(hs, head, targets, options, grad_output, grads)
             })
         }
-        None => py.detach(|| {
-            lse::linear_cross_entropy(hs, head, lse::Targets::Classes(targets), options)
-        }),
+        None => py.detach(|| lse::linear_cross_entropy(hs, head, targets, options)),
     }
     .map_err(|e| lse_error(py, e))?;
     let metrics = metrics(py, &mut result);
@@ -571,8 +587,9 @@ fn linear_run<E: PyElement<PyStat = f32> + Element<Stat = f32>>(
     Ok((result.loss.into(), result.denominator, row_loss, metrics))
 }
 
-/// The fused linear cross-entropy of `hidden · weightᵀ + bias` (float32, float16 or bfloat16,
-/// one dtype for all three) against int64 class `targets`: the loss, the mean's denominator and
+/// The fused linear cross-entropy of `hidden · weightᵀ + bias` (float64, float32, float16 or
+/// bfloat16, one dtype for all three) against int64 class `targets` or `rows × classes`
+/// probability targets of that dtype: the loss, the mean's denominator and
 /// the per-row losses (`reduction="none"`) and the metrics (z-loss term; with `keep_row_argmax`,
 /// each row's argmax and the rows on target); with `grad_hidden` and `grad_weight` (and
 /// `grad_bias`), the gradients of `grad_output · loss` are written there.
@@ -587,7 +604,7 @@ fn linear_cross_entropy(
     hidden: &Bound<'_, PyAny>,
     weight: &Bound<'_, PyAny>,
     classes: usize,
-    targets: PyReadonlyArray1<'_, i64>,
+    targets: &Bound<'_, PyAny>,
     bias: Option<&Bound<'_, PyAny>>,
     weights: Option<PyReadonlyArray1<'_, f64>>,
     ignore_index: Option<i64>,
@@ -601,7 +618,7 @@ fn linear_cross_entropy(
     grad_hidden: Option<&Bound<'_, PyAny>>,
     grad_weight: Option<&Bound<'_, PyAny>>,
     grad_bias: Option<&Bound<'_, PyAny>>,
-    grad_output: Option<PyReadonlyArray1<'_, f32>>,
+    grad_output: Option<&Bound<'_, PyAny>>,
     keep_row_argmax: bool,
     logit_scale: f64,
 ) -> PyResult<LinearResult> {
@@ -619,7 +636,7 @@ fn linear_cross_entropy(
         weight,
         classes,
         bias,
-        targets: targets.as_slice()?,
+        targets,
         options: lse::LinearCrossEntropyOptions {
             cross_entropy: CrossEntropyOptions {
                 ignore_index,
@@ -639,9 +656,11 @@ fn linear_cross_entropy(
             budget_bytes,
         },
         grads,
-        grad_output: grad_output.as_ref().map(|g| g.as_slice()).transpose()?,
+        grad_output,
     };
-    if let Ok(h) = hidden.cast::<PyArray1<f32>>() {
+    if let Ok(h) = hidden.cast::<PyArray1<f64>>() {
+        linear_run::<f64>(h, args)
+    } else if let Ok(h) = hidden.cast::<PyArray1<f32>>() {
         linear_run::<f32>(h, args)
     } else if let Ok(h) = hidden.cast::<PyArray1<f16>>() {
         linear_run::<f16>(h, args)

@@ -146,9 +146,10 @@ def test_opcheck(dtype):
     t[3] = 1
     op = torch.ops.lse.linear_cross_entropy.default
     cw = torch.rand(11, dtype=dtype)
+    # 216 bytes: chunks of one float64 row (logits, hidden and dH rows), of two float32 rows.
     for args in [
         (h, w, t, b, None, -100, "mean", 0.0, 0.0, None, 1.0, "error", "zero", 1 << 20, True, None, False),
-        (h, w, t, None, cw, 1, "sum", 0.1, 1e-3, 4.0, 0.5, "error", "zero", 200, True, None, True),
+        (h, w, t, None, cw, 1, "sum", 0.1, 1e-3, 4.0, 0.5, "error", "zero", 216, True, None, True),
         (h, w, t, b, None, -100, "none", 0.0, 0.0, None, 3.0, "error", "zero", 1 << 20, False, None, True),
     ]:
         opcheck(op, args)

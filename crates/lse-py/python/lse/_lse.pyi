@@ -52,7 +52,7 @@ def linear_cross_entropy(
     hidden: Float,
     weight: Float,
     classes: int,
-    targets: Int64,
+    targets: Union[Int64, Float],
     *,
     bias: Optional[Float],
     weights: Optional[F64],
@@ -67,12 +67,12 @@ def linear_cross_entropy(
     grad_hidden: Optional[Float],
     grad_weight: Optional[Float],
     grad_bias: Optional[Float],
-    grad_output: Optional[npt.NDArray[np.float32]],
+    grad_output: Optional[Stat],
     keep_row_argmax: bool = False,
     logit_scale: float = 1.0,
-) -> tuple[float, float, Optional[npt.NDArray[np.float32]], Metrics]:
-    """float32, float16 or bfloat16 only: (loss, the mean's denominator, per-row losses,
-    metrics)."""
+) -> tuple[float, float, Optional[Stat], Metrics]:
+    """float64, float32, float16 or bfloat16; int64 class targets or probabilities of the
+    input's dtype: (loss, the mean's denominator, per-row losses, metrics)."""
 
 def active_kernel() -> str: ...
 def triage(tensors: list[tuple[str, str, Float, int]]) -> tuple[str, str]:

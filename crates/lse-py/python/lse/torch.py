@@ -29,11 +29,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _lse, _numpy
-from ._errors import EmptyMeanError, LseError, OptionError, ShapeError, TargetError
+from ._errors import OptionError, ShapeError
 from ._tensors import NUMPY_DTYPES, as_numpy, as_torch, check_device
 
 __all__ = [
@@ -553,94 +552,6 @@ def cross_entropy(
 DEFAULT_LINEAR_BUDGET_BYTES = 256 << 20
 
 
-def _shifted(error: Exception, first_row: int) -> Exception:
-    """``error`` with its row counted from the whole batch instead of a chunk."""
-    if isinstance(getattr(error, "row", None), int):
-        error.row += first_row
-    return error
-
-
-def _linear_chunked(h, w, b, t, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, logit_scale, nonfinite, empty_mean, budget_bytes, compute_grad,
-                    grad_output, metrics):
-    """The linear cross-entropy a chunk of rows at a time in PyTorch products and lse's fused
-    cross-entropy (for what lse's Rust path does not take: float64, probability targets).
-    Returns (loss, per-row losses, dH, dW, db, (z term, argmax or None, rows on target or
-    None))."""
-    rows, classes = h.shape[0], w.shape[0]
-    probabilities = t.dtype.is_floating_point
-    if probabilities:
-        denominator = float(rows)
-    else:
-        counted = t[t != ignore_index]
-        if counted.numel() and (counted.min() < 0 or counted.max() >= classes):
-            bad = int(torch.nonzero((t != ignore_index) & ((t < 0) | (t >= classes)))[0])
-            raise TargetError(
-                f"target {int(t[bad])} at row {bad} is out of range for {classes} classes",
-                row=bad, value=float(t[bad]),
-            )
-        if class_weight is None:
-            denominator = float(counted.numel())
-        else:
-            denominator = float(class_weight.double()[counted].sum())
-    empty = reduction == "mean" and denominator == 0.0
-    if empty and empty_mean == "error":
-        raise EmptyMeanError(f"the mean over {rows} rows has no counted row to divide by")
-    per_row = 0.0 if empty else 1.0 / denominator if reduction == "mean" else 1.0
-    chunk = max(1, budget_bytes // max(1, 2 * classes * h.element_size()))
-    stat = NUMPY_DTYPES[_stat_dtype(h.dtype)]
-    losses = np.zeros(rows, stat)
-    dh = dw = db = None
-    if compute_grad:
-        dh = torch.empty_like(h)
-        dw = torch.zeros_like(w, dtype=torch.float32 if w.dtype != torch.float64 else torch.float64)
-        db = None if b is None else torch.zeros(classes, dtype=torch.float64)
-    weights = None if class_weight is None else as_numpy(class_weight.to(torch.float64), "weight")
-    z_sum, argmax, correct = 0.0, np.full(rows, -1, np.int64) if metrics else None, 0
-    for first in range(0, rows, chunk):
-        hc = h[first:first + chunk]
-        logits = F.linear(hc, w, b)
-        if compute_grad:
-            g = np.full(hc.shape[0], per_row, stat)
-            if grad_output is not None:
-                g *= as_numpy(grad_output[first:first + chunk].to(_stat_dtype(h.dtype)))
-        try:
-            result = _numpy.cross_entropy(
-                as_numpy(logits), as_numpy(t[first:first + chunk], "target"), weight=weights,
-                ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing,
-                z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, nonfinite=nonfinite,
-                grad=compute_grad,
-                grad_output=g if compute_grad else 1.0, metrics=metrics or z_loss > 0,
-            )
-        except LseError as error:
-            raise _shifted(error, first) from None
-        if not (compute_grad or metrics or z_loss > 0):
-            losses[first:first + chunk] = result
-            continue
-        losses[first:first + chunk] = result.loss
-        z_sum += float(result.z_loss)
-        if metrics:
-            argmax[first:first + chunk] = result.argmax
-            correct += result.correct or 0
-        if compute_grad:
-            grad = as_torch(result.grad)
-            dh[first:first + chunk] = grad @ w
-            dw += (grad.t() @ hc).to(dw.dtype)
-            if db is not None:
-                db += grad.sum(0, dtype=torch.float64)
-    if reduction == "none":
-        loss = None
-    elif empty:
-        loss = float("nan") if empty_mean == "nan" else 0.0
-    else:
-        loss = float(losses.sum(dtype=np.float64)) * (per_row if reduction == "mean" else 1.0)
-    if compute_grad:
-        dw = dw.to(w.dtype)
-        db = None if db is None else db.to(w.dtype)
-    z_term = z_sum * per_row if reduction == "mean" else z_sum
-    return loss, losses, dh, dw, db, (z_term, argmax, None if probabilities else correct)
-
-
 @torch.library.custom_op("lse::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(
     input: Tensor,
@@ -673,33 +584,24 @@ def _linear_cross_entropy(
         if tensor is not None:
             check_device(tensor, "linear_cross_entropy", what)
     stat = _stat_dtype(input.dtype)
-    rust = (input.dtype != torch.float64 and not target.dtype.is_floating_point)
-    if rust:
-        dh = _empty(input.shape, input.dtype) if compute_grad else None
-        dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
-        db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None
-        go = None if grad_output is None else as_numpy(grad_output.to(torch.float32).contiguous())
-        loss, _, row_loss, found = _lse.linear_cross_entropy(
-            as_numpy(input).reshape(-1), as_numpy(linear_weight, "linear_weight").reshape(-1),
-            linear_weight.shape[0], as_numpy(target, "target").reshape(-1),
-            bias=None if linear_bias is None else as_numpy(linear_bias, "linear_bias").reshape(-1),
-            weights=None if weight is None else as_numpy(weight.to(torch.float64), "weight"),
-            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, propagate=_numpy._policy(nonfinite),
-            empty_mean=empty_mean, budget_bytes=budget_bytes,
-            grad_hidden=None if dh is None else as_numpy(dh).reshape(-1),
-            grad_weight=None if dw is None else as_numpy(dw).reshape(-1),
-            grad_bias=None if db is None else as_numpy(db).reshape(-1),
-            grad_output=go, keep_row_argmax=metrics, logit_scale=logit_scale,
-        )
-        loss = as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
-    else:
-        value, rows, dh, dw, db, found = _linear_chunked(
-            input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-            label_smoothing, z_loss, softcap, logit_scale, nonfinite, empty_mean, budget_bytes,
-            compute_grad, grad_output, metrics,
-        )
-        loss = as_torch(rows) if reduction == "none" else _scalar(value, stat)
+    dh = _empty(input.shape, input.dtype) if compute_grad else None
+    dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
+    db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None
+    go = None if grad_output is None else as_numpy(grad_output.to(stat).contiguous())
+    loss, _, row_loss, found = _lse.linear_cross_entropy(
+        as_numpy(input).reshape(-1), as_numpy(linear_weight, "linear_weight").reshape(-1),
+        linear_weight.shape[0], as_numpy(target, "target").reshape(-1),
+        bias=None if linear_bias is None else as_numpy(linear_bias, "linear_bias").reshape(-1),
+        weights=None if weight is None else as_numpy(weight.to(torch.float64), "weight"),
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, propagate=_numpy._policy(nonfinite),
+        empty_mean=empty_mean, budget_bytes=budget_bytes,
+        grad_hidden=None if dh is None else as_numpy(dh).reshape(-1),
+        grad_weight=None if dw is None else as_numpy(dw).reshape(-1),
+        grad_bias=None if db is None else as_numpy(db).reshape(-1),
+        grad_output=go, keep_row_argmax=metrics, logit_scale=logit_scale,
+    )
+    loss = as_torch(row_loss) if reduction == "none" else _scalar(loss, stat)
     z_term, argmax, correct = found
     def given(t):  # an unused output: a distinct empty tensor (outputs may not alias)
         return input.new_empty(0) if t is None else t
@@ -799,10 +701,10 @@ def linear_cross_entropy(
     and ``return_argmax`` return a :class:`CrossEntropyOutput` as :func:`cross_entropy` does,
     from the logits the call forms anyway.
 
-    float32, float16 and bfloat16 with class targets run lse's fused Rust path (each chunk's
-    logits formed in float32 by one matrix product, the cross-entropy and its gradient written
-    over them, then ``dH``, ``dW``, ``db``); float64 and probability targets run the same chunked
-    scheme with PyTorch's products and lse's fused cross-entropy per chunk. Gradients flow to
+    Every dtype and both kinds of target run lse's fused Rust path: each chunk's logits formed
+    by one matrix product (in float32; in float64 for float64), the cross-entropy and its
+    gradient written over them, then ``dH``, ``dW``, ``db``; probability targets are read a
+    chunk of rows at a time. Gradients flow to
     ``input``, ``linear_weight`` and ``linear_bias``; a probability ``target`` that requires
     grad is an error here (use :func:`cross_entropy` on the logits). Not supported: the
     K-dimensional ``linear_weight`` ``(C, d1, …, D)``, PyTorch's ``options``.
