@@ -46,7 +46,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use lse::sharded::{self, LinearShardGradients, RowPartial, Shard};
+use lse::sharded::{self, LinearShardGradients, RowPartial, Shard, ShardTargets};
 use lse::{
     CrossEntropyOptions, CrossEntropyOutput, Element, GradOutput, LinearCrossEntropyOptions,
     LinearGradients, LinearHead, LseError, NonFinite,
@@ -71,7 +71,7 @@ pub enum Error {
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = core::result::Result<T, E>;
 
-/// [`RowPartial`] as MPI sees it: one derived datatype of 7 `f64` and 3 `u64`, the layout
+/// [`RowPartial`] as MPI sees it: one derived datatype of 13 `f64` and 5 `u64`, the layout
 /// [`RowPartial`] documents.
 #[derive(Clone, Copy, Debug)]
 #[repr(transparent)]
@@ -285,8 +285,9 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
 
     /// The vocab-split fused linear cross-entropy: the loss of the logits `hidden · Wᵀ + b`
     /// where this rank holds rows [`Self::shard`] of `W` (`head.weight`, `shard.width() × dim`)
-    /// and of the bias, and `hidden` (`rows × dim`) is the same on every rank. The loss is the
-    /// same on every rank (bitwise).
+    /// and of the bias, and `hidden` (`rows × dim`) is the same on every rank. `targets` are
+    /// every row's global class (the same on every rank) or this rank's columns of the
+    /// probability targets ([`ShardTargets`]). The loss is the same on every rank (bitwise).
     ///
     /// **Collectives:** one all-reduce of [`RowPartial`]s per chunk of rows (the chunks of
     /// [`lse::linear_cross_entropy`] at `options.budget_bytes`, sized for all `classes`, so the
@@ -308,7 +309,7 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
         &self,
         hidden: &[E],
         head: LinearHead<'_, E>,
-        targets: &[i64],
+        targets: ShardTargets<'_, E>,
         options: &LinearCrossEntropyOptions<'_>,
     ) -> Result<CrossEntropyOutput<E::Stat>> {
         sharded::linear_cross_entropy_shard(
@@ -343,7 +344,7 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
         &self,
         hidden: &[E],
         head: LinearHead<'_, E>,
-        targets: &[i64],
+        targets: ShardTargets<'_, E>,
         options: &LinearCrossEntropyOptions<'_>,
         grad_output: GradOutput<'_, E::Stat>,
         grads: LinearGradients<'_, E>,
@@ -368,7 +369,11 @@ impl<'c, C: Communicator> VocabParallel<'c, C> {
         )?;
         // Every rank got here (an error above is every rank's): no counted row, no share.
         let ignore = options.cross_entropy.ignore_index;
-        if targets.iter().any(|&t| Some(t) != ignore) {
+        let counted = match targets {
+            ShardTargets::Classes(t) => t.iter().any(|&t| Some(t) != ignore),
+            ShardTargets::Probabilities { rows, .. } => rows > 0,
+        };
+        if counted {
             let mut sum = vec![E::Stat::zero(); share.len()];
             self.comm
                 .all_reduce_into(&share[..], &mut sum[..], SystemOperation::sum());

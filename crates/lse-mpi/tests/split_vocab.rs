@@ -7,7 +7,7 @@
 //! Run: `cargo test --no-run`, then `mpirun -np 2 target/debug/deps/split_vocab-*` (the README's
 //! MPI section; `.ci/run` does it for 2 and 3 ranks).
 
-use lse::sharded::{self, RowPartial, Shard};
+use lse::sharded::{self, RowPartial, Shard, ShardTargets};
 use lse::{
     CrossEntropyOptions, Element, GradOutput, LinearCrossEntropyOptions, LinearGradients,
     LinearHead, LseError, NonFinite, Targets,
@@ -356,7 +356,8 @@ fn check_lse_family(world: &SimpleCommunicator) {
 }
 
 /// The vocab-split fused linear cross-entropy: every rank holds its rows of `W` and `b` (the
-/// layouts above, over 11 classes), `H` is the same everywhere. Against the one-process
+/// layouts above, over 11 classes), `H` is the same everywhere; class targets, and probability
+/// targets (each rank given its columns). Against the one-process
 /// `lse::linear_cross_entropy_with_grad`: the loss bits the same on every rank, one collective
 /// per chunk (and one for `dH`), the loss and row losses within 2 `f32` ulp (the bound
 /// `lse`'s own split test states and measures), and this rank's rows of `dW`, its classes of
@@ -386,6 +387,14 @@ fn check_linear(world: &SimpleCommunicator) {
         })
         .collect();
     let counted = targets.iter().filter(|&&t| t != -100).count();
+    // Probability targets: a distribution per row.
+    let q: Vec<f32> = (0..rows)
+        .flat_map(|_| {
+            let row: Vec<f64> = (0..CLASSES).map(|_| next(1.0).powi(2)).collect();
+            let total: f64 = row.iter().sum();
+            row.into_iter().map(move |x| (x / total) as f32)
+        })
+        .collect();
     // The largest |got − want| in f32 ulps of the largest |want|, over every comparison.
     let worst = std::cell::Cell::new(0.0f64);
     let normwise = |what: &str, got: &[f32], want: &[f32]| {
@@ -405,14 +414,44 @@ fn check_linear(world: &SimpleCommunicator) {
             bias: Some(&bias[a..b]),
             classes: b - a,
         };
-        for (name, ce) in split_option_sets(&WEIGHTS) {
+        // This rank's columns of the probability targets.
+        let columns: Vec<f32> = q
+            .chunks(CLASSES)
+            .flat_map(|row| row[a..b].iter().copied())
+            .collect();
+        for ((name, ce), probabilities) in split_option_sets(&WEIGHTS)
+            .into_iter()
+            .flat_map(|set| [(set, false), (set, true)])
+        {
             let ce = CrossEntropyOptions {
                 keep_row_lse: false,
                 ..ce
             };
+            let (targets_here, one_targets, counted) = if probabilities {
+                (
+                    ShardTargets::Probabilities {
+                        values: &columns,
+                        rows,
+                    },
+                    lse::Targets::Probabilities(&q[..]),
+                    rows,
+                )
+            } else {
+                (
+                    ShardTargets::Classes(&targets),
+                    lse::Targets::Classes(&targets),
+                    counted,
+                )
+            };
             for chunk_rows in [counted, 5] {
-                let what =
-                    format!("linear, {size} ranks, {layout} layout, {name}, chunk {chunk_rows}");
+                let kind = if probabilities {
+                    "probabilities"
+                } else {
+                    "classes"
+                };
+                let what = format!(
+                    "linear, {size} ranks, {layout} layout, {name}, {kind}, chunk {chunk_rows}"
+                );
                 let options = LinearCrossEntropyOptions {
                     cross_entropy: ce,
                     budget_bytes: 4 * (CLASSES + 2 * dim) * chunk_rows,
@@ -427,7 +466,7 @@ fn check_linear(world: &SimpleCommunicator) {
                     .linear_cross_entropy_with_grad(
                         &hidden,
                         head,
-                        &targets,
+                        targets_here,
                         &options,
                         GradOutput::Scalar(1.0),
                         LinearGradients {
@@ -440,10 +479,23 @@ fn check_linear(world: &SimpleCommunicator) {
                 let chunks = counted.div_ceil(chunk_rows) as u64;
                 assert_eq!(split.collectives(), before + chunks + 1, "{what}");
                 let loss_only = split
-                    .linear_cross_entropy(&hidden, head, &targets, &options)
+                    .linear_cross_entropy(&hidden, head, targets_here, &options)
                     .unwrap();
-                assert_eq!(split.collectives(), before + 2 * chunks + 1, "{what}");
-                assert_eq!(loss_only.loss.to_bits(), out.loss.to_bits(), "{what}");
+                // Without dH rows the loss-only call's chunks hold more rows (the budget over
+                // each row's logits and hidden row), so its logits may differ in a last bit.
+                let loss_chunk = options.budget_bytes / (4 * (CLASSES + dim));
+                let loss_chunks = counted.div_ceil(loss_chunk) as u64;
+                assert_eq!(
+                    split.collectives(),
+                    before + chunks + 1 + loss_chunks,
+                    "{what}"
+                );
+                assert!(
+                    ulps(loss_only.loss.into(), out.loss.into(), 24) <= 2.0,
+                    "{what}: {} vs {}",
+                    loss_only.loss,
+                    out.loss
+                );
                 let bits = all_bits(world, out.loss.into());
                 assert!(bits.iter().all(|&x| x == bits[0]), "{what}: {bits:x?}");
 
@@ -460,7 +512,7 @@ fn check_linear(world: &SimpleCommunicator) {
                 let one = lse::linear_cross_entropy_with_grad(
                     &hidden,
                     whole,
-                    lse::Targets::Classes(&targets),
+                    one_targets,
                     &options,
                     GradOutput::Scalar(1.0),
                     LinearGradients {
@@ -515,7 +567,7 @@ fn check_linear(world: &SimpleCommunicator) {
         .linear_cross_entropy(
             &hidden,
             head,
-            &targets,
+            ShardTargets::Classes(&targets),
             &LinearCrossEntropyOptions::default(),
         )
         .err();

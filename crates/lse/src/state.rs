@@ -105,7 +105,7 @@ impl CompensatedSum {
 
     /// `self · factor` (factor finite and ≥ 0), keeping the product's rounding error.
     #[inline]
-    fn scaled(self, factor: f64) -> Self {
+    pub(crate) fn scaled(self, factor: f64) -> Self {
         let sum = self.sum * factor;
         let product_error = self.sum.mul_add(factor, -sum);
         Self {

@@ -16,7 +16,7 @@ use lse_testkit::rng::Rng;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 
-use lse::sharded::{self, LinearShardGradients, RowPartial, Shard};
+use lse::sharded::{self, LinearShardGradients, RowPartial, Shard, ShardTargets};
 use lse::{
     bf16, f16, linear_cross_entropy, linear_cross_entropy_with_grad, CrossEntropyOptions,
     CrossEntropyOutput, Element, EmptyMean, GradOutput, LinearCrossEntropyOptions, LinearGradients,
@@ -1111,21 +1111,23 @@ impl Loopback {
     }
 }
 
-/// The split call's outputs: the assembled gradients (dH: the shards' `f32` shares summed in
-/// shard order, rounded once to `E`), each shard's output, and the number of merges.
-struct Split {
-    whole: Fused<f32>,
-    outs: Vec<CrossEntropyOutput<f32>>,
+/// The split call's outputs: the assembled gradients (dH: the shards' shares in the working
+/// dtype summed in shard order, rounded once to `E`), each shard's output, and the number of
+/// merges.
+struct Split<S> {
+    whole: Fused<S>,
+    outs: Vec<CrossEntropyOutput<S>>,
     merges: usize,
 }
 
-/// Runs every shard of `cut` (shard boundaries over the classes) on its own thread.
-fn split_fused<E: Element<Stat = f32>>(
+/// Runs every shard of `cut` (shard boundaries over the classes) on its own thread; each shard
+/// is given its columns of the probability targets when the problem has them.
+fn split_fused<E: Element>(
     p: &Problem<E>,
     options: &LinearCrossEntropyOptions<'_>,
-    grad_output: GradOutput<'_, f32>,
+    grad_output: GradOutput<'_, E::Stat>,
     cut: &[usize],
-) -> Split {
+) -> Split<E::Stat> {
     let (n, d, v) = (p.rows(), p.dim, p.classes);
     let shards: Vec<Shard> = cut
         .windows(2)
@@ -1145,7 +1147,7 @@ fn split_fused<E: Element<Stat = f32>>(
                         bias: p.bias.as_ref().map(|bias| &bias[a..b]),
                         classes: b - a,
                     };
-                    let mut dh = vec![7.0f32; n * d];
+                    let mut dh = vec![E::Stat::from_f64(7.0); n * d];
                     let mut dw = vec![E::from_f64(7.0); (b - a) * d];
                     let mut db = vec![E::from_f64(7.0); b - a];
                     let grads = LinearShardGradients {
@@ -1153,11 +1155,20 @@ fn split_fused<E: Element<Stat = f32>>(
                         weight: &mut dw,
                         bias: Some(&mut db),
                     };
+                    let columns: Option<Vec<E>> = p.probabilities.as_ref().map(|q| {
+                        q.chunks(v)
+                            .flat_map(|row| row[a..b].iter().copied())
+                            .collect()
+                    });
+                    let targets = match &columns {
+                        Some(values) => ShardTargets::Probabilities { values, rows: n },
+                        None => ShardTargets::Classes(&p.targets),
+                    };
                     let out = sharded::linear_cross_entropy_shard(
                         &p.hidden,
                         head,
                         s,
-                        &p.targets,
+                        targets,
                         options,
                         grad_output,
                         Some(grads),
@@ -1170,12 +1181,13 @@ fn split_fused<E: Element<Stat = f32>>(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut dh_sum = vec![0.0f32; n * d];
+    let mut dh_sum = vec![E::Stat::from_f64(0.0); n * d];
     let (mut dw, mut db) = (Vec::new(), Vec::new());
     let mut outs = Vec::new();
     for (out, dh, w, b) in results {
-        for (acc, x) in dh_sum.iter_mut().zip(&dh) {
-            *acc += x;
+        for (acc, &x) in dh_sum.iter_mut().zip(&dh) {
+            // One rounding to the working dtype per addition, as its own `+` rounds.
+            *acc = E::Stat::from_f64(Into::<f64>::into(*acc) + Into::<f64>::into(x));
         }
         dw.extend(w.iter().map(|x| x.to_f64()));
         db.extend(b.iter().map(|x| x.to_f64()));
@@ -1197,28 +1209,40 @@ fn split_fused<E: Element<Stat = f32>>(
     }
 }
 
-/// Distance in `f32` ulps.
-fn ulps32(a: f64, b: f64) -> f64 {
+/// Distance in ulps of the working dtype of `E` (`f32`, or `f64` for `f64`).
+fn ulps<E: Element>(a: f64, b: f64) -> f64 {
     if a == b || (a.is_nan() && b.is_nan()) {
         return 0.0;
     }
+    let u = unit::<E>();
     let scale = a.abs().max(b.abs()).max(f64::from(f32::MIN_POSITIVE));
-    (a - b).abs() / 2f64.powi(scale.log2().floor() as i32 - 23)
+    (a - b).abs() / (2.0 * u * 2f64.powi(scale.log2().floor() as i32))
 }
 
 /// The vocab-split fused call, its shards merged (1, 2 and 3 shards, uneven, an empty one, the
 /// last class alone), against the one-process call and the `f64` reference:
 /// * every shard holds bitwise the same loss, and makes one merge per chunk;
-/// * the loss and the row losses are within 2 `f32` ulp of the one-process call (each row's
+/// * the loss and the row losses are within 2 ulp (of `f32`; 4 of `f64`) of the one-process
+///   call (each row's
 ///   logits come from products over the same `k`, its loss from the merged partials: the
 ///   sharded finish's bound against the one-process cross-entropy);
 /// * every output (dW's shard rows, db, the summed dH) within the reference's a-priori bound,
 ///   as the one-process call is.
-fn split_matches_one_process<E: Element<Stat = f32>>() {
-    let p = Problem::<E>::new(1, SHAPE, 1.5, true);
+fn split_matches_one_process<E: Element>(probabilities: bool) {
+    let mut p = Problem::<E>::new(1, SHAPE, 1.5, true);
+    if probabilities {
+        // Distributions (values ≥ 0): with negative target values a row's loss is a sum of
+        // terms of both signs, whose rounding no ulp count of the result bounds (the a-priori
+        // bound below still holds; the one-process tests cover negative values).
+        p = p.with_probabilities(23, false);
+    }
+    let counted = if probabilities { SHAPE[0] } else { 30 };
+    let most_ulps = if unit::<E>() < 1e-10 { 4.0 } else { 2.0 };
     let v = SHAPE[2];
     let weights: Vec<f64> = (0..v).map(|c| 0.5 + (c % 7) as f64 / 4.0).collect();
-    let per_row: Vec<f32> = (0..SHAPE[0]).map(|r| 0.5 + r as f32 / 16.0).collect();
+    let per_row: Vec<E::Stat> = (0..SHAPE[0])
+        .map(|r| E::Stat::from_f64(0.5 + r as f64 / 16.0))
+        .collect();
     let wide_row: Vec<f64> = per_row.iter().map(|&x| x.into()).collect();
     let cuts = [
         vec![0, v],
@@ -1233,10 +1257,10 @@ fn split_matches_one_process<E: Element<Stat = f32>>() {
             keep_logit_stats: false,
             ..options
         };
-        for chunk_rows in [30, 7] {
+        for chunk_rows in [counted, 7] {
             let linear = LinearCrossEntropyOptions {
                 cross_entropy: options,
-                budget_bytes: budget_for::<E>(chunk_rows, SHAPE, false),
+                budget_bytes: budget_for::<E>(chunk_rows, SHAPE, probabilities),
             };
             let none = options.reduction == Reduction::None;
             let (ours, theirs) = if none {
@@ -1245,7 +1269,10 @@ fn split_matches_one_process<E: Element<Stat = f32>>() {
                     GradOutput::PerRow(&wide_row[..]),
                 )
             } else {
-                (GradOutput::Scalar(0.75f32), GradOutput::Scalar(0.75f64))
+                (
+                    GradOutput::Scalar(E::Stat::from_f64(0.75)),
+                    GradOutput::Scalar(0.75f64),
+                )
             };
             let one = fused(&p, &linear, ours);
             let want = reference(&p, &options, theirs);
@@ -1253,21 +1280,25 @@ fn split_matches_one_process<E: Element<Stat = f32>>() {
             for cut in &cuts {
                 let what = format!("{} {name} chunk {chunk_rows} cut {cut:?}", E::DTYPE);
                 let s = split_fused(&p, &linear, ours, cut);
-                let bits: Vec<u32> = s.outs.iter().map(|o| o.loss.to_bits()).collect();
+                let bits: Vec<u64> = s
+                    .outs
+                    .iter()
+                    .map(|o| Into::<f64>::into(o.loss).to_bits())
+                    .collect();
                 assert!(bits.iter().all(|&x| x == bits[0]), "{what}: {bits:?}");
-                // 30 counted rows: one merge per chunk.
-                assert_eq!(s.merges, 30usize.div_ceil(chunk_rows), "{what}");
+                // One merge per chunk of the counted rows.
+                assert_eq!(s.merges, counted.div_ceil(chunk_rows), "{what}");
                 let got = &s.whole;
-                let loss = ulps32(got.out.loss.into(), one.out.loss.into());
+                let loss = ulps::<E>(got.out.loss.into(), one.out.loss.into());
                 let rows = got.out.row_loss.as_ref().unwrap();
                 let rows_one = one.out.row_loss.as_ref().unwrap();
                 let row = rows
                     .iter()
                     .zip(rows_one)
-                    .map(|(&a, &b)| ulps32(a.into(), b.into()))
+                    .map(|(&a, &b)| ulps::<E>(a.into(), b.into()))
                     .fold(0.0, f64::max);
                 assert!(
-                    loss <= 2.0 && row <= 2.0,
+                    loss <= most_ulps && row <= most_ulps,
                     "{what}: loss {loss}, rows {row} ulp"
                 );
                 worst_loss = worst_loss.max(loss).max(row);
@@ -1288,19 +1319,139 @@ fn split_matches_one_process<E: Element<Stat = f32>>() {
         }
     }
     println!(
-        "{}: split vs one process: loss/row loss {worst_loss} ulp; worst error / bound {worst_ratio:.3}",
-        E::DTYPE
+        "{} {}: split vs one process: loss/row loss {worst_loss} ulp; worst error / bound {worst_ratio:.3}",
+        E::DTYPE,
+        if probabilities { "probabilities" } else { "classes" },
     );
 }
 
 #[test]
 fn split_head_matches_one_process_f32() {
-    split_matches_one_process::<f32>();
+    split_matches_one_process::<f32>(false);
 }
 
 #[test]
 fn split_head_matches_one_process_bf16() {
-    split_matches_one_process::<bf16>();
+    split_matches_one_process::<bf16>(false);
+}
+
+#[test]
+fn split_head_matches_one_process_f64() {
+    split_matches_one_process::<f64>(false);
+}
+
+#[test]
+fn split_head_probability_targets_match_one_process_f32() {
+    split_matches_one_process::<f32>(true);
+}
+
+#[test]
+fn split_head_probability_targets_match_one_process_bf16() {
+    split_matches_one_process::<bf16>(true);
+}
+
+#[test]
+fn split_head_probability_targets_match_one_process_f64() {
+    split_matches_one_process::<f64>(true);
+}
+
+/// A NaN probability target held by one shard is every shard's error, named by its row and
+/// global column; probability targets of the wrong length are that shard's error, which the
+/// others learn of from the merge.
+#[test]
+fn split_head_probability_errors_are_every_shards() {
+    let p = Problem::<f32>::new(13, SHAPE, 1.0, true).with_probabilities(24, false);
+    let (n, d, v) = (p.rows(), p.dim, p.classes);
+    let linear = LinearCrossEntropyOptions {
+        budget_bytes: budget_for::<f32>(7, SHAPE, true),
+        ..Default::default()
+    };
+    let (cut, p) = ([0, 23, v], &p);
+    // Each shard's result, every shard on its own thread; `short` drops one value from the
+    // second shard's targets.
+    let run = |q: &[f32], short: bool| -> Vec<Result<f32, LseError>> {
+        let loopback = Loopback::new(2);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|i| {
+                    let loopback = &loopback;
+                    scope.spawn(move || {
+                        let (a, b) = (cut[i], cut[i + 1]);
+                        let mut columns: Vec<f32> = q
+                            .chunks(v)
+                            .flat_map(|row| row[a..b].iter().copied())
+                            .collect();
+                        if short && i == 1 {
+                            columns.pop();
+                        }
+                        let head = LinearHead {
+                            weight: &p.weight[a * d..b * d],
+                            bias: p.bias.as_ref().map(|bias| &bias[a..b]),
+                            classes: b - a,
+                        };
+                        sharded::linear_cross_entropy_shard(
+                            &p.hidden,
+                            head,
+                            Shard::new(a, b, v).unwrap(),
+                            ShardTargets::Probabilities {
+                                values: &columns,
+                                rows: n,
+                            },
+                            &linear,
+                            GradOutput::Scalar(1.0),
+                            None,
+                            |partials| {
+                                loopback.all_reduce(i, partials)?;
+                                match partials.iter().any(RowPartial::is_failed) {
+                                    true => Err(LseError::EmptyClasses),
+                                    false => Ok(()),
+                                }
+                            },
+                        )
+                        .map(|out| out.loss)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let good = p.probabilities.clone().unwrap();
+    let losses = run(&good, false);
+    assert!(
+        losses
+            .iter()
+            .all(|l| l.as_ref().is_ok_and(|l| l.is_finite())),
+        "{losses:?}"
+    );
+
+    let (row, column) = (5, 30);
+    let mut bad = good.clone();
+    bad[row * v + column] = f32::NAN;
+    for result in run(&bad, false) {
+        match result {
+            Err(LseError::BadProbability {
+                row: r, column: c, ..
+            }) => {
+                assert_eq!((r, c), (row, column))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let results = run(&good, true);
+    assert!(
+        matches!(results[0], Err(LseError::EmptyClasses)),
+        "{results:?}"
+    );
+    assert!(
+        matches!(
+            results[1],
+            Err(LseError::LengthMismatch {
+                what: "shard probability targets",
+                ..
+            })
+        ),
+        "{results:?}"
+    );
 }
 
 /// A shard's non-finite row of `W` or class of `b` is named by its global index: row
@@ -1321,7 +1472,7 @@ fn shard_names_a_bad_weight_row_and_bias_class_globally() {
             &hidden,
             head,
             shard,
-            &targets,
+            ShardTargets::Classes(&targets),
             &LinearCrossEntropyOptions::default(),
             GradOutput::default(),
             None,

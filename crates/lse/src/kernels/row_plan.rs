@@ -320,26 +320,29 @@ impl<'t, 'w, E: Element> CeRow<'t, 'w, E> {
         }
     }
 
-    /// The plan of a class-target row whose read pass ran elsewhere, in pieces (the shards of a
-    /// split vocabulary), from what the merged pieces know: the row's `state`, the target's
-    /// column in this piece (`None` when another piece holds it) and weight, and the live
-    /// (finite-logit) class count and weight of the whole row, and its `plan` (from the same
-    /// table, [`RowPlan::of`]). `config.weights` are this piece's; the gradient of its columns
-    /// is then [`Self::write_gradient`]'s.
+    /// The plan of a row whose read pass ran elsewhere, in pieces (the shards of a split
+    /// vocabulary), from what the merged pieces know: the row's `state`; its `target` in this
+    /// piece — a class's column (`usize::MAX` when another piece holds it) or this piece's
+    /// columns of the probabilities (empty for a plan of the loss alone); the whole row's
+    /// `kept_mass` `Σ_c w_c q_c` (`w_y` for a class) and largest `|q_c|`, its live
+    /// (finite-logit) class count and weight, and its `plan` (from the same table,
+    /// [`RowPlan::of`]). `config.weights` are this piece's; the gradient of its columns is then
+    /// [`Self::write_gradient`]'s.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_merged(
         config: CeConfig<'w>,
         state: RowState,
-        target: Option<usize>,
-        target_weight: f64,
+        target: RowTarget<'t, E>,
+        kept_mass: CompensatedSum,
+        probability_max: f64,
         live: u64,
         live_weight: f64,
         plan: RowPlan,
     ) -> Self {
-        // No column of this piece equals usize::MAX: every class is "another class".
-        let target = RowTarget::Class(target.unwrap_or(usize::MAX));
         let mut row = Self::of_state(config, target, &state);
         row.smoothing_share = smoothing_share(config.smoothing, live);
-        row.kept_mass.add(target_weight);
+        row.kept_mass = kept_mass;
+        row.probability_max = probability_max;
         row.live_weight = live_weight;
         row.plan = plan;
         row

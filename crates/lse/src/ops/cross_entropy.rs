@@ -234,7 +234,7 @@ impl<'a, E: Element> Batch<'a, E> {
 
     /// [`Batch::new`] for probability targets that arrive with each chunk's logits
     /// ([`ProbabilityRows`]) instead of at the start.
-    fn with_probabilities_by_chunk(
+    pub(crate) fn with_probabilities_by_chunk(
         rows: usize,
         classes: usize,
         options: &'a CrossEntropyOptions<'a>,

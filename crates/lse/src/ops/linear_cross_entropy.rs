@@ -268,6 +268,19 @@ fn as_work_mut<E: Element>(x: &mut [E]) -> Option<&mut [E::Stat]> {
         .then(|| unsafe { core::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
 }
 
+/// `x` in the working dtype: itself when it is in it, else widened into `buffer`.
+pub(crate) fn widen_rows<'a, E: Element>(
+    x: &'a [E],
+    buffer: &'a mut Vec<E::Stat>,
+) -> &'a [E::Stat] {
+    if let Some(x) = as_work(x) {
+        return x;
+    }
+    buffer.resize(x.len(), E::Stat::zero());
+    widen(x, buffer);
+    buffer
+}
+
 /// Elements per rayon task of a conversion.
 const CONVERT_PIECE: usize = 1 << 16;
 
@@ -410,15 +423,7 @@ fn fused<E: Element>(
             // Every row counts: the chunk is the contiguous rows `first..first + n`.
             let first = rows_c[0];
             let q = &q[first * classes..(first + rows_c.len()) * classes];
-            let q = match as_work(q) {
-                Some(q) => q,
-                None => {
-                    wide_targets.resize(q.len(), E::Stat::zero());
-                    widen(q, &mut wide_targets);
-                    &wide_targets
-                }
-            };
-            ce.chunk_with_probabilities(first, q, x, gradient)
+            ce.chunk_with_probabilities(first, widen_rows(q, &mut wide_targets), x, gradient)
         }
     })?;
     Ok(ce.finish())

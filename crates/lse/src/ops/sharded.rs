@@ -49,15 +49,17 @@ use rayon::prelude::*;
 
 use super::cross_entropy::{Batch, CrossEntropyOptions, CrossEntropyOutput, GradOutput, Targets};
 use super::linear_cross_entropy::{
-    check_finite, counted_rows, ChunkLayout, Chunks, HeadGradients, LinearCrossEntropyOptions,
-    LinearHead,
+    check_finite, counted_rows, widen_rows, ChunkLayout, Chunks, HeadGradients,
+    LinearCrossEntropyOptions, LinearHead,
 };
 use super::{expect_len, row_count, rows_per_task, NonFinite};
 use crate::element::{DType, Element};
 use crate::error::{LseError, Result};
 use crate::kernels::{
     self,
-    row_plan::{mass_on_masked, CeConfig, CeRow, RowFacts, RowFault, RowPlan, RowValues},
+    row_plan::{
+        mass_on_masked, CeConfig, CeRow, RowFacts, RowFault, RowPlan, RowTarget, RowValues,
+    },
     scalar::{add_distance, LogitMap, RowScan},
 };
 use crate::state::{CompensatedSum, RowState};
@@ -171,10 +173,25 @@ pub struct RowPartial {
     live_weight: f64,
     /// The (soft-capped) target logit, when [`Self::TARGET`] is set.
     target: f64,
+    /// Probability targets: `Σ_c w_c q_c` as a compensated sum (0 for class targets).
+    mass: f64,
+    mass_carry: f64,
+    /// Probability targets: `Σ_live w_c q_c (m − x_c)` as a compensated sum.
+    mass_distance: f64,
+    mass_distance_carry: f64,
+    /// Probability targets: the largest `|q_c|`.
+    probability_max: f64,
+    /// Probability targets: the first non-finite `q_c` (at [`Self::bad_probability_column`]).
+    bad_probability: f64,
     /// Live (finite-logit) classes.
     live: u64,
     /// Global column of the first NaN or `+inf` logit; `u64::MAX` when none.
     fault_column: u64,
+    /// Probability targets: global column of the first non-finite `q_c`; `u64::MAX` when none.
+    bad_probability_column: u64,
+    /// Probability targets: global column of the first target mass on a `-inf` logit;
+    /// `u64::MAX` when none.
+    masked_mass_column: u64,
     /// [`Self::TARGET`], [`Self::FAULT_IS_INF`], [`Self::FAILED`].
     flags: u64,
 }
@@ -183,9 +200,9 @@ const NO_FAULT: u64 = u64::MAX;
 
 impl RowPartial {
     /// `f64` fields at the start of the layout.
-    pub const F64_FIELDS: usize = 7;
+    pub const F64_FIELDS: usize = 13;
     /// `u64` fields after them.
-    pub const U64_FIELDS: usize = 3;
+    pub const U64_FIELDS: usize = 5;
     /// The size of one partial: what one row costs on the wire.
     pub const BYTES: usize = 8 * (Self::F64_FIELDS + Self::U64_FIELDS);
 
@@ -202,8 +219,16 @@ impl RowPartial {
         distance_carry: 0.0,
         live_weight: 0.0,
         target: f64::NEG_INFINITY,
+        mass: 0.0,
+        mass_carry: 0.0,
+        mass_distance: 0.0,
+        mass_distance_carry: 0.0,
+        probability_max: 0.0,
+        bad_probability: 0.0,
         live: 0,
         fault_column: NO_FAULT,
+        bad_probability_column: NO_FAULT,
+        masked_mass_column: NO_FAULT,
         flags: 0,
     };
 
@@ -237,6 +262,12 @@ impl RowPartial {
                 p.distance_carry,
                 p.live_weight,
                 p.target,
+                p.mass,
+                p.mass_carry,
+                p.mass_distance,
+                p.mass_distance_carry,
+                p.probability_max,
+                p.bad_probability,
             ]
         };
         let (a, b) = (floats(self), floats(other));
@@ -246,6 +277,9 @@ impl RowPartial {
             .chain([
                 self.live.cmp(&other.live),
                 self.fault_column.cmp(&other.fault_column),
+                self.bad_probability_column
+                    .cmp(&other.bad_probability_column),
+                self.masked_mass_column.cmp(&other.masked_mass_column),
                 self.flags.cmp(&other.flags),
             ])
             .find(|o| o.is_ne())
@@ -258,7 +292,8 @@ impl RowPartial {
     /// to the rounding of `s'` and of the smoothing distance (a few `f64` ulps). The state is
     /// merged by [`RowState::merge`] with the larger operand as its base; the distance of the
     /// smaller one is moved to the larger max as `Σ w (m_hi − x) = Σ w (m_lo − x) + W·(m_hi −
-    /// m_lo)`, all terms ≥ 0 and the difference split exactly, so nothing cancels.
+    /// m_lo)`, all terms ≥ 0 and the difference split exactly, so nothing cancels; the target
+    /// mass's distance likewise (its terms have the signs of the target values).
     #[must_use]
     pub fn merge(self, other: Self) -> Self {
         let (high, low) = if self.order(&other).is_ge() {
@@ -268,11 +303,28 @@ impl RowPartial {
         };
         let (max, rest, rest_carry) = high.state().merge(low.state()).raw_parts();
         let mut distance = high.distance_sum();
+        let mut mass_distance = high.mass_distance_sum();
         if low.max > f64::NEG_INFINITY {
             distance.add_sum(low.distance_sum());
             add_distance(&mut distance, low.live_weight, high.max, low.max);
+            mass_distance.add_sum(low.mass_distance_sum());
+            add_distance(
+                &mut mass_distance,
+                low.mass_sum().value(),
+                high.max,
+                low.max,
+            );
         }
         let (distance, distance_carry) = distance.parts();
+        let (mass_distance, mass_distance_carry) = mass_distance.parts();
+        let mut mass = high.mass_sum();
+        mass.add_sum(low.mass_sum());
+        let (mass, mass_carry) = mass.parts();
+        let with_bad_probability = if low.bad_probability_column < high.bad_probability_column {
+            low
+        } else {
+            high
+        };
         let with_target = if low.flags & Self::TARGET != 0 {
             low
         } else {
@@ -291,8 +343,16 @@ impl RowPartial {
             distance_carry,
             live_weight: high.live_weight + low.live_weight,
             target: with_target.target,
+            mass,
+            mass_carry,
+            mass_distance,
+            mass_distance_carry,
+            probability_max: high.probability_max.max(low.probability_max),
+            bad_probability: with_bad_probability.bad_probability,
             live: high.live + low.live,
             fault_column: with_fault.fault_column,
+            bad_probability_column: with_bad_probability.bad_probability_column,
+            masked_mass_column: high.masked_mass_column.min(low.masked_mass_column),
             flags: (with_target.flags & Self::TARGET)
                 | (with_fault.flags & Self::FAULT_IS_INF)
                 | ((high.flags | low.flags) & Self::FAILED),
@@ -302,6 +362,50 @@ impl RowPartial {
     /// `Σ_live w_c (m − x_c)` as the compensated sum it travels as.
     fn distance_sum(&self) -> CompensatedSum {
         CompensatedSum::from_parts(self.distance, self.distance_carry)
+    }
+
+    /// `Σ_c w_c q_c`.
+    fn mass_sum(&self) -> CompensatedSum {
+        CompensatedSum::from_parts(self.mass, self.mass_carry)
+    }
+
+    /// `Σ_live w_c q_c (m − x_c)`.
+    fn mass_distance_sum(&self) -> CompensatedSum {
+        CompensatedSum::from_parts(self.mass_distance, self.mass_distance_carry)
+    }
+
+    /// Adds a probability-target row's terms: this shard's columns `q` of the row's targets,
+    /// with the row's (mapped) logits `row`; the first non-finite `q_c` ends the sweep (it is
+    /// the row's error).
+    fn add_probabilities<E: Element, Q: Element>(
+        &mut self,
+        row: &[E],
+        q: &[Q],
+        shard: Shard,
+        config: &CeConfig<'_>,
+    ) {
+        let weights = config.weights.map(|w| &w[shard.start..shard.stop]);
+        let keep = 1.0 - config.smoothing;
+        let (mut mass, mut distance, mut peak) = (CompensatedSum::ZERO, CompensatedSum::ZERO, 0.0);
+        for (c, (&qc, &x)) in q.iter().zip(row).enumerate() {
+            let qc = qc.to_f64();
+            if !qc.is_finite() {
+                self.bad_probability_column = (shard.start + c) as u64;
+                self.bad_probability = qc;
+                break;
+            }
+            let weighted = weights.map_or(1.0, |w| w[c]) * qc;
+            let mapped = config.map.apply(x.to_f64());
+            if mass_on_masked(mapped, keep * weighted) && self.masked_mass_column == NO_FAULT {
+                self.masked_mass_column = (shard.start + c) as u64;
+            }
+            mass.add(weighted);
+            add_distance(&mut distance, weighted, self.max, mapped);
+            peak = f64::max(peak, qc.abs());
+        }
+        (self.mass, self.mass_carry) = mass.parts();
+        (self.mass_distance, self.mass_distance_carry) = distance.parts();
+        self.probability_max = peak;
     }
 
     /// `acc[r] ← acc[r].merge(other[r])` for every row: the reduction an all-reduce applies.
@@ -588,31 +692,67 @@ pub fn cross_entropy_partials<E: Element>(
     let batch = checked_batch::<E>(shard.classes, targets, &options, GradOutput::default())?;
     shard.check_rows(logits.len(), targets.len())?;
     expect_len("partials", targets.len(), partials.len())?;
-    fill_partials(
-        logits,
-        shard,
-        &|i| targets[i],
-        options.ignore_index,
-        batch.config,
-        partials,
-    );
+    let targets = SplitTargets::Classes {
+        targets,
+        ignore_index: options.ignore_index,
+    };
+    fill_partials(logits, shard, &|i| i, targets, batch.config, partials);
     Ok(())
 }
 
-/// The partial of every row of `logits` (row `i` has target `target(i)`, in range) into
-/// `partials`; ignored rows get [`RowPartial::EMPTY`].
+/// The targets of the rows of a split call: row `i` of the call is row `index(i)` of the batch.
+#[derive(Clone, Copy)]
+pub(crate) enum SplitTargets<'a, E> {
+    /// The batch's global classes (checked in range), indexed by batch row; rows whose class is
+    /// `ignore_index` are skipped.
+    Classes {
+        targets: &'a [i64],
+        ignore_index: Option<i64>,
+    },
+    /// This shard's columns of each row's probabilities, indexed by the call's row: row `i` is
+    /// `values[i·width..(i + 1)·width]`.
+    Probabilities { values: &'a [E], width: usize },
+}
+
+impl<'a, E> SplitTargets<'a, E> {
+    /// The target of the call's row `i`, which is the batch's row `r`.
+    fn of(&self, i: usize, r: usize) -> Target<'a, E> {
+        match *self {
+            Self::Classes {
+                targets,
+                ignore_index,
+            } if Some(targets[r]) == ignore_index => Target::Ignored,
+            // In range: checked by the batch.
+            Self::Classes { targets, .. } => Target::Class(targets[r] as usize),
+            Self::Probabilities { values, width } => {
+                Target::Probabilities(&values[i * width..(i + 1) * width])
+            }
+        }
+    }
+}
+
+/// One row's target in a split call.
+enum Target<'a, E> {
+    Ignored,
+    Class(usize),
+    /// The shard's columns of the row's probabilities.
+    Probabilities(&'a [E]),
+}
+
+/// The partial of every row of `logits` into `partials`; ignored rows get
+/// [`RowPartial::EMPTY`].
 pub(crate) fn fill_partials<E: Element>(
     logits: &[E],
     shard: Shard,
-    target: &(dyn Fn(usize) -> i64 + Sync),
-    ignore_index: Option<i64>,
+    index: &(dyn Fn(usize) -> usize + Sync),
+    targets: SplitTargets<'_, E>,
     config: CeConfig<'_>,
     partials: &mut [RowPartial],
 ) {
     let sweep = config.smoothing > 0.0 || config.weights.is_some();
     par_shard_rows(logits, shard.width(), partials, |i, row, p| {
-        let target = target(i);
-        if Some(target) == ignore_index {
+        let target = targets.of(i, index(i));
+        if let Target::Ignored = target {
             *p = RowPartial::EMPTY;
             return;
         }
@@ -624,10 +764,15 @@ pub(crate) fn fill_partials<E: Element>(
             config.weights,
             sweep,
         );
-        // In range: checked by the batch.
-        if let Some(local) = shard.local(target as usize) {
-            p.target = config.map.apply(row[local].to_f64());
-            p.flags |= RowPartial::TARGET;
+        match target {
+            Target::Class(class) => {
+                if let Some(local) = shard.local(class) {
+                    p.target = config.map.apply(row[local].to_f64());
+                    p.flags |= RowPartial::TARGET;
+                }
+            }
+            Target::Probabilities(q) => p.add_probabilities(row, q, shard, &config),
+            Target::Ignored => {}
         }
     });
 }
@@ -648,23 +793,53 @@ fn checked_batch<'a, E: Element>(
     )
 }
 
-/// The cross-entropy plan of row `r` (target `target`) from its merged partial, with the
-/// weights of `shard`'s columns when its gradient is to be written (`None`: the plan of the
-/// whole row, for the loss and for what the gradient of every shard must agree on).
-fn merged_plan<'w, E: Element>(
+/// The cross-entropy plan of row `r` from its merged partial, with the weights of `shard`'s
+/// columns when its gradient is to be written (`None`: the plan of the whole row, for the loss
+/// and for what the gradient of every shard must agree on; a probability row's `q` is then
+/// empty).
+fn merged_plan<'q, 'w, E: Element>(
     r: usize,
-    target: usize,
+    target: &Target<'q, E>,
     merged: &RowPartial,
     config: CeConfig<'w>,
     shard: Option<Shard>,
-) -> Result<CeRow<'static, 'w, E>> {
-    let target_weight = config.weights.map_or(1.0, |w| w[target]);
+) -> Result<CeRow<'q, 'w, E>> {
     let keep = 1.0 - config.smoothing;
+    let (bad_target, masked_target, row_target, kept_mass, probability_max) = match *target {
+        Target::Class(class) => {
+            let weight = config.weights.map_or(1.0, |w| w[class]);
+            let mut kept = CompensatedSum::ZERO;
+            kept.add(weight);
+            (
+                (merged.flags & RowPartial::TARGET == 0)
+                    .then_some(RowFault::UncoveredTarget { class }),
+                mass_on_masked(merged.target, keep * weight).then_some(class),
+                // No column of a piece equals usize::MAX: every class is "another class".
+                RowTarget::Class(
+                    shard
+                        .map_or(Some(class), |s| s.local(class))
+                        .unwrap_or(usize::MAX),
+                ),
+                kept,
+                1.0,
+            )
+        }
+        Target::Probabilities(q) => (
+            (merged.bad_probability_column != NO_FAULT).then_some(RowFault::BadProbability {
+                column: merged.bad_probability_column as usize,
+                value: merged.bad_probability,
+            }),
+            (merged.masked_mass_column != NO_FAULT).then_some(merged.masked_mass_column as usize),
+            RowTarget::Probabilities(if shard.is_some() { q } else { &[] }),
+            merged.mass_sum(),
+            merged.probability_max,
+        ),
+        Target::Ignored => unreachable!("ignored rows have no plan"),
+    };
     let plan = RowPlan::of(RowFacts {
-        bad_target: (merged.flags & RowPartial::TARGET == 0)
-            .then_some(RowFault::UncoveredTarget { class: target }),
+        bad_target,
         non_finite: merged.non_finite(),
-        masked_target: mass_on_masked(merged.target, keep * target_weight).then_some(target),
+        masked_target,
         fully_masked: merged.state().is_fully_masked(),
         propagate: config.propagate_non_finite,
     })
@@ -679,8 +854,9 @@ fn merged_plan<'w, E: Element>(
     Ok(CeRow::from_merged(
         piece,
         merged.state(),
-        shard.map_or(Some(target), |s| s.local(target)),
-        target_weight,
+        row_target,
+        kept_mass,
+        probability_max,
         merged.live,
         merged.live_weight,
         plan,
@@ -689,37 +865,46 @@ fn merged_plan<'w, E: Element>(
 
 /// True when row `r`'s gradient subtracts nearly equal numbers (label smoothing that matches
 /// the prediction), which the vector write pass's exp cannot resolve: as
-/// [`crate::cross_entropy`] decides it for a whole row, from the merged partial.
-fn smoothing_cancels<E: Element>(
+/// [`crate::cross_entropy`] decides it for a whole row, from the merged partial. Probability
+/// rows are written by the scalar pass (their vector pass checks itself as it writes, which
+/// a split row's plan does not).
+fn vector_write_serves<E: Element>(
     r: usize,
-    target: usize,
+    target: &Target<'_, E>,
     merged: &RowPartial,
     config: CeConfig<'_>,
 ) -> Result<bool> {
-    if config.smoothing == 0.0 {
-        return Ok(false);
+    match target {
+        Target::Class(_) if config.smoothing == 0.0 => Ok(true),
+        Target::Class(_) => {
+            let whole = merged_plan::<E>(r, target, merged, config, None)?;
+            // A smoothing that can cancel is decided on unmapped logits only: the target
+            // logit is raw.
+            Ok(!whole.smoothing_cancels(merged.target))
+        }
+        _ => Ok(false),
     }
-    let whole = merged_plan::<E>(r, target, merged, config, None)?;
-    // A smoothing that can cancel is decided on unmapped logits only: the target logit is raw.
-    Ok(whole.smoothing_cancels(merged.target))
 }
 
 /// The loss and lse of a row from its plan: the loss's distance term is the target's
-/// `(1 − ε)·w_y·(m − x_y)` plus `(ε/K)·Σ_live w_c (m − x_c)` from the merged partial.
+/// `(1 − ε)·w_y·(m − x_y)` (a probability row's `(1 − ε)·Σ w_c q_c (m − x_c)`) plus
+/// `(ε/K)·Σ_live w_c (m − x_c)`, from the merged partial.
 fn row_values<E: Element>(
     plan: &CeRow<'_, '_, E>,
     merged: &RowPartial,
     config: &CeConfig<'_>,
-    target: usize,
+    target: &Target<'_, E>,
 ) -> RowValues {
-    let weight = config.weights.map_or(1.0, |w| w[target]);
+    let keep = 1.0 - config.smoothing;
     let mut distance = CompensatedSum::ZERO;
-    add_distance(
-        &mut distance,
-        (1.0 - config.smoothing) * weight,
-        merged.max,
-        merged.target,
-    );
+    match *target {
+        Target::Class(class) => {
+            let weight = config.weights.map_or(1.0, |w| w[class]);
+            add_distance(&mut distance, keep * weight, merged.max, merged.target);
+        }
+        Target::Probabilities(_) => distance.add_sum(merged.mass_distance_sum().scaled(keep)),
+        Target::Ignored => {}
+    }
     let share = plan.smoothing_share();
     if share > 0.0 {
         // share · (distance + carry) with the product's rounding error kept: the split of the
@@ -752,25 +937,21 @@ pub(crate) fn finish_into<E: Element>(
     batch: &mut Batch<'_, E>,
     merged: &[RowPartial],
     index: &(dyn Fn(usize) -> usize + Sync),
-    targets: &[i64],
-    ignore_index: Option<i64>,
+    targets: SplitTargets<'_, E>,
     shard: Shard,
     grad: ShardGrad<'_, E>,
 ) -> Result<()> {
     let config = batch.config;
-    let row =
-        |i: usize, shard: Option<Shard>| -> Result<Option<(CeRow<'static, '_, E>, RowValues)>> {
-            let r = index(i);
-            let target = targets[r];
-            if Some(target) == ignore_index {
-                return Ok(None);
-            }
-            // In range: checked by the batch.
-            let target = target as usize;
-            let plan = merged_plan::<E>(r, target, &merged[i], config, shard)?;
-            let values = row_values(&plan, &merged[i], &config, target);
-            Ok(Some((plan, values)))
-        };
+    let row = |i: usize, shard: Option<Shard>| -> Result<Option<(CeRow<'_, '_, E>, RowValues)>> {
+        let r = index(i);
+        let target = targets.of(i, r);
+        if let Target::Ignored = target {
+            return Ok(None);
+        }
+        let plan = merged_plan::<E>(r, &target, &merged[i], config, shard)?;
+        let values = row_values(&plan, &merged[i], &config, &target);
+        Ok(Some((plan, values)))
+    };
     let width = shard.width();
     let batch_ref = &*batch;
     // The gradient of row i into g (x: its logits, or None when written over them).
@@ -783,7 +964,7 @@ pub(crate) fn finish_into<E: Element>(
         // The merged state is good to the scalar kernel's accuracy; the vector write pass
         // serves every row whose gradient does not cancel beyond its exp's (a choice made
         // from the merged row alone: the same on every shard).
-        let vector = !smoothing_cancels::<E>(r, targets[r] as usize, &merged[i], config)?;
+        let vector = vector_write_serves::<E>(r, &targets.of(i, r), &merged[i], config)?;
         let scale = batch_ref.grad_scale(r);
         match x {
             Some(x) => kernels::ce_grad_from_plan(x, g, &plan, scale, vector),
@@ -840,15 +1021,11 @@ fn finish_rows<E: Element>(
         }
         None => (Shard::new(0, 0, classes)?, ShardGrad::None),
     };
-    finish_into(
-        &mut batch,
-        merged,
-        &|i| i,
+    let targets = SplitTargets::Classes {
         targets,
-        options.ignore_index,
-        shard,
-        grad,
-    )?;
+        ignore_index: options.ignore_index,
+    };
+    finish_into(&mut batch, merged, &|i| i, targets, shard, grad)?;
     Ok(batch.finish())
 }
 
@@ -911,6 +1088,22 @@ pub fn cross_entropy_shard_grad<E: Element>(
     )
 }
 
+/// The targets of a split linear cross-entropy ([`linear_cross_entropy_shard`]).
+#[derive(Clone, Copy, Debug)]
+pub enum ShardTargets<'a, E> {
+    /// Every row's global class (the same on every shard), or the ignore index.
+    Classes(&'a [i64]),
+    /// This shard's columns of every row's probability targets: `rows × shard.width()`,
+    /// row-major, any finite values (as [`crate::Targets::Probabilities`]). `rows` is given
+    /// because a shard of no columns holds no values.
+    Probabilities {
+        /// The values.
+        values: &'a [E],
+        /// The number of rows (of `hidden`).
+        rows: usize,
+    },
+}
+
 /// Where [`linear_cross_entropy_shard`] writes one shard's gradients.
 #[derive(Debug)]
 pub struct LinearShardGradients<'a, E: Element> {
@@ -929,11 +1122,12 @@ pub struct LinearShardGradients<'a, E: Element> {
 /// the same on every shard, and `merge` is the one exchange between shards — called once per
 /// chunk of rows, in the same order on every shard.
 ///
-/// Per chunk of counted rows: the shard's logits `H_c·W_shardᵀ + b_shard` (`f32`, one matrix
-/// product), their [`RowPartial`]s, `merge` (which must leave in them the merge of every
+/// Per chunk of counted rows: the shard's logits `H_c·W_shardᵀ + b_shard` (in the working
+/// dtype, `f32` or `f64` for `f64`, one matrix product), their [`RowPartial`]s, `merge` (which must leave in them the merge of every
 /// shard's partials of those rows, as [`RowPartial::merge_rows`] would: an all-reduce), then the
 /// loss of the rows and, with `grads`, the shard's gradient `G_c` from the merged partials
-/// written over the logits, `dW_shard += G_cᵀ·H_c` (in `f32`, rounded once at the end, as
+/// written over the logits, `dW_shard += G_cᵀ·H_c` (in the working dtype, rounded once at the
+/// end, as
 /// [`crate::linear_cross_entropy_with_grad`] does), `db_shard += Σ_rows G_c` and the shard's
 /// share `G_c·W_shard` of `dH_c`. Chunks are cut as the one-process call cuts them, sized for
 /// rows of all `shard.classes()` classes: every shard makes the same number of `merge` calls,
@@ -945,19 +1139,26 @@ pub struct LinearShardGradients<'a, E: Element> {
 /// the fused call exists to avoid) or a second product `H·W_shardᵀ` to form them again.
 ///
 /// `head.weight` is this shard's `shard.width() × dim` rows, `head.bias` its `shard.width()`
-/// values, `head.classes` must be `shard.width()`; `targets` are global classes,
+/// values, `head.classes` must be `shard.width()`; `targets` are global classes or this
+/// shard's columns of the probability targets ([`ShardTargets`]),
 /// `options.cross_entropy.weights` (if any) are over all classes. Every shard given the same
-/// merged partials computes bitwise the same loss.
+/// merged partials computes bitwise the same loss. A probability row's partial carries its
+/// target mass `Σ w_c q_c`, the mass's distance `Σ w_c q_c (m − x_c)`, its largest `|q_c|` and
+/// the first bad probability and masked target mass (by global column), so the loss and every
+/// shard's gradient come from the merged row as a class row's do; its gradient is written by
+/// the scalar pass.
 ///
 /// # Errors
 /// Errors every shard finds alike, before any `merge`: those of
 /// [`crate::linear_cross_entropy`] for the options, targets, `grad_output`, the budget, the
-/// shape of `hidden` and its values. Errors of this shard alone — the shapes of `head` and of
-/// `grads`, a NaN or infinite value in this shard's `W` or `b` under [`NonFinite::Error`]
+/// shape of `hidden` and its values. Errors of this shard alone — the shapes of `head`, of its
+/// probability targets and of `grads`, a NaN or infinite value in this shard's `W` or `b` under [`NonFinite::Error`]
 /// (named by its global row of `W` or class of `b`) — are returned after one `merge` of
 /// [`RowPartial::FAILED_SHARD`] rows (when there is a chunk), so that the other shards learn of
 /// it from that call; `merge` must then fail on every shard (lse-mpi's does). Errors of the
-/// logits' values (as [`cross_entropy_finish`]) are the same on every shard. Any error of
+/// logits' values (as [`cross_entropy_finish`]) and of the probability targets
+/// ([`LseError::BadProbability`], [`LseError::MaskedTarget`], by global column) are the same on
+/// every shard. Any error of
 /// `merge` is returned as it is. On error the gradient buffers are unspecified.
 ///
 /// # Panics
@@ -967,7 +1168,7 @@ pub fn linear_cross_entropy_shard<E: Element, X: From<LseError>>(
     hidden: &[E],
     head: LinearHead<'_, E>,
     shard: Shard,
-    targets: &[i64],
+    targets: ShardTargets<'_, E>,
     options: &LinearCrossEntropyOptions<'_>,
     grad_output: GradOutput<'_, E::Stat>,
     grads: Option<LinearShardGradients<'_, E>>,
@@ -975,21 +1176,32 @@ pub fn linear_cross_entropy_shard<E: Element, X: From<LseError>>(
 ) -> core::result::Result<CrossEntropyOutput<E::Stat>, X> {
     // What every shard finds alike.
     let ce_options = split_options(&options.cross_entropy);
-    let mut batch = checked_batch::<E::Stat>(shard.classes, targets, &ce_options, grad_output)?;
-    let rows = targets.len();
+    let ignore_index = ce_options.ignore_index;
+    let (mut batch, rows, counted) = match targets {
+        ShardTargets::Classes(t) => (
+            checked_batch::<E::Stat>(shard.classes, t, &ce_options, grad_output)?,
+            t.len(),
+            counted_rows(t, ignore_index),
+        ),
+        ShardTargets::Probabilities { rows, .. } => (
+            Batch::with_probabilities_by_chunk(rows, shard.classes, &ce_options, grad_output)?,
+            rows,
+            (0..rows).collect(),
+        ),
+    };
     let width = shard.width();
     let dim = match (rows, width) {
         (0, 0) => 0,
         (0, _) => row_count("weight", head.weight.len(), width)?,
         _ => row_count("hidden", hidden.len(), rows)?,
     };
-    let ignore_index = ce_options.ignore_index;
+    let probabilities = matches!(targets, ShardTargets::Probabilities { .. });
     let chunks = Chunks::new(
         options.budget_bytes,
         dim,
         (width, shard.classes),
-        counted_rows(targets, ignore_index),
-        ChunkLayout::of::<E>(grads.is_some(), false),
+        counted,
+        ChunkLayout::of::<E>(grads.is_some(), probabilities),
     )?;
     let error_policy = ce_options.non_finite == NonFinite::Error;
     if error_policy && !chunks.counted.is_empty() {
@@ -1007,6 +1219,9 @@ pub fn linear_cross_entropy_shard<E: Element, X: From<LseError>>(
         expect_len("shard weight", width * dim, head.weight.len())?;
         if let Some(bias) = head.bias {
             expect_len("shard bias", width, bias.len())?;
+        }
+        if let ShardTargets::Probabilities { values, .. } = targets {
+            expect_len("shard probability targets", rows * width, values.len())?;
         }
         if let Some(g) = &grads {
             expect_len("hidden gradient", rows * dim, g.hidden.len())?;
@@ -1043,36 +1258,37 @@ pub fn linear_cross_entropy_shard<E: Element, X: From<LseError>>(
         weight: g.weight,
         bias: g.bias,
     });
+    // A chunk's probability rows (this shard's columns), widened when not in the working dtype.
+    let mut wide_targets = Vec::new();
     chunks.run(
         hidden,
         head,
         grads,
         |rows_c, x| -> core::result::Result<(), X> {
+            let split_targets = match targets {
+                ShardTargets::Classes(targets) => SplitTargets::Classes {
+                    targets,
+                    ignore_index,
+                },
+                ShardTargets::Probabilities { values, .. } => {
+                    // Every row counts: the chunk is the contiguous rows `first..first + n`.
+                    let first = rows_c[0];
+                    let q = &values[first * width..(first + rows_c.len()) * width];
+                    let values = widen_rows(q, &mut wide_targets);
+                    SplitTargets::Probabilities { values, width }
+                }
+            };
             partials.clear();
             partials.resize(rows_c.len(), RowPartial::EMPTY);
-            fill_partials(
-                x,
-                shard,
-                &|i| targets[rows_c[i]],
-                ignore_index,
-                config,
-                &mut partials,
-            );
+            let index = |i: usize| rows_c[i];
+            fill_partials(x, shard, &index, split_targets, config, &mut partials);
             merge(&mut partials)?;
             let grad = if gradient {
                 ShardGrad::InPlace(x)
             } else {
                 ShardGrad::None
             };
-            finish_into(
-                &mut batch,
-                &partials,
-                &|i| rows_c[i],
-                targets,
-                ignore_index,
-                shard,
-                grad,
-            )?;
+            finish_into(&mut batch, &partials, &index, split_targets, shard, grad)?;
             Ok(())
         },
     )?;
