@@ -307,6 +307,30 @@ fn metrics<S: Into<f64> + Copy>(py: Python<'_>, out: &mut lse::CrossEntropyOutpu
     (out.z_loss.into(), argmax, out.correct_rows)
 }
 
+/// A targets argument, read: int64 class indices, or anything else as probabilities of `E`.
+enum TargetArray<'py, E: numpy::Element> {
+    Classes(PyReadonlyArray1<'py, i64>),
+    Probabilities(PyReadonlyArray1<'py, E>),
+}
+
+impl<'py, E: PyElement> TargetArray<'py, E> {
+    /// Reads `targets`; `dtype_of` names the array whose dtype probabilities must have.
+    fn read(targets: &Bound<'py, PyAny>, dtype_of: &str) -> PyResult<Self> {
+        if let Ok(classes) = targets.cast::<PyArray1<i64>>() {
+            return Ok(Self::Classes(classes.try_readonly().map_err(borrowed)?));
+        }
+        let what = format!("probability targets (same dtype as {dtype_of})");
+        Ok(Self::Probabilities(read::<E>(targets, &what)?))
+    }
+
+    fn as_targets(&self) -> PyResult<Targets<'_, E>> {
+        Ok(match self {
+            Self::Classes(t) => Targets::Classes(t.as_slice()?),
+            Self::Probabilities(q) => Targets::Probabilities(q.as_slice()?),
+        })
+    }
+}
+
 fn cross_entropy_run<E: PyElement>(
     x: &Bound<'_, PyArray1<E>>,
     classes: usize,
@@ -315,30 +339,8 @@ fn cross_entropy_run<E: PyElement>(
     let py = x.py();
     let x = x.try_readonly().map_err(borrowed)?;
     let xs = x.as_slice()?;
-    // Class targets are int64; anything else must be probabilities of the logits' dtype.
-    let class_targets = args
-        .targets
-        .cast::<PyArray1<i64>>()
-        .ok()
-        .map(|t| t.try_readonly())
-        .transpose()
-        .map_err(borrowed)?;
-    let prob_targets = match class_targets {
-        Some(_) => None,
-        None => Some(
-            output::<E>(
-                args.targets,
-                "probability targets (same dtype as the logits)",
-            )?
-            .try_readonly()
-            .map_err(borrowed)?,
-        ),
-    };
-    let targets = match (&class_targets, &prob_targets) {
-        (Some(t), _) => Targets::Classes(t.as_slice()?),
-        (None, Some(p)) => Targets::Probabilities(p.as_slice()?),
-        (None, None) => unreachable!("one of the two is set above"),
-    };
+    let targets = TargetArray::<E>::read(args.targets, "the logits")?;
+    let targets = targets.as_targets()?;
     let per_row = args
         .grad_output
         .cast::<PyArray1<E::PyStat>>()
@@ -519,25 +521,8 @@ fn linear_run<E: PyElement>(
 ) -> PyResult<LinearResult> {
     let py = hidden.py();
     let h = hidden.try_readonly().map_err(borrowed)?;
-    let class_targets = args
-        .targets
-        .cast::<PyArray1<i64>>()
-        .ok()
-        .map(|t| t.try_readonly())
-        .transpose()
-        .map_err(borrowed)?;
-    let prob_targets = match class_targets {
-        Some(_) => None,
-        None => Some(read::<E>(
-            args.targets,
-            "probability targets (the input's dtype)",
-        )?),
-    };
-    let targets = match (&class_targets, &prob_targets) {
-        (Some(t), _) => Targets::Classes(t.as_slice()?),
-        (None, Some(q)) => Targets::Probabilities(q.as_slice()?),
-        (None, None) => unreachable!("one of the two is set above"),
-    };
+    let targets = TargetArray::<E>::read(args.targets, "the input")?;
+    let targets = targets.as_targets()?;
     let per_row = args
         .grad_output
         .map(|g| read::<E::PyStat>(g, "the per-row output gradient (the loss's dtype)"))

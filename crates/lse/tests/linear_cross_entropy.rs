@@ -257,7 +257,7 @@ fn reference<E: Element>(
     let mut g = vec![0.0; n * v];
     let targets = match &q {
         Some(q) => Targets::Probabilities(&q[..]),
-        None => Targets::Classes(&p.targets),
+        None => p.targets(),
     };
     let out = lse::cross_entropy_with_grad(&x, v, targets, &opts, grad_output, &mut g).unwrap();
     let (mut dh, mut dw, mut db) = (
@@ -691,7 +691,7 @@ fn gradients_match_central_differences() {
         };
         let got = fused(&p, &linear, GradOutput::Scalar(1.0));
         let loss = |q: &Problem<f32>| -> f64 {
-            linear_cross_entropy(&q.hidden, q.head(), Targets::Classes(&q.targets), &linear)
+            linear_cross_entropy(&q.hidden, q.head(), q.targets(), &linear)
                 .unwrap()
                 .loss
                 .into()
@@ -805,8 +805,7 @@ fn all_ignored_batch() {
         },
         ..Default::default()
     };
-    let err = linear_cross_entropy(&p.hidden, p.head(), Targets::Classes(&p.targets), &linear)
-        .unwrap_err();
+    let err = linear_cross_entropy(&p.hidden, p.head(), p.targets(), &linear).unwrap_err();
     assert_eq!(err, LseError::EmptyMean { rows: SHAPE[0] });
 }
 
@@ -840,8 +839,7 @@ fn expect_error<E: Element<Stat = f32>>(
     want: &LseError,
 ) {
     let before = p.clone();
-    let err = linear_cross_entropy(&p.hidden, p.head(), Targets::Classes(&p.targets), options)
-        .unwrap_err();
+    let err = linear_cross_entropy(&p.hidden, p.head(), p.targets(), options).unwrap_err();
     assert_eq!(&err, want);
     let mut dh = vec![E::zero(); p.hidden.len()];
     let mut dw = vec![E::zero(); p.weight.len()];
@@ -853,7 +851,7 @@ fn expect_error<E: Element<Stat = f32>>(
     let err = linear_cross_entropy_with_grad(
         &p.hidden,
         p.head(),
-        Targets::Classes(&p.targets),
+        p.targets(),
         options,
         GradOutput::Scalar(1.0),
         grads,
@@ -925,13 +923,8 @@ fn bad_input_is_a_typed_error() {
             budget_bytes: budget,
             ..Default::default()
         };
-        let err = linear_cross_entropy(
-            &base.hidden,
-            base.head(),
-            Targets::Classes(&base.targets),
-            &options,
-        )
-        .unwrap_err();
+        let err =
+            linear_cross_entropy(&base.hidden, base.head(), base.targets(), &options).unwrap_err();
         assert_eq!(
             err,
             LseError::BudgetTooSmall {
@@ -944,13 +937,7 @@ fn bad_input_is_a_typed_error() {
         budget_bytes: 4 * (classes + dim) + 4 * dim,
         ..Default::default()
     };
-    linear_cross_entropy(
-        &base.hidden,
-        base.head(),
-        Targets::Classes(&base.targets),
-        &least,
-    )
-    .unwrap();
+    linear_cross_entropy(&base.hidden, base.head(), base.targets(), &least).unwrap();
 }
 
 /// `LseError` compares NaN values as unequal: compare the error's fields instead.
@@ -994,13 +981,8 @@ fn non_finite_inputs_follow_the_policy() {
             _ => p.bias.as_mut().unwrap()[column] = value,
         }
         let before = p.clone();
-        let err = linear_cross_entropy(
-            &p.hidden,
-            p.head(),
-            Targets::Classes(&p.targets),
-            &Default::default(),
-        )
-        .unwrap_err();
+        let err = linear_cross_entropy(&p.hidden, p.head(), p.targets(), &Default::default())
+            .unwrap_err();
         assert_eq!(nonfinite_at(err), (what, row, column));
         assert_eq!(
             before
@@ -1020,13 +1002,8 @@ fn non_finite_inputs_follow_the_policy() {
     let mut p = base.clone();
     p.hidden[2 * dim..3 * dim].fill(1e30);
     p.weight[4 * dim..5 * dim].fill(1e30);
-    let err = linear_cross_entropy(
-        &p.hidden,
-        p.head(),
-        Targets::Classes(&p.targets),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let err =
+        linear_cross_entropy(&p.hidden, p.head(), p.targets(), &Default::default()).unwrap_err();
     assert_eq!(nonfinite_at(err), ("logit", 2, 4));
 }
 
@@ -1162,7 +1139,7 @@ fn split_fused<E: Element>(
                     });
                     let targets = match &columns {
                         Some(values) => ShardTargets::Probabilities { values, rows: n },
-                        None => ShardTargets::Classes(&p.targets),
+                        None => Shardp.targets(),
                     };
                     let out = sharded::linear_cross_entropy_shard(
                         &p.hidden,
