@@ -257,7 +257,7 @@ fn reference<E: Element>(
     let mut g = vec![0.0; n * v];
     let targets = match &q {
         Some(q) => Targets::Probabilities(&q[..]),
-        None => p.targets(),
+        None => Targets::Classes(&p.targets),
     };
     let out = lse::cross_entropy_with_grad(&x, v, targets, &opts, grad_output, &mut g).unwrap();
     let (mut dh, mut dw, mut db) = (
@@ -1139,7 +1139,7 @@ fn split_fused<E: Element>(
                     });
                     let targets = match &columns {
                         Some(values) => ShardTargets::Probabilities { values, rows: n },
-                        None => Shardp.targets(),
+                        None => ShardTargets::Classes(&p.targets),
                     };
                     let out = sharded::linear_cross_entropy_shard(
                         &p.hidden,
