@@ -243,3 +243,28 @@ def test_peak_extra_memory_is_the_budget_not_the_logits():
     bound = budget + outputs + slack
     assert ours <= bound, (ours, bound)
     assert unfused > bound, (unfused, bound)  # the control: the logits do not fit the bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_a_head_of_no_class(dtype):
+    """``[N, 0]`` logits, as :func:`lse.torch.cross_entropy` treats them: every row's loss is an
+    empty sum (0, where PyTorch's mean gives NaN), every gradient 0; a counted class target names
+    a class that does not exist (PyTorch's IndexError); all rows ignored is an empty mean."""
+    h = torch.randn(3, 4, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.zeros(0, 4, dtype=dtype, requires_grad=True)
+    b = torch.zeros(0, dtype=dtype, requires_grad=True)
+    q = torch.zeros(3, 0, dtype=dtype)
+    for reduction in ("mean", "sum", "none"):
+        loss = lt.linear_cross_entropy(h, w, q, linear_bias=b, reduction=reduction)
+        want = lt.cross_entropy(torch.zeros(3, 0, dtype=dtype), q, reduction=reduction)
+        torch.testing.assert_close(loss, want)
+        h.grad = w.grad = b.grad = None
+        loss.sum().backward()
+        assert torch.count_nonzero(h.grad) == 0 and w.grad.shape == w.shape and b.grad.shape == b.shape
+    with pytest.raises(IndexError):
+        lt.linear_cross_entropy(h, w, torch.tensor([0, 1, 2]))
+    ignored = torch.full((3,), -100)
+    assert float(lt.linear_cross_entropy(h, w, ignored)) == 0.0
+    assert lt.linear_cross_entropy(h, w, ignored, empty_mean="nan").isnan()
+    with torch.no_grad():  # no gradient asked: the op's three empty gradient outputs
+        assert float(lt.linear_cross_entropy(h, w, q)) == 0.0

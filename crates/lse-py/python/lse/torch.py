@@ -552,6 +552,25 @@ def cross_entropy(
 DEFAULT_LINEAR_BUDGET_BYTES = 256 << 20
 
 
+def _linear_no_classes(input, linear_weight, target, linear_bias, ignore_index, reduction,
+                       label_smoothing, empty_mean, compute_grad, stat):
+    """A head of no class (the core needs one): the logits are ``[N, 0]``, so lse's rule for
+    them (:func:`cross_entropy`'s, through the NumPy layer) gives the loss, and every gradient
+    is 0."""
+    logits = np.zeros((input.shape[0], 0), NUMPY_DTYPES[stat])
+    value = _numpy.cross_entropy(
+        logits, as_numpy(target, "target"), ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, empty_mean=empty_mean,
+    )
+    loss = as_torch(np.ascontiguousarray(value)) if reduction == "none" else _scalar(value, stat)
+    zeros = (torch.zeros_like(input), torch.zeros_like(linear_weight),
+             input.new_empty(0) if linear_bias is None else torch.zeros_like(linear_bias))
+    # (Outputs may not alias one another: three distinct empty tensors.)
+    grads = zeros if compute_grad else tuple(input.new_empty(0) for _ in range(3))
+    found = (torch.empty(0, dtype=torch.int64), torch.tensor(-1), _scalar(0.0, stat))
+    return (loss,) + grads + found
+
+
 @torch.library.custom_op("lse::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(
     input: Tensor,
@@ -584,6 +603,9 @@ def _linear_cross_entropy(
         if tensor is not None:
             check_device(tensor, "linear_cross_entropy", what)
     stat = _stat_dtype(input.dtype)
+    if linear_weight.shape[0] == 0:
+        return _linear_no_classes(input, linear_weight, target, linear_bias, ignore_index, reduction,
+                                  label_smoothing, empty_mean, compute_grad, stat)
     dh = _empty(input.shape, input.dtype) if compute_grad else None
     dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
     db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None
@@ -661,7 +683,7 @@ def _linear_backward(ctx, grad_loss, *_):
     dh, dw, db = grads
     wanted = ctx.needs_input_grad
     return (dh if wanted[0] else None, dw if wanted[1] else None, None,
-            db if wanted[3] and db.numel() else None) + none[4:]
+            db if wanted[3] else None) + none[4:]
 
 
 _linear_cross_entropy.register_autograd(_linear_backward, setup_context=_linear_setup)
