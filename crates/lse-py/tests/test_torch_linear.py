@@ -268,3 +268,17 @@ def test_a_head_of_no_class(dtype):
     assert lt.linear_cross_entropy(h, w, ignored, empty_mean="nan").isnan()
     with torch.no_grad():  # no gradient asked: the op's three empty gradient outputs
         assert float(lt.linear_cross_entropy(h, w, q)) == 0.0
+
+
+def test_dtype_errors_are_pytorchs_class_too():
+    """PyTorch raises RuntimeError for mixed dtypes; lse's DTypeError is also that (and a
+    TypeError, as lse raised before)."""
+    h, w, b, t = _head(torch.float32)
+    for call in (lambda: lt.linear_cross_entropy(h, w.double(), t),
+                 lambda: lt.cross_entropy(h.to(torch.int32), t)):
+        with pytest.raises(RuntimeError):
+            call()
+        with pytest.raises(lse.DTypeError):
+            call()
+    with pytest.raises(RuntimeError):
+        F.linear_cross_entropy(h, w.double(), t)

@@ -12,6 +12,7 @@ import ml_dtypes as _ml_dtypes  # registers numpy's "bfloat16" dtype before any 
 from . import _errors, _lse, _numpy, guard
 from ._errors import (
     DeviceError,
+    DTypeError,
     EmptyMeanError,
     GuardError,
     LseError,

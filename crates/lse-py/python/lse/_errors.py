@@ -12,6 +12,7 @@ __all__ = [
     "TargetError",
     "ShapeError",
     "OptionError",
+    "DTypeError",
     "EmptyMeanError",
     "GuardError",
     "DeviceError",
@@ -59,6 +60,11 @@ class ShapeError(LseError, RuntimeError):
 class OptionError(LseError, RuntimeError):
     """An invalid option: label smoothing outside [0, 1], a non-finite weight, a bad scaler
     configuration, ... Also a ``RuntimeError``, as PyTorch's option errors."""
+
+
+class DTypeError(LseError, TypeError, RuntimeError):
+    """A tensor of a dtype lse does not take, or tensors that must share a dtype and do not.
+    Also a ``TypeError``, and a ``RuntimeError`` as PyTorch's dtype errors."""
 
 
 class EmptyMeanError(LseError):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _lse, _numpy
-from ._errors import OptionError, ShapeError
+from ._errors import DTypeError, OptionError, ShapeError
 from ._tensors import NUMPY_DTYPES, as_numpy, as_torch, check_device
 
 __all__ = [
@@ -479,7 +479,7 @@ def cross_entropy(
     if input.dim() == 0:
         raise ShapeError("input is a scalar: it needs a class dimension (1-D (C) at least)")
     if not (input.dtype.is_floating_point and input.dtype in NUMPY_DTYPES):
-        raise TypeError(f"input has dtype {input.dtype}; lse handles float64, float32, float16, bfloat16")
+        raise DTypeError(f"input has dtype {input.dtype}; lse handles float64, float32, float16, bfloat16")
     probabilities = target.dtype.is_floating_point
     # PyTorch's layout: (C), (N, C) or (N, C, d1, ...); the kernel wants rows × classes.
     unbatched = input.dim() == 1
@@ -499,7 +499,7 @@ def cross_entropy(
             )
     else:
         if target.dtype == torch.bool or target.dtype.is_complex:
-            raise TypeError(f"target has dtype {target.dtype}: expected class indices or probabilities")
+            raise DTypeError(f"target has dtype {target.dtype}: expected class indices or probabilities")
         expected = input.shape[:0] if unbatched else input.shape[:1] + input.shape[2:]
         if target.shape != expected:
             if not unbatched and target.dim() >= 1 and target.shape[0] != input.shape[0]:
@@ -746,7 +746,7 @@ def linear_cross_entropy(
     if input.shape[-1] != dim:
         raise ShapeError(f"input has {input.shape[-1]} features, linear_weight {dim}")
     if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
-        raise TypeError("input, linear_weight and linear_bias must have one dtype")
+        raise DTypeError("input, linear_weight and linear_bias must have one dtype")
     if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
         raise ShapeError(f"linear_bias has shape {tuple(linear_bias.shape)}, expected ({classes},)")
     if weight is not None and tuple(weight.shape) != (classes,):
