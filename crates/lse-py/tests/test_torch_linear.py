@@ -268,6 +268,8 @@ def test_a_head_of_no_class(dtype):
     assert lt.linear_cross_entropy(h, w, ignored, empty_mean="nan").isnan()
     with torch.no_grad():  # no gradient asked: the op's three empty gradient outputs
         assert float(lt.linear_cross_entropy(h, w, q)) == 0.0
+    with pytest.raises(RuntimeError):  # an argmax of no class, as cross_entropy refuses it
+        lt.linear_cross_entropy(h, w, q, return_argmax=True)
 
 
 def test_dtype_errors_are_pytorchs_class_too():

@@ -553,14 +553,14 @@ DEFAULT_LINEAR_BUDGET_BYTES = 256 << 20
 
 
 def _linear_no_classes(input, linear_weight, target, linear_bias, ignore_index, reduction,
-                       label_smoothing, empty_mean, compute_grad, stat):
+                       label_smoothing, empty_mean, compute_grad, metrics, stat):
     """A head of no class (the core needs one): the logits are ``[N, 0]``, so lse's rule for
-    them (:func:`cross_entropy`'s, through the NumPy layer) gives the loss, and every gradient
-    is 0."""
+    them (:func:`cross_entropy`'s, through the NumPy layer, which also refuses an argmax of no
+    class) gives the loss, and every gradient is 0."""
     logits = np.zeros((input.shape[0], 0), NUMPY_DTYPES[stat])
     value = _numpy.cross_entropy(
         logits, as_numpy(target, "target"), ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, empty_mean=empty_mean,
+        label_smoothing=label_smoothing, empty_mean=empty_mean, metrics=metrics,
     )
     loss = as_torch(np.ascontiguousarray(value)) if reduction == "none" else _scalar(value, stat)
     zeros = (torch.zeros_like(input), torch.zeros_like(linear_weight),
@@ -605,7 +605,7 @@ def _linear_cross_entropy(
     stat = _stat_dtype(input.dtype)
     if linear_weight.shape[0] == 0:
         return _linear_no_classes(input, linear_weight, target, linear_bias, ignore_index, reduction,
-                                  label_smoothing, empty_mean, compute_grad, stat)
+                                  label_smoothing, empty_mean, compute_grad, metrics, stat)
     dh = _empty(input.shape, input.dtype) if compute_grad else None
     dw = _empty(linear_weight.shape, input.dtype) if compute_grad else None
     db = _empty(linear_bias.shape, input.dtype) if compute_grad and linear_bias is not None else None

@@ -9,8 +9,6 @@
 //! `db += Σ_rows G`. `dW` and `db` accumulate in `A`/`f64` over all chunks and are rounded once
 //! into the caller's dtype; each row of `dH` is written once.
 
-use std::borrow::Cow;
-
 use rayon::prelude::*;
 
 use super::cross_entropy::{ChunkedCrossEntropy, CrossEntropyOptions, CrossEntropyOutput};
@@ -268,11 +266,21 @@ fn as_work_mut<E: Element>(x: &mut [E]) -> Option<&mut [E::Stat]> {
         .then(|| unsafe { core::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
 }
 
-/// `x` in the working dtype: itself when it is in it, else widened into `buffer`.
-pub(crate) fn widen_rows<'a, E: Element>(
-    x: &'a [E],
+/// A chunk's rows of the row-major probability targets `values` (`width` per row) in the
+/// working dtype, widened into `buffer` when they are not in it. Every row of probability
+/// targets counts, so a chunk is the contiguous rows from its first.
+pub(crate) fn chunk_targets<'a, E: Element>(
+    values: &'a [E],
+    rows: &[usize],
+    width: usize,
     buffer: &'a mut Vec<E::Stat>,
 ) -> &'a [E::Stat] {
+    let first = rows[0];
+    widen_rows(&values[first * width..(first + rows.len()) * width], buffer)
+}
+
+/// `x` in the working dtype: itself when it is in it, else widened into `buffer`.
+fn widen_rows<'a, E: Element>(x: &'a [E], buffer: &'a mut Vec<E::Stat>) -> &'a [E::Stat] {
     if let Some(x) = as_work(x) {
         return x;
     }
@@ -361,9 +369,10 @@ fn fused<E: Element>(
 ) -> Result<CrossEntropyOutput<E::Stat>> {
     let ce_options = &options.cross_entropy;
     let classes = head.classes;
-    let (mut ce, counted) = match targets {
+    let (mut ce, rows, counted) = match targets {
         Targets::Classes(t) => (
             ChunkedCrossEntropy::<E::Stat>::new(classes, t, ce_options, grad_output)?,
+            t.len(),
             counted_rows(t, ce_options.ignore_index),
         ),
         Targets::Probabilities(q) => {
@@ -374,12 +383,8 @@ fn fused<E: Element>(
                 ce_options,
                 grad_output,
             )?;
-            (ce, (0..rows).collect())
+            (ce, rows, (0..rows).collect())
         }
-    };
-    let rows = match targets {
-        Targets::Classes(t) => t.len(),
-        Targets::Probabilities(q) => q.len() / classes,
     };
     let dim = row_count("weight", head.weight.len(), classes)?;
     expect_len("hidden", rows.saturating_mul(dim), hidden.len())?;
@@ -420,10 +425,8 @@ fn fused<E: Element>(
     chunks.run(hidden, head, grads, |rows_c, x| match targets {
         Targets::Classes(_) => ce.chunk(rows_c, x, gradient),
         Targets::Probabilities(q) => {
-            // Every row counts: the chunk is the contiguous rows `first..first + n`.
-            let first = rows_c[0];
-            let q = &q[first * classes..(first + rows_c.len()) * classes];
-            ce.chunk_with_probabilities(first, widen_rows(q, &mut wide_targets), x, gradient)
+            let q = chunk_targets(q, rows_c, classes, &mut wide_targets);
+            ce.chunk_with_probabilities(rows_c[0], q, x, gradient)
         }
     })?;
     Ok(ce.finish())
@@ -497,14 +500,8 @@ impl Chunks {
             }
         ];
         let mut weight = WeightBlocks::new(head.weight, dim);
-        let bias: Option<Cow<'_, [E::Stat]>> = head.bias.map(|b| match as_work(b) {
-            Some(b) => Cow::Borrowed(b),
-            None => {
-                let mut wide = vec![zero; classes];
-                widen(b, &mut wide);
-                Cow::Owned(wide)
-            }
-        });
+        let mut wide_bias = Vec::new();
+        let bias = head.bias.map(|b| widen_rows(b, &mut wide_bias));
         // dW accumulates in the caller's buffer when it is in the working dtype, else in a
         // copy that is; db in f64.
         let mut weight_grad_acc = Vec::new();

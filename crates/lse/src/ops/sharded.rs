@@ -49,7 +49,7 @@ use rayon::prelude::*;
 
 use super::cross_entropy::{Batch, CrossEntropyOptions, CrossEntropyOutput, GradOutput, Targets};
 use super::linear_cross_entropy::{
-    check_finite, counted_rows, widen_rows, ChunkLayout, Chunks, HeadGradients,
+    check_finite, chunk_targets, counted_rows, ChunkLayout, Chunks, HeadGradients,
     LinearCrossEntropyOptions, LinearHead,
 };
 use super::{expect_len, row_count, rows_per_task, NonFinite};
@@ -863,11 +863,11 @@ fn merged_plan<'q, 'w, E: Element>(
     ))
 }
 
-/// True when row `r`'s gradient subtracts nearly equal numbers (label smoothing that matches
-/// the prediction), which the vector write pass's exp cannot resolve: as
-/// [`crate::cross_entropy`] decides it for a whole row, from the merged partial. Probability
-/// rows are written by the scalar pass (their vector pass checks itself as it writes, which
-/// a split row's plan does not).
+/// True when the vector write pass serves row `r`: not when its gradient subtracts nearly equal
+/// numbers (label smoothing that matches the prediction), which the vector pass's exp cannot
+/// resolve — as [`crate::cross_entropy`] decides it for a whole row, from the merged partial —
+/// and not for a probability row, which the scalar pass writes (its vector pass checks itself
+/// as it writes, which a split row's plan does not).
 fn vector_write_serves<E: Element>(
     r: usize,
     target: &Target<'_, E>,
@@ -1270,13 +1270,10 @@ pub fn linear_cross_entropy_shard<E: Element, X: From<LseError>>(
                     targets,
                     ignore_index,
                 },
-                ShardTargets::Probabilities { values, .. } => {
-                    // Every row counts: the chunk is the contiguous rows `first..first + n`.
-                    let first = rows_c[0];
-                    let q = &values[first * width..(first + rows_c.len()) * width];
-                    let values = widen_rows(q, &mut wide_targets);
-                    SplitTargets::Probabilities { values, width }
-                }
+                ShardTargets::Probabilities { values, .. } => SplitTargets::Probabilities {
+                    values: chunk_targets(values, rows_c, width, &mut wide_targets),
+                    width,
+                },
             };
             partials.clear();
             partials.resize(rows_c.len(), RowPartial::EMPTY);
